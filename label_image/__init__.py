@@ -1,0 +1,1 @@
+"""label-image: classify images with a graph exported by retrain."""

@@ -1,0 +1,3 @@
+from label_image.cli import run
+
+run()

@@ -1,0 +1,156 @@
+"""`label-image`: print the top labels for images, using a graph exported by retrain.
+
+Flags follow TensorFlow's label_image.py example: --graph, --labels, --image, --input_layer,
+--output_layer, --input_height/--input_width, --input_mean, --input_std, plus --top_k.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from absl import flags
+
+from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
+from retrain.runtime import import_tensorflow_quietly
+from retrain.scan import display_path
+
+PROG = "label-image"
+BATCH = 32
+
+
+class UsageError(Exception):
+    """A bad flag or input file: one line, exit 2."""
+
+
+def define_flags(f: flags.FlagValues) -> None:
+    """Define label-image's flags on `f`."""
+    flags.DEFINE_string(
+        "graph", "/tmp/output_graph.pb", "Frozen graph (.pb) to load.", flag_values=f
+    )
+    flags.DEFINE_string(
+        "labels", "/tmp/output_labels.txt", "Labels file, one per line.", flag_values=f
+    )
+    flags.DEFINE_multi_string(
+        "image",
+        [],
+        "Image file(s) to classify; repeat the flag or list more files after the flags.",
+        flag_values=f,
+    )
+    flags.DEFINE_string("input_layer", "Placeholder", "Name of the input node.", flag_values=f)
+    flags.DEFINE_string("output_layer", "final_result", "Name of the output node.", flag_values=f)
+    flags.DEFINE_integer(
+        "input_height", None, "Input height (default: from the graph).", flag_values=f
+    )
+    flags.DEFINE_integer(
+        "input_width", None, "Input width (default: from the graph).", flag_values=f
+    )
+    flags.DEFINE_float(
+        "input_mean", 0.0, "Subtracted from each pixel value (0..255).", flag_values=f
+    )
+    flags.DEFINE_float(
+        "input_std", 255.0, "Pixel values are divided by this after the mean.", flag_values=f
+    )
+    flags.DEFINE_integer("top_k", 5, "How many labels to print per image.", flag_values=f)
+
+
+def read_labels(path: str) -> list[str]:
+    """Labels, one per line (trailing whitespace removed)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [line.rstrip() for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--labels: cannot read {path}: {err}") from None
+
+
+def preprocess(pixels: np.ndarray, size: tuple[int, int], mean: float, std: float) -> np.ndarray:
+    """Resize uint8 pixels bilinearly (as retrain did for training), then (x - mean) / std."""
+    import tensorflow as tf
+
+    resized = tf.image.resize(tf.cast(pixels, tf.float32)[None], size, method="bilinear")
+    return ((resized.numpy() - mean) / std).astype(np.float32)[0]
+
+
+def top_labels(scores: np.ndarray, labels: list[str], k: int) -> list[tuple[str, float]]:
+    """The k best (label, score) pairs, best first."""
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [(labels[i] if i < len(labels) else str(i), float(scores[i])) for i in order]
+
+
+def classify(f: flags.FlagValues, images: list[str]) -> int:
+    """Classify `images`; print results; return the exit status."""
+    from label_image.models import FrozenGraphClassifier, ModelLoadError
+
+    labels = read_labels(f.labels)
+    try:
+        model = FrozenGraphClassifier(f.graph, f.input_layer, f.output_layer)
+    except ModelLoadError as err:
+        raise UsageError(f"--graph: {err}") from None
+    graph_h, graph_w = model.input_size()
+    height = f.input_height or graph_h
+    width = f.input_width or graph_w
+    if not height or not width:
+        raise UsageError(
+            "--input_height/--input_width: the graph does not fix its input size; give both"
+        )
+    status = 0
+    for start in range(0, len(images), BATCH):
+        chunk = images[start : start + BATCH]
+        batch, kept = [], []
+        for path in chunk:
+            try:
+                pixels = decode_image(path, (height, width), DEFAULT_MAX_IMAGE_PIXELS)
+            except (ImageDecodeError, OSError) as err:
+                reason = err.strerror if isinstance(err, OSError) else err
+                print(f"{PROG}: error: --image {display_path(path)}: {reason}", file=sys.stderr)
+                status = 1
+                continue
+            batch.append(preprocess(pixels, (height, width), f.input_mean, f.input_std))
+            kept.append(path)
+        if not batch:
+            continue
+        scores = model.predict(np.stack(batch))
+        for path, row in zip(kept, scores):
+            if len(images) > 1:
+                print(f"{display_path(path)}:")
+            for label, score in top_labels(row, labels, f.top_k):
+                print(f"{label} {score:.5f}")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run label-image with `argv` (default sys.argv); returns the exit status."""
+    argv = list(sys.argv if argv is None else argv)
+    f = flags.FlagValues()
+    define_flags(f)
+    if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
+        print(f"usage: {PROG} --graph G.pb --labels L.txt --image IMG [IMG ...]\n\n{f.get_help()}")
+        return 0
+    try:
+        try:
+            rest = f(argv)
+        except flags.Error as err:
+            raise UsageError(str(err).splitlines()[0]) from None
+        images = list(f.image) + rest[1:]
+        if not images:
+            raise UsageError("--image: give at least one image file")
+        if f.top_k <= 0:
+            raise UsageError(f"--top_k must be positive, got {f.top_k}")
+        if f.input_std == 0:
+            raise UsageError("--input_std must not be 0")
+        for name in ("input_height", "input_width"):
+            if f[name].value is not None and f[name].value <= 0:
+                raise UsageError(f"--{name} must be positive, got {f[name].value}")
+        import_tensorflow_quietly()
+        return classify(f, images)
+    except UsageError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

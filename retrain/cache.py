@@ -1,0 +1,274 @@
+"""The bottleneck cache: feature vectors of images, stored in immutable, checksummed shards.
+
+Layout under --bottleneck_dir:
+
+    <bottleneck_dir>/<module key>/          one folder per module (weights + preprocessing)
+        module.json                         what the folder holds, for people
+        <shard>.vec.npy                     float32 [rows, dim], memory-mappable
+        <shard>.idx.npy                     per row: content key, file key, CRC-32 of the row
+
+An image's *content key* is a hash of its bytes, so a changed file never reuses a stale vector and
+a moved or copied photo reuses its vector. Its *file key* hashes (real path, size, mtime), which
+lets a run with a filled cache find vectors without reading the images again.
+
+Each shard is written under a temporary name, fsynced, and renamed: the vector file first, the
+index last. A run killed at any moment therefore leaves only complete shards (an orphaned vector
+file without an index is ignored and cleaned up later), and any number of runs can share the
+folder, each adding its own shards; a vector present twice is harmless. Every row carries a
+CRC-32 that is checked when the row is read; a shard or row that fails is reported and
+recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrain.atomic import atomic_open, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+KEY_BYTES = 16
+# Raw bytes ("V"), not strings ("S"): numpy strips trailing zero bytes from "S" values.
+INDEX_DTYPE = np.dtype([("content", f"V{KEY_BYTES}"), ("file", f"V{KEY_BYTES}"), ("crc", "<u4")])
+DEFAULT_SHARD_ROWS = 4096
+# Orphaned vector files (a writer killed between its two renames) are removed after this long.
+ORPHAN_AGE_SECONDS = 3600.0
+
+
+def content_key(data: bytes) -> bytes:
+    """Key of an image's bytes."""
+    return hashlib.blake2b(data, digest_size=KEY_BYTES).digest()
+
+
+def file_content_key(path: str | os.PathLike) -> bytes:
+    """Key of an image file's bytes, read in chunks."""
+    digest = hashlib.blake2b(digest_size=KEY_BYTES)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def file_key(path: str | os.PathLike) -> bytes:
+    """Key of a file's identity and version: real path, size and modification time."""
+    stat = os.stat(path)
+    ident = b"\0".join(
+        [
+            os.fsencode(os.path.realpath(path)),
+            str(stat.st_size).encode(),
+            str(stat.st_mtime_ns).encode(),
+        ]
+    )
+    return hashlib.blake2b(ident, digest_size=KEY_BYTES).digest()
+
+
+def module_cache_key(module_fingerprint: str, preprocessing: str) -> str:
+    """Folder name for one module and one preprocessing recipe."""
+    text = f"v{CACHE_FORMAT_VERSION}\0{module_fingerprint}\0{preprocessing}"
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def row_crc(row: np.ndarray) -> int:
+    """CRC-32 of one float32 feature vector."""
+    return zlib.crc32(np.ascontiguousarray(row, dtype="<f4").tobytes())
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a vector lives: shard number (in BottleneckCache.shards) and row."""
+
+    shard: int
+    row: int
+
+
+class Shard:
+    """One immutable pair of files, opened memory-mapped."""
+
+    def __init__(self, index_path: Path):
+        self.index_path = index_path
+        self.name = index_path.name[: -len(".idx.npy")]
+        self.vector_path = index_path.with_name(self.name + ".vec.npy")
+        self.index = np.load(index_path, mmap_mode="r", allow_pickle=False)
+        self.vectors = np.load(self.vector_path, mmap_mode="r", allow_pickle=False)
+        if self.index.dtype != INDEX_DTYPE or self.index.ndim != 1:
+            raise ValueError("index has the wrong layout")
+        if self.vectors.dtype != np.float32 or self.vectors.ndim != 2:
+            raise ValueError("vectors have the wrong layout")
+        if len(self.vectors) != len(self.index):
+            raise ValueError(f"{len(self.vectors)} vectors for {len(self.index)} index rows")
+
+
+class BottleneckCache:
+    """The cached vectors of one module: lookup, verified reads and crash-safe appends."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        module_key: str,
+        feature_dim: int,
+        description: dict | None = None,
+    ):
+        self.folder = Path(root).expanduser() / module_key
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.feature_dim = feature_dim
+        meta = self.folder / "module.json"
+        if description is not None and not meta.exists():
+            atomic_write_text(
+                meta,
+                json.dumps(
+                    {**description, "feature_dim": feature_dim, "format": CACHE_FORMAT_VERSION},
+                    indent=2,
+                ),
+            )
+        self.shards: list[Shard] = []
+        self.by_content: dict[bytes, Location] = {}
+        self.by_file: dict[bytes, Location] = {}
+        self.warnings: list[str] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re)read the list of shards, e.g. to see shards another run has added."""
+        known = {s.name for s in self.shards}
+        for index_path in sorted(self.folder.glob("*.idx.npy")):
+            name = index_path.name[: -len(".idx.npy")]
+            if name in known:
+                continue
+            try:
+                shard = Shard(index_path)
+                if shard.vectors.shape[1] != self.feature_dim:
+                    raise ValueError(
+                        f"vectors are {shard.vectors.shape[1]}-wide, expected {self.feature_dim}"
+                    )
+            except (OSError, ValueError) as err:
+                self._discard(index_path, str(err))
+                continue
+            number = len(self.shards)
+            self.shards.append(shard)
+            contents = shard.index["content"].tolist()
+            files = shard.index["file"].tolist()
+            for row, (content, file) in enumerate(zip(contents, files)):
+                location = Location(number, row)
+                self.by_content.setdefault(content, location)
+                self.by_file.setdefault(file, location)
+        self._remove_orphans()
+
+    def _discard(self, index_path: Path, reason: str) -> None:
+        message = f"bottleneck cache: ignoring damaged shard {index_path.name} ({reason})"
+        log.warning(message)
+        self.warnings.append(message)
+        # Quarantine rather than delete, so a person can inspect what went wrong.
+        with contextlib.suppress(OSError):
+            os.replace(index_path, index_path.with_name(index_path.name + ".damaged"))
+
+    def _remove_orphans(self) -> None:
+        now = time.time()
+        for vector_path in self.folder.glob("*.vec.npy"):
+            index_path = vector_path.with_name(vector_path.name[: -len(".vec.npy")] + ".idx.npy")
+            with contextlib.suppress(OSError):
+                age = now - vector_path.stat().st_mtime
+                if not index_path.exists() and age > ORPHAN_AGE_SECONDS:
+                    vector_path.unlink()
+
+    def __len__(self) -> int:
+        return len(self.by_content)
+
+    def find(self, file_k: bytes | None, content_k: bytes | None) -> Location | None:
+        """Location of a vector by file key (fast path) or content key."""
+        if file_k is not None and file_k in self.by_file:
+            return self.by_file[file_k]
+        if content_k is not None:
+            return self.by_content.get(content_k)
+        return None
+
+    def read(self, locations: Sequence[Location]) -> tuple[np.ndarray, np.ndarray]:
+        """Read vectors [n, dim] and a boolean mask of rows that passed their checksum."""
+        out = np.empty((len(locations), self.feature_dim), dtype=np.float32)
+        ok = np.ones(len(locations), dtype=bool)
+        order = sorted(range(len(locations)), key=lambda i: (locations[i].shard, locations[i].row))
+        for i in order:
+            loc = locations[i]
+            shard = self.shards[loc.shard]
+            row = np.asarray(shard.vectors[loc.row])
+            if row_crc(row) != int(shard.index["crc"][loc.row]):
+                ok[i] = False
+                continue
+            out[i] = row
+        return out, ok
+
+    def forget(self, location: Location) -> None:
+        """Stop using one vector (it failed its checksum) so that it is recomputed."""
+        shard = self.shards[location.shard]
+        entry = shard.index[location.row]
+        for table, key in ((self.by_content, entry["content"]), (self.by_file, entry["file"])):
+            if table.get(bytes(key)) == location:
+                del table[bytes(key)]
+
+    def writer(self, shard_rows: int = DEFAULT_SHARD_ROWS) -> ShardWriter:
+        """A writer that appends new vectors to this cache in shards of `shard_rows`."""
+        return ShardWriter(self, shard_rows)
+
+
+class ShardWriter:
+    """Buffers new vectors and writes them out as complete shards."""
+
+    def __init__(
+        self, cache: BottleneckCache, shard_rows: int, max_seconds_between_flushes: float = 60.0
+    ):
+        self.cache = cache
+        self.shard_rows = shard_rows
+        self.max_seconds = max_seconds_between_flushes
+        self._rows: list[np.ndarray] = []
+        self._index: list[tuple[bytes, bytes, int]] = []
+        self._last_flush = time.monotonic()
+
+    def add(self, content_k: bytes, file_k: bytes, vector: np.ndarray) -> None:
+        """Queue one vector; full shards are written as they fill."""
+        vector = np.asarray(vector, dtype=np.float32)
+        self._rows.append(vector)
+        self._index.append((content_k, file_k, row_crc(vector)))
+        if (
+            len(self._rows) >= self.shard_rows
+            or time.monotonic() - self._last_flush > self.max_seconds
+        ):
+            self.flush()
+
+    def add_many(self, keys: Iterable[tuple[bytes, bytes]], vectors: np.ndarray) -> None:
+        """Queue a batch of vectors with their (content key, file key) pairs."""
+        for (content_k, file_k), vector in zip(keys, vectors):
+            self.add(content_k, file_k, vector)
+
+    def flush(self) -> None:
+        """Write the queued vectors as one shard (vectors first, index last)."""
+        self._last_flush = time.monotonic()
+        if not self._rows:
+            return
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"
+        vectors = np.stack(self._rows)
+        index = np.array(self._index, dtype=INDEX_DTYPE)
+        with atomic_open(self.cache.folder / f"{name}.vec.npy") as handle:
+            np.save(handle, vectors, allow_pickle=False)
+        with atomic_open(self.cache.folder / f"{name}.idx.npy") as handle:
+            np.save(handle, index, allow_pickle=False)
+        self._rows.clear()
+        self._index.clear()
+        self.cache.refresh()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Also on KeyboardInterrupt: what was computed is kept.
+        self.flush()

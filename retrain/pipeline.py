@@ -1,0 +1,286 @@
+"""One retraining run, start to finish: scan, cache bottlenecks, train, evaluate, export.
+
+`cli` parses and checks the flags, then calls `run`. Everything heavy (TensorFlow) is imported
+here, after the flags were found valid, so a typo costs no wait.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrain import evaluate as evaluation
+from retrain import export, extract, scan
+from retrain.atomic import atomic_write_text
+from retrain.cache import BottleneckCache, module_cache_key
+from retrain.errors import RetrainError, UsageError
+from retrain.models.loading import ImageModule, ModuleError, resolve_module
+from retrain.preprocess import PREPROCESSING_ID
+from retrain.train import Split, Summaries, TrainConfig, train_head
+
+log = logging.getLogger("retrain")
+
+
+class AccuracyBelowThreshold(RetrainError):
+    """--assert_accuracy_at_least was not met."""
+
+    exit_code = 3
+
+
+@dataclass
+class Bottlenecks:
+    """Vectors of the usable images, with their labels, splits and paths."""
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    paths: list[Path]
+    skipped: list[dict]
+    computed: int
+    seconds: float
+
+    def split(self, name: str) -> Split:
+        mask = self.splits == name
+        return Split(self.vectors[mask], self.labels[mask])
+
+    def paths_of(self, name: str) -> list[Path]:
+        return [p for p, s in zip(self.paths, self.splits) if s == name]
+
+
+def load_module(f) -> ImageModule:
+    """Resolve --tfhub_module, converting a bundled model on first use."""
+    try:
+        cache_dir = Path(f.module_cache_dir).expanduser() if f.module_cache_dir else None
+        return resolve_module(f.tfhub_module, cache_dir)
+    except ModuleError as err:
+        raise UsageError(f"--tfhub_module: {err}") from None
+
+
+def compute_bottlenecks(
+    f, image_set: scan.ImageSet, module: ImageModule, module_object
+) -> Bottlenecks:
+    """Look every image up in the cache and compute what is missing."""
+    cache = BottleneckCache(
+        f.bottleneck_dir,
+        module_cache_key(module.fingerprint, PREPROCESSING_ID),
+        module.feature_dim,
+        description={
+            "module": module.handle,
+            "fingerprint": module.fingerprint,
+            "preprocessing": PREPROCESSING_ID,
+        },
+    )
+    paths = [image.path for image in image_set.files]
+    start = time.perf_counter()
+    found = extract.lookup(paths, cache)
+    vectors = extract.verify(found, cache, paths)
+    missing = len(found.missing())
+    log.info(
+        "%d images: %d bottlenecks cached, %d to compute",
+        len(paths),
+        len(paths) - missing - len(found.skipped),
+        missing,
+    )
+    stats = extract.extract_missing(
+        paths,
+        found,
+        vectors,
+        cache,
+        extract.tensorflow_extractor(module_object),
+        module.input_size,
+        f.extraction_batch_size,
+        f.max_image_pixels,
+    )
+    seconds = time.perf_counter() - start
+    if stats.computed:
+        log.info(
+            "Computed %d bottlenecks in %.1f s (%.1f images/s)",
+            stats.computed,
+            stats.seconds,
+            stats.images_per_second,
+        )
+    keep = np.array([i not in found.skipped for i in range(len(paths))], dtype=bool)
+    skipped = [
+        {"file": scan.display_path(paths[i]), "reason": reason}
+        for i, reason in sorted(found.skipped.items())
+    ]
+    return Bottlenecks(
+        vectors=vectors[keep],
+        labels=np.array([img.label_index for img in image_set.files], dtype=np.int64)[keep],
+        splits=np.array([img.split for img in image_set.files])[keep],
+        paths=[p for p, k in zip(paths, keep) if k],
+        skipped=skipped,
+        computed=stats.computed,
+        seconds=seconds,
+    )
+
+
+def _check_trainable(b: Bottlenecks, labels: list[str]) -> None:
+    train_labels = set(b.labels[b.splits == "training"].tolist())
+    missing = [labels[i] for i in range(len(labels)) if i not in train_labels]
+    if missing:
+        raise RetrainError(
+            "no usable training images for class "
+            + ", ".join(f"'{m}'" for m in missing)
+            + " (all of them were skipped; see the warnings above)"
+        )
+
+
+def _sample(split: Split, size: int, seed: int) -> Split:
+    if size < 0 or size >= len(split):
+        return split
+    picks = np.random.default_rng(seed).choice(len(split), size, replace=False)
+    return Split(split.x[picks], split.y[picks])
+
+
+def run(f) -> dict:
+    """Run retraining with checked flags `f`; returns the metrics written to --metrics_json."""
+    wall_start = time.perf_counter()
+    image_set = scan.scan_image_dir(f.image_dir, f.validation_percentage, f.testing_percentage)
+    needed = tuple(
+        split
+        for split, pct in (
+            ("validation", f.validation_percentage),
+            ("testing", f.testing_percentage),
+        )
+        if pct > 0
+    )
+    for warning in scan.check_splits_populated(image_set, needed):
+        log.warning(warning)
+    for path, reason in image_set.ignored:
+        log.warning("Ignoring %s: %s", path, reason)
+    counts = image_set.split_counts()
+    log.info(
+        "Found %d classes, %d images (training %d, validation %d, testing %d)",
+        len(image_set.labels),
+        len(image_set.files),
+        counts["training"],
+        counts["validation"],
+        counts["testing"],
+    )
+    if f.split_manifest:
+        scan.write_split_manifest(image_set, f.split_manifest)
+
+    module = load_module(f)
+    log.info(
+        "Module %s: input %dx%d, %d features", module.handle, *module.input_size, module.feature_dim
+    )
+    module_object = module.load()
+    bottlenecks = compute_bottlenecks(f, image_set, module, module_object)
+    _check_trainable(bottlenecks, image_set.labels)
+
+    config = TrainConfig(
+        how_many_training_steps=f.how_many_training_steps,
+        learning_rate=f.learning_rate,
+        train_batch_size=f.train_batch_size,
+        eval_step_interval=f.eval_step_interval,
+        validation_batch_size=f.validation_batch_size,
+        seed=f.random_seed,
+    )
+    summaries = Summaries(f.summaries_dir)
+    on_step = None
+    if f.intermediate_store_frequency > 0:
+        on_step = _intermediate_graph_writer(f, module, module_object)
+    try:
+        result = train_head(
+            bottlenecks.split("training"),
+            bottlenecks.split("validation"),
+            len(image_set.labels),
+            config,
+            summaries,
+            checkpoint_dir=f.checkpoint_path or None,
+            resume=f.resume,
+            on_step=on_step,
+        )
+    finally:
+        summaries.close()
+    log.info("Trained %d steps in %.1f s", config.how_many_training_steps, result.seconds)
+
+    test = _sample(bottlenecks.split("testing"), f.test_batch_size, f.random_seed)
+    test_eval = None
+    if len(test):
+        test_eval = evaluation.evaluate(
+            result.weights, result.biases, test.x, test.y, len(image_set.labels)
+        )
+        log.info("Final test accuracy = %.1f%% (N=%d)", 100 * test_eval.accuracy, len(test))
+        if f.print_misclassified_test_images and f.test_batch_size < 0:
+            _print_misclassified(bottlenecks, test_eval, image_set.labels)
+
+    classifier = export.Classifier(
+        module_object, result.weights, result.biases, module.input_size, f.final_tensor_name
+    )
+    export.write_frozen_graph(classifier, f.output_graph)
+    export.write_labels(image_set.labels, f.output_labels)
+    log.info("Saved the frozen graph to %s and labels to %s", f.output_graph, f.output_labels)
+    if f.saved_model_dir:
+        export.write_saved_model(classifier, image_set.labels, f.saved_model_dir)
+        log.info("Saved the SavedModel to %s", f.saved_model_dir)
+
+    metrics = {
+        "test_accuracy": test_eval.accuracy if test_eval else None,
+        "test_cross_entropy": test_eval.cross_entropy if test_eval else None,
+        "per_class_test_accuracy": dict(zip(image_set.labels, test_eval.per_class_accuracy))
+        if test_eval
+        else None,
+        "final_train_accuracy": result.history[-1]["train_accuracy"] if result.history else None,
+        "final_validation_accuracy": result.history[-1].get("validation_accuracy")
+        if result.history
+        else None,
+        "classes": image_set.labels,
+        "images": {split: int((bottlenecks.splits == split).sum()) for split in scan.SPLITS},
+        "skipped": bottlenecks.skipped + [{"file": p, "reason": r} for p, r in image_set.ignored],
+        "module": module.handle,
+        "bottlenecks_computed": bottlenecks.computed,
+        "bottleneck_seconds": round(bottlenecks.seconds, 3),
+        "bottleneck_images_per_second": round(bottlenecks.computed / bottlenecks.seconds, 2)
+        if bottlenecks.seconds > 0 and bottlenecks.computed
+        else 0.0,
+        "training_steps": config.how_many_training_steps,
+        "resumed_from_step": result.resumed_from_step,
+        "training_seconds": round(result.seconds, 3),
+        "total_seconds": round(time.perf_counter() - wall_start, 3),
+        "output_graph": f.output_graph,
+        "output_labels": f.output_labels,
+    }
+    if f.metrics_json:
+        atomic_write_text(f.metrics_json, json.dumps(metrics, indent=2) + "\n")
+    threshold = f.assert_accuracy_at_least
+    if threshold is not None:
+        accuracy = metrics["test_accuracy"]
+        if accuracy is None or accuracy < threshold:
+            raise AccuracyBelowThreshold(
+                f"--assert_accuracy_at_least: test accuracy {accuracy} is below {threshold}"
+            )
+    return metrics
+
+
+def _print_misclassified(
+    b: Bottlenecks, test_eval: evaluation.Evaluation, labels: list[str]
+) -> None:
+    log.info("=== MISCLASSIFIED TEST IMAGES ===")
+    test_paths = b.paths_of("testing")
+    truth = b.labels[b.splits == "testing"]
+    for path, predicted, actual in zip(test_paths, test_eval.predictions, truth):
+        if predicted != actual:
+            log.info("%70s  %s", scan.display_path(path), labels[predicted])
+
+
+def _intermediate_graph_writer(f, module: ImageModule, module_object):
+    folder = Path(f.intermediate_output_graphs_dir).expanduser()
+
+    def on_step(step: int, weights: np.ndarray, biases: np.ndarray) -> None:
+        if step % f.intermediate_store_frequency:
+            return
+        classifier = export.Classifier(
+            module_object, weights, biases, module.input_size, f.final_tensor_name
+        )
+        path = folder / f"intermediate_{step}.pb"
+        export.write_frozen_graph(classifier, path)
+        log.info("Saved intermediate graph %s", path)
+
+    return on_step

@@ -1,0 +1,18 @@
+"""Turning decoded pixels into a module's input: the one resize used everywhere.
+
+Extraction, the exported graphs' clients and label-image all resize the same way, so features
+at training time match those at inference time.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+# Part of the bottleneck cache key: change it whenever decoding or resizing changes.
+PREPROCESSING_ID = "pillow-draft-rgb8/tf-resize-bilinear/scale-1-255/v1"
+
+
+def to_module_input(image_uint8: tf.Tensor, input_size: tuple[int, int]) -> tf.Tensor:
+    """Resize uint8 [..., h, w, 3] pixels bilinearly to `input_size`, as float32 in [0, 1]."""
+    image = tf.image.resize(tf.cast(image_uint8, tf.float32), input_size, method="bilinear")
+    return image / 255.0

@@ -1,0 +1,35 @@
+"""Process-level set-up shared by the command-line tools."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow without its start-up chatter (CUDA probing, absl init notices).
+
+    Those lines come from C++ and ignore Python logging, so stderr is silenced at the file
+    descriptor for the duration of the import; if the import fails, what it printed is shown.
+    Set TF_CPP_MIN_LOG_LEVEL to 0, 1 or 2 to see TensorFlow's messages.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] != "3":
+        import tensorflow  # noqa: F401
+
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            capture.seek(0)
+            sys.stderr.write(capture.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -1,0 +1,51 @@
+"""Shared fixtures: generated images, a copy of the bundled example, CLI runners."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_DIR = ROOT / "examples" / "flower_photos"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_image(path: Path, size=(64, 48), color=(200, 30, 30), fmt=None, mode="RGB") -> Path:
+    """A small real image with a gradient, so that it is not trivially compressible."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    ramp = np.linspace(0, 255, w, dtype=np.uint8)[None, :, None]
+    pixels = (np.array(color, np.uint16)[None, None, :] + ramp) % 256
+    image = Image.fromarray(np.broadcast_to(pixels, (h, w, 3)).astype(np.uint8))
+    if mode != "RGB":
+        image = image.convert(mode)
+    image.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def example_copy(tmp_path: Path) -> Path:
+    """A private copy of the bundled example photos."""
+    target = tmp_path / "flower_photos"
+    shutil.copytree(EXAMPLE_DIR, target)
+    return target

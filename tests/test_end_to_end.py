@@ -1,0 +1,176 @@
+"""retrain then label-image on the bundled example photos, with the real default module."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from label_image import cli as label_cli
+from retrain import cli
+from tests.bad_images import make_bad_files
+from tests.conftest import write_image
+
+STEPS = 300
+
+
+def retrain_args(image_dir, out, *extra):
+    return [
+        "retrain",
+        f"--image_dir={image_dir}",
+        f"--bottleneck_dir={out / 'bottlenecks'}",
+        f"--summaries_dir={out / 'logs'}",
+        f"--output_graph={out / 'graph.pb'}",
+        f"--output_labels={out / 'labels.txt'}",
+        f"--metrics_json={out / 'metrics.json'}",
+        f"--how_many_training_steps={STEPS}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One full run on the example photos salted with broken files."""
+    from tests.conftest import EXAMPLE_DIR
+
+    out = tmp_path_factory.mktemp("run")
+    image_dir = out / "photos"
+    shutil.copytree(EXAMPLE_DIR, image_dir)
+    make_bad_files(image_dir / "daisy" / "bad")
+    status = cli.main(
+        retrain_args(
+            image_dir,
+            out,
+            f"--saved_model_dir={out / 'saved_model'}",
+            f"--split_manifest={out / 'manifest.csv'}",
+            "--print_misclassified_test_images",
+        )
+    )
+    assert status == 0
+    return out, image_dir, json.loads((out / "metrics.json").read_text())
+
+
+def test_metrics_json(trained):
+    _, _, metrics = trained
+    for key in (
+        "test_accuracy",
+        "classes",
+        "images",
+        "skipped",
+        "bottleneck_seconds",
+        "bottleneck_images_per_second",
+        "training_seconds",
+    ):
+        assert key in metrics
+    assert metrics["classes"] == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+    assert metrics["images"]["training"] >= 70
+    assert metrics["final_train_accuracy"] >= 0.9
+    assert metrics["test_accuracy"] >= 0.6
+
+
+def test_bad_files_skipped_and_reported(trained):
+    _, _, metrics = trained
+    skipped = {entry["file"].rsplit("/", 1)[-1]: entry["reason"] for entry in metrics["skipped"]}
+    assert {"zero_bytes.jpg", "truncated.jpg", "text_file.jpg", "bomb.png"} <= set(skipped)
+    assert "cmyk.jpg" not in skipped and "exif_rotated.jpg" not in skipped
+
+
+def test_outputs_written(trained):
+    out, _, _ = trained
+    assert (out / "labels.txt").read_text().split("\n")[:2] == ["daisy", "dandelion"]
+    assert (out / "manifest.csv").read_text().startswith("path,label,split\n")
+    assert list((out / "logs" / "train").glob("events.out.tfevents.*"))
+    assert list((out / "logs" / "validation").glob("events.out.tfevents.*"))
+    assert (out / "saved_model" / "saved_model.pb").exists()
+    assert (out / "saved_model" / "assets" / "labels.txt").exists()
+
+
+def test_tensorboard_logs_hold_scalars_and_histograms(trained):
+    import tensorflow as tf
+
+    out, _, _ = trained
+    tags = set()
+    for event_file in (out / "logs" / "train").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"accuracy", "cross_entropy", "final_weights", "final_biases"} <= tags
+
+
+def test_frozen_graph_loads_in_a_tf1_client(trained):
+    """As TensorFlow's label_image.py does: GraphDef + import_graph_def + Session."""
+    import tensorflow as tf
+
+    from retrain.decode import decode_image
+    from tests.conftest import EXAMPLE_DIR
+
+    out, _, _ = trained
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString((out / "graph.pb").read_bytes())
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="import")
+    placeholder = graph.get_operation_by_name("import/Placeholder").outputs[0]
+    assert placeholder.dtype == tf.float32 and placeholder.shape.as_list() == [None, 224, 224, 3]
+    pixels = decode_image(next((EXAMPLE_DIR / "sunflowers").glob("*.jpg")))
+    image = tf.image.resize(pixels[None].astype(np.float32), (224, 224)).numpy() / 255.0
+    with tf.compat.v1.Session(graph=graph) as session:
+        scores = session.run("import/final_result:0", {"import/Placeholder:0": image})
+    assert scores.shape == (1, 5) and abs(scores.sum() - 1) < 1e-4
+
+
+def test_saved_model_serves(trained):
+    import tensorflow as tf
+
+    out, _, _ = trained
+    model = tf.saved_model.load(str(out / "saved_model"))
+    result = model.signatures["serving_default"](tf.zeros([2, 224, 224, 3]))
+    (probabilities,) = result.values()
+    assert probabilities.shape == (2, 5)
+
+
+def test_label_image_prints_top_labels(trained, capsys):
+    from tests.conftest import EXAMPLE_DIR
+
+    out, _, _ = trained
+    images = sorted((EXAMPLE_DIR / "sunflowers").glob("*.jpg"))[:3]
+    status = label_cli.main(
+        [
+            "label-image",
+            f"--graph={out / 'graph.pb'}",
+            f"--labels={out / 'labels.txt'}",
+            "--top_k=2",
+            *[f"--image={p}" for p in images],
+        ]
+    )
+    assert status == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 * 3  # a name line and two label lines per image
+    label_lines = [line for line in lines if not line.endswith(":")]
+    assert sum(line.startswith("sunflowers ") for line in label_lines[::2]) >= 2
+    scores = [float(line.rsplit(" ", 1)[1]) for line in label_lines]
+    assert all(a >= b for a, b in zip(scores[::2], scores[1::2]))
+
+
+def test_second_run_reuses_the_cache(trained, tmp_path):
+    out, image_dir, _ = trained
+    rerun = tmp_path / "rerun"
+    shutil.copytree(out / "bottlenecks", rerun / "bottlenecks")
+    write_image(image_dir / "roses" / "new.png", color=(7, 77, 177))
+    assert cli.main(retrain_args(image_dir, rerun, "--how_many_training_steps=20")) == 0
+    metrics = json.loads((rerun / "metrics.json").read_text())
+    assert metrics["bottlenecks_computed"] == 1  # only the new file
+
+
+def test_label_image_rejects_a_non_model_file(trained, capsys):
+    out, _, _ = trained
+    status = label_cli.main(
+        [
+            "label-image",
+            f"--graph={out / 'labels.txt'}",
+            f"--labels={out / 'labels.txt'}",
+            "--image=x.jpg",
+        ]
+    )
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--graph" in err[0]

@@ -1,0 +1,85 @@
+"""Every invalid flag is one line naming the flag, exit status 2, before any heavy work."""
+
+import subprocess
+import sys
+
+import pytest
+
+from retrain import cli
+from tests.conftest import write_image
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    for name in ("cats", "dogs"):
+        for i in range(4):
+            write_image(tmp_path / "images" / name / f"{name}{i}.jpg")
+    return tmp_path / "images"
+
+
+def run_cli(capsys, *args):
+    status = cli.main(["retrain", *args])
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--how_many_training_steps=-5"], "--how_many_training_steps"),
+        (["--learning_rate=0"], "--learning_rate"),
+        (["--testing_percentage=50", "--validation_percentage=50"], "--testing_percentage"),
+        (["--validation_percentage=-1"], "--validation_percentage"),
+        (["--train_batch_size=0"], "--train_batch_size"),
+        (["--validation_batch_size=0"], "--validation_batch_size"),
+        (["--test_batch_size=-2"], "--test_batch_size"),
+        (["--eval_step_interval=0"], "--eval_step_interval"),
+        (["--tfhub_module=no_such_model"], "--tfhub_module"),
+        (["--tfhub_module=./no/such/dir"], "--tfhub_module"),
+        (["--output_graph=/proc/forbidden/graph.pb"], "--output_graph"),
+        (["--output_labels=/"], "--output_labels"),
+        (["--bottleneck_dir=/proc/version"], "--bottleneck_dir"),
+        (["--assert_accuracy_at_least=1.5"], "--assert_accuracy_at_least"),
+        (["--how_many_training_steps=lots"], "how_many_training_steps"),
+        (["--no_such_flag=1"], "no_such_flag"),
+        (["--resume"], "--resume"),
+        (["--random_crop=10"], "--random_crop"),
+    ],
+)
+def test_bad_flag_values(capsys, image_dir, tmp_path, args, flag):
+    status, err = run_cli(
+        capsys, f"--image_dir={image_dir}", f"--bottleneck_dir={tmp_path / 'b'}", *args
+    )
+    assert status == 2
+    assert len(err) == 1, err
+    assert err[0].startswith("retrain: error:") and flag in err[0]
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "one_class", "unset"])
+def test_bad_image_dir(capsys, tmp_path, layout):
+    root = tmp_path / "images"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "one_class":
+        write_image(root / "cats" / "a.jpg")
+    args = [] if layout == "unset" else [f"--image_dir={root}"]
+    status, err = run_cli(capsys, *args, f"--output_graph={tmp_path / 'g.pb'}")
+    assert status == 2
+    assert len(err) == 1 and "--image_dir" in err[0]
+
+
+def test_help_exits_zero(capsys):
+    assert cli.main(["retrain", "--help"]) == 0
+    assert "--image_dir" in capsys.readouterr().out
+
+
+def test_flag_errors_come_before_importing_tensorflow(image_dir):
+    code = (
+        "import sys; from retrain import cli; "
+        f"status = cli.main(['retrain', '--image_dir={image_dir}', '--learning_rate=-1']); "
+        "sys.exit(10 if 'tensorflow' in sys.modules else status)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "retrain: error: --learning_rate must be positive, got -1.0"
+    ]
