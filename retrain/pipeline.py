@@ -196,6 +196,7 @@ def run(f) -> dict:
             checkpoint_dir=f.checkpoint_path or None,
             resume=f.resume,
             on_step=on_step,
+            callback_every=f.intermediate_store_frequency,
         )
     finally:
         summaries.close()

@@ -19,6 +19,9 @@ import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
+# Steps per graph call: long enough to amortise the call, short enough for live logs.
+MAX_STEPS_PER_CALL = 500
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -92,14 +95,15 @@ class HeadTrainer(tf.Module):
         self._y = tf.constant(train.y.astype(np.int32))
         self._n = len(train)
 
-    @tf.function
+    @tf.function(jit_compile=True)
     def run_steps(self, count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Take `count` gradient steps; return accuracy and cross-entropy on the last batch."""
-        accuracy = tf.constant(0.0)
-        cross_entropy = tf.constant(0.0)
         lr = tf.constant(self.config.learning_rate, tf.float32)
+        size = self.config.train_batch_size
+        x = tf.zeros([size, self._x.shape[1]])
+        y = tf.zeros([size], tf.int32)
         for _ in tf.range(count):
-            picks = self.rng.uniform([self.config.train_batch_size], 0, self._n, dtype=tf.int32)
+            picks = self.rng.uniform([size], 0, self._n, dtype=tf.int32)
             x = tf.gather(self._x, picks)
             y = tf.gather(self._y, picks)
             with tf.GradientTape() as tape:
@@ -110,11 +114,38 @@ class HeadTrainer(tf.Module):
             grads = tape.gradient(loss, [self.head.weights, self.head.biases])
             self.head.weights.assign_sub(lr * grads[0])
             self.head.biases.assign_sub(lr * grads[1])
-            accuracy, cross_entropy = _metrics(self.head(x), y)
         self.step.assign_add(tf.cast(count, tf.int64))
-        return accuracy, cross_entropy
+        return _metrics(self.head(x), y)
 
     @tf.function
+    def run_intervals(self, intervals, steps_per_interval, val_x, val_y, val_size, summaries):
+        """Run `intervals` rounds of (train, evaluate, write summaries) in one graph call.
+
+        Returns float32 [intervals, 4]: train accuracy, train cross-entropy, validation
+        accuracy, validation cross-entropy (NaN without a validation split).
+        """
+        records = tf.TensorArray(tf.float32, size=intervals)
+        for i in tf.range(intervals):
+            train_accuracy, train_entropy = self.run_steps(steps_per_interval)
+            val_accuracy, val_entropy = tf.constant(np.nan, tf.float32), tf.constant(np.nan)
+            if val_x is not None:
+                val_accuracy, val_entropy = self.evaluate_sample(val_x, val_y, val_size)
+            if summaries is not None:
+                # "/" restarts the name scope, so tags read `accuracy`, not `while/accuracy`.
+                with summaries.train.as_default(step=self.step), tf.name_scope("/"):
+                    tf.summary.scalar("accuracy", train_accuracy)
+                    tf.summary.scalar("cross_entropy", train_entropy)
+                    tf.summary.histogram("final_weights", self.head.weights)
+                    tf.summary.histogram("final_biases", self.head.biases)
+                if val_x is not None:
+                    with summaries.validation.as_default(step=self.step), tf.name_scope("/"):
+                        tf.summary.scalar("accuracy", val_accuracy)
+                        tf.summary.scalar("cross_entropy", val_entropy)
+            records = records.write(
+                i, tf.stack([train_accuracy, train_entropy, val_accuracy, val_entropy])
+            )
+        return records.stack()
+
     def evaluate_sample(self, x: tf.Tensor, y: tf.Tensor, size: tf.Tensor):
         """Accuracy and cross-entropy on `size` random rows of (x, y), or all rows if size < 0."""
         n = tf.shape(y)[0]
@@ -133,17 +164,6 @@ class Summaries:
         self.train = tf.summary.create_file_writer(str(root / "train"))
         self.validation = tf.summary.create_file_writer(str(root / "validation"))
 
-    def write(self, step: int, trainer: HeadTrainer, train_metrics, validation_metrics) -> None:
-        with self.train.as_default(step=step):
-            tf.summary.scalar("accuracy", train_metrics[0])
-            tf.summary.scalar("cross_entropy", train_metrics[1])
-            tf.summary.histogram("final_weights", trainer.head.weights)
-            tf.summary.histogram("final_biases", trainer.head.biases)
-        if validation_metrics is not None:
-            with self.validation.as_default(step=step):
-                tf.summary.scalar("accuracy", validation_metrics[0])
-                tf.summary.scalar("cross_entropy", validation_metrics[1])
-
     def close(self) -> None:
         self.train.close()
         self.validation.close()
@@ -158,11 +178,13 @@ def train_head(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    callback_every: int = 0,
 ) -> TrainResult:
-    """Train the softmax layer; optionally checkpoint, resume, and report every step interval.
+    """Train the softmax layer; optionally checkpoint, resume, and report progress.
 
-    `on_step(step, weights, biases)` is called after each evaluation (used for intermediate
-    graphs).
+    Training runs in graph calls of up to MAX_STEPS_PER_CALL steps, cut short at checkpoint
+    and callback boundaries. `on_step(step, weights, biases)` is called after each call, at
+    the latest every `callback_every` steps (used for intermediate graphs).
     """
     trainer = HeadTrainer(train, num_classes, config)
     manager = None
@@ -179,35 +201,38 @@ def train_head(
         val_y = tf.constant(validation.y.astype(np.int32))
     else:
         val_x = val_y = None
+    val_size = tf.constant(config.validation_batch_size, tf.int32)
     total = config.how_many_training_steps
     interval = max(1, config.eval_step_interval)
+    validation_n = len(validation) if validation is not None else 0
+    events = [MAX_STEPS_PER_CALL]
+    if manager is not None:
+        events.append(config.checkpoint_every)
+    if on_step is not None and callback_every:
+        events.append(callback_every)
     history = []
     start = time.perf_counter()
     step = resumed
     last_saved = resumed
     while step < total:
-        count = min(interval - step % interval, total - step)
-        train_metrics = trainer.run_steps(tf.constant(count, tf.int32))
-        step += count
-        validation_metrics = None
-        if val_x is not None:
-            validation_metrics = trainer.evaluate_sample(
-                val_x, val_y, tf.constant(config.validation_batch_size, tf.int32)
-            )
-        record = {
-            "step": step,
-            "train_accuracy": float(train_metrics[0]),
-            "cross_entropy": float(train_metrics[1]),
-        }
-        if validation_metrics is not None:
-            record["validation_accuracy"] = float(validation_metrics[0])
-            record["validation_cross_entropy"] = float(validation_metrics[1])
-        history.append(record)
-        _log_record(
-            record, len(validation) if validation is not None else 0, config.validation_batch_size
-        )
-        if summaries is not None:
-            summaries.write(step, trainer, train_metrics, validation_metrics)
+        to_event = min(every - step % every for every in events)
+        count = min(interval, total - step)
+        rounds = max(1, min(to_event, total - step) // count)
+        records = trainer.run_intervals(
+            tf.constant(rounds), tf.constant(count), val_x, val_y, val_size, summaries
+        ).numpy()
+        for train_accuracy, train_entropy, val_accuracy, val_entropy in records:
+            step += count
+            record = {
+                "step": step,
+                "train_accuracy": float(train_accuracy),
+                "cross_entropy": float(train_entropy),
+            }
+            if val_x is not None:
+                record["validation_accuracy"] = float(val_accuracy)
+                record["validation_cross_entropy"] = float(val_entropy)
+            history.append(record)
+            _log_record(record, validation_n, config.validation_batch_size)
         if on_step is not None:
             on_step(step, trainer.head.weights.numpy(), trainer.head.biases.numpy())
         if manager is not None and (step - last_saved >= config.checkpoint_every or step == total):
