@@ -12,6 +12,7 @@ import numpy as np
 from absl import flags
 
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
+from retrain.resize import resize_bilinear
 from retrain.runtime import import_tensorflow_quietly
 from retrain.scan import display_path
 
@@ -26,7 +27,7 @@ class UsageError(Exception):
 def define_flags(f: flags.FlagValues) -> None:
     """Define label-image's flags on `f`."""
     flags.DEFINE_string(
-        "graph", "/tmp/output_graph.pb", "Frozen graph (.pb) to load.", flag_values=f
+        "graph", "/tmp/output_graph.pb", "Frozen graph (.pb) or .tflite model.", flag_values=f
     )
     flags.DEFINE_string(
         "labels", "/tmp/output_labels.txt", "Labels file, one per line.", flag_values=f
@@ -65,10 +66,24 @@ def read_labels(path: str) -> list[str]:
 
 def preprocess(pixels: np.ndarray, size: tuple[int, int], mean: float, std: float) -> np.ndarray:
     """Resize uint8 pixels bilinearly (as retrain did for training), then (x - mean) / std."""
-    import tensorflow as tf
+    return ((resize_bilinear(pixels, size) - mean) / std).astype(np.float32)
 
-    resized = tf.image.resize(tf.cast(pixels, tf.float32)[None], size, method="bilinear")
-    return ((resized.numpy() - mean) / std).astype(np.float32)[0]
+
+def load_model(f: flags.FlagValues):
+    """The classifier behind --graph: a .tflite (no TensorFlow needed) or a frozen graph."""
+    from label_image.models import ModelLoadError
+
+    try:
+        if str(f.graph).endswith(".tflite"):
+            from label_image.tflite import TFLiteClassifier
+
+            return TFLiteClassifier(f.graph)
+        import_tensorflow_quietly()
+        from label_image.models import FrozenGraphClassifier
+
+        return FrozenGraphClassifier(f.graph, f.input_layer, f.output_layer)
+    except ModelLoadError as err:
+        raise UsageError(f"--graph: {err}") from None
 
 
 def top_labels(scores: np.ndarray, labels: list[str], k: int) -> list[tuple[str, float]]:
@@ -79,13 +94,8 @@ def top_labels(scores: np.ndarray, labels: list[str], k: int) -> list[tuple[str,
 
 def classify(f: flags.FlagValues, images: list[str]) -> int:
     """Classify `images`; print results; return the exit status."""
-    from label_image.models import FrozenGraphClassifier, ModelLoadError
-
     labels = read_labels(f.labels)
-    try:
-        model = FrozenGraphClassifier(f.graph, f.input_layer, f.output_layer)
-    except ModelLoadError as err:
-        raise UsageError(f"--graph: {err}") from None
+    model = load_model(f)
     graph_h, graph_w = model.input_size()
     height = f.input_height or graph_h
     width = f.input_width or graph_w
@@ -141,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("input_height", "input_width"):
             if f[name].value is not None and f[name].value <= 0:
                 raise UsageError(f"--{name} must be positive, got {f[name].value}")
-        import_tensorflow_quietly()
         return classify(f, images)
     except UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

@@ -109,3 +109,15 @@ def _swap_in(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def tflite_bytes(classifier: Classifier) -> bytes:
+    """The classifier converted to a float32 TFLite flatbuffer (input [1, h, w, 3] in [0, 1])."""
+    concrete = classifier.classify.get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], classifier)
+    return converter.convert()
+
+
+def write_tflite(classifier: Classifier, path: str | os.PathLike) -> None:
+    """Write the classifier as a .tflite file (atomically)."""
+    atomic_write_bytes(path, tflite_bytes(classifier))

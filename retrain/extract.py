@@ -163,6 +163,41 @@ def tensorflow_extractor(module_object) -> Extractor:
     return lambda images: features(images).numpy()
 
 
+class _LoggedProgress:
+    """Progress for logs (no terminal): a line with rate and ETA every `every` seconds."""
+
+    def __init__(self, total: int, every: float = 15.0):
+        self.total, self.every, self.done = total, every, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            rate = self.done / (now - self.start)
+            log.info(
+                "Bottlenecks: %d/%d (%.1f images/s, about %.0f s left)",
+                self.done,
+                self.total,
+                rate,
+                (self.total - self.done) / rate,
+            )
+
+    def __enter__(self) -> _LoggedProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress_bar(total: int):
+    """A tqdm bar (images/s, ETA) on a terminal; periodic log lines otherwise."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, unit="img", desc="Bottlenecks", dynamic_ncols=True)
+    return _LoggedProgress(total)
+
+
 def extract_missing(
     paths: Sequence[Path],
     result: LookupResult,
@@ -185,14 +220,7 @@ def extract_missing(
     errors: dict[int, str] = {}
     dataset = decoded_batches([paths[i] for i in todo], input_size, batch_size, errors, max_pixels)
     start = time.perf_counter()
-    progress = tqdm(
-        total=len(todo),
-        unit="img",
-        desc="Bottlenecks",
-        dynamic_ncols=True,
-        disable=None,
-        file=sys.stderr,
-    )
+    progress = _progress_bar(len(todo))
     with progress, cache.writer() as writer:
         for positions, images, ok in dataset:
             ok = ok.numpy()

@@ -151,6 +151,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
     # --- additions ---
     flags.DEFINE_string(
+        "output_tflite",
+        "",
+        "Also write the classifier as a TFLite model here (empty: none); label-image runs it "
+        "without importing TensorFlow.",
+        flag_values=f,
+    )
+    flags.DEFINE_string(
         "checkpoint_path",
         "",
         "Folder for training checkpoints (empty: none); "
@@ -268,7 +275,7 @@ def _check_module_handle(handle: str) -> None:
 
 
 def _check_output_paths(f: flags.FlagValues) -> None:
-    files = ["output_graph", "output_labels", "split_manifest", "metrics_json"]
+    files = ["output_graph", "output_labels", "output_tflite", "split_manifest", "metrics_json"]
     dirs = [
         "bottleneck_dir",
         "summaries_dir",

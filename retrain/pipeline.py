@@ -218,6 +218,9 @@ def run(f) -> dict:
     export.write_frozen_graph(classifier, f.output_graph)
     export.write_labels(image_set.labels, f.output_labels)
     log.info("Saved the frozen graph to %s and labels to %s", f.output_graph, f.output_labels)
+    if f.output_tflite:
+        export.write_tflite(classifier, f.output_tflite)
+        log.info("Saved the TFLite model to %s", f.output_tflite)
     if f.saved_model_dir:
         export.write_saved_model(classifier, image_set.labels, f.saved_model_dir)
         log.info("Saved the SavedModel to %s", f.saved_model_dir)

@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""Benchmarks for retrain, printing one JSON object.
+
+    python scripts/benchmark.py --image_dir examples/flower_photos            # all suites
+    python scripts/benchmark.py --suite training
+    python scripts/benchmark.py --suite cache --cache_sizes 10000,100000,1000000
+    python scripts/benchmark.py --suite run --generate 1000                   # 1k made-up JPEGs
+
+Suites:
+  module      raw module images/s on decoded 224x224 batches, per extraction backend
+  extraction  end-to-end bottleneck images/s from image files into an empty cache
+  training    4,000 default training steps on cached-size features (steps/s, seconds)
+  run         whole `retrain` runs with an empty and with a filled cache: wall s, peak RSS
+  cache       opening a bottleneck cache of N entries (seconds, RSS)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def generate_images(folder: Path, count: int, classes: int = 5, size=(320, 240)) -> Path:
+    """Write `count` JPEG photos-like images (noise over colour gradients) in `classes` folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    w, h = size
+    ramp = np.linspace(0, 1, w)[None, :, None]
+    for i in range(count):
+        label = i % classes
+        base = np.array([(label * 50) % 255, (label * 90) % 255, (label * 130) % 255])
+        pixels = base * ramp + rng.normal(0, 40, (h, w, 3))
+        folder.joinpath(f"class{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+            folder / f"class{label}" / f"img{i:07d}.jpg", quality=85
+        )
+    return folder
+
+
+def _sample_batch(image_dir: Path, size: tuple[int, int], n: int = 32) -> np.ndarray:
+    from retrain.decode import decode_image
+    from retrain.preprocess import to_module_input
+
+    files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    files = (files * (n // max(len(files), 1) + 1))[:n]
+    return np.stack([to_module_input(decode_image(p, size), size).numpy() for p in files])
+
+
+def _rate(fn, batch: np.ndarray, repeats: int = 5) -> float:
+    fn(batch)  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(batch)
+        best = min(best, time.perf_counter() - start)
+    return len(batch) / best
+
+
+def suite_module(args) -> dict:
+    from retrain import backends
+    from retrain.models.loading import resolve_module
+
+    module = resolve_module(args.tfhub_module)
+    module_object = module.load()
+    batch = _sample_batch(args.image_dir, module.input_size)
+    result = {"batch": len(batch)}
+    result["tensorflow_images_per_second"] = round(
+        _rate(backends.tensorflow_backend(module_object), batch), 1
+    )
+    try:
+        path = backends.convert_to_tflite(module)
+        result["tflite_images_per_second"] = round(_rate(backends.tflite_backend(path), batch), 1)
+    except Exception as err:  # noqa: BLE001 - report, do not fail the suite
+        result["tflite_error"] = str(err)
+    return result
+
+
+def suite_extraction(args) -> dict:
+    from retrain import backends, extract
+    from retrain.cache import BottleneckCache
+    from retrain.models.loading import resolve_module
+    from retrain.scan import scan_image_dir
+
+    module = resolve_module(args.tfhub_module)
+    module_object = module.load()
+    files = [f.path for f in scan_image_dir(args.image_dir, 10, 10).files]
+    batch = _sample_batch(args.image_dir, module.input_size)
+    result = {"images": len(files)}
+    for name in args.backends.split(","):
+        if name == "tensorflow":
+            extractor = backends.tensorflow_backend(module_object)
+        else:
+            extractor = backends.tflite_backend(backends.convert_to_tflite(module))
+        raw = _rate(extractor, batch)
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = BottleneckCache(tmp, "bench", module.feature_dim)
+            found = extract.lookup(files, cache)
+            vectors = np.zeros((len(files), module.feature_dim), np.float32)
+            stats = extract.extract_missing(
+                files, found, vectors, cache, extractor, module.input_size, 32
+            )
+        result[name] = {
+            "raw_images_per_second": round(raw, 1),
+            "end_to_end_images_per_second": round(stats.images_per_second, 1),
+            "end_to_end_fraction_of_raw": round(stats.images_per_second / raw, 3),
+        }
+    return result
+
+
+def suite_training(args) -> dict:
+    from retrain.train import Split, TrainConfig, train_head
+
+    rng = np.random.default_rng(0)
+    n, dim, classes = args.train_rows, 1280, 5
+    y = rng.integers(0, classes, n)
+    x = np.abs(rng.normal(size=(classes, dim))[y] + rng.normal(size=(n, dim))).astype(np.float32)
+    validation = Split(x[: n // 10], y[: n // 10])
+    with tempfile.TemporaryDirectory() as tmp:
+        from retrain.train import Summaries
+
+        summaries = Summaries(tmp)
+        start = time.perf_counter()
+        result = train_head(Split(x, y), validation, classes, TrainConfig(), summaries)
+        wall = time.perf_counter() - start
+        summaries.close()
+    return {
+        "rows": n,
+        "steps": 4000,
+        "seconds": round(wall, 2),
+        "steps_per_second": round(4000 / wall, 1),
+        "final_train_accuracy": result.history[-1]["train_accuracy"],
+    }
+
+
+def _timed_run(cmd: list[str]) -> dict:
+    wrapper = [
+        sys.executable,
+        "-c",
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "rc = subprocess.call(sys.argv[1:]); w = time.perf_counter() - t; "
+        "r = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
+        "print(f'{rc} {w} {r}', file=sys.stderr)",
+        *cmd,
+    ]
+    done = subprocess.run(wrapper, capture_output=True, text=True)
+    rc, wall, rss = done.stderr.strip().splitlines()[-1].split()
+    if int(rc) != 0:
+        raise RuntimeError(f"retrain failed ({rc}):\n{done.stderr[-2000:]}")
+    return {"seconds": round(float(wall), 2), "peak_rss_mb": round(int(rss) / 1024, 1)}
+
+
+def suite_run(args) -> dict:
+    retrain = shutil.which("retrain") or str(Path(sys.executable).with_name("retrain"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cmd = [
+            retrain,
+            f"--image_dir={args.image_dir}",
+            f"--bottleneck_dir={tmp / 'bottlenecks'}",
+            f"--summaries_dir={tmp / 'logs'}",
+            f"--output_graph={tmp / 'graph.pb'}",
+            f"--output_labels={tmp / 'labels.txt'}",
+            f"--metrics_json={tmp / 'metrics.json'}",
+            f"--tfhub_module={args.tfhub_module}",
+            *args.retrain_flag,
+        ]
+        empty = _timed_run(cmd)
+        empty_metrics = json.loads((tmp / "metrics.json").read_text())
+        filled = _timed_run(cmd)
+        filled_metrics = json.loads((tmp / "metrics.json").read_text())
+    keys = (
+        "test_accuracy",
+        "bottleneck_images_per_second",
+        "bottleneck_seconds",
+        "training_seconds",
+        "images",
+    )
+    return {
+        "empty_cache": {**empty, **{k: empty_metrics.get(k) for k in keys}},
+        "filled_cache": {**filled, **{k: filled_metrics.get(k) for k in keys}},
+    }
+
+
+def suite_cache(args) -> dict:
+    from retrain.cache import DEFAULT_SHARD_ROWS, BottleneckCache
+
+    out = {}
+    dim = 1280
+    for n in (int(s) for s in args.cache_sizes.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = BottleneckCache(tmp, "bench", dim)
+            rng = np.random.default_rng(0)
+            block = rng.normal(size=(DEFAULT_SHARD_ROWS, dim)).astype(np.float32)
+            start = time.perf_counter()
+            with cache.writer() as writer:
+                for i in range(n):
+                    writer.add(
+                        i.to_bytes(16, "little"),
+                        (i + n).to_bytes(16, "little"),
+                        block[i % len(block)],
+                    )
+            write_s = time.perf_counter() - start
+            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            start = time.perf_counter()
+            reopened = BottleneckCache(tmp, "bench", dim)
+            open_s = time.perf_counter() - start
+            files = len(os.listdir(Path(tmp) / "bench"))
+            out[str(n)] = {
+                "write_seconds": round(write_s, 2),
+                "open_and_list_seconds": round(open_s, 2),
+                "entries": len(reopened),
+                "files_in_folder": files,
+                "rss_growth_mb": round(
+                    (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024, 1
+                ),
+            }
+    return out
+
+
+SUITES = {
+    "module": suite_module,
+    "extraction": suite_extraction,
+    "training": suite_training,
+    "run": suite_run,
+    "cache": suite_cache,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--suite", default="all", help="all or a comma list of: " + ", ".join(SUITES)
+    )
+    parser.add_argument("--image_dir", type=Path, default=ROOT / "examples" / "flower_photos")
+    parser.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        help="benchmark on this many generated JPEGs instead of --image_dir",
+    )
+    parser.add_argument("--tfhub_module", default="efficientnet_lite0")
+    parser.add_argument("--backends", default="tensorflow,tflite")
+    parser.add_argument("--train_rows", type=int, default=2936)
+    parser.add_argument("--cache_sizes", default="10000,100000")
+    parser.add_argument(
+        "--retrain_flag",
+        action="append",
+        default=[],
+        help="extra flag for the `run` suite, e.g. --retrain_flag=--extraction_backend=tflite",
+    )
+    args = parser.parse_args()
+    suites = list(SUITES) if args.suite == "all" else args.suite.split(",")
+    generated = None
+    if args.generate:
+        generated = Path(tempfile.mkdtemp(prefix="retrain-bench-"))
+        args.image_dir = generate_images(generated / "images", args.generate)
+    report = {"cpu_count": os.cpu_count(), "image_dir": str(args.image_dir)}
+    try:
+        for name in suites:
+            report[name] = SUITES[name](args)
+            print(json.dumps({name: report[name]}), file=sys.stderr)
+    finally:
+        if generated:
+            shutil.rmtree(generated, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""Tests of retrain.backends (TensorFlow vs TFLite extraction) and label_image.tflite."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from label_image.models import ModelLoadError
+from label_image.tflite import TFLiteClassifier
+from retrain import backends
+from retrain.backends import (
+    BackendError,
+    choose_backend,
+    convert_to_tflite,
+    tensorflow_backend,
+    tflite_backend,
+    tflite_model_path,
+)
+from retrain.decode import decode_image
+from retrain.errors import RetrainError
+from retrain.models.loading import resolve_module
+from retrain.preprocess import to_module_input
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTOS = sorted((ROOT / "examples" / "flower_photos").glob("*/*.jpg"))
+LOG = logging.getLogger("test_backends")
+
+
+@pytest.fixture(scope="module")
+def module():
+    return resolve_module("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def module_object(module):
+    return module.load()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("retrain_cache")
+
+
+@pytest.fixture(scope="module")
+def tflite_path(module, module_object, cache_dir) -> Path:
+    return convert_to_tflite(module, cache_dir, module_object)
+
+
+@pytest.fixture(scope="module")
+def photos(module) -> np.ndarray:
+    """33 real photos, decoded and resized as extraction does: float32 [33, 224, 224, 3]."""
+    size = module.input_size
+    images = [to_module_input(decode_image(p, size), size).numpy() for p in PHOTOS[::2][:33]]
+    return np.stack(images).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(module_object, photos) -> np.ndarray:
+    """TensorFlow's features for `photos`."""
+    return tensorflow_backend(module_object)(photos)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _broken_converter(*args):
+    raise RuntimeError("converter exploded\nwith details")
+
+
+def test_conversion_is_cached(module, module_object, cache_dir, tflite_path):
+    assert tflite_path == tflite_model_path(module, cache_dir)
+    assert tflite_path.parent == cache_dir / "tflite"
+    assert module.fingerprint in tflite_path.name
+    assert tflite_path.read_bytes()[4:8] == b"TFL3"
+    assert not [p for p in tflite_path.parent.iterdir() if p != tflite_path]  # no temp files
+    mtime = tflite_path.stat().st_mtime_ns
+    start = time.perf_counter()
+    assert convert_to_tflite(module, cache_dir, module_object) == tflite_path
+    assert time.perf_counter() - start < 0.5
+    assert tflite_path.stat().st_mtime_ns == mtime
+
+
+def test_conversion_failure_is_a_backend_error(module, tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "_convert", _broken_converter)
+    with pytest.raises(BackendError, match=r"^cannot convert module .*: converter exploded$"):
+        convert_to_tflite(module, tmp_path)
+    assert issubclass(BackendError, RetrainError)
+    assert not (tmp_path / "tflite").exists() or not list((tmp_path / "tflite").iterdir())
+
+
+def test_a_broken_cached_conversion_is_redone(
+    module, module_object, tflite_path, tmp_path, monkeypatch
+):
+    broken = tflite_model_path(module, tmp_path)
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"\0\0\0\0TFL3" + b"\xff" * 64)  # looks cached, does not load
+    calls = []
+
+    def convert(*args):
+        calls.append(args)
+        return tflite_path.read_bytes()
+
+    monkeypatch.setattr(backends, "_convert", convert)
+    extractor, name, _ = choose_backend(
+        "tflite", module, module_object, None, LOG, cache_dir=tmp_path
+    )
+    assert (name, len(calls)) == ("tflite", 1)
+    assert broken.read_bytes() == tflite_path.read_bytes()
+    assert extractor(np.zeros((1, 224, 224, 3), np.float32)).shape == (1, 1280)
+
+
+def test_default_cache_dir(module, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRAIN_CACHE_DIR", str(tmp_path))
+    assert tflite_model_path(module).parent == tmp_path / "tflite"
+
+
+# ----------------------------------------------------------------------------- tflite extractor
+
+
+def test_tflite_features_match_tensorflow(tflite_path, photos, reference):
+    features = tflite_backend(tflite_path, batch_size=32)(photos)
+    assert features.shape == reference.shape == (33, 1280)
+    assert features.dtype == np.float32
+    assert np.max(np.abs(features - reference)) <= 1e-4
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 33])
+def test_tflite_odd_batch_sizes(tflite_path, photos, reference, rows):
+    extractor = tflite_backend(tflite_path, batch_size=4)
+    features = extractor(photos[:rows])
+    assert features.shape == (rows, 1280)
+    assert np.max(np.abs(features - reference[:rows]), initial=0.0) <= 1e-4
+    # the interpreter is resized back after a short chunk
+    assert np.max(np.abs(extractor(photos[:4]) - reference[:4])) <= 1e-4
+
+
+def test_tflite_accepts_tensors_and_rejects_wrong_shapes(tflite_path, photos, reference):
+    extractor = tflite_backend(tflite_path, num_threads=1, batch_size=2)
+    features = extractor(tf.constant(photos[:3]))
+    assert np.max(np.abs(features - reference[:3])) <= 1e-4
+    with pytest.raises(ValueError, match="expected images"):
+        extractor(np.zeros((1, 100, 100, 3), np.float32))
+
+
+def test_tflite_backend_rejects_a_bad_file(tmp_path):
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"\0\0\0\0TFL3" + b"\x01" * 100)
+    with pytest.raises(BackendError, match="cannot load TFLite model"):
+        tflite_backend(bad)
+
+
+# ----------------------------------------------------------------------------- choose_backend
+
+
+def test_auto_picks_tflite_on_cpu(module, module_object, cache_dir, photos, reference, caplog):
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is visible: auto picks TensorFlow")
+    caplog.set_level(logging.INFO)
+    extractor, name, reason = choose_backend(
+        "auto", module, module_object, photos[:4], LOG, cache_dir=cache_dir
+    )
+    assert name == "tflite"
+    assert "tflite" in reason
+    assert np.max(np.abs(extractor(photos[4:9]) - reference[4:9])) <= 1e-4
+    assert "Extraction backend: tflite" in caplog.text
+
+
+def test_auto_falls_back_when_features_differ(
+    module, module_object, cache_dir, photos, monkeypatch, caplog
+):
+    monkeypatch.setattr(backends, "_gpu_present", lambda: False)
+    real = backends.tflite_backend
+
+    def perturbed(*args, **kwargs):
+        extractor = real(*args, **kwargs)
+        return lambda images: extractor(images) + np.float32(3e-3)
+
+    monkeypatch.setattr(backends, "tflite_backend", perturbed)
+    extractor, name, reason = choose_backend(
+        "auto", module, module_object, photos[:2], LOG, cache_dir=cache_dir
+    )
+    assert name == "tensorflow"
+    assert reason == "tflite features differ from TensorFlow's by 3.0e-03 > 0.0001"
+    assert reason in caplog.text
+    assert extractor(photos[:1]).shape == (1, 1280)
+
+
+def test_auto_falls_back_when_conversion_fails(module, module_object, tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "_gpu_present", lambda: False)
+    monkeypatch.setattr(backends, "_convert", _broken_converter)
+    _, name, reason = choose_backend(
+        "auto", module, module_object, np.zeros((1, 224, 224, 3)), LOG, cache_dir=tmp_path
+    )
+    assert name == "tensorflow"
+    assert reason.startswith("tflite unavailable: cannot convert module")
+    assert "\n" not in reason
+    # asked for explicitly, the same failure is an error
+    with pytest.raises(BackendError, match="cannot convert module"):
+        choose_backend("tflite", module, module_object, None, LOG, cache_dir=tmp_path)
+
+
+def test_auto_needs_sample_images(module, module_object, cache_dir, monkeypatch):
+    monkeypatch.setattr(backends, "_gpu_present", lambda: False)
+    _, name, reason = choose_backend(
+        "auto",
+        module,
+        module_object,
+        np.zeros((0, 224, 224, 3), np.float32),
+        LOG,
+        cache_dir=cache_dir,
+    )
+    assert (name, reason) == ("tensorflow", "no sample images to check tflite against TensorFlow")
+
+
+def test_auto_on_gpu_and_explicit_choices(module, module_object, cache_dir, monkeypatch):
+    monkeypatch.setattr(backends, "_gpu_present", lambda: True)
+    assert choose_backend("auto", module, module_object, None, LOG)[1:] == (
+        "tensorflow",
+        "GPU present",
+    )
+    assert choose_backend("tensorflow", module, module_object, None, LOG)[1] == "tensorflow"
+    _, name, _ = choose_backend("tflite", module, module_object, None, LOG, cache_dir=cache_dir)
+    assert name == "tflite"
+    with pytest.raises(BackendError, match="unknown extraction backend 'onnx'"):
+        choose_backend("onnx", module, module_object, None, LOG)
+
+
+# ----------------------------------------------------------------------------- label_image.tflite
+
+
+class _TinyClassifier(tf.Module):
+    """Mean colour -> 4 softmax scores, on non-square 12x10 images."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.default_rng(0)
+        self.w = tf.constant(rng.normal(size=(3, 4)).astype(np.float32))
+        self.b = tf.constant(rng.normal(size=(4,)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 12, 10, 3], tf.float32)])
+    def __call__(self, images):
+        return tf.nn.softmax(tf.reduce_mean(images, axis=[1, 2]) @ self.w + self.b)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> tuple[Path, _TinyClassifier]:
+    model = _TinyClassifier()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [model.__call__.get_concrete_function()], model
+    )
+    path = tmp_path_factory.mktemp("classifier") / "tiny.tflite"
+    path.write_bytes(converter.convert())
+    return path, model
+
+
+def test_tflite_classifier_predicts(classifier):
+    path, model = classifier
+    clf = TFLiteClassifier(path)
+    assert clf.input_size() == (12, 10)
+    rng = np.random.default_rng(1)
+    for rows in (1, 3, 1):
+        batch = rng.random((rows, 12, 10, 3), dtype=np.float32)
+        scores = clf.predict(batch)
+        assert scores.shape == (rows, 4)
+        np.testing.assert_allclose(scores, model(batch).numpy(), atol=1e-5)
+    assert clf.predict(np.zeros((0, 12, 10, 3), np.float32)).shape == (0, 4)
+    with pytest.raises(ValueError, match="expected a batch"):
+        clf.predict(np.zeros((1, 10, 12, 3), np.float32))
+
+
+def test_tflite_paths_do_not_import_tensorflow(classifier, tflite_path):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from label_image.tflite import TFLiteClassifier
+        assert "tensorflow" not in sys.modules, "import"
+        scores = TFLiteClassifier({str(classifier[0])!r}).predict(np.zeros((2, 12, 10, 3)))
+        assert scores.shape == (2, 4), scores.shape
+        from retrain.backends import tflite_backend
+        features = tflite_backend({str(tflite_path)!r})(np.zeros((1, 224, 224, 3), np.float32))
+        assert features.shape == (1, 1280), features.shape
+        assert "tensorflow" not in sys.modules, "run"
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    assert "XNNPACK" not in done.stderr  # LiteRT's notice is silenced
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"hello, not a model\n", b"\0\0\0\0TFL3" + bytes(range(256)) * 4, "truncated"],
+)
+def test_corrupt_tflite_is_a_model_load_error(classifier, tmp_path, content):
+    path = tmp_path / "model.tflite"
+    if content == "truncated":
+        content = classifier[0].read_bytes()[:200]
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError) as info:
+        TFLiteClassifier(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_tflite_is_a_model_load_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot read .*missing.tflite: No such file"):
+        TFLiteClassifier(tmp_path / "missing.tflite")
