@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +20,13 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from retrain.backends import Extractor
 from retrain.cache import BottleneckCache, Location, file_content_key, file_key
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
 from retrain.preprocess import to_module_input
 from retrain.scan import display_path
 
 log = logging.getLogger(__name__)
-
-Extractor = Callable[[tf.Tensor], np.ndarray]
 
 
 @dataclass
@@ -151,16 +150,6 @@ def decoded_batches(
         .prefetch(2)
         .with_options(options)
     )
-
-
-def tensorflow_extractor(module_object) -> Extractor:
-    """Run a loaded image feature-vector module on batches, in a tf.function."""
-
-    @tf.function(reduce_retracing=True)
-    def features(images: tf.Tensor) -> tf.Tensor:
-        return module_object(images)
-
-    return lambda images: features(images).numpy()
 
 
 class _LoggedProgress:

@@ -188,6 +188,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "Images with more pixels are skipped (a guard against decompression bombs).",
         flag_values=f,
     )
+    flags.DEFINE_enum(
+        "extraction_backend",
+        "auto",
+        ["auto", "tensorflow", "tflite"],
+        "What runs the module to compute bottlenecks: tflite (XNNPACK, fastest on CPU), "
+        "tensorflow, or auto (tflite on CPU if it reproduces TensorFlow's features to 1e-4, "
+        "else tensorflow; tensorflow on GPU).",
+        flag_values=f,
+    )
     flags.DEFINE_integer(
         "extraction_batch_size", 32, "Images per batch when computing bottlenecks.", flag_values=f
     )

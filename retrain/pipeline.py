@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from retrain import backends, export, extract, scan
 from retrain import evaluate as evaluation
-from retrain import export, extract, scan
 from retrain.atomic import atomic_write_text
 from retrain.cache import BottleneckCache, module_cache_key
+from retrain.decode import ImageDecodeError, decode_image
 from retrain.errors import RetrainError, UsageError
 from retrain.models.loading import ImageModule, ModuleError, resolve_module
-from retrain.preprocess import PREPROCESSING_ID
+from retrain.preprocess import PREPROCESSING_ID, to_module_input
 from retrain.train import Split, Summaries, TrainConfig, train_head
 
 log = logging.getLogger("retrain")
@@ -91,7 +92,7 @@ def compute_bottlenecks(
         found,
         vectors,
         cache,
-        extract.tensorflow_extractor(module_object),
+        _extractor(f, module, module_object, [paths[i] for i in found.missing()]),
         module.input_size,
         f.extraction_batch_size,
         f.max_image_pixels,
@@ -118,6 +119,30 @@ def compute_bottlenecks(
         computed=stats.computed,
         seconds=seconds,
     )
+
+
+def _extractor(f, module: ImageModule, module_object, todo: list[Path]):
+    """The extraction backend for --extraction_backend, checked on a few of the images."""
+    if not todo:
+        return backends.tensorflow_backend(module_object)  # nothing to compute: no conversion
+    samples = []
+    for path in todo[:32]:
+        try:
+            pixels = decode_image(path, module.input_size, f.max_image_pixels)
+        except (ImageDecodeError, OSError):
+            continue
+        samples.append(to_module_input(pixels, module.input_size).numpy())
+        if len(samples) == 4:
+            break
+    extractor, _, _ = backends.choose_backend(
+        f.extraction_backend,
+        module,
+        module_object,
+        np.stack(samples) if samples else None,
+        log,
+        batch_size=f.extraction_batch_size,
+    )
+    return extractor
 
 
 def _check_trainable(b: Bottlenecks, labels: list[str]) -> None:
