@@ -288,14 +288,13 @@ def choose_backend(
         return tensorflow_backend(module_object), "tensorflow", "GPU present"
     try:
         extractor = _load_tflite(module, module_object, cache_dir, num_threads, batch_size)
-        reason = _check(extractor, module_object, sample_images, tolerance)
+        ok, reason = _check(extractor, module_object, sample_images, tolerance)
     except BackendError as exc:
         reason = f"tflite unavailable: {exc}"
     except Exception as exc:  # the interpreter failing on real images: fall back, say why
         reason = f"tflite failed on the sample images: {_first_line(exc)}"
     else:
-        if reason is None:
-            reason = f"CPU; tflite reproduces TensorFlow's features on {len(sample_images)} images"
+        if ok:
             log.info("Extraction backend: tflite (%s)", reason)
             return extractor, "tflite", reason
     log.warning("Extraction backend: tensorflow, not tflite: %s", reason)
@@ -325,23 +324,26 @@ def _load_tflite(
         return tflite_backend(path, num_threads, batch_size)
 
 
-def _check(extractor: Extractor, module_object: Any, samples: Any, tolerance: float) -> str | None:
-    """Why the TFLite features on ``samples`` are not TensorFlow's, or None if they are."""
+def _check(
+    extractor: Extractor, module_object: Any, samples: Any, tolerance: float
+) -> tuple[bool, str]:
+    """Whether the TFLite features on ``samples`` are TensorFlow's to ``tolerance``, and how
+    close they are (or why they cannot be compared)."""
     import tensorflow as tf
 
     if not isinstance(samples, np.ndarray) and hasattr(samples, "numpy"):
         samples = samples.numpy()
     samples = np.asarray(samples, np.float32)
     if samples.ndim != 4 or len(samples) == 0:
-        return "no sample images to check tflite against TensorFlow"
+        return False, "no sample images to check tflite against TensorFlow"
     expected = np.asarray(module_object(tf.constant(samples)))
     got = extractor(samples)
     if got.shape != expected.shape:
-        return f"tflite features have shape {got.shape}, TensorFlow's {expected.shape}"
+        return False, f"tflite features have shape {got.shape}, TensorFlow's {expected.shape}"
     diff = float(np.max(np.abs(got - expected)))
     if not diff <= tolerance:  # also catches NaN
-        return f"tflite features differ from TensorFlow's by {diff:.1e} > {tolerance:g}"
-    return None
+        return False, f"tflite features differ from TensorFlow's by {diff:.1e} > {tolerance:g}"
+    return True, f"CPU; matches TensorFlow's features to {diff:.1e} on {len(samples)} images"
 
 
 # ----------------------------------------------------------------------------- helpers

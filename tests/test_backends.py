@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from label_image.models import ModelLoadError
-from label_image.tflite import TFLiteClassifier
+from label_image.tflite import TFLiteClassifier, resize_bilinear
 from retrain import backends
 from retrain.backends import (
     BackendError,
@@ -169,7 +169,8 @@ def test_auto_picks_tflite_on_cpu(module, module_object, cache_dir, photos, refe
         "auto", module, module_object, photos[:4], LOG, cache_dir=cache_dir
     )
     assert name == "tflite"
-    assert "tflite" in reason
+    assert reason.startswith("CPU; matches TensorFlow's features to ")
+    assert reason.endswith(" on 4 images")
     assert np.max(np.abs(extractor(photos[4:9]) - reference[4:9])) <= 1e-4
     assert "Extraction backend: tflite" in caplog.text
 
@@ -282,7 +283,7 @@ def test_tflite_paths_do_not_import_tensorflow(classifier, tflite_path):
         f"""
         import sys
         import numpy as np
-        from label_image.tflite import TFLiteClassifier
+        from label_image.tflite import TFLiteClassifier, resize_bilinear
         assert "tensorflow" not in sys.modules, "import"
         scores = TFLiteClassifier({str(classifier[0])!r}).predict(np.zeros((2, 12, 10, 3)))
         assert scores.shape == (2, 4), scores.shape
@@ -320,3 +321,26 @@ def test_corrupt_tflite_is_a_model_load_error(classifier, tmp_path, content):
 def test_missing_tflite_is_a_model_load_error(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot read .*missing.tflite: No such file"):
         TFLiteClassifier(tmp_path / "missing.tflite")
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [
+        ((170, 256, 3), (224, 224)),
+        ((500, 375, 3), (224, 224)),
+        ((7, 3, 3), (5, 9)),
+        ((224, 224, 3), (224, 224)),
+    ],
+)
+def test_resize_bilinear_is_tensorflows(shape, size):
+    pixels = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    expected = tf.image.resize(tf.cast(pixels, tf.float32), size, method="bilinear").numpy()
+    resized = resize_bilinear(pixels, size)
+    assert resized.dtype == np.float32
+    np.testing.assert_allclose(resized, expected, atol=1e-4)
+    photo = decode_image(PHOTOS[0], (224, 224))
+    np.testing.assert_allclose(
+        resize_bilinear(photo, (224, 224)) / 255.0,
+        to_module_input(photo, (224, 224)).numpy(),
+        atol=1e-6,
+    )
