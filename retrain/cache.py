@@ -161,8 +161,10 @@ class BottleneckCache:
             files = shard.index["file"].tolist()
             for row, (content, file) in enumerate(zip(contents, files)):
                 location = Location(number, row)
-                self.by_content.setdefault(content, location)
-                self.by_file.setdefault(file, location)
+                # Shards load oldest first (names start with their time), so the newest copy
+                # wins: a vector recomputed after a failed checksum replaces the damaged one.
+                self.by_content[content] = location
+                self.by_file[file] = location
         self._remove_orphans()
 
     def _discard(self, index_path: Path, reason: str) -> None:

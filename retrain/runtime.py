@@ -25,7 +25,7 @@ def import_tensorflow_quietly() -> None:
         os.dup2(capture.fileno(), 2)
         try:
             import tensorflow  # noqa: F401
-        except BaseException:
+        except Exception:  # a failed import: show why (not on Ctrl-C: that is no failure)
             os.dup2(saved, 2)
             capture.seek(0)
             sys.stderr.write(capture.read().decode("utf-8", "replace"))
