@@ -28,8 +28,11 @@ def setup_logging(verbosity: str) -> None:
     logging.basicConfig(
         level=level, format="%(levelname).1s %(message)s", stream=sys.stderr, force=True
     )
+    # TensorFlow's own Python warnings (retracing, partial checkpoint restores) are about our
+    # internals, not the user's data: show them only when debugging.
+    library_level = logging.DEBUG if level == "DEBUG" else logging.ERROR
     for noisy in ("tensorflow", "absl", "h5py"):
-        logging.getLogger(noisy).setLevel(max(logging.getLogger().level, logging.WARNING))
+        logging.getLogger(noisy).setLevel(library_level)
 
 
 def main(argv: list[str] | None = None) -> int:

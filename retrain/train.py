@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from retrain.errors import RetrainError
+
 log = logging.getLogger(__name__)
 
 # Steps per graph call: long enough to amortise the call, short enough for live logs.
@@ -91,6 +93,8 @@ class HeadTrainer(tf.Module):
         self.head = SoftmaxHead(train.x.shape[1], num_classes, config.seed)
         self.rng = tf.random.Generator.from_seed(config.seed)
         self.step = tf.Variable(0, dtype=tf.int64, name="global_step")
+        # The last evaluation round's metrics, so a run resumed at the end can still report them.
+        self.last_metrics = tf.Variable(tf.fill([4], np.nan), name="last_metrics")
         self._x = tf.constant(train.x)
         self._y = tf.constant(train.y.astype(np.int32))
         self._n = len(train)
@@ -144,7 +148,9 @@ class HeadTrainer(tf.Module):
             records = records.write(
                 i, tf.stack([train_accuracy, train_entropy, val_accuracy, val_entropy])
             )
-        return records.stack()
+        stacked = records.stack()
+        self.last_metrics.assign(stacked[-1])
+        return stacked
 
     def evaluate_sample(self, x: tf.Tensor, y: tf.Tensor, size: tf.Tensor):
         """Accuracy and cross-entropy on `size` random rows of (x, y), or all rows if size < 0."""
@@ -193,7 +199,13 @@ def train_head(
         checkpoint = tf.train.Checkpoint(trainer=trainer)
         manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=2)
         if resume and manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).expect_partial()
+            try:
+                checkpoint.restore(manager.latest_checkpoint).expect_partial()
+            except (ValueError, AssertionError, tf.errors.OpError) as err:
+                raise RetrainError(
+                    f"--checkpoint_path: the checkpoint in {checkpoint_dir} does not fit this "
+                    f"run ({str(err).splitlines()[0]}); use another folder or drop --resume"
+                ) from None
             resumed = int(trainer.step.numpy())
             log.info("Resumed training from step %d (%s)", resumed, manager.latest_checkpoint)
     if validation is not None and len(validation):
@@ -221,23 +233,17 @@ def train_head(
         records = trainer.run_intervals(
             tf.constant(rounds), tf.constant(count), val_x, val_y, val_size, summaries
         ).numpy()
-        for train_accuracy, train_entropy, val_accuracy, val_entropy in records:
+        for row in records:
             step += count
-            record = {
-                "step": step,
-                "train_accuracy": float(train_accuracy),
-                "cross_entropy": float(train_entropy),
-            }
-            if val_x is not None:
-                record["validation_accuracy"] = float(val_accuracy)
-                record["validation_cross_entropy"] = float(val_entropy)
-            history.append(record)
-            _log_record(record, validation_n, config.validation_batch_size)
+            history.append(_record(step, row, val_x is not None))
+            _log_record(history[-1], validation_n, config.validation_batch_size)
         if on_step is not None:
             on_step(step, trainer.head.weights.numpy(), trainer.head.biases.numpy())
         if manager is not None and (step - last_saved >= config.checkpoint_every or step == total):
             manager.save(checkpoint_number=step)
             last_saved = step
+    if not history and resumed:  # resumed after the last step: report where it ended
+        history.append(_record(step, trainer.last_metrics.numpy(), val_x is not None))
     return TrainResult(
         weights=trainer.head.weights.numpy(),
         biases=trainer.head.biases.numpy(),
@@ -245,6 +251,15 @@ def train_head(
         history=history,
         resumed_from_step=resumed,
     )
+
+
+def _record(step: int, row: np.ndarray, has_validation: bool) -> dict:
+    """One evaluation round as a dict, from [train acc, train xent, val acc, val xent]."""
+    record = {"step": step, "train_accuracy": float(row[0]), "cross_entropy": float(row[1])}
+    if has_validation:
+        record["validation_accuracy"] = float(row[2])
+        record["validation_cross_entropy"] = float(row[3])
+    return record
 
 
 def _log_record(record: dict, validation_size: int, validation_batch_size: int) -> None:

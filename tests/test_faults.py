@@ -332,22 +332,12 @@ def test_rerun_after_kills_matches_the_uninterrupted_run(killed_chain, reference
     assert final.files == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train_head returns an empty history when --resume finds a checkpoint at the last "
-    "step, so final_train_accuracy/final_validation_accuracy become null",
-)
 def test_resume_after_finished_training_still_reports_training_metrics(killed_chain, reference):
     metrics = killed_chain.final.metrics
     assert metrics["final_train_accuracy"] == reference.metrics["final_train_accuracy"]
     assert metrics["final_validation_accuracy"] == reference.metrics["final_validation_accuracy"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a checkpoint of another layer shape makes checkpoint.restore raise ValueError, "
-    "which ends the run with a traceback",
-)
 def test_resume_from_an_incompatible_checkpoint_is_a_clear_error(reference, tmp_path):
     photos4 = tmp_path / "four_classes"
     for name in ("daisy", "dandelion", "roses", "sunflowers"):
@@ -409,13 +399,16 @@ def test_sigint_while_training_exits_130_and_writes_no_outputs(interrupted, refe
 
 
 def test_sigint_during_startup_prints_only_the_interrupted_line(photos, tmp_path):
-    # 1.5 s after start retrain is importing TensorFlow (stderr redirected to a capture file).
+    # 1.5 s after start retrain is importing TensorFlow, whose C++ start-up chatter goes to a
+    # capture file: none of it may reach the terminal. (Should the import be done already,
+    # retrain's own log lines may precede the 'interrupted' line.)
     run = run_retrain(
         retrain_args(photos, tmp_path, tmp_path / "bottlenecks"),
         Fault(None, signal.SIGINT, 1.5),
     )
     assert_clean_interrupt(run)
-    assert len(run.lines) == 1, run.summary()
+    foreign = [line for line in run.lines[:-1] if not re.match(r"^[DIWEF] ", line)]
+    assert foreign == [], run.summary()
 
 
 # ----------------------------------------------------------------------------- concurrency

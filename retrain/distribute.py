@@ -1,0 +1,192 @@
+"""Several devices for one job: ``--distribution_strategy`` and a data-parallel extractor.
+
+``make_strategy`` turns the flag's value into a ``tf.distribute.Strategy`` (or None for
+TensorFlow's default strategy), for bottleneck extraction now and fine-tuning later.
+``mirrored_backend`` runs a module with any such strategy: each batch is split in equal, ordered
+pieces, one per replica, and the features are gathered back in the input's row order.
+
+Importing this module does not import TensorFlow; its functions do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from retrain.backends import Extractor, tensorflow_backend
+from retrain.errors import RetrainError, UsageError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from retrain.models.loading import ImageModule
+
+__all__ = [
+    "STRATEGIES",
+    "load_module",
+    "make_strategy",
+    "mirrored_backend",
+    "read_tf_config",
+]
+
+STRATEGIES = ("none", "mirrored", "multi_worker_mirrored")
+_FLAG = "--distribution_strategy"
+
+_log = logging.getLogger(__name__)
+
+
+def make_strategy(
+    name: str, log: logging.Logger | logging.LoggerAdapter | None = None
+) -> tf.distribute.Strategy | None:
+    """The strategy for ``--distribution_strategy name`` (one of ``STRATEGIES``).
+
+    ``none``: None, i.e. TensorFlow's default strategy. ``mirrored``: MirroredStrategy over every
+    visible GPU (without one, over the logical CPUs: usually a single replica, which is logged).
+    ``multi_worker_mirrored``: MultiWorkerMirroredStrategy for the cluster in ``TF_CONFIG``; it
+    must be made before TensorFlow runs any op in this process. Raises UsageError for an unknown
+    name or a missing or invalid ``TF_CONFIG``, RetrainError if TensorFlow refuses the strategy.
+    """
+    log = log or _log
+    if name not in STRATEGIES:
+        raise UsageError(
+            f"{_FLAG}: unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}"
+        )
+    if name == "none":
+        return None
+    if name == "mirrored":
+        return _mirrored(log)
+    config = read_tf_config()  # before importing TensorFlow: a flag error costs nothing
+    import tensorflow as tf
+
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    except (RuntimeError, ValueError) as exc:
+        raise RetrainError(
+            f"{_FLAG} multi_worker_mirrored: TensorFlow refused the strategy: {_first_line(exc)}"
+            " (it must be created before TensorFlow runs anything)"
+        ) from exc
+    task, cluster = config["task"], config["cluster"]
+    log.info(
+        "Distribution: multi-worker mirrored, %s %d of a cluster of %d, %d replica(s) in sync",
+        task["type"],
+        task["index"],
+        sum(len(cluster.get(job) or []) for job in ("chief", "worker")),
+        strategy.num_replicas_in_sync,
+    )
+    return strategy
+
+
+def _mirrored(log: logging.Logger | logging.LoggerAdapter) -> tf.distribute.Strategy:
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy()
+    devices = list(strategy.extended.worker_devices)
+    if any("GPU" in device.upper() for device in devices):
+        log.info("Distribution: mirrored over %d GPU(s): %s", len(devices), ", ".join(devices))
+    else:
+        log.info(
+            "Distribution: mirrored, but no GPU is visible: %d CPU replica(s) (%s)",
+            len(devices),
+            ", ".join(devices),
+        )
+    return strategy
+
+
+def read_tf_config() -> dict[str, Any]:
+    """``$TF_CONFIG`` parsed and checked for what MultiWorkerMirroredStrategy needs: a
+    ``cluster`` with a ``worker`` (or ``chief``) list and a ``task`` naming one of its members.
+    Raises UsageError naming ``--distribution_strategy``."""
+    prefix = f"{_FLAG} multi_worker_mirrored needs TF_CONFIG"
+    text = os.environ.get("TF_CONFIG", "")
+    if not text.strip():
+        raise UsageError(
+            f"{prefix}: set it to JSON such as "
+            '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+            '"task": {"type": "worker", "index": 0}}'
+        )
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{prefix} to be JSON: {exc}") from None
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    task = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise UsageError(f"{prefix} to be a JSON object with 'cluster' and 'task'")
+    jobs = {job: cluster[job] for job in ("chief", "worker") if isinstance(cluster.get(job), list)}
+    if not any(jobs.values()):
+        raise UsageError(f"{prefix}: 'cluster' has no 'worker' (or 'chief') list")
+    kind, index = task.get("type"), task.get("index")
+    if (
+        kind not in jobs
+        or not isinstance(index, int)
+        or isinstance(index, bool)
+        or not 0 <= index < len(jobs[kind])
+    ):
+        raise UsageError(f"{prefix}: 'task' {json.dumps(task)} names no member of the cluster")
+    return config
+
+
+def load_module(module: ImageModule, strategy: tf.distribute.Strategy | None) -> Any:
+    """``module.load()`` under ``strategy.scope()``, so each replica reads its own copy of the
+    weights (MirroredVariables) instead of fetching them from the first device every batch."""
+    if strategy is None:
+        return module.load()
+    with strategy.scope():
+        return module.load()
+
+
+def mirrored_backend(module_object: Any, strategy: tf.distribute.Strategy | None) -> Extractor:
+    """Run a loaded feature-vector module data-parallel over ``strategy``'s replicas.
+
+    Same contract as ``retrain.backends.Extractor``. Each batch is padded with blank rows to a
+    multiple of the replica count and split in equal, consecutive pieces; replica ``i`` runs
+    piece ``i`` and the pieces are gathered back in order, so row ``k`` of the result is image
+    ``k``'s features whatever the batch size. With None this is the plain TensorFlow backend.
+    Under MultiWorkerMirroredStrategy every worker must call it with the same batches, in the
+    same order (each computes its share; all get all features).
+    """
+    import tensorflow as tf
+
+    if strategy is None:
+        return tensorflow_backend(module_object)
+    replicas = int(strategy.num_replicas_in_sync)
+    # One worker: concatenate the local results in replica order, with no collective op (they
+    # would also clash with another strategy's over the same devices). Several: all-gather.
+    local = len(strategy.extended.worker_devices) == replicas
+
+    @tf.function(reduce_retracing=True)
+    def features(pieces: Any) -> tf.Tensor:
+        per_replica = strategy.run(module_object, args=(pieces,))
+        if local:
+            return tf.concat(strategy.experimental_local_results(per_replica), axis=0)
+        return strategy.gather(per_replica, axis=0)
+
+    def extract(images: Any) -> np.ndarray:
+        if not isinstance(images, np.ndarray) and hasattr(images, "numpy"):
+            images = images.numpy()
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4:
+            raise ValueError(f"expected images [N, H, W, C], got {list(images.shape)}")
+        count = len(images)
+        if count == 0:  # nothing to split: the module itself gives the empty [0, D]
+            return np.asarray(module_object(tf.constant(images)), np.float32)
+        rows = -(-count // replicas)  # per replica, rounded up
+        if rows * replicas != count:
+            blank = np.zeros((rows * replicas - count, *images.shape[1:]), np.float32)
+            images = np.concatenate([images, blank])
+        pieces = np.split(images, replicas)
+        distributed = strategy.experimental_distribute_values_from_function(
+            lambda context: tf.constant(pieces[context.replica_id_in_sync_group])
+        )
+        return features(distributed).numpy()[:count]
+
+    return extract
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
