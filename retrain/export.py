@@ -49,20 +49,63 @@ class Classifier(tf.Module):
         return tf.nn.softmax(logits, name=self.final_tensor_name)
 
 
-def frozen_graph_def(classifier: Classifier) -> tf.compat.v1.GraphDef:
-    """The classifier as a GraphDef with every variable folded into a constant."""
-    frozen = convert_variables_to_constants_v2(classifier.classify.get_concrete_function())
-    graph_def = frozen.graph.as_graph_def()
-    names = {node.name for node in graph_def.node}
-    for required in (INPUT_NAME, classifier.final_tensor_name):
-        if required not in names:
-            raise RuntimeError(f"export: node {required!r} missing from the frozen graph")
+BOTTLENECK_NAME = "bottleneck"
+
+
+def frozen_module_graph_def(module_object, input_size: tuple[int, int]) -> tf.compat.v1.GraphDef:
+    """The image module alone, frozen: `Placeholder` -> `bottleneck` [None, dim]."""
+    spec = tf.TensorSpec([None, *input_size, 3], tf.float32, name=INPUT_NAME)
+
+    @tf.function(input_signature=[spec])
+    def features(images):
+        return tf.identity(module_object(images), name=BOTTLENECK_NAME)
+
+    frozen = convert_variables_to_constants_v2(features.get_concrete_function())
+    return frozen.graph.as_graph_def()
+
+
+def cached_frozen_module(
+    path: str | os.PathLike, load_module_object, input_size: tuple[int, int]
+) -> tf.compat.v1.GraphDef:
+    """The frozen module graph from `path`, made (by loading the module) and kept on a miss.
+
+    Freezing a module takes seconds; adding a softmax layer to a frozen graph takes a fraction
+    of one, so each module is frozen once and every export after that is graph surgery.
+    """
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(Path(path).read_bytes())
+        if any(node.name == BOTTLENECK_NAME for node in graph_def.node):
+            return graph_def
+    except (OSError, ValueError, RuntimeWarning):
+        pass  # absent or damaged: make it again
+    graph_def = frozen_module_graph_def(load_module_object(), input_size)
+    atomic_write_bytes(path, graph_def.SerializeToString())
     return graph_def
 
 
-def write_frozen_graph(classifier: Classifier, path: str | os.PathLike) -> None:
-    """Write the frozen GraphDef to `path` (atomically)."""
-    atomic_write_bytes(path, frozen_graph_def(classifier).SerializeToString())
+def classifier_graph_def(
+    module_graph_def: tf.compat.v1.GraphDef,
+    weights: np.ndarray,
+    biases: np.ndarray,
+    final_tensor_name: str = "final_result",
+) -> tf.compat.v1.GraphDef:
+    """The frozen module followed by the new layer and a softmax named `final_tensor_name`."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(module_graph_def, name="")
+        features = graph.get_tensor_by_name(f"{BOTTLENECK_NAME}:0")
+        with tf.compat.v1.name_scope("final_retrain_ops"):
+            w = tf.constant(weights.astype(np.float32), name="final_weights")
+            b = tf.constant(biases.astype(np.float32), name="final_biases")
+            logits = tf.matmul(features, w) + b
+        tf.nn.softmax(logits, name=final_tensor_name)
+    return graph.as_graph_def()
+
+
+def write_frozen_graph(graph_def: tf.compat.v1.GraphDef, path: str | os.PathLike) -> None:
+    """Write a frozen GraphDef to `path` (atomically)."""
+    atomic_write_bytes(path, graph_def.SerializeToString())
 
 
 def write_labels(labels: list[str], path: str | os.PathLike) -> None:

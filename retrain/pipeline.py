@@ -20,7 +20,7 @@ from retrain.atomic import atomic_write_text
 from retrain.cache import BottleneckCache, module_cache_key
 from retrain.decode import ImageDecodeError, decode_image
 from retrain.errors import RetrainError, UsageError
-from retrain.models.loading import ImageModule, ModuleError, resolve_module
+from retrain.models.loading import ImageModule, ModuleError, default_cache_dir, resolve_module
 from retrain.preprocess import PREPROCESSING_ID, to_module_input
 from retrain.train import Split, Summaries, TrainConfig, train_head
 
@@ -62,8 +62,21 @@ def load_module(f) -> ImageModule:
         raise UsageError(f"--tfhub_module: {err}") from None
 
 
+class LazyModule:
+    """The loaded module, loaded on first call: a run with a filled cache may never need it."""
+
+    def __init__(self, module: ImageModule):
+        self.module = module
+        self._loaded = None
+
+    def __call__(self):
+        if self._loaded is None:
+            self._loaded = self.module.load()
+        return self._loaded
+
+
 def compute_bottlenecks(
-    f, image_set: scan.ImageSet, module: ImageModule, module_object
+    f, image_set: scan.ImageSet, module: ImageModule, module_object: LazyModule
 ) -> Bottlenecks:
     """Look every image up in the cache and compute what is missing."""
     cache = BottleneckCache(
@@ -121,10 +134,10 @@ def compute_bottlenecks(
     )
 
 
-def _extractor(f, module: ImageModule, module_object, todo: list[Path]):
+def _extractor(f, module: ImageModule, module_object: LazyModule, todo: list[Path]):
     """The extraction backend for --extraction_backend, checked on a few of the images."""
     if not todo:
-        return backends.tensorflow_backend(module_object)  # nothing to compute: no conversion
+        return None  # nothing to compute: no module loading, no conversion
     samples = []
     for path in todo[:32]:
         try:
@@ -137,7 +150,7 @@ def _extractor(f, module: ImageModule, module_object, todo: list[Path]):
     extractor, _, _ = backends.choose_backend(
         f.extraction_backend,
         module,
-        module_object,
+        module_object(),
         np.stack(samples) if samples else None,
         log,
         batch_size=f.extraction_batch_size,
@@ -195,7 +208,7 @@ def run(f) -> dict:
     log.info(
         "Module %s: input %dx%d, %d features", module.handle, *module.input_size, module.feature_dim
     )
-    module_object = module.load()
+    module_object = LazyModule(module)
     bottlenecks = compute_bottlenecks(f, image_set, module, module_object)
     _check_trainable(bottlenecks, image_set.labels)
 
@@ -237,12 +250,16 @@ def run(f) -> dict:
         if f.print_misclassified_test_images and f.test_batch_size < 0:
             _print_misclassified(bottlenecks, test_eval, image_set.labels)
 
-    classifier = export.Classifier(
-        module_object, result.weights, result.biases, module.input_size, f.final_tensor_name
+    export.write_frozen_graph(
+        _classifier_graph(f, module, module_object, result.weights, result.biases),
+        f.output_graph,
     )
-    export.write_frozen_graph(classifier, f.output_graph)
     export.write_labels(image_set.labels, f.output_labels)
     log.info("Saved the frozen graph to %s and labels to %s", f.output_graph, f.output_labels)
+    if f.output_tflite or f.saved_model_dir:
+        classifier = export.Classifier(
+            module_object(), result.weights, result.biases, module.input_size, f.final_tensor_name
+        )
     if f.output_tflite:
         export.write_tflite(classifier, f.output_tflite)
         log.info("Saved the TFLite model to %s", f.output_tflite)
@@ -299,17 +316,25 @@ def _print_misclassified(
             log.info("%70s  %s", scan.display_path(path), labels[predicted])
 
 
-def _intermediate_graph_writer(f, module: ImageModule, module_object):
+def _classifier_graph(f, module: ImageModule, module_object: LazyModule, weights, biases):
+    """The frozen classifier graph: the module's frozen graph (cached) plus the new layer."""
+    root = Path(f.module_cache_dir).expanduser() if f.module_cache_dir else default_cache_dir()
+    module_graph = export.cached_frozen_module(
+        root / "frozen" / f"{module.fingerprint}-v1.pb", module_object, module.input_size
+    )
+    return export.classifier_graph_def(module_graph, weights, biases, f.final_tensor_name)
+
+
+def _intermediate_graph_writer(f, module: ImageModule, module_object: LazyModule):
     folder = Path(f.intermediate_output_graphs_dir).expanduser()
 
     def on_step(step: int, weights: np.ndarray, biases: np.ndarray) -> None:
         if step % f.intermediate_store_frequency:
             return
-        classifier = export.Classifier(
-            module_object, weights, biases, module.input_size, f.final_tensor_name
-        )
         path = folder / f"intermediate_{step}.pb"
-        export.write_frozen_graph(classifier, path)
+        export.write_frozen_graph(
+            _classifier_graph(f, module, module_object, weights, biases), path
+        )
         log.info("Saved intermediate graph %s", path)
 
     return on_step

@@ -101,23 +101,23 @@ class HeadTrainer(tf.Module):
 
     @tf.function(jit_compile=True)
     def run_steps(self, count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Take `count` gradient steps; return accuracy and cross-entropy on the last batch."""
+        """Take `count` gradient steps; return accuracy and cross-entropy on the last batch.
+
+        The gradient of the mean softmax cross-entropy is written out (x^T (p - y) / n): a
+        handful of ops per step, so the loop runs fast without XLA and traces in a blink.
+        """
         lr = tf.constant(self.config.learning_rate, tf.float32)
         size = self.config.train_batch_size
+        num_classes = self.head.biases.shape[0]
         x = tf.zeros([size, self._x.shape[1]])
         y = tf.zeros([size], tf.int32)
         for _ in tf.range(count):
             picks = self.rng.uniform([size], 0, self._n, dtype=tf.int32)
             x = tf.gather(self._x, picks)
             y = tf.gather(self._y, picks)
-            with tf.GradientTape() as tape:
-                logits = self.head(x)
-                loss = tf.reduce_mean(
-                    tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-                )
-            grads = tape.gradient(loss, [self.head.weights, self.head.biases])
-            self.head.weights.assign_sub(lr * grads[0])
-            self.head.biases.assign_sub(lr * grads[1])
+            error = tf.nn.softmax(self.head(x)) - tf.one_hot(y, num_classes)
+            self.head.weights.assign_sub(lr / size * tf.matmul(x, error, transpose_a=True))
+            self.head.biases.assign_sub(lr / size * tf.reduce_sum(error, axis=0))
         self.step.assign_add(tf.cast(count, tf.int64))
         return _metrics(self.head(x), y)
 
