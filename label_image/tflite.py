@@ -6,15 +6,13 @@ label-image's cold start short.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from label_image.models import ModelLoadError
+from retrain.runtime import quiet_stderr
 
 _TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier, bytes 4..8 of every .tflite file
 
@@ -66,7 +64,7 @@ class TFLiteClassifier:
         self._input, self._output = tensor_in["index"], tensor_out["index"]
         self._allocated: list[int] | None = None
         try:
-            with _quiet_stderr():  # LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate"
+            with quiet_stderr():  # LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate"
                 self._allocate([int(d) for d in tensor_in["shape"]])
         except (ValueError, RuntimeError) as err:
             raise ModelLoadError(f"cannot load {path}: {_first_line(err)}") from None
@@ -103,30 +101,6 @@ class TFLiteClassifier:
             self._allocated = shape
 
 
-def resize_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize pixels [h, w, c] to `size` (height, width) as float32, computed the way
-    ``tf.image.resize(method="bilinear")`` does (half-pixel centres, no antialiasing), so a
-    TFLite model sees what retrain's extraction fed the module, without importing TensorFlow."""
-    image = np.asarray(pixels, np.float32)
-    rows_lo, rows_hi, row_frac = _interpolation(image.shape[0], size[0])
-    cols_lo, cols_hi, col_frac = _interpolation(image.shape[1], size[1])
-    col_frac = col_frac[None, :, None]
-    top, bottom = image[rows_lo], image[rows_hi]
-    top = top[:, cols_lo] + (top[:, cols_hi] - top[:, cols_lo]) * col_frac
-    bottom = bottom[:, cols_lo] + (bottom[:, cols_hi] - bottom[:, cols_lo]) * col_frac
-    return top + (bottom - top) * row_frac[:, None, None]
-
-
-def _interpolation(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """TensorFlow's source indices (lower, upper) and weights of the upper, in float32."""
-    scale = np.float32(size_in) / np.float32(size_out)
-    centres = (np.arange(size_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
-    floor = np.floor(centres)
-    lower = np.maximum(floor, 0).astype(np.intp)
-    upper = np.minimum(np.ceil(centres), size_in - 1).astype(np.intp)
-    return lower, upper, (centres - floor).astype(np.float32)
-
-
 def _usable_cpus() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -137,25 +111,3 @@ def _usable_cpus() -> int:
 def _first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence C++ notices on file descriptor 2 unless TF_CPP_MIN_LOG_LEVEL is 0, 1 or 2."""
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") != "3":
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        sink = os.open(os.devnull, os.O_WRONLY)
-    except (OSError, ValueError):
-        yield
-        return
-    try:
-        os.dup2(sink, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(sink)

@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +23,7 @@ import numpy as np
 from retrain.atomic import atomic_open
 from retrain.errors import RetrainError
 from retrain.models.loading import ImageModule, default_cache_dir
+from retrain.runtime import quiet_stderr
 
 __all__ = [
     "BACKENDS",
@@ -134,7 +133,7 @@ def _convert(module: ImageModule, module_object: Any) -> bytes:
     height, width = module.input_size
     obj = module_object if module_object is not None else module.load()
     spec = tf.TensorSpec([None, height, width, 3], tf.float32, name="images")
-    with _quiet_stderr():
+    with quiet_stderr():
         try:
             function = tf.function(lambda images: obj(images)).get_concrete_function(spec)
             converter = tf.lite.TFLiteConverter.from_concrete_functions([function], obj)
@@ -185,7 +184,7 @@ class _TFLiteExtractor:
         self.feature_dim = int(out_shape[1])
         self._input, self._output = tensor_in["index"], tensor_out["index"]
         self._allocated = 0
-        with _quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+        with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
             self._allocate(batch_size)
 
     def _allocate(self, rows: int) -> None:
@@ -352,26 +351,3 @@ def _check(
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence C++ chatter on file descriptor 2 (the MLIR converter's warnings, LiteRT's
-    XNNPACK notice) unless TF_CPP_MIN_LOG_LEVEL asks for TensorFlow's messages (0, 1 or 2)."""
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") != "3":
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        sink = os.open(os.devnull, os.O_WRONLY)
-    except (OSError, ValueError):
-        yield
-        return
-    try:
-        os.dup2(sink, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(sink)

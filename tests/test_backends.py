@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from label_image.models import ModelLoadError
-from label_image.tflite import TFLiteClassifier, resize_bilinear
+from label_image.tflite import TFLiteClassifier
 from retrain import backends
 from retrain.backends import (
     BackendError,
@@ -29,6 +29,7 @@ from retrain.decode import decode_image
 from retrain.errors import RetrainError
 from retrain.models.loading import resolve_module
 from retrain.preprocess import to_module_input
+from retrain.resize import resize_bilinear
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = sorted((ROOT / "examples" / "flower_photos").glob("*/*.jpg"))
@@ -283,7 +284,8 @@ def test_tflite_paths_do_not_import_tensorflow(classifier, tflite_path):
         f"""
         import sys
         import numpy as np
-        from label_image.tflite import TFLiteClassifier, resize_bilinear
+        from label_image.tflite import TFLiteClassifier
+        from retrain.resize import resize_bilinear
         assert "tensorflow" not in sys.modules, "import"
         scores = TFLiteClassifier({str(classifier[0])!r}).predict(np.zeros((2, 12, 10, 3)))
         assert scores.shape == (2, 4), scores.shape

@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from retrain.atomic import fsync_path
 from retrain.errors import RetrainError
 from retrain.models.registry import BundledModelSpec, get_bundled_model, list_bundled_models
 from retrain.models.torch_weights import load_legacy_state_dict
@@ -207,12 +208,7 @@ def _publish(staging: pathlib.Path, target: pathlib.Path) -> None:
 def _fsync_tree(root: pathlib.Path) -> None:
     """Flush every file and folder under ``root`` so a renamed module survives a crash whole."""
     for path in [*root.rglob("*"), root]:
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync_path(path)
 
 
 # ----------------------------------------------------------------------------- directories, URLs
