@@ -189,6 +189,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         flag_values=f,
     )
     flags.DEFINE_enum(
+        "distribution_strategy",
+        "none",
+        ["none", "mirrored"],
+        "How to spread bottleneck extraction over devices: none, or mirrored (every GPU of "
+        "this machine, one replica per GPU; TensorFlow backend).",
+        flag_values=f,
+    )
+    flags.DEFINE_enum(
         "extraction_backend",
         "auto",
         ["auto", "tensorflow", "tflite"],
@@ -259,6 +267,11 @@ def check_flags(f: flags.FlagValues) -> None:
         )
     if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", f.final_tensor_name):
         raise UsageError(f"--final_tensor_name is not a valid node name: {f.final_tensor_name!r}")
+    if f.distribution_strategy != "none" and f.extraction_backend == "tflite":
+        raise UsageError(
+            "--extraction_backend=tflite runs on the CPU; it cannot be combined with "
+            f"--distribution_strategy={f.distribution_strategy}"
+        )
     if f.resume and not f.checkpoint_path:
         raise UsageError("--resume needs --checkpoint_path")
     _check_module_handle(f.tfhub_module)

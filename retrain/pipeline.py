@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import backends, export, extract, scan
+from retrain import backends, distribute, export, extract, scan
 from retrain import evaluate as evaluation
 from retrain.atomic import atomic_write_text
 from retrain.cache import BottleneckCache, module_cache_key
@@ -138,6 +138,10 @@ def _extractor(f, module: ImageModule, module_object: LazyModule, todo: list[Pat
     """The extraction backend for --extraction_backend, checked on a few of the images."""
     if not todo:
         return None  # nothing to compute: no module loading, no conversion
+    if f.distribution_strategy != "none":
+        strategy = distribute.make_strategy(f.distribution_strategy, log)
+        log.info("Extraction backend: tensorflow, %d replica(s)", strategy.num_replicas_in_sync)
+        return distribute.mirrored_backend(module_object(), strategy)
     samples = []
     for path in todo[:32]:
         try:

@@ -43,6 +43,11 @@ def run_cli(capsys, *args):
         (["--no_such_flag=1"], "no_such_flag"),
         (["--resume"], "--resume"),
         (["--random_crop=10"], "--random_crop"),
+        (
+            ["--distribution_strategy=mirrored", "--extraction_backend=tflite"],
+            "--extraction_backend",
+        ),
+        (["--distribution_strategy=everywhere"], "distribution_strategy"),
     ],
 )
 def test_bad_flag_values(capsys, image_dir, tmp_path, args, flag):
