@@ -287,6 +287,17 @@ class _SharedCache:
         return self.cache.find(file_k, content_k) is not None
 
 
+def _shared_cache(bottleneck_dir: str, module_key: str, feature_dim: int) -> _SharedCache:
+    """The process's view of the cache folder, refreshed: a process may run several pipelines."""
+    shared = _per_process(
+        ("cache", bottleneck_dir, module_key),
+        lambda: _SharedCache(bottleneck_dir, module_key, feature_dim),
+    )
+    with shared.lock:
+        shared.cache.refresh()
+    return shared
+
+
 class _WorkerModel:
     """The module, loaded once per worker process; the backend is chosen on the first batch
     (`auto` checks TFLite against TensorFlow on a few of those images)."""
@@ -343,14 +354,12 @@ class DecodeImages(_DoFn):
 
     def setup(self) -> None:
         import_tensorflow_quietly()
-        key = ("cache", self.bottleneck_dir, self.module_key)
-        self._cache = _per_process(
-            key, lambda: _SharedCache(self.bottleneck_dir, self.module_key, self.feature_dim)
-        )
-
-    def process(self, path: bytes):
         from retrain.preprocess import to_module_input
 
+        self._to_module_input = to_module_input
+        self._cache = _shared_cache(self.bottleneck_dir, self.module_key, self.feature_dim)
+
+    def process(self, path: bytes):
         try:
             file_k = file_key(path)
             if self._cache.has(file_k, None):
@@ -368,7 +377,7 @@ class DecodeImages(_DoFn):
         except Exception as err:  # noqa: BLE001 - one odd file must never end the pipeline
             reason = f"cannot decode: {type(err).__name__}: {err}"
         else:
-            yield content_k, file_k, to_module_input(pixels, self.input_size).numpy()
+            yield content_k, file_k, self._to_module_input(pixels, self.input_size).numpy()
             return
         self.failed.inc()
         log.warning("Skipping %s: %s", display_path(path), reason)
@@ -388,10 +397,7 @@ class ExtractToCache(_DoFn):
 
     def setup(self) -> None:
         info = self.module_info
-        self._cache = _per_process(
-            ("cache", self.bottleneck_dir, self.module_key),
-            lambda: _SharedCache(self.bottleneck_dir, self.module_key, self.feature_dim),
-        )
+        self._cache = _shared_cache(self.bottleneck_dir, self.module_key, self.feature_dim)
         self._model = _per_process(
             ("model", info["handle"], info["module_cache_dir"], self.module_key),
             lambda: _WorkerModel(
@@ -496,16 +502,10 @@ def extract(args: argparse.Namespace, options: PipelineOptions) -> dict:
         log.warning("Ignoring %s: %s", path, reason)
     module = load_module(args)
     module_key = module_cache_key(module.fingerprint, PREPROCESSING_ID)
-    cache = BottleneckCache(
-        args.bottleneck_dir,
-        module_key,
-        module.feature_dim,
-        description={
-            "module": module.handle,
-            "fingerprint": module.fingerprint,
-            "preprocessing": PREPROCESSING_ID,
-        },
+    about = dict(
+        module=module.handle, fingerprint=module.fingerprint, preprocessing=PREPROCESSING_ID
     )
+    cache = BottleneckCache(args.bottleneck_dir, module_key, module.feature_dim, about)
     todo = []
     for image in image_set.files:
         try:
@@ -587,8 +587,7 @@ def extract(args: argparse.Namespace, options: PipelineOptions) -> dict:
 
 
 def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _setup_logging(verbosity: str) -> None:
@@ -615,15 +614,14 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         options = pipeline_options(beam_argv, parser)
         _setup_logging(args.logging_verbosity)
-        summary = extract(args, options)
-        print(json.dumps(summary))
-        return 0
-    except RetrainError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return err.exit_code
+        print(json.dumps(extract(args, options)))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished shards are kept in the cache", file=sys.stderr)
         return 130
+    except RetrainError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
 
 
 def run() -> None:

@@ -95,20 +95,56 @@ class Location:
 
 
 class Shard:
-    """One immutable pair of files, opened memory-mapped."""
+    """One immutable pair of files. The index is memory-mapped (small); vectors are read with
+    pread, so reading a million rows does not grow the process's resident memory."""
 
     def __init__(self, index_path: Path):
         self.index_path = index_path
         self.name = index_path.name[: -len(".idx.npy")]
         self.vector_path = index_path.with_name(self.name + ".vec.npy")
         self.index = np.load(index_path, mmap_mode="r", allow_pickle=False)
-        self.vectors = np.load(self.vector_path, mmap_mode="r", allow_pickle=False)
         if self.index.dtype != INDEX_DTYPE or self.index.ndim != 1:
             raise ValueError("index has the wrong layout")
-        if self.vectors.dtype != np.float32 or self.vectors.ndim != 2:
+        with open(self.vector_path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(handle)
+            self.data_offset = handle.tell()
+            size = os.fstat(handle.fileno()).st_size
+        if dtype != np.float32 or len(shape) != 2 or fortran_order:
             raise ValueError("vectors have the wrong layout")
-        if len(self.vectors) != len(self.index):
-            raise ValueError(f"{len(self.vectors)} vectors for {len(self.index)} index rows")
+        self.rows, self.dim = shape
+        if self.rows != len(self.index):
+            raise ValueError(f"{self.rows} vectors for {len(self.index)} index rows")
+        if size != self.data_offset + self.rows * self.dim * 4:
+            raise ValueError(
+                f"vector file is {size} bytes, expected "
+                f"{self.data_offset + self.rows * self.dim * 4}"
+            )
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Vectors [len(rows), dim] for sorted row numbers, reading runs of rows at once."""
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        row_bytes = self.dim * 4
+        fd = os.open(self.vector_path, os.O_RDONLY)
+        try:
+            start = 0
+            while start < len(rows):
+                end = start + 1
+                while end < len(rows) and rows[end] == rows[end - 1] + 1:
+                    end += 1
+                data = os.pread(
+                    fd, (end - start) * row_bytes, self.data_offset + int(rows[start]) * row_bytes
+                )
+                out[start:end] = np.frombuffer(data, dtype="<f4").reshape(end - start, self.dim)
+                start = end
+        finally:
+            os.close(fd)
+        return out
 
 
 class BottleneckCache:
@@ -148,10 +184,8 @@ class BottleneckCache:
                 continue
             try:
                 shard = Shard(index_path)
-                if shard.vectors.shape[1] != self.feature_dim:
-                    raise ValueError(
-                        f"vectors are {shard.vectors.shape[1]}-wide, expected {self.feature_dim}"
-                    )
+                if shard.dim != self.feature_dim:
+                    raise ValueError(f"vectors are {shard.dim}-wide, expected {self.feature_dim}")
             except (OSError, ValueError) as err:
                 self._discard(index_path, str(err))
                 continue
@@ -199,15 +233,19 @@ class BottleneckCache:
         """Read vectors [n, dim] and a boolean mask of rows that passed their checksum."""
         out = np.empty((len(locations), self.feature_dim), dtype=np.float32)
         ok = np.ones(len(locations), dtype=bool)
-        order = sorted(range(len(locations)), key=lambda i: (locations[i].shard, locations[i].row))
-        for i in order:
-            loc = locations[i]
-            shard = self.shards[loc.shard]
-            row = np.asarray(shard.vectors[loc.row])
-            if row_crc(row) != int(shard.index["crc"][loc.row]):
-                ok[i] = False
-                continue
-            out[i] = row
+        shards = np.fromiter((loc.shard for loc in locations), dtype=np.int64, count=len(locations))
+        rows = np.fromiter((loc.row for loc in locations), dtype=np.int64, count=len(locations))
+        order = np.lexsort((rows, shards))
+        for shard_number in np.unique(shards):
+            picks = order[shards[order] == shard_number]
+            shard = self.shards[shard_number]
+            vectors = shard.read_rows(rows[picks])
+            crcs = shard.index["crc"][rows[picks]]
+            for j, i in enumerate(picks):
+                if row_crc(vectors[j]) == int(crcs[j]):
+                    out[i] = vectors[j]
+                else:
+                    ok[i] = False
         return out, ok
 
     def forget(self, location: Location) -> None:

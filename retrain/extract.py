@@ -89,26 +89,27 @@ def lookup(paths: Sequence[Path], cache: BottleneckCache, threads: int = 4) -> L
     return result
 
 
-def verify(result: LookupResult, cache: BottleneckCache, paths: Sequence[Path]) -> np.ndarray:
-    """Read the cached vectors [n, dim]; rows failing their checksum are marked missing."""
+def verify(
+    result: LookupResult, cache: BottleneckCache, paths: Sequence[Path], chunk: int = 8192
+) -> None:
+    """Check the checksum of every cached vector found; failed ones are marked missing.
+
+    Reads in chunks, so checking a million entries needs little memory.
+    """
     found = [i for i, loc in enumerate(result.locations) if loc is not None]
-    vectors = np.zeros((len(result.locations), cache.feature_dim), dtype=np.float32)
-    if not found:
-        return vectors
-    rows, ok = cache.read([result.locations[i] for i in found])
-    for j, i in enumerate(found):
-        if ok[j]:
-            vectors[i] = rows[j]
-            continue
-        message = (
-            f"bottleneck cache: the entry for {display_path(paths[i])} failed its "
-            "checksum; recomputing it"
-        )
-        cache.warnings.append(message)
-        log.warning(message)
-        cache.forget(result.locations[i])
-        result.locations[i] = None
-    return vectors
+    for start in range(0, len(found), chunk):
+        part = found[start : start + chunk]
+        _, ok = cache.read([result.locations[i] for i in part])
+        for j in np.flatnonzero(~ok):
+            i = part[j]
+            message = (
+                f"bottleneck cache: the entry for {display_path(paths[i])} failed its "
+                "checksum; recomputing it"
+            )
+            cache.warnings.append(message)
+            log.warning(message)
+            cache.forget(result.locations[i])
+            result.locations[i] = None
 
 
 def decoded_batches(
@@ -190,17 +191,16 @@ def _progress_bar(total: int):
 def extract_missing(
     paths: Sequence[Path],
     result: LookupResult,
-    vectors: np.ndarray,
     cache: BottleneckCache,
     extractor: Extractor,
     input_size: tuple[int, int],
     batch_size: int = 32,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ExtractionStats:
-    """Compute the vectors `result` lacks, store them in `cache` and in `vectors` (in place).
+    """Compute the vectors `result` lacks and store them in `cache`.
 
-    Undecodable images are added to `result.skipped`. The shard writer flushes on the way out,
-    also on Ctrl-C, so finished work is kept.
+    Afterwards every image in `result` has a location or is in `result.skipped`. The shard
+    writer flushes on the way out, also on Ctrl-C, so finished work is kept.
     """
     todo = result.missing()
     stats = ExtractionStats()
@@ -226,9 +226,11 @@ def extract_missing(
                     result.content_keys[i] = file_content_key(paths[i])
                 keys.append((result.content_keys[i], result.file_keys[i]))
                 kept.append(j)
-                vectors[i] = feats[j]
             writer.add_many(keys, feats[kept])
             stats.computed += len(kept)
             progress.update(len(positions))
     stats.seconds = time.perf_counter() - start
+    for i in todo:
+        if i not in result.skipped:
+            result.locations[i] = cache.by_content[result.content_keys[i]]
     return stats

@@ -17,12 +17,13 @@ import numpy as np
 from retrain import backends, distribute, export, extract, scan
 from retrain import evaluate as evaluation
 from retrain.atomic import atomic_write_text
-from retrain.cache import BottleneckCache, module_cache_key
+from retrain.cache import BottleneckCache, Location, module_cache_key
 from retrain.decode import ImageDecodeError, decode_image
 from retrain.errors import RetrainError, UsageError
+from retrain.features import FeatureSplit, Split
 from retrain.models.loading import ImageModule, ModuleError, default_cache_dir, resolve_module
 from retrain.preprocess import PREPROCESSING_ID, to_module_input
-from retrain.train import Split, Summaries, TrainConfig, train_head
+from retrain.train import Summaries, TrainConfig, train_head
 
 log = logging.getLogger("retrain")
 
@@ -33,11 +34,16 @@ class AccuracyBelowThreshold(RetrainError):
     exit_code = 3
 
 
+# A streamed validation split is evaluated on a random subset of at most this many images.
+STREAMED_VALIDATION_ROWS = 20_000
+
+
 @dataclass
 class Bottlenecks:
-    """Vectors of the usable images, with their labels, splits and paths."""
+    """Where the vectors of the usable images are cached, with their labels, splits and paths."""
 
-    vectors: np.ndarray
+    cache: BottleneckCache
+    locations: list[Location]
     labels: np.ndarray
     splits: np.ndarray
     paths: list[Path]
@@ -45,9 +51,9 @@ class Bottlenecks:
     computed: int
     seconds: float
 
-    def split(self, name: str) -> Split:
-        mask = self.splits == name
-        return Split(self.vectors[mask], self.labels[mask])
+    def split(self, name: str) -> FeatureSplit:
+        picks = np.flatnonzero(self.splits == name)
+        return FeatureSplit(self.cache, [self.locations[i] for i in picks], self.labels[picks])
 
     def paths_of(self, name: str) -> list[Path]:
         return [p for p, s in zip(self.paths, self.splits) if s == name]
@@ -92,7 +98,7 @@ def compute_bottlenecks(
     paths = [image.path for image in image_set.files]
     start = time.perf_counter()
     found = extract.lookup(paths, cache)
-    vectors = extract.verify(found, cache, paths)
+    extract.verify(found, cache, paths)
     missing = len(found.missing())
     log.info(
         "%d images: %d bottlenecks cached, %d to compute",
@@ -103,7 +109,6 @@ def compute_bottlenecks(
     stats = extract.extract_missing(
         paths,
         found,
-        vectors,
         cache,
         _extractor(f, module, module_object, [paths[i] for i in found.missing()]),
         module.input_size,
@@ -124,7 +129,8 @@ def compute_bottlenecks(
         for i, reason in sorted(found.skipped.items())
     ]
     return Bottlenecks(
-        vectors=vectors[keep],
+        cache=cache,
+        locations=[loc for loc, k in zip(found.locations, keep) if k],
         labels=np.array([img.label_index for img in image_set.files], dtype=np.int64)[keep],
         splits=np.array([img.split for img in image_set.files])[keep],
         paths=[p for p, k in zip(paths, keep) if k],
@@ -173,11 +179,22 @@ def _check_trainable(b: Bottlenecks, labels: list[str]) -> None:
         )
 
 
-def _sample(split: Split, size: int, seed: int) -> Split:
-    if size < 0 or size >= len(split):
-        return split
-    picks = np.random.default_rng(seed).choice(len(split), size, replace=False)
-    return Split(split.x[picks], split.y[picks])
+def _training_inputs(b: Bottlenecks, seed: int) -> tuple[Split | FeatureSplit, Split]:
+    """The training split (in memory if it fits, else streamed) and the validation split."""
+    train = b.split("training")
+    if train.fits_in_memory():
+        train = train.load()
+    else:
+        log.info(
+            "Streaming %d training bottlenecks from the cache (%.1f GB)",
+            len(train),
+            train.nbytes / 1e9,
+        )
+    validation = b.split("validation")
+    if not validation.fits_in_memory():
+        validation = validation.subset(STREAMED_VALIDATION_ROWS, seed)
+        log.info("Validating on a random %d of the validation images", len(validation))
+    return train, validation.load()
 
 
 def run(f) -> dict:
@@ -229,9 +246,10 @@ def run(f) -> dict:
     if f.intermediate_store_frequency > 0:
         on_step = _intermediate_graph_writer(f, module, module_object)
     try:
+        train, validation = _training_inputs(bottlenecks, f.random_seed)
         result = train_head(
-            bottlenecks.split("training"),
-            bottlenecks.split("validation"),
+            train,
+            validation,
             len(image_set.labels),
             config,
             summaries,
@@ -244,11 +262,16 @@ def run(f) -> dict:
         summaries.close()
     log.info("Trained %d steps in %.1f s", config.how_many_training_steps, result.seconds)
 
-    test = _sample(bottlenecks.split("testing"), f.test_batch_size, f.random_seed)
+    test = bottlenecks.split("testing")
+    if f.test_batch_size > 0:
+        test = test.subset(f.test_batch_size, f.random_seed)
     test_eval = None
     if len(test):
-        test_eval = evaluation.evaluate(
-            result.weights, result.biases, test.x, test.y, len(image_set.labels)
+        test_eval = evaluation.evaluate_chunks(
+            result.weights,
+            result.biases,
+            ((c.x, c.y) for c in test.chunks()),
+            len(image_set.labels),
         )
         log.info("Final test accuracy = %.1f%% (N=%d)", 100 * test_eval.accuracy, len(test))
         if f.print_misclassified_test_images and f.test_batch_size < 0:

@@ -13,11 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import tensorflow as tf
 
 from retrain.errors import RetrainError
+from retrain.features import FeatureSplit, Split
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +38,6 @@ class TrainConfig:
     validation_batch_size: int = 100
     seed: int = 0
     checkpoint_every: int = 500
-
-
-@dataclass
-class Split:
-    """Feature vectors [n, dim] and integer labels [n] of one split."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.y)
 
 
 @dataclass
@@ -87,34 +78,49 @@ def _metrics(logits: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor
 class HeadTrainer(tf.Module):
     """Holds the layer, the random stream and the step counter: everything a checkpoint needs."""
 
-    def __init__(self, train: Split, num_classes: int, config: TrainConfig):
+    def __init__(self, train: Split | FeatureSplit, num_classes: int, config: TrainConfig):
         super().__init__()
         self.config = config
-        self.head = SoftmaxHead(train.x.shape[1], num_classes, config.seed)
+        self.head = SoftmaxHead(
+            train.cache.feature_dim if isinstance(train, FeatureSplit) else train.x.shape[1],
+            num_classes,
+            config.seed,
+        )
         self.rng = tf.random.Generator.from_seed(config.seed)
         self.step = tf.Variable(0, dtype=tf.int64, name="global_step")
         # The last evaluation round's metrics, so a run resumed at the end can still report them.
         self.last_metrics = tf.Variable(tf.fill([4], np.nan), name="last_metrics")
-        self._x = tf.constant(train.x)
-        self._y = tf.constant(train.y.astype(np.int32))
         self._n = len(train)
+        self._streamed = isinstance(train, FeatureSplit)
+        if self._streamed:
+            # Batches come from the cache through tf.data; the holder keeps the iterator out of
+            # checkpoints (a generator's position cannot be saved).
+            self._source = SimpleNamespace(batches=iter(_batch_dataset(train, config)))
+        else:
+            self._x = tf.constant(train.x)
+            self._y = tf.constant(train.y.astype(np.int32))
+        # XLA compiles the whole step loop when batches are drawn in-graph from memory.
+        self.run_steps = tf.function(self._run_steps, jit_compile=not self._streamed)
 
-    @tf.function(jit_compile=True)
-    def run_steps(self, count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _next_batch(self) -> tuple[tf.Tensor, tf.Tensor]:
+        if self._streamed:
+            return next(self._source.batches)
+        picks = self.rng.uniform([self.config.train_batch_size], 0, self._n, dtype=tf.int32)
+        return tf.gather(self._x, picks), tf.gather(self._y, picks)
+
+    def _run_steps(self, count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Take `count` gradient steps; return accuracy and cross-entropy on the last batch.
 
         The gradient of the mean softmax cross-entropy is written out (x^T (p - y) / n): a
-        handful of ops per step, so the loop runs fast without XLA and traces in a blink.
+        handful of ops per step, so the loop compiles and runs fast.
         """
         lr = tf.constant(self.config.learning_rate, tf.float32)
         size = self.config.train_batch_size
         num_classes = self.head.biases.shape[0]
-        x = tf.zeros([size, self._x.shape[1]])
+        x = tf.zeros([size, self.head.weights.shape[0]])
         y = tf.zeros([size], tf.int32)
         for _ in tf.range(count):
-            picks = self.rng.uniform([size], 0, self._n, dtype=tf.int32)
-            x = tf.gather(self._x, picks)
-            y = tf.gather(self._y, picks)
+            x, y = self._next_batch()
             error = tf.nn.softmax(self.head(x)) - tf.one_hot(y, num_classes)
             self.head.weights.assign_sub(lr / size * tf.matmul(x, error, transpose_a=True))
             self.head.biases.assign_sub(lr / size * tf.reduce_sum(error, axis=0))
@@ -176,7 +182,7 @@ class Summaries:
 
 
 def train_head(
-    train: Split,
+    train: Split | FeatureSplit,
     validation: Split | None,
     num_classes: int,
     config: TrainConfig,
@@ -251,6 +257,18 @@ def train_head(
         history=history,
         resumed_from_step=resumed,
     )
+
+
+def _batch_dataset(train: FeatureSplit, config: TrainConfig) -> tf.data.Dataset:
+    """Random training batches read from the cache, prefetched while the step runs."""
+    size, dim = config.train_batch_size, train.cache.feature_dim
+    return tf.data.Dataset.from_generator(
+        lambda: train.random_batches(size, config.seed),
+        output_signature=(
+            tf.TensorSpec([size, dim], tf.float32),
+            tf.TensorSpec([size], tf.int32),
+        ),
+    ).prefetch(8)
 
 
 def _record(step: int, row: np.ndarray, has_validation: bool) -> dict:

@@ -110,10 +110,7 @@ def suite_extraction(args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             cache = BottleneckCache(tmp, "bench", module.feature_dim)
             found = extract.lookup(files, cache)
-            vectors = np.zeros((len(files), module.feature_dim), np.float32)
-            stats = extract.extract_missing(
-                files, found, vectors, cache, extractor, module.input_size, 32
-            )
+            stats = extract.extract_missing(files, found, cache, extractor, module.input_size, 32)
         result[name] = {
             "raw_images_per_second": round(raw, 1),
             "end_to_end_images_per_second": round(stats.images_per_second, 1),
@@ -123,7 +120,8 @@ def suite_extraction(args) -> dict:
 
 
 def suite_training(args) -> dict:
-    from retrain.train import Split, TrainConfig, train_head
+    from retrain.features import Split
+    from retrain.train import TrainConfig, train_head
 
     rng = np.random.default_rng(0)
     n, dim, classes = args.train_rows, 1280, 5

@@ -217,3 +217,20 @@ def test_numpy_resize_equals_tensorflow():
         image = rng.integers(0, 255, shape).astype(np.uint8)
         expected = tf.image.resize(tf.cast(image, tf.float32), (224, 224)).numpy()
         np.testing.assert_allclose(resize_bilinear(image, (224, 224)), expected, atol=0.02)
+
+
+def test_large_splits_are_streamed_from_the_cache(trained, tmp_path, monkeypatch, capsys):
+    """Above the in-memory limit, training reads random batches from the cache shards."""
+    from retrain import features
+
+    out, image_dir, reference = trained
+    monkeypatch.setattr(features, "IN_MEMORY_LIMIT_BYTES", 10_000)  # a few vectors
+    rerun = tmp_path / "streamed"
+    shutil.copytree(out / "bottlenecks", rerun / "bottlenecks")
+    assert cli.main(retrain_args(image_dir, rerun)) == 0
+    log = capsys.readouterr().err
+    assert "Streaming" in log and "from the cache" in log
+    metrics = json.loads((rerun / "metrics.json").read_text())
+    assert metrics["bottlenecks_computed"] == 0
+    assert metrics["final_train_accuracy"] >= 0.9
+    assert metrics["test_accuracy"] >= reference["test_accuracy"] - 0.2

@@ -1,0 +1,79 @@
+"""The bottleneck vectors of one split, read from the cache: in memory when they fit, streamed
+when they do not, so memory stays flat however many images there are."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrain.cache import BottleneckCache, Location
+from retrain.errors import RetrainError
+
+# Splits up to this size are loaded whole (fastest); larger ones are streamed from the cache.
+IN_MEMORY_LIMIT_BYTES = 1 << 30
+
+
+@dataclass
+class Split:
+    """Feature vectors [n, dim] and integer labels [n] of one split, in memory."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class FeatureSplit:
+    """The cached vectors of one split, by location, with their labels."""
+
+    cache: BottleneckCache
+    locations: list[Location]
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.cache.feature_dim * 4
+
+    def fits_in_memory(self, limit: int | None = None) -> bool:
+        return self.nbytes <= (IN_MEMORY_LIMIT_BYTES if limit is None else limit)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Vectors [len(indices), dim] of the given rows of this split."""
+        x, ok = self.cache.read([self.locations[i] for i in indices])
+        if not ok.all():
+            raise RetrainError(
+                "bottleneck cache: an entry changed on disk during the run (checksum failed); "
+                "run again to recompute it"
+            )
+        return x
+
+    def load(self) -> Split:
+        """The whole split in memory."""
+        return Split(self.read(np.arange(len(self))), self.y)
+
+    def subset(self, count: int, seed: int) -> FeatureSplit:
+        """At most `count` rows, drawn at random without replacement."""
+        if count >= len(self):
+            return self
+        picks = np.sort(np.random.default_rng(seed).choice(len(self), count, replace=False))
+        return FeatureSplit(self.cache, [self.locations[i] for i in picks], self.y[picks])
+
+    def chunks(self, rows: int = 8192) -> Iterator[Split]:
+        """The split in consecutive in-memory pieces."""
+        for start in range(0, len(self), rows):
+            indices = np.arange(start, min(start + rows, len(self)))
+            yield Split(self.read(indices), self.y[indices])
+
+    def random_batches(self, batch_size: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """An endless stream of batches drawn at random with replacement (as retrain.py did)."""
+        rng = np.random.default_rng(seed)
+        while True:
+            picks = np.sort(rng.integers(0, len(self), batch_size))
+            yield self.read(picks), self.y[picks].astype(np.int32)
