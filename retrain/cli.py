@@ -5,17 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 
-from absl import flags
-
 from retrain.errors import RetrainError, UsageError
-from retrain.flags import check_flags, define_flags
-from retrain.runtime import import_tensorflow_quietly
 
 PROG = "retrain"
 
 
-def parse_flags(argv: list[str], flag_values: flags.FlagValues) -> None:
-    """Parse argv into flag_values; a bad flag is a UsageError (one line, exit 2)."""
+def parse_flags(argv: list[str], flag_values) -> None:
+    """Parse argv into absl FlagValues; a bad flag is a UsageError (one line, exit 2)."""
+    from absl import flags
+
     try:
         flag_values(argv)
     except flags.Error as err:
@@ -38,9 +36,15 @@ def setup_logging(verbosity: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run retrain with `argv` (default sys.argv); returns the exit status."""
     argv = list(sys.argv if argv is None else argv)
-    flag_values = flags.FlagValues()
-    define_flags(flag_values)
     try:
+        # Imported here, inside the try, so that even an early Ctrl-C ends cleanly.
+        from absl import flags
+
+        from retrain.flags import check_flags, define_flags
+        from retrain.runtime import import_tensorflow_quietly
+
+        flag_values = flags.FlagValues()
+        define_flags(flag_values)
         if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
             print(f"usage: {PROG} --image_dir DIR [flags]\n\n{flag_values.get_help()}")
             return 0

@@ -163,6 +163,7 @@ def _extractor(f, module: ImageModule, module_object: LazyModule, todo: list[Pat
         module_object(),
         np.stack(samples) if samples else None,
         log,
+        cache_dir=f.module_cache_dir or None,
         batch_size=f.extraction_batch_size,
     )
     return extractor

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.cache import BottleneckCache, row_crc
+from retrain.cache import BottleneckCache, Location
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -310,14 +310,12 @@ def inspect_cache(folder: Path, feature_dim: int | None = None) -> CacheState:
         feature_dim = json.loads((folder / "module.json").read_text())["feature_dim"]
     cache = BottleneckCache(folder.parent, folder.name, feature_dim)
     state = CacheState(folder=folder, warnings=list(cache.warnings))
-    for shard in cache.shards:
-        for row in range(len(shard.index)):
-            vector = np.array(shard.vectors[row])
-            state.rows += 1
-            if row_crc(vector) != int(shard.index["crc"][row]):
-                state.bad_rows += 1
-                continue
-            state.vectors.setdefault(bytes(shard.index["content"][row]), vector)
+    for _, content, vector, ok in all_rows(cache):
+        state.rows += 1
+        if ok:
+            state.vectors.setdefault(content, vector)
+        else:
+            state.bad_rows += 1
     for path in folder.iterdir():
         name = path.name
         if name.endswith(".vec.npy"):
@@ -331,6 +329,22 @@ def inspect_cache(folder: Path, feature_dim: int | None = None) -> CacheState:
         ):
             state.strays.append(name)
     return state
+
+
+def all_rows(cache: BottleneckCache) -> Iterator[tuple[Location, bytes, np.ndarray, bool]]:
+    """Every stored row: (location, content key, vector, passed its checksum), via the
+    cache's own reader."""
+    locations = [
+        Location(number, row)
+        for number, shard in enumerate(cache.shards)
+        for row in range(len(shard.index))
+    ]
+    if not locations:
+        return
+    vectors, ok = cache.read(locations)
+    for i, location in enumerate(locations):
+        entry = cache.shards[location.shard].index[location.row]
+        yield location, bytes(entry["content"]), vectors[i], bool(ok[i])
 
 
 def vector_mismatches(
@@ -357,10 +371,10 @@ def copy_cache_resharded(source: Path, target_root: Path, shard_rows: int) -> li
     original = BottleneckCache(source.parent, source.name, feature_dim)
     copy = BottleneckCache(target_root, source.name, feature_dim, description={"copy": True})
     with copy.writer(shard_rows) as writer:
-        for shard in original.shards:
-            for row in range(len(shard.index)):
-                entry = shard.index[row]
-                writer.add(bytes(entry["content"]), bytes(entry["file"]), shard.vectors[row])
+        for location, _, vector, ok in all_rows(original):
+            assert ok, f"{source}: row {location} fails its checksum"
+            entry = original.shards[location.shard].index[location.row]
+            writer.add(bytes(entry["content"]), bytes(entry["file"]), vector)
     return sorted((Path(target_root) / source.name).glob("*.idx.npy"))
 
 
