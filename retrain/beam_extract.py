@@ -494,18 +494,14 @@ def extract(args: argparse.Namespace, options: PipelineOptions) -> dict:
         raise UsageError(str(err).splitlines()[0]) from None
     import_tensorflow_quietly()
     from retrain import scan
-    from retrain.pipeline import load_module
-    from retrain.preprocess import PREPROCESSING_ID
+    from retrain.pipeline import load_module, open_cache
 
     image_set = scan.scan_image_dir(args.image_dir, 0, 0)
     for path, reason in image_set.ignored:
         log.warning("Ignoring %s: %s", path, reason)
     module = load_module(args)
-    module_key = module_cache_key(module.fingerprint, PREPROCESSING_ID)
-    about = dict(
-        module=module.handle, fingerprint=module.fingerprint, preprocessing=PREPROCESSING_ID
-    )
-    cache = BottleneckCache(args.bottleneck_dir, module_key, module.feature_dim, about)
+    cache = open_cache(args.bottleneck_dir, module)
+    module_key = cache.folder.name
     todo = []
     for image in image_set.files:
         try:

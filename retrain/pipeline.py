@@ -81,12 +81,10 @@ class LazyModule:
         return self._loaded
 
 
-def compute_bottlenecks(
-    f, image_set: scan.ImageSet, module: ImageModule, module_object: LazyModule
-) -> Bottlenecks:
-    """Look every image up in the cache and compute what is missing."""
-    cache = BottleneckCache(
-        f.bottleneck_dir,
+def open_cache(bottleneck_dir: str | Path, module: ImageModule) -> BottleneckCache:
+    """The module's folder of the bottleneck cache, created with its module.json."""
+    return BottleneckCache(
+        bottleneck_dir,
         module_cache_key(module.fingerprint, PREPROCESSING_ID),
         module.feature_dim,
         description={
@@ -95,6 +93,13 @@ def compute_bottlenecks(
             "preprocessing": PREPROCESSING_ID,
         },
     )
+
+
+def compute_bottlenecks(
+    f, image_set: scan.ImageSet, module: ImageModule, module_object: LazyModule
+) -> Bottlenecks:
+    """Look every image up in the cache and compute what is missing."""
+    cache = open_cache(f.bottleneck_dir, module)
     paths = [image.path for image in image_set.files]
     start = time.perf_counter()
     found = extract.lookup(paths, cache)

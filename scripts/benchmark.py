@@ -12,6 +12,7 @@ Suites:
   training    4,000 default training steps on cached-size features (steps/s, seconds)
   run         whole `retrain` runs with an empty and with a filled cache: wall s, peak RSS
   cache       opening a bottleneck cache of N entries (seconds, RSS)
+  scale       whole default runs over N cached images (N from --scale_sizes): wall s, peak RSS
 """
 
 from __future__ import annotations
@@ -230,12 +231,77 @@ def suite_cache(args) -> dict:
     return out
 
 
+def _fake_cached_images(root: Path, count: int, module, classes: int = 5) -> Path:
+    """`count` tiny files whose bottlenecks are already in a cache under root/bottlenecks.
+
+    The files are never decoded (their vectors are cached), so this measures everything but
+    extraction at sizes that would take days to extract on this machine.
+    """
+    from retrain.cache import BottleneckCache, content_key, file_key, module_cache_key
+    from retrain.preprocess import PREPROCESSING_ID
+
+    cache = BottleneckCache(
+        root / "bottlenecks",
+        module_cache_key(module.fingerprint, PREPROCESSING_ID),
+        module.feature_dim,
+    )
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(classes, module.feature_dim)).astype(np.float32)
+    with cache.writer() as writer:
+        for i in range(count):
+            label = i % classes
+            path = root / "images" / f"class{label}" / f"img{i:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = i.to_bytes(8, "little")
+            path.write_bytes(data)
+            vector = np.abs(centres[label] + rng.normal(size=module.feature_dim) * 2)
+            writer.add(content_key(data), file_key(path), vector.astype(np.float32))
+    return root / "images"
+
+
+def suite_scale(args) -> dict:
+    """Whole default runs with a filled cache of N entries: wall seconds and peak RSS."""
+    from retrain.models.loading import resolve_module
+
+    module = resolve_module(args.tfhub_module)
+    retrain = shutil.which("retrain") or str(Path(sys.executable).with_name("retrain"))
+    out = {}
+    for n in (int(s) for s in args.scale_sizes.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            start = time.perf_counter()
+            images = _fake_cached_images(tmp, n, module)
+            made = time.perf_counter() - start
+            cmd = [
+                retrain,
+                f"--image_dir={images}",
+                f"--bottleneck_dir={tmp / 'bottlenecks'}",
+                f"--summaries_dir={tmp / 'logs'}",
+                f"--output_graph={tmp / 'graph.pb'}",
+                f"--output_labels={tmp / 'labels.txt'}",
+                f"--metrics_json={tmp / 'metrics.json'}",
+                f"--tfhub_module={args.tfhub_module}",
+                *args.retrain_flag,
+            ]
+            run = _timed_run(cmd)
+            metrics = json.loads((tmp / "metrics.json").read_text())
+            out[str(n)] = {
+                **run,
+                "setup_seconds": round(made, 1),
+                "training_seconds": metrics["training_seconds"],
+                "bottlenecks_computed": metrics["bottlenecks_computed"],
+                "test_accuracy": metrics["test_accuracy"],
+            }
+    return out
+
+
 SUITES = {
     "module": suite_module,
     "extraction": suite_extraction,
     "training": suite_training,
     "run": suite_run,
     "cache": suite_cache,
+    "scale": suite_scale,
 }
 
 
@@ -255,6 +321,7 @@ def main() -> None:
     parser.add_argument("--backends", default="tensorflow,tflite")
     parser.add_argument("--train_rows", type=int, default=2936)
     parser.add_argument("--cache_sizes", default="10000,100000")
+    parser.add_argument("--scale_sizes", default="10000,100000")
     parser.add_argument(
         "--retrain_flag",
         action="append",

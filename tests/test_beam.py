@@ -1,0 +1,176 @@
+"""retrain-beam-extract: a Beam pipeline on the DirectRunner fills the cache retrain reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("apache_beam")
+
+from retrain import beam_extract, cli  # noqa: E402
+from tests.conftest import EXAMPLE_DIR  # noqa: E402
+
+CLASSES = ("daisy", "roses")
+PER_CLASS = 4
+
+
+def beam_args(image_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        beam_extract.PROG,
+        f"--image_dir={image_dir}",
+        f"--bottleneck_dir={out / 'bottlenecks'}",
+        f"--summary_json={out / 'summary.json'}",
+        "--extraction_batch_size=4",
+        "--runner=DirectRunner",
+        *extra,
+    ]
+
+
+def open_cache(out: Path):
+    """The module's folder in out/bottlenecks, as retrain opens it, and the module."""
+    from retrain.cache import BottleneckCache, module_cache_key
+    from retrain.models.loading import resolve_module
+    from retrain.preprocess import PREPROCESSING_ID
+
+    module = resolve_module("efficientnet_lite0")
+    key = module_cache_key(module.fingerprint, PREPROCESSING_ID)
+    return BottleneckCache(out / "bottlenecks", key, module.feature_dim), module
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """2 classes x 4 example photos plus a broken file, through the pipeline once."""
+    out = tmp_path_factory.mktemp("beam")
+    image_dir = out / "photos"
+    for name in CLASSES:
+        (image_dir / name).mkdir(parents=True)
+        for photo in sorted((EXAMPLE_DIR / name).glob("*.jpg"))[:PER_CLASS]:
+            shutil.copy(photo, image_dir / name / photo.name)
+    (image_dir / "roses" / "broken.jpg").write_bytes(b"this is not a JPEG")
+    status = beam_extract.main(beam_args(image_dir, out))
+    summary = json.loads((out / "summary.json").read_text())
+    paths = sorted(p for p in image_dir.rglob("*.jpg"))
+    return out, image_dir, paths, status, summary
+
+
+def test_pipeline_summary(extracted):
+    _, _, _, status, summary = extracted
+    assert status == 0
+    assert summary["images"] == len(CLASSES) * PER_CLASS + 1
+    assert (summary["computed"], summary["cached"], summary["failed"]) == (8, 0, 1)
+
+
+def test_cache_holds_retrains_vectors(extracted):
+    """Every good photo is in the cache, passes its CRC, and equals retrain's own vector."""
+    from retrain import backends, extract
+    from retrain.cache import BottleneckCache
+
+    out, _, paths, _, _ = extracted
+    cache, module = open_cache(out)
+    found = extract.lookup(paths, cache)
+    broken = [i for i, p in enumerate(paths) if p.name == "broken.jpg"]
+    good = [i for i in range(len(paths)) if i not in broken]
+    assert found.missing() == broken  # what retrain would still try: only the broken file
+    extract.verify(found, cache, paths)
+    assert not cache.warnings and found.missing() == broken  # every CRC passed
+    vectors, ok = cache.read([found.locations[i] for i in good])
+    assert ok.all()
+
+    reference = BottleneckCache(out / "reference", cache.folder.name, module.feature_dim)
+    mine = extract.lookup(paths, reference)
+    extractor = backends.tensorflow_backend(module.load())
+    stats = extract.extract_missing(paths, mine, reference, extractor, module.input_size)
+    assert stats.computed == len(good) and list(mine.skipped) == broken
+    expected, ok = reference.read([mine.locations[i] for i in good])
+    assert ok.all()
+    np.testing.assert_allclose(vectors, expected, rtol=0, atol=1e-4)
+    assert np.abs(vectors).sum(axis=1).min() > 0
+
+
+def test_retrain_computes_nothing(extracted, tmp_path):
+    out, image_dir, _, _, _ = extracted
+    status = cli.main(
+        [
+            "retrain",
+            f"--image_dir={image_dir}",
+            f"--bottleneck_dir={out / 'bottlenecks'}",
+            f"--summaries_dir={tmp_path / 'logs'}",
+            f"--output_graph={tmp_path / 'graph.pb'}",
+            f"--output_labels={tmp_path / 'labels.txt'}",
+            f"--metrics_json={tmp_path / 'metrics.json'}",
+            "--how_many_training_steps=10",
+            "--validation_percentage=0",
+            "--testing_percentage=0",
+        ]
+    )
+    assert status == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["bottlenecks_computed"] == 0
+    assert [Path(s["file"]).name for s in metrics["skipped"]] == ["broken.jpg"]
+
+
+def test_second_run_finds_everything_cached(extracted):
+    out, image_dir, _, _, _ = extracted
+    assert beam_extract.main(beam_args(image_dir, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # The broken file is tried again (the cache stores vectors only) and skipped again.
+    assert (summary["computed"], summary["cached"], summary["failed"]) == (0, 8, 1)
+
+
+def test_found_by_content_when_paths_differ(extracted, tmp_path):
+    """A copy of the photos elsewhere (as on a worker with another mount point) is cached."""
+    out, image_dir, _, _, _ = extracted
+    moved = tmp_path / "moved"
+    shutil.copytree(image_dir, moved)
+    (moved / "roses" / "broken.jpg").unlink()
+    assert beam_extract.main(beam_args(moved, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["computed"], summary["cached"], summary["failed"]) == (0, 8, 0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--extraction_batch_size=0"], "--extraction_batch_size must be positive"),
+        (["--extraction_batch_size=x"], "invalid int value"),
+        (["--bottleneckdir=/tmp/x"], "unknown flag --bottleneckdir; did you mean --bottleneck_dir"),
+        (["--direct_num_worker=2"], "did you mean --direct_num_workers"),
+        (["--direct_running_mode=bogus"], "invalid choice: 'bogus'"),
+        (["--runner=NoSuchRunner"], "Unexpected pipeline runner: NoSuchRunner"),
+        (["--extraction_backend=gpu"], "invalid choice: 'gpu'"),
+        (["--bottleneck_dir=gs://bucket/cache"], "is a URL"),
+        (["stray"], "unexpected argument 'stray'"),
+    ],
+)
+def test_bad_flags(tmp_path, capsys, extra, message):
+    (tmp_path / "a").mkdir()
+    status = beam_extract.main(beam_args(tmp_path, tmp_path, *extra))
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert len(err.splitlines()) == 1 and err.startswith(f"{beam_extract.PROG}: error: ")
+    assert message in err
+
+
+def test_missing_image_dir(capsys):
+    assert beam_extract.main([beam_extract.PROG]) == 2
+    assert "--image_dir is required" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_multi_processing_two_workers(tmp_path):
+    """Two worker processes, each with its own model and shards, fill one cache."""
+    out = tmp_path
+    image_dir = out / "photos"
+    for name in CLASSES:
+        shutil.copytree(EXAMPLE_DIR / name, image_dir / name)
+    extra = ["--direct_num_workers=2", "--direct_running_mode=multi_processing", "--num_threads=1"]
+    assert beam_extract.main(beam_args(image_dir, out, *extra)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    total = sum(1 for _ in image_dir.rglob("*.jpg"))
+    assert (summary["computed"], summary["failed"]) == (total, 0)
+    cache, _ = open_cache(out)
+    assert len(cache) == total
