@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from retrain.atomic import atomic_open
+from retrain.atomic import atomic_open, atomic_write_text
 from retrain.errors import RetrainError
 from retrain.models.loading import ImageModule, default_cache_dir
 from retrain.runtime import quiet_stderr
@@ -287,7 +287,14 @@ def choose_backend(
         return tensorflow_backend(module_object), "tensorflow", "GPU present"
     try:
         extractor = _load_tflite(module, module_object, cache_dir, num_threads, batch_size)
-        ok, reason = _check(extractor, module_object, sample_images, tolerance)
+        marker = _verified_marker(module, cache_dir)
+        if marker.exists():
+            ok, reason = True, f"CPU; checked against TensorFlow earlier ({marker.read_text()})"
+        else:
+            ok, reason = _check(extractor, module_object, sample_images, tolerance)
+            if ok:
+                with contextlib.suppress(OSError):
+                    atomic_write_text(marker, reason)
     except BackendError as exc:
         reason = f"tflite unavailable: {exc}"
     except Exception as exc:  # the interpreter failing on real images: fall back, say why
@@ -298,6 +305,12 @@ def choose_backend(
             return extractor, "tflite", reason
     log.warning("Extraction backend: tensorflow, not tflite: %s", reason)
     return tensorflow_backend(module_object), "tensorflow", reason
+
+
+def _verified_marker(module: ImageModule, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """A file saying that this conversion reproduced TensorFlow's features on real images."""
+    path = tflite_model_path(module, cache_dir)
+    return path.with_name(path.name + ".verified")
 
 
 def _load_tflite(

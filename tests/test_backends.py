@@ -162,10 +162,15 @@ def test_tflite_backend_rejects_a_bad_file(tmp_path):
 # ----------------------------------------------------------------------------- choose_backend
 
 
+def _forget_verification(module, cache_dir):
+    backends._verified_marker(module, cache_dir).unlink(missing_ok=True)
+
+
 def test_auto_picks_tflite_on_cpu(module, module_object, cache_dir, photos, reference, caplog):
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU is visible: auto picks TensorFlow")
     caplog.set_level(logging.INFO)
+    _forget_verification(module, cache_dir)
     extractor, name, reason = choose_backend(
         "auto", module, module_object, photos[:4], LOG, cache_dir=cache_dir
     )
@@ -174,6 +179,9 @@ def test_auto_picks_tflite_on_cpu(module, module_object, cache_dir, photos, refe
     assert reason.endswith(" on 4 images")
     assert np.max(np.abs(extractor(photos[4:9]) - reference[4:9])) <= 1e-4
     assert "Extraction backend: tflite" in caplog.text
+    # The check is remembered: later runs need neither the samples nor the TensorFlow module.
+    _, name, reason = choose_backend("auto", module, None, None, LOG, cache_dir=cache_dir)
+    assert name == "tflite" and "checked against TensorFlow earlier" in reason
 
 
 def test_auto_falls_back_when_features_differ(
@@ -187,6 +195,7 @@ def test_auto_falls_back_when_features_differ(
         return lambda images: extractor(images) + np.float32(3e-3)
 
     monkeypatch.setattr(backends, "tflite_backend", perturbed)
+    _forget_verification(module, cache_dir)
     extractor, name, reason = choose_backend(
         "auto", module, module_object, photos[:2], LOG, cache_dir=cache_dir
     )
@@ -212,6 +221,7 @@ def test_auto_falls_back_when_conversion_fails(module, module_object, tmp_path, 
 
 def test_auto_needs_sample_images(module, module_object, cache_dir, monkeypatch):
     monkeypatch.setattr(backends, "_gpu_present", lambda: False)
+    _forget_verification(module, cache_dir)
     _, name, reason = choose_backend(
         "auto",
         module,
