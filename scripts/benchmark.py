@@ -317,6 +317,11 @@ def main() -> None:
         default=0,
         help="benchmark on this many generated JPEGs instead of --image_dir",
     )
+    parser.add_argument(
+        "--generate_size",
+        default="500x333",
+        help="WIDTHxHEIGHT of generated images (flower_photos' typical size)",
+    )
     parser.add_argument("--tfhub_module", default="efficientnet_lite0")
     parser.add_argument("--backends", default="tensorflow,tflite")
     parser.add_argument("--train_rows", type=int, default=2936)
@@ -333,7 +338,8 @@ def main() -> None:
     generated = None
     if args.generate:
         generated = Path(tempfile.mkdtemp(prefix="retrain-bench-"))
-        args.image_dir = generate_images(generated / "images", args.generate)
+        width, height = (int(v) for v in args.generate_size.split("x"))
+        args.image_dir = generate_images(generated / "images", args.generate, size=(width, height))
     report = {"cpu_count": os.cpu_count(), "image_dir": str(args.image_dir)}
     try:
         for name in suites:
