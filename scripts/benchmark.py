@@ -163,21 +163,26 @@ def _timed_run(cmd: list[str]) -> dict:
     return {"seconds": round(float(wall), 2), "peak_rss_mb": round(int(rss) / 1024, 1)}
 
 
-def suite_run(args) -> dict:
+def _retrain_command(image_dir: Path, work: Path, args) -> list[str]:
+    """A default `retrain` run on image_dir with every output under `work`."""
     retrain = shutil.which("retrain") or str(Path(sys.executable).with_name("retrain"))
+    return [
+        retrain,
+        f"--image_dir={image_dir}",
+        f"--bottleneck_dir={work / 'bottlenecks'}",
+        f"--summaries_dir={work / 'logs'}",
+        f"--output_graph={work / 'graph.pb'}",
+        f"--output_labels={work / 'labels.txt'}",
+        f"--metrics_json={work / 'metrics.json'}",
+        f"--tfhub_module={args.tfhub_module}",
+        *args.retrain_flag,
+    ]
+
+
+def suite_run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cmd = [
-            retrain,
-            f"--image_dir={args.image_dir}",
-            f"--bottleneck_dir={tmp / 'bottlenecks'}",
-            f"--summaries_dir={tmp / 'logs'}",
-            f"--output_graph={tmp / 'graph.pb'}",
-            f"--output_labels={tmp / 'labels.txt'}",
-            f"--metrics_json={tmp / 'metrics.json'}",
-            f"--tfhub_module={args.tfhub_module}",
-            *args.retrain_flag,
-        ]
+        cmd = _retrain_command(args.image_dir, tmp, args)
         empty = _timed_run(cmd)
         empty_metrics = json.loads((tmp / "metrics.json").read_text())
         filled = _timed_run(cmd)
@@ -264,7 +269,6 @@ def suite_scale(args) -> dict:
     from retrain.models.loading import resolve_module
 
     module = resolve_module(args.tfhub_module)
-    retrain = shutil.which("retrain") or str(Path(sys.executable).with_name("retrain"))
     out = {}
     for n in (int(s) for s in args.scale_sizes.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
@@ -272,18 +276,7 @@ def suite_scale(args) -> dict:
             start = time.perf_counter()
             images = _fake_cached_images(tmp, n, module)
             made = time.perf_counter() - start
-            cmd = [
-                retrain,
-                f"--image_dir={images}",
-                f"--bottleneck_dir={tmp / 'bottlenecks'}",
-                f"--summaries_dir={tmp / 'logs'}",
-                f"--output_graph={tmp / 'graph.pb'}",
-                f"--output_labels={tmp / 'labels.txt'}",
-                f"--metrics_json={tmp / 'metrics.json'}",
-                f"--tfhub_module={args.tfhub_module}",
-                *args.retrain_flag,
-            ]
-            run = _timed_run(cmd)
+            run = _timed_run(_retrain_command(images, tmp, args))
             metrics = json.loads((tmp / "metrics.json").read_text())
             out[str(n)] = {
                 **run,
