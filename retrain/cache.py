@@ -86,7 +86,7 @@ def row_crc(row: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(row, dtype="<f4").tobytes())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a million of them: no per-object dict
 class Location:
     """Where a vector lives: shard number (in BottleneckCache.shards) and row."""
 
