@@ -289,12 +289,12 @@ def choose_backend(
         extractor = _load_tflite(module, module_object, cache_dir, num_threads, batch_size)
         marker = _verified_marker(module, cache_dir)
         if marker.exists():
-            ok, reason = True, f"CPU; checked against TensorFlow earlier ({marker.read_text()})"
+            ok, reason = True, f"CPU; checked against TensorFlow earlier: {marker.read_text()}"
         else:
             ok, reason = _check(extractor, module_object, sample_images, tolerance)
             if ok:
                 with contextlib.suppress(OSError):
-                    atomic_write_text(marker, reason)
+                    atomic_write_text(marker, reason.removeprefix("CPU; "))
     except BackendError as exc:
         reason = f"tflite unavailable: {exc}"
     except Exception as exc:  # the interpreter failing on real images: fall back, say why
