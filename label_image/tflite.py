@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from label_image.models import ModelLoadError
-from retrain.runtime import quiet_stderr
+from retrain.errors import first_line
+from retrain.runtime import quiet_stderr, usable_cpus
 
 _TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier, bytes 4..8 of every .tflite file
 
@@ -41,12 +42,12 @@ class TFLiteClassifier:
             raise ModelLoadError(f"{path} is not a TFLite (.tflite) model file")
         try:
             self.interpreter = Interpreter(
-                model_path=os.fspath(path), num_threads=num_threads or _usable_cpus()
+                model_path=os.fspath(path), num_threads=num_threads or usable_cpus()
             )
             inputs = self.interpreter.get_input_details()
             outputs = self.interpreter.get_output_details()
         except (ValueError, RuntimeError) as err:
-            raise ModelLoadError(f"cannot load {path}: {_first_line(err)}") from None
+            raise ModelLoadError(f"cannot load {path}: {first_line(err)}") from None
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelLoadError(
                 f"{path}: expected one input and one output, found {len(inputs)} and {len(outputs)}"
@@ -67,7 +68,7 @@ class TFLiteClassifier:
             with quiet_stderr():  # LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate"
                 self._allocate([int(d) for d in tensor_in["shape"]])
         except (ValueError, RuntimeError) as err:
-            raise ModelLoadError(f"cannot load {path}: {_first_line(err)}") from None
+            raise ModelLoadError(f"cannot load {path}: {first_line(err)}") from None
 
     def input_size(self) -> tuple[int | None, int | None]:
         """(height, width) of the model's input, None where not fixed."""
@@ -99,15 +100,3 @@ class TFLiteClassifier:
             self.interpreter.resize_tensor_input(self._input, shape)
             self.interpreter.allocate_tensors()
             self._allocated = shape
-
-
-def _usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

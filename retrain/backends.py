@@ -21,9 +21,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from retrain.atomic import atomic_open, atomic_write_text
-from retrain.errors import RetrainError
+from retrain.errors import RetrainError, first_line
 from retrain.models.loading import ImageModule, default_cache_dir
-from retrain.runtime import quiet_stderr
+from retrain.runtime import quiet_stderr, usable_cpus
 
 __all__ = [
     "BACKENDS",
@@ -114,7 +114,7 @@ def convert_to_tflite(
         raise
     except Exception as exc:  # converter errors come in many types; all mean "cannot convert"
         raise BackendError(
-            f"cannot convert module {module.handle!r} to TFLite: {_first_line(exc)}"
+            f"cannot convert module {module.handle!r} to TFLite: {first_line(exc)}"
         ) from exc
     try:
         with atomic_open(path, "wb") as handle:
@@ -227,9 +227,9 @@ def tflite_backend(
     _require_litert()
     path = Path(model_path)
     try:
-        return _TFLiteExtractor(path, num_threads or _usable_cpus(), batch_size)
+        return _TFLiteExtractor(path, num_threads or usable_cpus(), batch_size)
     except Exception as exc:  # LiteRT raises ValueError/RuntimeError for unusable models
-        raise BackendError(f"cannot load TFLite model {path}: {_first_line(exc)}") from exc
+        raise BackendError(f"cannot load TFLite model {path}: {first_line(exc)}") from exc
 
 
 def _require_litert() -> None:
@@ -239,13 +239,6 @@ def _require_litert() -> None:
         raise BackendError(
             f"the tflite backend needs ai-edge-litert (pip install ai-edge-litert): {exc}"
         ) from exc
-
-
-def _usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------- choosing
@@ -298,7 +291,7 @@ def choose_backend(
     except BackendError as exc:
         reason = f"tflite unavailable: {exc}"
     except Exception as exc:  # the interpreter failing on real images: fall back, say why
-        reason = f"tflite failed on the sample images: {_first_line(exc)}"
+        reason = f"tflite failed on the sample images: {first_line(exc)}"
     else:
         if ok:
             log.info("Extraction backend: tflite (%s)", reason)
@@ -359,8 +352,3 @@ def _check(
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

@@ -69,7 +69,7 @@ from retrain.cache import (
     module_cache_key,
 )
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
-from retrain.errors import RetrainError, UsageError
+from retrain.errors import RetrainError, UsageError, first_line
 from retrain.flags import DEFAULT_MODULE
 from retrain.runtime import import_tensorflow_quietly
 from retrain.scan import display_path
@@ -555,7 +555,7 @@ def extract(args: argparse.Namespace, options: PipelineOptions) -> dict:
             raise
         except Exception as err:
             log.error("The pipeline failed", exc_info=True)
-            raise RetrainError(f"the pipeline failed: {_first_line(err)}") from None
+            raise RetrainError(f"the pipeline failed: {first_line(err)}") from None
         seconds = time.perf_counter() - run_start
         if str(state).rsplit(".", 1)[-1] not in ("DONE", "UNKNOWN"):
             raise RetrainError(f"the pipeline ended in state {state}")
@@ -580,10 +580,6 @@ def extract(args: argparse.Namespace, options: PipelineOptions) -> dict:
     if args.summary_json:
         atomic_write_text(args.summary_json, json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _setup_logging(verbosity: str) -> None:

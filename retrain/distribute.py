@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrain.backends import Extractor, tensorflow_backend
-from retrain.errors import RetrainError, UsageError
+from retrain.errors import RetrainError, UsageError, first_line
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -66,7 +66,7 @@ def make_strategy(
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     except (RuntimeError, ValueError) as exc:
         raise RetrainError(
-            f"{_FLAG} multi_worker_mirrored: TensorFlow refused the strategy: {_first_line(exc)}"
+            f"{_FLAG} multi_worker_mirrored: TensorFlow refused the strategy: {first_line(exc)}"
             " (it must be created before TensorFlow runs anything)"
         ) from exc
     task, cluster = config["task"], config["cluster"]
@@ -185,8 +185,3 @@ def mirrored_backend(module_object: Any, strategy: tf.distribute.Strategy | None
         return features(distributed).numpy()[:count]
 
     return extract
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
