@@ -7,17 +7,19 @@ Flags follow TensorFlow's label_image.py example: --graph, --labels, --image, --
 from __future__ import annotations
 
 import sys
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 from absl import flags
 
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
 from retrain.resize import resize_bilinear
-from retrain.runtime import import_tensorflow_quietly
+from retrain.runtime import import_tensorflow_quietly, usable_cpus
 from retrain.scan import display_path
 
 PROG = "label-image"
-BATCH = 32
 
 
 class UsageError(Exception):
@@ -53,6 +55,12 @@ def define_flags(f: flags.FlagValues) -> None:
         "input_std", 255.0, "Pixel values are divided by this after the mean.", flag_values=f
     )
     flags.DEFINE_integer("top_k", 5, "How many labels to print per image.", flag_values=f)
+    flags.DEFINE_integer(
+        "batch_size",
+        32,
+        "Images per model call; the next batch is decoded while the model runs.",
+        flag_values=f,
+    )
 
 
 def read_labels(path: str) -> list[str]:
@@ -92,6 +100,20 @@ def top_labels(scores: np.ndarray, labels: list[str], k: int) -> list[tuple[str,
     return [(labels[i] if i < len(labels) else str(i), float(scores[i])) for i in order]
 
 
+def prepared_batches(
+    paths: Sequence[str], batch_size: int, prepare: Callable, pool: Executor
+) -> Iterator[list[tuple[str, object]]]:
+    """(path, prepare(path)) in order, batch by batch; the pool works on the next batch while
+    the caller uses this one, and never more than two batches are held."""
+    ahead: deque[list] = deque()
+    for start in range(0, len(paths), batch_size):
+        ahead.append([(p, pool.submit(prepare, p)) for p in paths[start : start + batch_size]])
+        if len(ahead) > 1:
+            yield [(p, future.result()) for p, future in ahead.popleft()]
+    while ahead:
+        yield [(p, future.result()) for p, future in ahead.popleft()]
+
+
 def classify(f: flags.FlagValues, images: list[str]) -> int:
     """Classify `images`; print results; return the exit status."""
     labels = read_labels(f.labels)
@@ -103,28 +125,31 @@ def classify(f: flags.FlagValues, images: list[str]) -> int:
         raise UsageError(
             "--input_height/--input_width: the graph does not fix its input size; give both"
         )
+
+    def prepare(path: str) -> np.ndarray | str:
+        """The model's input for one image, or why it cannot be read."""
+        try:
+            pixels = decode_image(path, (height, width), DEFAULT_MAX_IMAGE_PIXELS)
+        except (ImageDecodeError, OSError) as err:
+            return str(err.strerror or err) if isinstance(err, OSError) else str(err)
+        return preprocess(pixels, (height, width), f.input_mean, f.input_std)
+
     status = 0
-    for start in range(0, len(images), BATCH):
-        chunk = images[start : start + BATCH]
-        batch, kept = [], []
-        for path in chunk:
-            try:
-                pixels = decode_image(path, (height, width), DEFAULT_MAX_IMAGE_PIXELS)
-            except (ImageDecodeError, OSError) as err:
-                reason = err.strerror if isinstance(err, OSError) else err
-                print(f"{PROG}: error: --image {display_path(path)}: {reason}", file=sys.stderr)
-                status = 1
+    with ThreadPoolExecutor(usable_cpus()) as pool:  # Pillow and NumPy release the GIL
+        for batch in prepared_batches(images, f.batch_size, prepare, pool):
+            kept = [(path, x) for path, x in batch if isinstance(x, np.ndarray)]
+            for path, reason in batch:
+                if isinstance(reason, str):
+                    print(f"{PROG}: error: --image {display_path(path)}: {reason}", file=sys.stderr)
+                    status = 1
+            if not kept:
                 continue
-            batch.append(preprocess(pixels, (height, width), f.input_mean, f.input_std))
-            kept.append(path)
-        if not batch:
-            continue
-        scores = model.predict(np.stack(batch))
-        for path, row in zip(kept, scores):
-            if len(images) > 1:
-                print(f"{display_path(path)}:")
-            for label, score in top_labels(row, labels, f.top_k):
-                print(f"{label} {score:.5f}")
+            scores = model.predict(np.stack([x for _, x in kept]))
+            for (path, _), row in zip(kept, scores):
+                if len(images) > 1:
+                    print(f"{display_path(path)}:")
+                for label, score in top_labels(row, labels, f.top_k):
+                    print(f"{label} {score:.5f}")
     return status
 
 
@@ -144,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         images = list(f.image) + rest[1:]
         if not images:
             raise UsageError("--image: give at least one image file")
-        if f.top_k <= 0:
-            raise UsageError(f"--top_k must be positive, got {f.top_k}")
+        for name in ("top_k", "batch_size"):
+            if f[name].value <= 0:
+                raise UsageError(f"--{name} must be positive, got {f[name].value}")
         if f.input_std == 0:
             raise UsageError("--input_std must not be 0")
         for name in ("input_height", "input_width"):

@@ -66,6 +66,7 @@ from retrain.cache import (
     BottleneckCache,
     file_content_key,
     file_key,
+    file_keys,
     module_cache_key,
 )
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
@@ -502,14 +503,10 @@ def extract(args: argparse.Namespace, options: PipelineOptions) -> dict:
     module = load_module(args)
     cache = open_cache(args.bottleneck_dir, module)
     module_key = cache.folder.name
-    todo = []
-    for image in image_set.files:
-        try:
-            if file_key(image.path) in cache.by_file:
-                continue
-        except OSError:
-            pass  # the worker reports it
-        todo.append(image.path)
+    paths = [image.path for image in image_set.files]
+    keys, _ = file_keys(paths)  # unreadable files: the worker reports them
+    cached = cache.locate(keys, by="file")["shard"] >= 0
+    todo = [path for path, known in zip(paths, cached) if not known]
     cached_here = len(image_set.files) - len(todo)
     log.info(
         "%d images in %d classes: %d bottlenecks cached, %d to check and compute with Beam "

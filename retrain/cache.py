@@ -17,6 +17,10 @@ file without an index is ignored and cleaned up later), and any number of runs c
 folder, each adding its own shards; a vector present twice is harmless. Every row carries a
 CRC-32 that is checked when the row is read; a shard or row that fails is reported and
 recomputed, never used.
+
+The index of every shard is memory-mapped and its keys are kept in sorted NumPy arrays (about
+50 bytes per entry), so finding a million images' vectors is a vectorised search, not a
+million-entry dict.
 """
 
 from __future__ import annotations
@@ -75,6 +79,19 @@ def file_key(path: str | os.PathLike) -> bytes:
     return hashlib.blake2b(ident, digest_size=KEY_BYTES).digest()
 
 
+def file_keys(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, dict[int, OSError]]:
+    """The file key of each path as an array [n, 2] (see `key_array`), and by index the error
+    of each file that could not be looked at (its row stays zero)."""
+    keys = np.zeros((len(paths), 2), dtype=np.uint64)
+    errors: dict[int, OSError] = {}
+    for i, path in enumerate(paths):
+        try:
+            keys[i] = np.frombuffer(file_key(path), dtype=np.uint64)
+        except OSError as err:
+            errors[i] = err
+    return keys, errors
+
+
 def module_cache_key(module_fingerprint: str, preprocessing: str) -> str:
     """Folder name for one module and one preprocessing recipe."""
     text = f"v{CACHE_FORMAT_VERSION}\0{module_fingerprint}\0{preprocessing}"
@@ -86,12 +103,78 @@ def row_crc(row: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(row, dtype="<f4").tobytes())
 
 
-@dataclass(frozen=True, slots=True)  # a million of them: no per-object dict
+# A vector's place in the cache, for many at once: shard number (in BottleneckCache.shards)
+# and row. NOWHERE (shard -1) marks "not cached".
+LOCATION_DTYPE = np.dtype([("shard", "<i4"), ("row", "<i4")])
+NOWHERE = np.array((-1, -1), dtype=LOCATION_DTYPE)
+
+
+@dataclass(frozen=True, slots=True)
 class Location:
-    """Where a vector lives: shard number (in BottleneckCache.shards) and row."""
+    """Where one vector lives: shard number (in BottleneckCache.shards) and row."""
 
     shard: int
     row: int
+
+
+def as_locations(locations: np.ndarray | Sequence[Location]) -> np.ndarray:
+    """Locations as a LOCATION_DTYPE array (from such an array or a sequence of Location)."""
+    if isinstance(locations, np.ndarray):
+        return locations.astype(LOCATION_DTYPE, copy=False)
+    return np.array(
+        [(loc.shard, loc.row) if isinstance(loc, Location) else loc for loc in locations],
+        dtype=LOCATION_DTYPE,
+    )
+
+
+def key_array(keys: Sequence[bytes]) -> np.ndarray:
+    """16-byte keys as an array [n, 2] of uint64, the form the cache's index compares."""
+    if not keys:
+        return np.zeros((0, 2), np.uint64)
+    return np.frombuffer(b"".join(keys), dtype=np.uint64).reshape(-1, 2).copy()
+
+
+def _key_column(index: np.ndarray, name: str) -> np.ndarray:
+    return np.ascontiguousarray(index[name]).view(np.uint64).reshape(-1, 2)
+
+
+class _SortedKeys:
+    """One kind of key (content or file) of every entry, sorted for vectorised lookup.
+
+    A million entries take 24 MB (two uint64 halves and an entry number each), not the ~250 MB
+    of a dict of bytes. Where a key occurs more than once the newest entry wins, so a vector
+    recomputed after a failed checksum replaces the damaged one.
+    """
+
+    def __init__(self, keys: np.ndarray, entries: np.ndarray):
+        order = np.lexsort((entries, keys[:, 1], keys[:, 0]))  # by key, then oldest first
+        keys, entries = keys[order], entries[order]
+        newest = np.ones(len(entries), dtype=bool)
+        newest[:-1] = (keys[:-1] != keys[1:]).any(axis=1)
+        self.high = np.ascontiguousarray(keys[newest, 0])
+        self.low = np.ascontiguousarray(keys[newest, 1])
+        self.entries = entries[newest]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Entry number of each key [n, 2], or -1."""
+        found = np.full(len(keys), -1, dtype=np.int64)
+        if not len(keys) or not len(self.entries):
+            return found
+        first = np.searchsorted(self.high, keys[:, 0], side="left")
+        last = np.searchsorted(self.high, keys[:, 0], side="right")
+        # 64-bit halves of random hashes practically never collide: one candidate per key.
+        single = np.flatnonzero(last - first == 1)
+        hit = single[self.low[first[single]] == keys[single, 1]]
+        found[hit] = self.entries[first[hit]]
+        for i in np.flatnonzero(last - first > 1):
+            candidates = np.arange(first[i], last[i])
+            match = candidates[self.low[candidates] == keys[i, 1]]
+            if len(match):
+                found[i] = self.entries[match[0]]
+        return found
 
 
 class Shard:
@@ -170,9 +253,11 @@ class BottleneckCache:
                 ),
             )
         self.shards: list[Shard] = []
-        self.by_content: dict[bytes, Location] = {}
-        self.by_file: dict[bytes, Location] = {}
         self.warnings: list[str] = []
+        self._starts = np.zeros(1, dtype=np.int64)  # first entry number of each shard, + total
+        self._live = np.zeros(0, dtype=bool)  # False for entries forgotten after a bad checksum
+        self._by_content: _SortedKeys | None = None  # built when first needed after a change
+        self._by_file: _SortedKeys | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -189,16 +274,10 @@ class BottleneckCache:
             except (OSError, ValueError) as err:
                 self._discard(index_path, str(err))
                 continue
-            number = len(self.shards)
             self.shards.append(shard)
-            contents = shard.index["content"].tolist()
-            files = shard.index["file"].tolist()
-            for row, (content, file) in enumerate(zip(contents, files)):
-                location = Location(number, row)
-                # Shards load oldest first (names start with their time), so the newest copy
-                # wins: a vector recomputed after a failed checksum replaces the damaged one.
-                self.by_content[content] = location
-                self.by_file[file] = location
+            self._starts = np.append(self._starts, self._starts[-1] + shard.rows)
+            self._live = np.append(self._live, np.ones(shard.rows, dtype=bool))
+            self._by_content = self._by_file = None
         self._remove_orphans()
 
     def _discard(self, index_path: Path, reason: str) -> None:
@@ -218,23 +297,53 @@ class BottleneckCache:
                 if not index_path.exists() and age > ORPHAN_AGE_SECONDS:
                     vector_path.unlink()
 
+    def _indexes(self) -> tuple[_SortedKeys, _SortedKeys]:
+        if self._by_content is None or self._by_file is None:
+            # Shards load oldest first (names start with their time): entry numbers grow with age.
+            entries = np.arange(self._starts[-1], dtype=np.int64)
+            indexes = [s.index for s in self.shards]
+            for name in ("content", "file"):
+                columns = [_key_column(index, name) for index in indexes]
+                keys = np.concatenate(columns) if columns else np.zeros((0, 2), np.uint64)
+                setattr(self, f"_by_{name}", _SortedKeys(keys, entries))
+        return self._by_content, self._by_file
+
     def __len__(self) -> int:
-        return len(self.by_content)
+        return len(self._indexes()[0])
+
+    def locate(self, keys: np.ndarray, by: str = "content") -> np.ndarray:
+        """Locations (LOCATION_DTYPE, NOWHERE if not cached) of keys [n, 2] from `key_array`,
+        by content key (`by="content"`) or file key (`by="file"`)."""
+        by_content, by_file = self._indexes()
+        entries = (by_content if by == "content" else by_file).find(keys)
+        known = entries >= 0
+        entries[known] = np.where(self._live[entries[known]], entries[known], -1)
+        return self._locations(entries)
+
+    def _locations(self, entries: np.ndarray) -> np.ndarray:
+        out = np.full(len(entries), NOWHERE, dtype=LOCATION_DTYPE)
+        known = entries >= 0
+        shard = np.searchsorted(self._starts, entries[known], side="right") - 1
+        out["shard"][known] = shard
+        out["row"][known] = entries[known] - self._starts[shard]
+        return out
 
     def find(self, file_k: bytes | None, content_k: bytes | None) -> Location | None:
-        """Location of a vector by file key (fast path) or content key."""
-        if file_k is not None and file_k in self.by_file:
-            return self.by_file[file_k]
-        if content_k is not None:
-            return self.by_content.get(content_k)
+        """Location of one vector by file key (fast path) or content key."""
+        for key, by in ((file_k, "file"), (content_k, "content")):
+            if key is not None:
+                (where,) = self.locate(key_array([key]), by)
+                if where["shard"] >= 0:
+                    return Location(int(where["shard"]), int(where["row"]))
         return None
 
-    def read(self, locations: Sequence[Location]) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, locations: np.ndarray | Sequence[Location]) -> tuple[np.ndarray, np.ndarray]:
         """Read vectors [n, dim] and a boolean mask of rows that passed their checksum."""
+        locations = as_locations(locations)
         out = np.empty((len(locations), self.feature_dim), dtype=np.float32)
         ok = np.ones(len(locations), dtype=bool)
-        shards = np.fromiter((loc.shard for loc in locations), dtype=np.int64, count=len(locations))
-        rows = np.fromiter((loc.row for loc in locations), dtype=np.int64, count=len(locations))
+        shards = locations["shard"].astype(np.int64)
+        rows = locations["row"].astype(np.int64)
         order = np.lexsort((rows, shards))
         for shard_number in np.unique(shards):
             picks = order[shards[order] == shard_number]
@@ -248,13 +357,11 @@ class BottleneckCache:
                     ok[i] = False
         return out, ok
 
-    def forget(self, location: Location) -> None:
+    def forget(self, location: Location | np.ndarray) -> None:
         """Stop using one vector (it failed its checksum) so that it is recomputed."""
-        shard = self.shards[location.shard]
-        entry = shard.index[location.row]
-        for table, key in ((self.by_content, entry["content"]), (self.by_file, entry["file"])):
-            if table.get(bytes(key)) == location:
-                del table[bytes(key)]
+        if isinstance(location, Location):
+            location = np.array((location.shard, location.row), dtype=LOCATION_DTYPE)
+        self._live[self._starts[location["shard"]] + location["row"]] = False
 
     def writer(self, shard_rows: int = DEFAULT_SHARD_ROWS) -> ShardWriter:
         """A writer that appends new vectors to this cache in shards of `shard_rows`."""

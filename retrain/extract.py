@@ -21,7 +21,13 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from retrain.backends import Extractor
-from retrain.cache import BottleneckCache, Location, file_content_key, file_key
+from retrain.cache import (
+    NOWHERE,
+    BottleneckCache,
+    file_content_key,
+    file_keys,
+    key_array,
+)
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
 from retrain.preprocess import to_module_input
 from retrain.scan import display_path
@@ -31,16 +37,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LookupResult:
-    """Where each image's vector is, or that it must be computed or skipped."""
+    """Where each image's vector is, or that it must be computed or skipped.
 
-    locations: list[Location | None]
-    content_keys: list[bytes | None]
-    file_keys: list[bytes | None]
+    Arrays, one row per image, so a million images cost megabytes, not a gigabyte of objects.
+    """
+
+    locations: np.ndarray  # LOCATION_DTYPE; NOWHERE where not cached
+    file_keys: np.ndarray  # [n, 2] uint64 (cache.key_array)
+    content_keys: np.ndarray  # [n, 2] uint64, valid where `hashed`
+    hashed: np.ndarray  # bool
     skipped: dict[int, str] = field(default_factory=dict)
+
+    def cached(self) -> np.ndarray:
+        """Mask of images whose vector was found."""
+        return self.locations["shard"] >= 0
 
     def missing(self) -> list[int]:
         """Indices of images that need extraction."""
-        return [i for i, loc in enumerate(self.locations) if loc is None and i not in self.skipped]
+        todo = ~self.cached()
+        todo[list(self.skipped)] = False
+        return np.flatnonzero(todo).tolist()
+
+    def content_key(self, i: int, path: str | os.PathLike) -> bytes:
+        """Image i's content key, hashing the file if that was not needed before."""
+        if not self.hashed[i]:
+            self.content_keys[i] = key_array([file_content_key(path)])[0]
+            self.hashed[i] = True
+        return self.content_keys[i].tobytes()
 
 
 @dataclass
@@ -55,53 +78,59 @@ class ExtractionStats:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
 
-def lookup(paths: Sequence[Path], cache: BottleneckCache, threads: int = 4) -> LookupResult:
+def _unreadable(err: OSError) -> str:
+    return f"cannot read: {err.strerror or err}"
+
+
+def lookup(
+    paths: Sequence[str | os.PathLike], cache: BottleneckCache, threads: int = 4
+) -> LookupResult:
     """Find each image's cached vector: by file identity first, else by a hash of its bytes."""
     n = len(paths)
-    result = LookupResult([None] * n, [None] * n, [None] * n)
-    need_hash = []
-    for i, path in enumerate(paths):
-        try:
-            key = file_key(path)
-        except OSError as err:
-            result.skipped[i] = f"cannot read: {err.strerror or err}"
-            continue
-        result.file_keys[i] = key
-        location = cache.by_file.get(key)
-        if location is None:
-            need_hash.append(i)
-        else:
-            result.locations[i] = location
+    keys, skipped = file_keys(paths)
+    skipped = {i: _unreadable(err) for i, err in skipped.items()}
+    result = LookupResult(
+        cache.locate(keys, by="file"),
+        keys,
+        np.zeros((n, 2), dtype=np.uint64),
+        np.zeros(n, dtype=bool),
+        skipped,
+    )
+    result.locations[list(skipped)] = NOWHERE
 
     def hash_one(i: int) -> tuple[int, bytes | None, str | None]:
         try:
             return i, file_content_key(paths[i]), None
         except OSError as err:
-            return i, None, f"cannot read: {err.strerror or err}"
+            return i, None, _unreadable(err)
 
     with ThreadPoolExecutor(threads) as pool:
-        for i, key, error in pool.map(hash_one, need_hash):
+        for i, key, error in pool.map(hash_one, result.missing()):
             if error:
                 result.skipped[i] = error
-                continue
-            result.content_keys[i] = key
-            result.locations[i] = cache.by_content.get(key)
+            else:
+                result.content_keys[i] = np.frombuffer(key, dtype=np.uint64)
+                result.hashed[i] = True
+    hashed = np.flatnonzero(result.hashed)
+    result.locations[hashed] = cache.locate(result.content_keys[hashed], by="content")
     return result
 
 
 def verify(
-    result: LookupResult, cache: BottleneckCache, paths: Sequence[Path], chunk: int = 8192
+    result: LookupResult,
+    cache: BottleneckCache,
+    paths: Sequence[str | os.PathLike],
+    chunk: int = 8192,
 ) -> None:
     """Check the checksum of every cached vector found; failed ones are marked missing.
 
     Reads in chunks, so checking a million entries needs little memory.
     """
-    found = [i for i, loc in enumerate(result.locations) if loc is not None]
+    found = np.flatnonzero(result.cached())
     for start in range(0, len(found), chunk):
         part = found[start : start + chunk]
-        _, ok = cache.read([result.locations[i] for i in part])
-        for j in np.flatnonzero(~ok):
-            i = part[j]
+        _, ok = cache.read(result.locations[part])
+        for i in part[~ok]:
             message = (
                 f"bottleneck cache: the entry for {display_path(paths[i])} failed its "
                 "checksum; recomputing it"
@@ -109,7 +138,7 @@ def verify(
             cache.warnings.append(message)
             log.warning(message)
             cache.forget(result.locations[i])
-            result.locations[i] = None
+            result.locations[i] = NOWHERE
 
 
 def decoded_batches(
@@ -222,15 +251,12 @@ def extract_missing(
                     result.skipped[i] = errors.get(int(position), "cannot decode")
                     log.warning("Skipping %s: %s", display_path(paths[i]), result.skipped[i])
                     continue
-                if result.content_keys[i] is None:
-                    result.content_keys[i] = file_content_key(paths[i])
-                keys.append((result.content_keys[i], result.file_keys[i]))
+                keys.append((result.content_key(i, paths[i]), result.file_keys[i].tobytes()))
                 kept.append(j)
             writer.add_many(keys, feats[kept])
             stats.computed += len(kept)
             progress.update(len(positions))
     stats.seconds = time.perf_counter() - start
-    for i in todo:
-        if i not in result.skipped:
-            result.locations[i] = cache.by_content[result.content_keys[i]]
+    done = np.array([i for i in todo if i not in result.skipped], dtype=np.int64)
+    result.locations[done] = cache.locate(result.content_keys[done], by="content")
     return stats

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrain.cache import BottleneckCache, Location
+from retrain.cache import BottleneckCache
 from retrain.errors import RetrainError
 
 # Splits up to this size (about 50,000 vectors of 1,280) are loaded whole, which is fastest;
@@ -29,10 +29,10 @@ class Split:
 
 @dataclass
 class FeatureSplit:
-    """The cached vectors of one split, by location, with their labels."""
+    """The cached vectors of one split, by location (cache.LOCATION_DTYPE), with their labels."""
 
     cache: BottleneckCache
-    locations: list[Location]
+    locations: np.ndarray
     y: np.ndarray
 
     def __len__(self) -> int:
@@ -47,7 +47,7 @@ class FeatureSplit:
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Vectors [len(indices), dim] of the given rows of this split."""
-        x, ok = self.cache.read([self.locations[i] for i in indices])
+        x, ok = self.cache.read(self.locations[indices])
         if not ok.all():
             raise RetrainError(
                 "bottleneck cache: an entry changed on disk during the run (checksum failed); "
@@ -64,7 +64,7 @@ class FeatureSplit:
         if count >= len(self):
             return self
         picks = np.sort(np.random.default_rng(seed).choice(len(self), count, replace=False))
-        return FeatureSplit(self.cache, [self.locations[i] for i in picks], self.y[picks])
+        return FeatureSplit(self.cache, self.locations[picks], self.y[picks])
 
     def chunks(self, rows: int = 8192) -> Iterator[Split]:
         """The split in consecutive in-memory pieces."""

@@ -17,7 +17,7 @@ import numpy as np
 from retrain import backends, distribute, export, extract, scan
 from retrain import evaluate as evaluation
 from retrain.atomic import atomic_write_text
-from retrain.cache import BottleneckCache, Location, module_cache_key
+from retrain.cache import BottleneckCache, module_cache_key
 from retrain.decode import ImageDecodeError, decode_image
 from retrain.errors import RetrainError, UsageError
 from retrain.features import FeatureSplit, Split
@@ -45,19 +45,19 @@ class Bottlenecks:
     """Where the vectors of the usable images are cached, with their labels, splits and paths."""
 
     cache: BottleneckCache
-    locations: list[Location]
+    locations: np.ndarray  # cache.LOCATION_DTYPE
     labels: np.ndarray
     splits: np.ndarray
-    paths: list[Path]
+    paths: list[str]
     skipped: list[dict]
     computed: int
     seconds: float
 
     def split(self, name: str) -> FeatureSplit:
         picks = np.flatnonzero(self.splits == name)
-        return FeatureSplit(self.cache, [self.locations[i] for i in picks], self.labels[picks])
+        return FeatureSplit(self.cache, self.locations[picks], self.labels[picks])
 
-    def paths_of(self, name: str) -> list[Path]:
+    def paths_of(self, name: str) -> list[str]:
         return [p for p, s in zip(self.paths, self.splits) if s == name]
 
 
@@ -136,14 +136,15 @@ def compute_bottlenecks(
             stats.seconds,
             stats.images_per_second,
         )
-    keep = np.array([i not in found.skipped for i in range(len(paths))], dtype=bool)
+    keep = np.ones(len(paths), dtype=bool)
+    keep[list(found.skipped)] = False
     skipped = [
         {"file": scan.display_path(paths[i]), "reason": reason}
         for i, reason in sorted(found.skipped.items())
     ]
     return Bottlenecks(
         cache=cache,
-        locations=[loc for loc, k in zip(found.locations, keep) if k],
+        locations=found.locations[keep],
         labels=np.array([img.label_index for img in image_set.files], dtype=np.int64)[keep],
         splits=np.array([img.split for img in image_set.files])[keep],
         paths=[p for p, k in zip(paths, keep) if k],
@@ -153,7 +154,7 @@ def compute_bottlenecks(
     )
 
 
-def _extractor(f, module: ImageModule, module_object: LazyModule, todo: list[Path]):
+def _extractor(f, module: ImageModule, module_object: LazyModule, todo: list[str]):
     """The extraction backend for --extraction_backend, checked on a few of the images."""
     if not todo:
         return None  # nothing to compute: no module loading, no conversion

@@ -30,7 +30,7 @@ MAX_NUM_IMAGES_PER_CLASS = 2**27 - 1
 class ImageFile:
     """One image: where it is, its class index and the split it belongs to."""
 
-    path: Path
+    path: str  # not a Path: a million Path objects cost half a gigabyte
     label_index: int
     split: str
 
@@ -93,15 +93,15 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk_images(class_dir: Path, ignored: list[tuple[str, str]]) -> list[Path]:
+def _walk_images(class_dir: str, ignored: list[tuple[str, str]]) -> list[str]:
     """Image files under a class folder, recursively, following each symlink once.
 
     Hidden files and folders are skipped; a symlinked folder already visited (a loop) is not
     entered again, and a file reached twice through links is counted once.
     """
-    found: list[Path] = []
+    found: list[str] = []
     seen_dirs: set[str] = set()
-    seen_files: set[str] = set()
+    through_links = False
     stack = [class_dir]
     while stack:
         directory = stack.pop()
@@ -118,10 +118,10 @@ def _walk_images(class_dir: Path, ignored: list[tuple[str, str]]) -> list[Path]:
         for entry in entries:
             if _is_hidden(entry.name):
                 continue
-            path = Path(entry.path)
             try:
+                through_links = through_links or entry.is_symlink()
                 if entry.is_dir():  # follows symlinks
-                    subdirs.append(path)
+                    subdirs.append(entry.path)
                     continue
                 is_file = entry.is_file()
             except OSError:
@@ -129,15 +129,23 @@ def _walk_images(class_dir: Path, ignored: list[tuple[str, str]]) -> list[Path]:
             if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             if not is_file:
-                ignored.append((display_path(path), "broken link or not a regular file"))
+                ignored.append((display_path(entry.path), "broken link or not a regular file"))
                 continue
-            real_file = os.path.realpath(path)
-            if real_file in seen_files:
-                continue
-            seen_files.add(real_file)
-            found.append(path)
+            found.append(entry.path)
         stack.extend(reversed(subdirs))
-    return found
+    # Only links can lead to one file twice; without any, skip a million realpath calls.
+    return _first_of_each_file(found) if through_links else found
+
+
+def _first_of_each_file(paths: list[str]) -> list[str]:
+    seen: set[str] = set()
+    unique = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
 
 
 def scan_image_dir(
@@ -173,7 +181,7 @@ def scan_image_dir(
                 f"--image_dir: class folders '{display_path(label_source[label])}' and "
                 f"'{display_path(entry.name)}' both map to the label '{label}'; rename one"
             )
-        images = _walk_images(Path(entry.path), ignored)
+        images = _walk_images(entry.path, ignored)
         if not images:
             ignored.append((display_path(entry.path), "class folder has no images; skipped"))
             continue
@@ -181,7 +189,8 @@ def scan_image_dir(
         index = len(labels)
         labels.append(label)
         for path in images:
-            split = split_for_file(path.name, validation_percentage, testing_percentage)
+            name = os.path.basename(path)
+            split = split_for_file(name, validation_percentage, testing_percentage)
             files.append(ImageFile(path=path, label_index=index, split=split))
     if len(labels) < 2:
         found = f"only {len(labels)} class" if labels else "no images"

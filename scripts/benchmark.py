@@ -13,6 +13,8 @@ Suites:
   run         whole `retrain` runs with an empty and with a filled cache: wall s, peak RSS
   cache       opening a bottleneck cache of N entries (seconds, RSS)
   scale       whole default runs over N cached images (N from --scale_sizes): wall s, peak RSS
+  label_image label-image on an exported .tflite: one image from a cold start (s), and every
+              image of --image_dir in batches (images/s) next to the raw model images/s
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def _timed_run(cmd: list[str]) -> dict:
     done = subprocess.run(wrapper, capture_output=True, text=True)
     rc, wall, rss = done.stderr.strip().splitlines()[-1].split()
     if int(rc) != 0:
-        raise RuntimeError(f"retrain failed ({rc}):\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({rc}):\n{done.stderr[-2000:]}")
     return {"seconds": round(float(wall), 2), "peak_rss_mb": round(int(rss) / 1024, 1)}
 
 
@@ -288,6 +290,42 @@ def suite_scale(args) -> dict:
     return out
 
 
+def _images_in(image_dir: Path) -> list[str]:
+    return sorted(
+        str(p) for p in image_dir.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    )
+
+
+def suite_label_image(args) -> dict:
+    from label_image.tflite import TFLiteClassifier
+
+    label_image = shutil.which("label-image") or str(Path(sys.executable).with_name("label-image"))
+    images = _images_in(args.image_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = tmp / "classifier.tflite"
+        cmd = _retrain_command(args.image_dir, tmp, args)
+        subprocess.run(
+            [*cmd, f"--output_tflite={model}", "--how_many_training_steps=100"],
+            check=True,
+            capture_output=True,
+        )
+        base = [label_image, f"--graph={model}", f"--labels={tmp / 'labels.txt'}"]
+        one = min(_timed_run([*base, images[0]])["seconds"] for _ in range(3))
+        batch = _timed_run([*base, *images])
+        classifier = TFLiteClassifier(model)
+        raw = _rate(classifier.predict, _sample_batch(args.image_dir, (224, 224)))
+    per_second = len(images) / max(batch["seconds"] - one, 1e-9)  # start-up counted once
+    return {
+        "cold_start_one_image_seconds": round(one, 2),
+        "batch_images": len(images),
+        "batch_seconds": batch["seconds"],
+        "batch_images_per_second": round(per_second, 1),
+        "raw_model_images_per_second": round(raw, 1),
+        "batch_fraction_of_raw": round(per_second / raw, 3),
+    }
+
+
 SUITES = {
     "module": suite_module,
     "extraction": suite_extraction,
@@ -295,6 +333,7 @@ SUITES = {
     "run": suite_run,
     "cache": suite_cache,
     "scale": suite_scale,
+    "label_image": suite_label_image,
 }
 
 

@@ -77,7 +77,7 @@ def test_cache_holds_retrains_vectors(extracted):
     assert found.missing() == broken  # what retrain would still try: only the broken file
     extract.verify(found, cache, paths)
     assert not cache.warnings and found.missing() == broken  # every CRC passed
-    vectors, ok = cache.read([found.locations[i] for i in good])
+    vectors, ok = cache.read(found.locations[good])
     assert ok.all()
 
     reference = BottleneckCache(out / "reference", cache.folder.name, module.feature_dim)
@@ -85,7 +85,7 @@ def test_cache_holds_retrains_vectors(extracted):
     extractor = backends.tensorflow_backend(module.load())
     stats = extract.extract_missing(paths, mine, reference, extractor, module.input_size)
     assert stats.computed == len(good) and list(mine.skipped) == broken
-    expected, ok = reference.read([mine.locations[i] for i in good])
+    expected, ok = reference.read(mine.locations[good])
     assert ok.all()
     np.testing.assert_allclose(vectors, expected, rtol=0, atol=1e-4)
     assert np.abs(vectors).sum(axis=1).min() > 0

@@ -207,16 +207,25 @@ def test_label_image_on_tflite_matches_the_frozen_graph(trained, capsys):
     np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-4)
 
 
-def test_numpy_resize_equals_tensorflow():
-    import tensorflow as tf
+def test_label_image_batches_keep_order_and_report_bad_files(trained, tmp_path, capsys):
+    """Several batches, decoded ahead in threads: output in input order, a bad file reported."""
+    from tests.conftest import EXAMPLE_DIR
 
-    from retrain.resize import resize_bilinear
-
-    rng = np.random.default_rng(0)
-    for shape in [(240, 320, 3), (100, 50, 3), (224, 224, 3), (1, 1, 3), (500, 333, 3)]:
-        image = rng.integers(0, 255, shape).astype(np.uint8)
-        expected = tf.image.resize(tf.cast(image, tf.float32), (224, 224)).numpy()
-        np.testing.assert_allclose(resize_bilinear(image, (224, 224)), expected, atol=0.02)
+    out, _, _ = trained
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    images = [str(p) for p in sorted((EXAMPLE_DIR / "daisy").glob("*.jpg"))[:5]]
+    images.insert(2, str(bad))
+    args = [f"--graph={out / 'classifier.tflite'}", f"--labels={out / 'labels.txt'}", "--top_k=1"]
+    assert label_cli.main(["label-image", *args, "--batch_size=2", *images]) == 1
+    captured = capsys.readouterr()
+    names = [line[:-1] for line in captured.out.splitlines() if line.endswith(":")]
+    assert names == [p for p in images if p != str(bad)]
+    assert captured.err.strip().splitlines() == [
+        f"label-image: error: --image {bad}: not an image file, or an unsupported format"
+    ]
+    assert label_cli.main(["label-image", *args, "--batch_size=0", images[0]]) == 2
+    assert "--batch_size must be positive" in capsys.readouterr().err
 
 
 def test_large_splits_are_streamed_from_the_cache(trained, tmp_path, monkeypatch, capsys):
