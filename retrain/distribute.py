@@ -1,7 +1,7 @@
 """Several devices for one job: ``--distribution_strategy`` and a data-parallel extractor.
 
 ``make_strategy`` turns the flag's value into a ``tf.distribute.Strategy`` (or None for
-TensorFlow's default strategy), for bottleneck extraction now and fine-tuning later.
+TensorFlow's default strategy), for bottleneck extraction and fine-tuning.
 ``mirrored_backend`` runs a module with any such strategy: each batch is split in equal, ordered
 pieces, one per replica, and the features are gathered back in the input's row order.
 

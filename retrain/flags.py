@@ -192,8 +192,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "distribution_strategy",
         "none",
         ["none", "mirrored"],
-        "How to spread bottleneck extraction over devices: none, or mirrored (every GPU of "
-        "this machine, one replica per GPU; TensorFlow backend).",
+        "How to spread bottleneck extraction and fine-tuning over devices: none, or mirrored "
+        "(every GPU of this machine, one replica per GPU; TensorFlow backend).",
         flag_values=f,
     )
     flags.DEFINE_enum(
@@ -210,6 +210,28 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
     flags.DEFINE_integer(
         "random_seed", 0, "Seed for batch sampling and initialisation.", flag_values=f
+    )
+    flags.DEFINE_integer(
+        "fine_tune_steps",
+        0,
+        "After training the new layer, fine-tune the whole network (module and layer) for this "
+        "many steps on decoded training images (logged every --eval_step_interval steps); "
+        "0 (default) is off.",
+        flag_values=f,
+    )
+    flags.DEFINE_float(
+        "fine_tune_learning_rate",
+        1e-3,
+        "Learning rate of fine-tuning (SGD with momentum 0.9). Keep it small, about a tenth of "
+        "--learning_rate: a large one overwrites the pretrained weights instead of adjusting "
+        "them, and the features the new layer was trained on are lost.",
+        flag_values=f,
+    )
+    flags.DEFINE_integer(
+        "fine_tune_batch_size",
+        32,
+        "Images per fine-tuning step (the global batch, split over the replicas).",
+        flag_values=f,
     )
 
 
@@ -229,6 +251,7 @@ def check_flags(f: flags.FlagValues) -> None:
         "train_batch_size",
         "extraction_batch_size",
         "max_image_pixels",
+        "fine_tune_batch_size",
     )
     for name in positive:
         if f[name].value <= 0:
@@ -242,8 +265,11 @@ def check_flags(f: flags.FlagValues) -> None:
             "--intermediate_store_frequency must be 0 (off) or positive, got "
             f"{f.intermediate_store_frequency}"
         )
-    if not f.learning_rate > 0:
-        raise UsageError(f"--learning_rate must be positive, got {f.learning_rate}")
+    if f.fine_tune_steps < 0:
+        raise UsageError(f"--fine_tune_steps must be 0 (off) or positive, got {f.fine_tune_steps}")
+    for name in ("learning_rate", "fine_tune_learning_rate"):
+        if not f[name].value > 0:
+            raise UsageError(f"--{name} must be positive, got {f[name].value}")
     for name in ("testing_percentage", "validation_percentage"):
         if not 0 <= f[name].value < 100:
             raise UsageError(f"--{name} must be between 0 and 100, got {f[name].value}")

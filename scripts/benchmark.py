@@ -37,6 +37,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+from retrain.backends import TFLITE_BATCH  # noqa: E402 - after sys.path is set (no TF import)
+
+
 def generate_images(folder: Path, count: int, classes: int = 5, size=(320, 240)) -> Path:
     """Write `count` JPEG photos-like images (noise over colour gradients) in `classes` folders."""
     from PIL import Image
@@ -87,7 +90,8 @@ def suite_module(args) -> dict:
     )
     try:
         path = backends.convert_to_tflite(module)
-        result["tflite_images_per_second"] = round(_rate(backends.tflite_backend(path), batch), 1)
+        extractor = backends.tflite_backend(path, batch_size=TFLITE_BATCH)
+        result["tflite_images_per_second"] = round(_rate(extractor, batch), 1)
     except Exception as err:  # noqa: BLE001 - report, do not fail the suite
         result["tflite_error"] = str(err)
     return result
@@ -107,8 +111,12 @@ def suite_extraction(args) -> dict:
     for name in args.backends.split(","):
         if name == "tensorflow":
             extractor = backends.tensorflow_backend(module_object)
-        else:
-            extractor = backends.tflite_backend(backends.convert_to_tflite(module))
+        else:  # tflite: an interpreter per core; tflite_shared: one using every core
+            extractor = backends.tflite_backend(
+                backends.convert_to_tflite(module),
+                batch_size=TFLITE_BATCH,
+                interpreters=1 if name == "tflite_shared" else None,
+            )
         raw = _rate(extractor, batch)
         with tempfile.TemporaryDirectory() as tmp:
             cache = BottleneckCache(tmp, "bench", module.feature_dim)
@@ -355,7 +363,9 @@ def main() -> None:
         help="WIDTHxHEIGHT of generated images (flower_photos' typical size)",
     )
     parser.add_argument("--tfhub_module", default="efficientnet_lite0")
-    parser.add_argument("--backends", default="tensorflow,tflite")
+    parser.add_argument(
+        "--backends", default="tensorflow,tflite", help="of: tensorflow, tflite, tflite_shared"
+    )
     parser.add_argument("--train_rows", type=int, default=2936)
     parser.add_argument("--cache_sizes", default="10000,100000")
     parser.add_argument("--scale_sizes", default="10000,100000")

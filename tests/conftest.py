@@ -30,6 +30,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def retrain_args(image_dir: Path, out: Path, *extra: str, steps: int = 300) -> list[str]:
+    """argv for a `retrain` run on image_dir with every output under `out`."""
+    return [
+        "retrain",
+        f"--image_dir={image_dir}",
+        f"--bottleneck_dir={out / 'bottlenecks'}",
+        f"--summaries_dir={out / 'logs'}",
+        f"--output_graph={out / 'graph.pb'}",
+        f"--output_labels={out / 'labels.txt'}",
+        f"--metrics_json={out / 'metrics.json'}",
+        f"--how_many_training_steps={steps}",
+        *extra,
+    ]
+
+
 def write_image(path: Path, size=(64, 48), color=(200, 30, 30), fmt=None, mode="RGB") -> Path:
     """A small real image with a gradient, so that it is not trivially compressible."""
     path.parent.mkdir(parents=True, exist_ok=True)

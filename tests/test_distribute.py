@@ -238,19 +238,24 @@ def test_none_strategy_backend_is_plain_tensorflow():
 # ----------------------------------------------------------------------------- subprocesses
 
 
-def test_mirrored_matches_plain_tensorflow_on_photos(tmp_path):
-    script = tmp_path / "mirrored.py"
-    script.write_text(textwrap.dedent(MIRRORED_SCRIPT))
+def run_script(script_text: str, tmp_path: Path, timeout: int = 180) -> dict:
+    """Run `script_text` in a fresh Python process; the dict it printed as "RESULT {json}"."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(script_text))
     proc = subprocess.run(
         [sys.executable, str(script)],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = _result(proc.stdout)
+    return _result(proc.stdout)
+
+
+def test_mirrored_matches_plain_tensorflow_on_photos(tmp_path):
+    result = run_script(MIRRORED_SCRIPT, tmp_path)
     assert result["photos"] == 8
     assert result["in_scope_mirrored"]
     assert result["make_strategy_replicas"] == 3
@@ -262,15 +267,19 @@ def test_mirrored_matches_plain_tensorflow_on_photos(tmp_path):
     assert set(result["diffs"]) == {"2x1", "2x3", "2x8", "3x2", "3x7", "3x0"}
 
 
-def test_two_local_workers(tmp_path):
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(2)]
+def run_local_workers(script_text: str, tmp_path: Path, count: int = 2, timeout: int = 120):
+    """Run `script_text` as `count` local workers of one TF_CONFIG cluster; their RESULT dicts.
+
+    Each worker must print "RESULT {json}"; a worker that fails fails the test with its output.
+    """
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     for sock in sockets:
         sock.bind(("127.0.0.1", 0))
     ports = [sock.getsockname()[1] for sock in sockets]
     for sock in sockets:
         sock.close()
     script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(WORKER_SCRIPT))
+    script.write_text(textwrap.dedent(script_text))
     workers = [
         subprocess.Popen(
             [sys.executable, str(script)],
@@ -280,12 +289,12 @@ def test_two_local_workers(tmp_path):
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for index in range(2)
+        for index in range(count)
     ]
     outputs = []
     try:
         for worker in workers:
-            outputs.append(worker.communicate(timeout=120)[0])
+            outputs.append(worker.communicate(timeout=timeout)[0])
     finally:
         for worker in workers:
             if worker.poll() is None:
@@ -293,7 +302,11 @@ def test_two_local_workers(tmp_path):
                 worker.wait()
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output[-3000:]
-    results = [_result(output) for output in outputs]
+    return [_result(output) for output in outputs]
+
+
+def test_two_local_workers(tmp_path):
+    results = run_local_workers(WORKER_SCRIPT, tmp_path)
     assert [r["task"] for r in results] == [0, 1]
     for result in results:
         assert result["replicas"] == 2

@@ -9,23 +9,7 @@ import pytest
 from label_image import cli as label_cli
 from retrain import cli
 from tests.bad_images import make_bad_files
-from tests.conftest import write_image
-
-STEPS = 300
-
-
-def retrain_args(image_dir, out, *extra):
-    return [
-        "retrain",
-        f"--image_dir={image_dir}",
-        f"--bottleneck_dir={out / 'bottlenecks'}",
-        f"--summaries_dir={out / 'logs'}",
-        f"--output_graph={out / 'graph.pb'}",
-        f"--output_labels={out / 'labels.txt'}",
-        f"--metrics_json={out / 'metrics.json'}",
-        f"--how_many_training_steps={STEPS}",
-        *extra,
-    ]
+from tests.conftest import retrain_args, write_image
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,12 @@ def run_cli(capsys, *args):
             "--extraction_backend",
         ),
         (["--distribution_strategy=everywhere"], "distribution_strategy"),
+        (["--fine_tune_steps=-1"], "--fine_tune_steps"),
+        (["--fine_tune_learning_rate=0"], "--fine_tune_learning_rate"),
+        (["--fine_tune_learning_rate=-0.001"], "--fine_tune_learning_rate"),
+        (["--fine_tune_learning_rate=nan"], "--fine_tune_learning_rate"),
+        (["--fine_tune_batch_size=0"], "--fine_tune_batch_size"),
+        (["--fine_tune_batch_size=-4"], "--fine_tune_batch_size"),
     ],
 )
 def test_bad_flag_values(capsys, image_dir, tmp_path, args, flag):

@@ -1,0 +1,434 @@
+"""Fine-tuning the whole network after the new layer was trained on bottlenecks.
+
+The recipe that keeps the pretrained features: first the base is frozen and only the new layer
+is trained (on cached bottlenecks, `retrain.train`), then the module and the layer are trained
+together at a small learning rate, on decoded images. BatchNorm stays in inference mode (moving
+statistics), so small batches do not overwrite the statistics learnt on ImageNet.
+
+Training is data-parallel over any ``tf.distribute`` strategy (None: TensorFlow's default):
+each global batch is split over the replicas, the loss is summed over the replicas and divided
+by the global batch size, and the optimizer all-reduces the gradients. Once the module is
+fine-tuned, cached bottlenecks no longer describe it, so the test split is evaluated on images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import tensorflow as tf
+
+from retrain import distribute, export, extract
+from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
+from retrain.errors import RetrainError
+from retrain.evaluate import Evaluation, evaluate_chunks
+from retrain.models.loading import ImageModule
+
+if TYPE_CHECKING:
+    from retrain.pipeline import Bottlenecks
+    from retrain.train import TrainResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEARNING_RATE = 1e-3
+MOMENTUM = 0.9
+# TensorBoard run (under --summaries_dir) of the fine-tuning scalars.
+SUMMARIES_RUN = "fine_tune"
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Hyper-parameters of fine-tuning (momentum SGD on the module and the new layer)."""
+
+    steps: int
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    batch_size: int = 32
+    seed: int = 0
+    log_every: int = 10
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    """Image files with their class indices."""
+
+    paths: Sequence[str | Path]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class FineTuneResult:
+    """The fine-tuned module (plain variables, ready to export), its layer and measurements."""
+
+    module_object: Any
+    weights: np.ndarray
+    biases: np.ndarray
+    input_size: tuple[int, int]
+    config: FineTuneConfig
+    replicas: int
+    seconds: float
+    steps_per_second: float
+    history: list[dict] = field(default_factory=list)
+    before: Evaluation | None = None
+    after: Evaluation | None = None
+
+    def metrics(self) -> dict:
+        """The run's figures for --metrics_json."""
+        last = self.history[-1] if self.history else {}
+        return {
+            "steps": self.config.steps,
+            "learning_rate": self.config.learning_rate,
+            "batch_size": self.config.batch_size,
+            "replicas": self.replicas,
+            "seconds": round(self.seconds, 3),
+            "steps_per_second": round(self.steps_per_second, 4),
+            "final_loss": last.get("loss"),
+            "final_train_accuracy": last.get("accuracy"),
+            "test_images": self.after.count if self.after else 0,
+            "test_accuracy_before": self.before.accuracy if self.before else None,
+            "test_accuracy_after": self.after.accuracy if self.after else None,
+        }
+
+
+class FineTuneModel(tf.Module):
+    """The image module followed by a dense layer initialised from the trained one."""
+
+    def __init__(self, module_object: Any, weights: np.ndarray, biases: np.ndarray):
+        super().__init__(name="fine_tune")
+        self.module = module_object
+        self.final_weights = tf.Variable(weights.astype(np.float32), name="final_weights")
+        self.final_biases = tf.Variable(biases.astype(np.float32), name="final_biases")
+        self._training_arg = _takes_training_arg(module_object)
+        self.trainable = [*module_trainable_variables(module_object)]
+        self.trainable += [self.final_weights, self.final_biases]
+
+    def __call__(self, images: tf.Tensor) -> tf.Tensor:
+        """Logits of `images` (float32 [b, h, w, 3] in [0, 1]); BatchNorm in inference mode."""
+        if self._training_arg:
+            features = self.module(images, training=False)
+        else:
+            features = self.module(images)
+        return tf.matmul(features, self.final_weights) + self.final_biases
+
+
+def module_trainable_variables(module_object: Any) -> list[tf.Variable]:
+    """The module's trainable variables (TF Hub's reusable SavedModel attribute)."""
+    variables = list(getattr(module_object, "trainable_variables", None) or [])
+    if not variables:
+        raise RetrainError(
+            "--fine_tune_steps: the module has no trainable_variables (not a reusable TF2 "
+            "SavedModel), so it cannot be fine-tuned; run with --fine_tune_steps=0"
+        )
+    return variables
+
+
+def _takes_training_arg(module_object: Any) -> bool:
+    """Whether the module's __call__ was saved with a `training` argument."""
+    functions = getattr(module_object.__call__, "concrete_functions", None) or []
+    return any(
+        len(fn.structured_input_signature[0]) > 1 or "training" in fn.structured_input_signature[1]
+        for fn in functions
+    )
+
+
+def training_order(count: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of the images of `steps` batches: seeded shuffles of all `count`, one epoch after
+    another (the same for every worker, so a multi-worker run agrees on its batches)."""
+    needed = steps * batch_size
+    rng = np.random.default_rng(seed)
+    epochs = -(-needed // count)
+    return np.concatenate([rng.permutation(count) for _ in range(epochs)])[:needed]
+
+
+def training_dataset(
+    images: LabeledImages,
+    input_size: tuple[int, int],
+    config: FineTuneConfig,
+    errors: dict[int, str],
+) -> tf.data.Dataset:
+    """`config.steps` global batches of (pixels, labels, ok), shuffled with `config.seed`.
+
+    Decoding is `extract.decoded_batches`'s; an image that no longer decodes has ok=False and
+    weighs nothing in the loss. Shardable by data, for MultiWorkerMirroredStrategy.
+    """
+    order = training_order(len(images), config.steps, config.batch_size, config.seed)
+    labels = tf.constant(np.asarray(images.labels)[order].astype(np.int32))
+    batches = extract.decoded_batches(
+        [images.paths[i] for i in order], input_size, config.batch_size, errors, config.max_pixels
+    )
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return batches.map(
+        lambda positions, pixels, ok: (pixels, tf.gather(labels, positions), ok)
+    ).with_options(options)
+
+
+def make_train_step(
+    strategy: tf.distribute.Strategy, model: FineTuneModel, optimizer: Any, global_batch: int
+):
+    """A tf.function taking one global batch from a distributed iterator, over all replicas.
+
+    Returns [summed cross-entropy, correct, images] of the batch, summed over the replicas.
+    """
+
+    def replica_step(pixels: tf.Tensor, labels: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
+        weight = tf.cast(ok, tf.float32)
+        with tf.GradientTape() as tape:
+            logits = model(pixels)
+            losses = weight * tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            loss = tf.reduce_sum(losses) / global_batch  # replicas' losses sum to the mean
+        gradients = tape.gradient(loss, model.trainable)
+        optimizer.apply_gradients(zip(gradients, model.trainable))
+        hits = tf.cast(tf.equal(tf.argmax(logits, 1, output_type=tf.int32), labels), tf.float32)
+        return tf.stack(
+            [tf.reduce_sum(losses), tf.reduce_sum(hits * weight), tf.reduce_sum(weight)]
+        )
+
+    @tf.function
+    def train_step(iterator) -> tf.Tensor:
+        per_replica = strategy.run(replica_step, args=next(iterator))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return train_step
+
+
+def evaluate_images(
+    extractor: Any,
+    images: LabeledImages,
+    weights: np.ndarray,
+    biases: np.ndarray,
+    input_size: tuple[int, int],
+    batch_size: int,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Evaluation | None:
+    """Evaluate module (`extractor`: images -> features) + layer on image files; None if none.
+
+    Images that no longer decode are left out.
+    """
+    if not len(images):
+        return None
+    errors: dict[int, str] = {}
+    labels = np.asarray(images.labels)
+    chunks = []
+    for positions, pixels, ok in extract.decoded_batches(
+        images.paths, input_size, batch_size, errors, max_pixels
+    ):
+        keep = ok.numpy()
+        chunks.append((extractor(pixels)[keep], labels[positions.numpy()[keep]]))
+    return evaluate_chunks(weights, biases, chunks, len(biases))
+
+
+def fine_tune(
+    module: ImageModule,
+    head: tuple[np.ndarray, np.ndarray],
+    train: LabeledImages,
+    test: LabeledImages,
+    config: FineTuneConfig,
+    strategy: tf.distribute.Strategy | None = None,
+    summaries_dir: str | Path | None = None,
+) -> FineTuneResult:
+    """Fine-tune `module` and the trained layer `head` (weights, biases) on `train`'s images.
+
+    The module is loaded afresh under `strategy`'s scope. `test` is evaluated before and after.
+    Every worker of a multi-worker strategy must call this with the same arguments; only the
+    chief writes TensorBoard scalars to `summaries_dir`/fine_tune.
+    """
+    if not len(train):
+        raise RetrainError("--fine_tune_steps: no training images to fine-tune on")
+    active = strategy or tf.distribute.get_strategy()
+    module_object = distribute.load_module(module, strategy)
+    with active.scope():
+        model = FineTuneModel(module_object, *head)
+        optimizer = _optimizer(config.learning_rate)
+        optimizer.build(model.trainable)
+    log.info(
+        "Fine-tuning the whole network: %d steps of %d images, learning rate %g, %d replica(s)",
+        config.steps,
+        config.batch_size,
+        config.learning_rate,
+        active.num_replicas_in_sync,
+    )
+    evaluate = partial(
+        _evaluate,
+        distribute.mirrored_backend(module_object, strategy),
+        model,
+        test,
+        module.input_size,
+        config,
+    )
+    before = _log_test("before", evaluate())
+    errors: dict[int, str] = {}
+    dataset = active.experimental_distribute_dataset(
+        training_dataset(train, module.input_size, config, errors)
+    )
+    writer = _summary_writer(active, summaries_dir)
+    try:
+        step = make_train_step(active, model, optimizer, config.batch_size)
+        history, seconds, rate = _train(step, iter(dataset), config, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+    if errors:
+        log.warning("Fine-tuning: %d training image(s) no longer decode; left out", len(errors))
+    after = _log_test("after", evaluate())
+    return FineTuneResult(
+        module_object=_exportable(module, module_object, strategy),
+        weights=model.final_weights.numpy(),
+        biases=model.final_biases.numpy(),
+        input_size=module.input_size,
+        config=config,
+        replicas=int(active.num_replicas_in_sync),
+        seconds=seconds,
+        steps_per_second=rate,
+        history=history,
+        before=before,
+        after=after,
+    )
+
+
+def _optimizer(learning_rate: float) -> Any:
+    import tf_keras  # Keras 2's optimizers take plain and distributed tf.Variables; imported late
+
+    return tf_keras.optimizers.SGD(learning_rate, momentum=MOMENTUM)
+
+
+def _summary_writer(strategy: tf.distribute.Strategy, summaries_dir: str | Path | None) -> Any:
+    """The writer of the fine_tune/ TensorBoard run; None without a folder or off the chief."""
+    if summaries_dir is None or not strategy.extended.should_checkpoint:
+        return None
+    return tf.summary.create_file_writer(str(Path(summaries_dir).expanduser() / SUMMARIES_RUN))
+
+
+def _log_test(when: str, evaluation: Evaluation | None) -> Evaluation | None:
+    if evaluation is not None:
+        log.info(
+            "Fine-tuning: test accuracy %s = %.1f%% (N=%d)",
+            when,
+            100 * evaluation.accuracy,
+            evaluation.count,
+        )
+    return evaluation
+
+
+def _evaluate(
+    extractor: Any,
+    model: FineTuneModel,
+    images: LabeledImages,
+    input_size: tuple[int, int],
+    config: FineTuneConfig,
+) -> Evaluation | None:
+    return evaluate_images(
+        extractor,
+        images,
+        model.final_weights.numpy(),
+        model.final_biases.numpy(),
+        input_size,
+        config.batch_size,
+        config.max_pixels,
+    )
+
+
+def _train(
+    train_step: Any, iterator: Any, config: FineTuneConfig, writer: Any
+) -> tuple[list[dict], float, float]:
+    """Run the steps, logging and writing scalars; returns (history, seconds, steps/s).
+
+    Steps/s leaves out the first step, which traces and compiles the step function.
+    """
+    history = []
+    start = time.perf_counter()
+    warm = start
+    for step in range(1, config.steps + 1):
+        loss_sum, correct, count = train_step(iterator).numpy()
+        if step == 1:
+            warm = time.perf_counter()
+        record = {
+            "step": step,
+            "loss": float(loss_sum / max(count, 1)),
+            "accuracy": float(correct / max(count, 1)),
+        }
+        if writer is not None:
+            with writer.as_default(step=step):
+                tf.summary.scalar("cross_entropy", record["loss"])
+                tf.summary.scalar("accuracy", record["accuracy"])
+        if step % config.log_every == 0 or step == config.steps:
+            history.append(record)
+            log.info(
+                "Fine-tune step %d: loss = %f, train accuracy = %.1f%%",
+                step,
+                record["loss"],
+                100 * record["accuracy"],
+            )
+    end = time.perf_counter()
+    steps = config.steps - 1
+    rate = steps / (end - warm) if steps and end > warm else config.steps / (end - start)
+    log.info("Fine-tuned %d steps in %.1f s (%.2f steps/s)", config.steps, end - start, rate)
+    return history, end - start, rate
+
+
+def _exportable(module: ImageModule, module_object: Any, strategy: Any) -> Any:
+    """The fine-tuned module with plain variables: distributed ones are copied into a fresh
+    load of the module, which export can freeze and save."""
+    if strategy is None:
+        return module_object
+    plain = module.load()
+    for target, source in zip(plain.variables, module_object.variables, strict=True):
+        target.assign(source.read_value())
+    return plain
+
+
+def classifier_graph(result: FineTuneResult, final_tensor_name: str) -> tf.compat.v1.GraphDef:
+    """The frozen classifier of the fine-tuned module, frozen from the live module (the cache
+    of frozen pretrained modules is neither read nor written)."""
+    module_graph = export.frozen_module_graph_def(result.module_object, result.input_size)
+    return export.classifier_graph_def(
+        module_graph, result.weights, result.biases, final_tensor_name
+    )
+
+
+def run_from_flags(
+    f: Any, module: ImageModule, bottlenecks: Bottlenecks, head: TrainResult
+) -> FineTuneResult:
+    """Fine-tune, with checked flags `f`, after `retrain.train.train_head` gave `head`: on the
+    training split of `bottlenecks`, evaluated on its test split (--test_batch_size of it),
+    with --distribution_strategy's strategy and TensorBoard scalars in --summaries_dir."""
+    strategy = distribute.make_strategy(f.distribution_strategy, log)
+    config = FineTuneConfig(
+        steps=f.fine_tune_steps,
+        learning_rate=f.fine_tune_learning_rate,
+        batch_size=f.fine_tune_batch_size,
+        seed=f.random_seed,
+        log_every=max(1, f.eval_step_interval),
+        max_pixels=f.max_image_pixels,
+    )
+    return fine_tune(
+        module,
+        (head.weights, head.biases),
+        split_images(bottlenecks, "training"),
+        subset(split_images(bottlenecks, "testing"), f.test_batch_size, f.random_seed),
+        config,
+        strategy,
+        f.summaries_dir,
+    )
+
+
+def split_images(bottlenecks: Bottlenecks, name: str) -> LabeledImages:
+    """The image files and labels of one split ("training", "validation", "testing")."""
+    return LabeledImages(bottlenecks.paths_of(name), bottlenecks.labels[bottlenecks.splits == name])
+
+
+def subset(images: LabeledImages, size: int, seed: int) -> LabeledImages:
+    """A seeded random `size` of `images` (in their order); all of them if size <= 0."""
+    if not 0 < size < len(images):
+        return images
+    picks = np.sort(np.random.default_rng(seed).choice(len(images), size, replace=False))
+    return LabeledImages([images.paths[i] for i in picks], np.asarray(images.labels)[picks])

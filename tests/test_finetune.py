@@ -1,0 +1,394 @@
+"""Tests of fine-tuning (retrain.finetune): the CLI run and its exports, and distribution.
+
+Fast cases use a tiny module exported with the project's own reusable-SavedModel exporter (a
+strided convolution, a frozen "moving mean" and a trainable scale: 32x32 input, 8 features);
+the bundled EfficientNet-Lite0 runs the accuracy check and the slow variants. Strategies over
+logical CPUs or several workers need fresh processes (see tests/test_distribute.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrain import cli
+from tests.conftest import EXAMPLE_DIR, retrain_args, write_image
+from tests.test_distribute import run_local_workers, run_script
+
+TINY_INPUT = (32, 32)
+TINY_FEATURES = 8
+
+# Shared by the subprocess scripts (MODULE is prepended): fine-tunes on 8 example photos and
+# summarises the variables. Runs no TensorFlow op, so a script may make its strategy after it.
+PRELUDE = """
+import hashlib, json, os
+from pathlib import Path
+
+import numpy as np
+
+from retrain import distribute, finetune
+from retrain.models.loading import resolve_module
+
+module = resolve_module(MODULE)
+root = Path("examples/flower_photos")
+classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+paths = sorted(root.glob("*/*.jpg"))[::5][:8]
+train = finetune.LabeledImages(paths, np.array([classes.index(p.parent.name) for p in paths]))
+no_test = finetune.LabeledImages([], np.zeros(0, np.int64))
+rng = np.random.default_rng(0)
+head = (
+    rng.normal(0, 0.1, (module.feature_dim, len(classes))).astype(np.float32),
+    np.zeros(len(classes), np.float32),
+)
+config = finetune.FineTuneConfig(steps=2, batch_size=4, learning_rate=0.01)
+
+
+def values(result):
+    return [v.numpy() for v in result.module_object.variables] + [result.weights, result.biases]
+
+
+def largest_diff(a, b):
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
+def pretrained():
+    return [v.numpy() for v in module.load().variables] + list(head)
+"""
+
+# `none` and `mirrored` over 2 logical CPUs on the same batches.
+MIRRORED_SCRIPT = """
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+{prelude}
+plain = finetune.fine_tune(module, head, train, no_test, config, None)
+mirrored = finetune.fine_tune(
+    module, head, train, no_test, config, distribute.make_strategy("mirrored")
+)
+print("RESULT " + json.dumps({{
+    "replicas": [plain.replicas, mirrored.replicas],
+    "diff": largest_diff(values(plain), values(mirrored)),
+    "change": largest_diff(values(plain), pretrained()),
+}}), flush=True)
+"""
+
+# One worker of two: fine-tunes with MultiWorkerMirroredStrategy, then alone on the same batches.
+WORKER_SCRIPT = """
+{prelude}
+strategy = distribute.make_strategy("multi_worker_mirrored")  # before any TensorFlow op
+tuned = finetune.fine_tune(module, head, train, no_test, config, strategy)
+alone = finetune.fine_tune(module, head, train, no_test, config, None)
+digest = hashlib.sha256(b"".join(v.tobytes() for v in values(tuned))).hexdigest()
+print("RESULT " + json.dumps({{
+    "task": json.loads(os.environ["TF_CONFIG"])["task"]["index"],
+    "replicas": tuned.replicas,
+    "digest": digest,
+    "diff_alone": largest_diff(values(tuned), values(alone)),
+    "change": largest_diff(values(tuned), pretrained()),
+}}), flush=True)
+"""
+
+
+def _tiny_network():
+    import tensorflow as tf
+
+    class Backbone(tf.Module):
+        def __init__(self):
+            super().__init__(name="tiny")
+            rng = np.random.default_rng(0)
+            kernel = rng.normal(0, 0.5, (3, 3, 3, TINY_FEATURES)).astype(np.float32)
+            self.kernel = tf.Variable(kernel, name="kernel")
+            self.gamma = tf.Variable(tf.ones([TINY_FEATURES]), name="gamma")
+            self.moving_mean = tf.Variable(
+                tf.fill([TINY_FEATURES], 0.1), trainable=False, name="moving_mean"
+            )
+
+    class Network(tf.Module):
+        def __init__(self):
+            super().__init__(name="tiny_network")
+            self.backbone = Backbone()
+            self.classifier = tf.Variable(tf.zeros([TINY_FEATURES, 2]))
+
+        def features(self, images):
+            b = self.backbone
+            x = tf.nn.conv2d(images, b.kernel, 2, "SAME")
+            return tf.reduce_mean(tf.nn.relu((x - b.moving_mean) * b.gamma), axis=[1, 2])
+
+        def logits(self, images):
+            return tf.matmul(self.features(images), self.classifier)
+
+    return Network()
+
+
+@pytest.fixture(scope="module")
+def tiny_module(tmp_path_factory) -> Path:
+    """A tiny reusable image feature-vector SavedModel."""
+    from retrain.models.export import export_image_module
+
+    path = tmp_path_factory.mktemp("tiny") / "module"
+    export_image_module(_tiny_network(), path, TINY_INPUT)
+    return path
+
+
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def _run_capturing(monkeypatch: pytest.MonkeyPatch, argv: list[str]):
+    """Run the CLI; returns its status and the FineTuneResult it fine-tuned (kept in memory)."""
+    from retrain import finetune
+
+    captured = []
+    real = finetune.fine_tune
+
+    def spy(*args, **kwargs):
+        captured.append(real(*args, **kwargs))
+        return captured[-1]
+
+    monkeypatch.setattr(finetune, "fine_tune", spy)
+    status = cli.main(argv)
+    assert len(captured) == 1
+    return status, captured[0]
+
+
+def _pixels(path: Path, input_size: tuple[int, int]) -> np.ndarray:
+    from retrain.decode import decode_image
+    from retrain.preprocess import to_module_input
+
+    return to_module_input(decode_image(path, input_size), input_size).numpy()[None]
+
+
+def _frozen_scores(graph_path: Path, pixels: np.ndarray) -> np.ndarray:
+    """Scores of the frozen graph, run as TF1 clients do (after checking its input)."""
+    import tensorflow as tf
+
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(graph_path.read_bytes())
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    placeholder = graph.get_tensor_by_name("Placeholder:0")
+    assert placeholder.dtype == tf.float32
+    assert placeholder.shape.as_list() == [None, *pixels.shape[1:]]
+    with tf.compat.v1.Session(graph=graph) as session:
+        return session.run("final_result:0", {"Placeholder:0": pixels})
+
+
+def _memory_scores(module_object, result, pixels: np.ndarray) -> np.ndarray:
+    from retrain import export
+
+    classifier = export.Classifier(module_object, result.weights, result.biases, result.input_size)
+    return classifier.classify(pixels).numpy()
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_training_order_shuffles_whole_epochs_reproducibly():
+    from retrain.finetune import training_order
+
+    order = training_order(5, steps=4, batch_size=3, seed=7)
+    assert len(order) == 12
+    assert sorted(order[:5]) == sorted(order[5:10]) == list(range(5))  # each epoch: all once
+    assert (order == training_order(5, 4, 3, seed=7)).all()
+    assert not (order == training_order(5, 4, 3, seed=8)).all()
+
+
+def test_subset_is_seeded_and_keeps_order():
+    from retrain.finetune import LabeledImages, subset
+
+    images = LabeledImages([f"{i}.jpg" for i in range(10)], np.arange(10) % 3)
+    picked = subset(images, 4, seed=1)
+    assert len(picked) == 4 and list(picked.paths) == sorted(
+        picked.paths, key=lambda p: int(p[:-4])
+    )
+    assert [int(p[:-4]) % 3 for p in picked.paths] == list(picked.labels)
+    assert list(subset(images, 4, seed=1).paths) == list(picked.paths)
+    assert subset(images, -1, seed=1) is images and subset(images, 10, seed=1) is images
+
+
+def test_module_without_trainable_variables_is_one_clear_error():
+    from retrain.errors import RetrainError
+    from retrain.finetune import module_trainable_variables
+
+    with pytest.raises(RetrainError, match="--fine_tune_steps") as info:
+        module_trainable_variables(object())
+    assert len(str(info.value).splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- tiny module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_module, tmp_path_factory):
+    """A CLI run with --fine_tune_steps=3 on the tiny module, with every export.
+
+    Its frozen-module cache entry is made (pretrained) before the run, which must not touch it.
+    """
+    from retrain import export
+    from retrain.models.loading import resolve_module
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    for label, color in (("red", (200, 30, 30)), ("blue", (20, 40, 220))):
+        for i in range(8):
+            write_image(out / "images" / label / f"{label}{i}.jpg", color=color)
+    module = resolve_module(str(tiny_module))
+    frozen = out / "cache" / "frozen" / f"{module.fingerprint}-v1.pb"
+    export.cached_frozen_module(frozen, module.load, module.input_size)
+    frozen_before = _sha256(frozen)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        status, result = _run_capturing(
+            monkeypatch,
+            retrain_args(
+                out / "images",
+                out,
+                f"--tfhub_module={tiny_module}",
+                f"--module_cache_dir={out / 'cache'}",
+                "--extraction_backend=tensorflow",
+                "--testing_percentage=30",
+                "--fine_tune_steps=3",
+                "--fine_tune_batch_size=2",
+                "--fine_tune_learning_rate=0.05",
+                f"--saved_model_dir={out / 'saved_model'}",
+                f"--output_tflite={out / 'classifier.tflite'}",
+                steps=100,
+            ),
+        )
+    assert status == 0
+    return {
+        "out": out,
+        "module": module,
+        "result": result,
+        "metrics": json.loads((out / "metrics.json").read_text()),
+        "frozen": (frozen_before, _sha256(frozen)),
+    }
+
+
+def test_fine_tuning_changes_trainable_weights_only(tiny_run):
+    pretrained = tiny_run["module"].load()
+    tuned = tiny_run["result"].module_object
+    changes = {
+        v.name: float(np.abs(v.numpy() - p.numpy()).max())
+        for v, p in zip(tuned.variables, pretrained.variables, strict=True)
+    }
+    assert changes["kernel:0"] > 1e-4 and changes["gamma:0"] > 1e-4, changes
+    assert changes["moving_mean:0"] == 0.0  # BatchNorm-style statistics are not trained
+
+
+def test_exports_hold_the_fine_tuned_network(tiny_run):
+    import tensorflow as tf
+
+    from label_image.tflite import TFLiteClassifier
+
+    out, result = tiny_run["out"], tiny_run["result"]
+    pixels = _pixels(next((out / "images" / "blue").iterdir()), TINY_INPUT)
+    expected = _memory_scores(result.module_object, result, pixels)
+    saved = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
+    exported = {
+        "frozen graph": _frozen_scores(out / "graph.pb", pixels),
+        "SavedModel": saved(tf.constant(pixels))["final_result"].numpy(),
+        "TFLite": TFLiteClassifier(out / "classifier.tflite").predict(pixels),
+    }
+    for name, scores in exported.items():
+        np.testing.assert_allclose(scores, expected, atol=1e-4, err_msg=name)
+    # The pretrained module with the same layer scores differently: the exports do hold the
+    # fine-tuned module, not the pretrained one.
+    pretrained = _memory_scores(tiny_run["module"].load(), result, pixels)
+    assert np.abs(pretrained - expected).max() > 1e-3
+
+
+def test_frozen_module_cache_is_untouched(tiny_run):
+    before, after = tiny_run["frozen"]
+    assert before is not None and after == before
+
+
+def test_metrics_and_summaries(tiny_run):
+    import tensorflow as tf
+
+    metrics = tiny_run["metrics"]
+    tuned = metrics["fine_tune"]
+    assert tuned["steps"] == 3 and tuned["batch_size"] == 2 and tuned["replicas"] == 1
+    assert tuned["seconds"] > 0 and tuned["steps_per_second"] > 0
+    assert tuned["test_images"] == metrics["images"]["testing"] > 0
+    assert 0 <= tuned["test_accuracy_before"] <= 1
+    # The top-level test figures describe the exported (fine-tuned) model.
+    assert metrics["test_accuracy"] == tuned["test_accuracy_after"]
+    tags = set()
+    for event_file in (tiny_run["out"] / "logs" / "fine_tune").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"accuracy", "cross_entropy"} <= tags
+
+
+# ----------------------------------------------------------------------------- distribution
+
+
+@pytest.mark.parametrize(
+    "module_name", ["tiny", pytest.param("efficientnet_lite0", marks=pytest.mark.slow)]
+)
+def test_mirrored_matches_none(tiny_module, tmp_path, module_name):
+    handle = str(tiny_module) if module_name == "tiny" else module_name
+    prelude = f"MODULE = {handle!r}\n{PRELUDE}"
+    result = run_script(MIRRORED_SCRIPT.format(prelude=prelude), tmp_path, timeout=300)
+    assert result["replicas"] == [1, 2]
+    assert result["change"] > 1e-3  # the steps did move the weights ...
+    assert result["diff"] <= 1e-5  # ... the same way on one replica and on two
+
+
+@pytest.mark.parametrize(
+    "module_name", ["tiny", pytest.param("efficientnet_lite0", marks=pytest.mark.slow)]
+)
+def test_two_local_workers_fine_tune_alike(tiny_module, tmp_path, module_name):
+    handle = str(tiny_module) if module_name == "tiny" else module_name
+    prelude = f"MODULE = {handle!r}\n{PRELUDE}"
+    results = run_local_workers(WORKER_SCRIPT.format(prelude=prelude), tmp_path, timeout=300)
+    assert [r["task"] for r in results] == [0, 1]
+    assert [r["replicas"] for r in results] == [2, 2]
+    assert results[0]["digest"] == results[1]["digest"]  # identical variables on both workers
+    for result in results:
+        assert result["change"] > 1e-3
+        assert result["diff_alone"] <= 1e-5  # the same steps as one process on the same batches
+
+
+# ----------------------------------------------------------------------------- bundled module
+
+
+@pytest.fixture(scope="module")
+def flower_run(tmp_path_factory):
+    """A CLI run with the bundled module on the example photos, fine-tuned at the default rate."""
+    out = tmp_path_factory.mktemp("flower_run")
+    shutil.copytree(EXAMPLE_DIR, out / "photos")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        status, result = _run_capturing(
+            monkeypatch,
+            retrain_args(
+                out / "photos", out, "--fine_tune_steps=4", "--fine_tune_batch_size=8", steps=100
+            ),
+        )
+    assert status == 0
+    return out, result, json.loads((out / "metrics.json").read_text())
+
+
+def test_small_learning_rate_keeps_test_accuracy(flower_run):
+    _, _, metrics = flower_run
+    tuned = metrics["fine_tune"]
+    assert tuned["learning_rate"] == 1e-3 and tuned["test_images"] >= 5
+    assert tuned["test_accuracy_before"] >= 0.6
+    # At most one of the few test photos may change its answer after a few small steps.
+    assert tuned["test_accuracy_after"] >= tuned["test_accuracy_before"] - 1 / tuned["test_images"]
+
+
+def test_frozen_graph_of_fine_tuned_bundled_module(flower_run):
+    out, result, _ = flower_run
+    pixels = _pixels(next((EXAMPLE_DIR / "roses").glob("*.jpg")), result.input_size)
+    np.testing.assert_allclose(
+        _frozen_scores(out / "graph.pb", pixels),
+        _memory_scores(result.module_object, result, pixels),
+        atol=1e-4,
+    )
