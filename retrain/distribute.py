@@ -4,6 +4,8 @@
 TensorFlow's default strategy), for bottleneck extraction and fine-tuning.
 ``mirrored_backend`` runs a module with any such strategy: each batch is split in equal, ordered
 pieces, one per replica, and the features are gathered back in the input's row order.
+For a cluster in ``TF_CONFIG``: ``is_chief``, ``worker_share`` (this worker's part of a list of
+images) and ``barrier`` (wait for every worker).
 
 Importing this module does not import TensorFlow; its functions do.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,10 +30,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STRATEGIES",
+    "barrier",
+    "cluster_position",
+    "is_chief",
     "load_module",
     "make_strategy",
     "mirrored_backend",
     "read_tf_config",
+    "worker_share",
 ]
 
 STRATEGIES = ("none", "mirrored", "multi_worker_mirrored")
@@ -69,12 +76,11 @@ def make_strategy(
             f"{_FLAG} multi_worker_mirrored: TensorFlow refused the strategy: {first_line(exc)}"
             " (it must be created before TensorFlow runs anything)"
         ) from exc
-    task, cluster = config["task"], config["cluster"]
     log.info(
         "Distribution: multi-worker mirrored, %s %d of a cluster of %d, %d replica(s) in sync",
-        task["type"],
-        task["index"],
-        sum(len(cluster.get(job) or []) for job in ("chief", "worker")),
+        config["task"]["type"],
+        config["task"]["index"],
+        cluster_position()[1],
         strategy.num_replicas_in_sync,
     )
     return strategy
@@ -128,6 +134,50 @@ def read_tf_config() -> dict[str, Any]:
     ):
         raise UsageError(f"{prefix}: 'task' {json.dumps(task)} names no member of the cluster")
     return config
+
+
+def cluster_position() -> tuple[int, int]:
+    """(this worker's number, the number of workers) in ``TF_CONFIG``'s cluster, numbered as
+    TensorFlow does: the chief (if the cluster has one) is 0, then the workers in order."""
+    config = read_tf_config()
+    cluster, task = config["cluster"], config["task"]
+    chiefs = len(cluster.get("chief") or [])
+    number = 0 if task["type"] == "chief" else chiefs + task["index"]
+    return number, chiefs + len(cluster.get("worker") or [])
+
+
+def is_chief() -> bool:
+    """Whether this process is the cluster's chief: the ``chief`` task, else worker 0."""
+    return cluster_position()[0] == 0
+
+
+def worker_share(indices: Sequence[int]) -> list[int]:
+    """This worker's part of ``indices`` (image numbers): those equal to its number modulo the
+    number of workers. Each index falls to exactly one worker, whatever the others' lists."""
+    number, count = cluster_position()
+    return [i for i in indices if i % count == number]
+
+
+def barrier(strategy: tf.distribute.Strategy, value: float = 0.0) -> float:
+    """Wait until every worker of ``strategy`` has called this; returns the sum of their
+    ``value``s (an all-reduce, to which each worker contributes once). Raises RetrainError if
+    TensorFlow gives up on a worker (it checks that they are alive)."""
+    import tensorflow as tf
+
+    local = len(strategy.extended.worker_devices)
+    values = strategy.experimental_distribute_values_from_function(
+        # Replicas are numbered worker by worker: the first of each worker holds its value.
+        lambda context: tf.constant(
+            value if context.replica_id_in_sync_group % local == 0 else 0.0, tf.float64
+        )
+    )
+    try:
+        return float(strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None))
+    except tf.errors.OpError as exc:
+        raise RetrainError(
+            f"{_FLAG} multi_worker_mirrored: waiting for the other workers failed (did one of "
+            f"them stop?): {first_line(exc)}"
+        ) from exc
 
 
 def load_module(module: ImageModule, strategy: tf.distribute.Strategy | None) -> Any:

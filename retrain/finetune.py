@@ -396,12 +396,18 @@ def classifier_graph(result: FineTuneResult, final_tensor_name: str) -> tf.compa
 
 
 def run_from_flags(
-    f: Any, module: ImageModule, bottlenecks: Bottlenecks, head: TrainResult
+    f: Any,
+    module: ImageModule,
+    bottlenecks: Bottlenecks,
+    head: TrainResult,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> FineTuneResult:
     """Fine-tune, with checked flags `f`, after `retrain.train.train_head` gave `head`: on the
     training split of `bottlenecks`, evaluated on its test split (--test_batch_size of it),
-    with --distribution_strategy's strategy and TensorBoard scalars in --summaries_dir."""
-    strategy = distribute.make_strategy(f.distribution_strategy, log)
+    with TensorBoard scalars in --summaries_dir. Under `strategy` if given (a multi-worker
+    run's, made at its start), else --distribution_strategy's."""
+    if strategy is None:
+        strategy = distribute.make_strategy(f.distribution_strategy, log)
     config = FineTuneConfig(
         steps=f.fine_tune_steps,
         learning_rate=f.fine_tune_learning_rate,

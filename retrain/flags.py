@@ -13,6 +13,7 @@ from absl import flags
 
 from retrain.atomic import check_writable_dir, check_writable_file
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
+from retrain.distribute import STRATEGIES, read_tf_config
 from retrain.errors import UsageError
 
 DEFAULT_MODULE = "efficientnet_lite0"
@@ -191,9 +192,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_enum(
         "distribution_strategy",
         "none",
-        ["none", "mirrored"],
-        "How to spread bottleneck extraction and fine-tuning over devices: none, or mirrored "
-        "(every GPU of this machine, one replica per GPU; TensorFlow backend).",
+        list(STRATEGIES),
+        "How to spread bottleneck extraction and fine-tuning over devices: none; mirrored "
+        "(every GPU of this machine, one replica per GPU; TensorFlow backend); or "
+        "multi_worker_mirrored (several machines: run the same command on each, with TF_CONFIG "
+        "naming the cluster and this worker, and --image_dir and --bottleneck_dir on a file "
+        "system all of them share; each worker computes its share of the bottlenecks, all "
+        "fine-tune together, and only the chief writes the outputs).",
         flag_values=f,
     )
     flags.DEFINE_enum(
@@ -293,11 +298,13 @@ def check_flags(f: flags.FlagValues) -> None:
         )
     if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", f.final_tensor_name):
         raise UsageError(f"--final_tensor_name is not a valid node name: {f.final_tensor_name!r}")
-    if f.distribution_strategy != "none" and f.extraction_backend == "tflite":
+    if f.distribution_strategy == "mirrored" and f.extraction_backend == "tflite":
         raise UsageError(
             "--extraction_backend=tflite runs on the CPU; it cannot be combined with "
-            f"--distribution_strategy={f.distribution_strategy}"
+            "--distribution_strategy=mirrored"
         )
+    if f.distribution_strategy == "multi_worker_mirrored":
+        read_tf_config()  # a missing or invalid TF_CONFIG is a UsageError naming the flag
     if f.resume and not f.checkpoint_path:
         raise UsageError("--resume needs --checkpoint_path")
     _check_module_handle(f.tfhub_module)

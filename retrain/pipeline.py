@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,7 +26,10 @@ from retrain.errors import RetrainError, UsageError
 from retrain.features import FeatureSplit, Split
 from retrain.models.loading import ImageModule, ModuleError, default_cache_dir, resolve_module
 from retrain.preprocess import PREPROCESSING_ID, to_module_input
-from retrain.train import Summaries, TrainConfig, train_head
+from retrain.train import Summaries, TrainConfig, TrainResult, train_head
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 log = logging.getLogger("retrain")
 
@@ -49,8 +55,9 @@ class Bottlenecks:
     splits: np.ndarray
     paths: list[str]
     skipped: list[dict]
-    computed: int
+    computed: int  # by this process
     seconds: float
+    cluster_computed: int | None = None  # by all the workers of a multi-worker run
 
     def split(self, name: str) -> FeatureSplit:
         picks = np.flatnonzero(self.splits == name)
@@ -103,9 +110,14 @@ def open_cache(bottleneck_dir: str | Path, module: ImageModule) -> BottleneckCac
 
 
 def compute_bottlenecks(
-    f, image_set: scan.ImageSet, module: ImageModule, module_object: LazyModule
+    f,
+    image_set: scan.ImageSet,
+    module: ImageModule,
+    module_object: LazyModule,
+    cluster: tf.distribute.Strategy | None = None,
 ) -> Bottlenecks:
-    """Look every image up in the cache and compute what is missing."""
+    """Look every image up in the cache and compute what is missing; with a multi-worker
+    `cluster`, each worker first computes its share (`_extract_in_cluster`)."""
     cache = open_cache(f.bottleneck_dir, module)
     paths = [image.path for image in image_set.files]
     start = time.perf_counter()
@@ -118,23 +130,13 @@ def compute_bottlenecks(
         len(paths) - missing - len(found.skipped),
         missing,
     )
-    stats = extract.extract_missing(
-        paths,
-        found,
-        cache,
-        _extractor(f, module, module_object, [paths[i] for i in found.missing()]),
-        module.input_size,
-        f.extraction_batch_size,
-        f.max_image_pixels,
-    )
+    extract_some = partial(_extract, f, module, module_object, cache, paths, found)
+    computed, cluster_computed = 0, None
+    if cluster is not None:
+        computed, cluster_computed = _extract_in_cluster(cluster, cache, paths, found, extract_some)
+    # Alone: all that is missing. In a cluster: what no worker could use, skipped with a reason.
+    computed += extract_some(found.missing())
     seconds = time.perf_counter() - start
-    if stats.computed:
-        log.info(
-            "Computed %d bottlenecks in %.1f s (%.1f images/s)",
-            stats.computed,
-            stats.seconds,
-            stats.images_per_second,
-        )
     keep = np.ones(len(paths), dtype=bool)
     keep[list(found.skipped)] = False
     skipped = [
@@ -148,16 +150,88 @@ def compute_bottlenecks(
         splits=np.array([img.split for img in image_set.files])[keep],
         paths=[p for p, k in zip(paths, keep) if k],
         skipped=skipped,
-        computed=stats.computed,
+        computed=computed,
         seconds=seconds,
+        cluster_computed=cluster_computed,
     )
+
+
+def _extract(
+    f,
+    module: ImageModule,
+    module_object: LazyModule,
+    cache: BottleneckCache,
+    paths: list[str],
+    found: extract.LookupResult,
+    picks: list[int],
+) -> int:
+    """Compute the missing vectors of images `picks` (indices into `paths`) into `cache`, and
+    note in `found` where they are, or why they were skipped. Returns how many were computed."""
+    if not picks:
+        return 0
+    part = extract.LookupResult(
+        found.locations[picks],
+        found.file_keys[picks],
+        found.content_keys[picks],
+        found.hashed[picks],
+    )
+    part_paths = [paths[i] for i in picks]
+    stats = extract.extract_missing(
+        part_paths,
+        part,
+        cache,
+        _extractor(f, module, module_object, part_paths),
+        module.input_size,
+        f.extraction_batch_size,
+        f.max_image_pixels,
+    )
+    _merge(found, picks, part)
+    if stats.computed:
+        log.info(
+            "Computed %d bottlenecks in %.1f s (%.1f images/s)",
+            stats.computed,
+            stats.seconds,
+            stats.images_per_second,
+        )
+    return stats.computed
+
+
+def _merge(found: extract.LookupResult, picks: list[int], part: extract.LookupResult) -> None:
+    """Copy `part`, the lookup of images `picks`, into `found` (the lookup of all images)."""
+    found.locations[picks] = part.locations
+    found.content_keys[picks] = part.content_keys
+    found.hashed[picks] = part.hashed
+    found.skipped.update({picks[j]: reason for j, reason in part.skipped.items()})
+
+
+def _extract_in_cluster(
+    cluster: tf.distribute.Strategy,
+    cache: BottleneckCache,
+    paths: list[str],
+    found: extract.LookupResult,
+    extract_some: Callable[[list[int]], int],
+) -> tuple[int, int]:
+    """Compute this worker's share of the missing vectors, wait for every worker, then look up
+    what the others computed (`found` is updated). Returns (computed here, in the cluster)."""
+    todo = found.missing()
+    share = distribute.worker_share(todo)
+    log.info("This worker computes %d of the %d missing bottlenecks", len(share), len(todo))
+    computed = extract_some(share)
+    total = int(distribute.barrier(cluster, computed))
+    log.info("The cluster's workers computed %d bottlenecks together", total)
+    cache.refresh()
+    todo = found.missing()
+    again = extract.lookup([paths[i] for i in todo], cache)
+    extract.verify(again, cache, [paths[i] for i in todo])
+    _merge(found, todo, again)
+    return computed, total
 
 
 def _extractor(f, module: ImageModule, module_object: LazyModule, todo: list[str]):
     """The extraction backend for --extraction_backend, checked on a few of the images."""
     if not todo:
         return None  # nothing to compute: no module loading, no conversion
-    if f.distribution_strategy != "none":
+    if f.distribution_strategy == "mirrored":
         strategy = distribute.make_strategy(f.distribution_strategy, log)
         log.info("Extraction backend: tensorflow, %d replica(s)", strategy.num_replicas_in_sync)
         return distribute.mirrored_backend(module_object.get(), strategy)
@@ -214,6 +288,8 @@ def _training_inputs(b: Bottlenecks, seed: int) -> tuple[Split | FeatureSplit, S
 def run(f) -> dict:
     """Run retraining with checked flags `f`; returns the metrics written to --metrics_json."""
     wall_start = time.perf_counter()
+    cluster = _cluster_strategy(f)  # first of all: before TensorFlow runs any op
+    chief = cluster is None or distribute.is_chief()
     image_set = scan.scan_image_dir(f.image_dir, f.validation_percentage, f.testing_percentage)
     needed = tuple(
         split
@@ -236,7 +312,7 @@ def run(f) -> dict:
         counts["validation"],
         counts["testing"],
     )
-    if f.split_manifest:
+    if f.split_manifest and chief:
         scan.write_split_manifest(image_set, f.split_manifest)
 
     module = load_module(f)
@@ -244,37 +320,9 @@ def run(f) -> dict:
         "Module %s: input %dx%d, %d features", module.handle, *module.input_size, module.feature_dim
     )
     module_object = LazyModule(module)
-    bottlenecks = compute_bottlenecks(f, image_set, module, module_object)
+    bottlenecks = compute_bottlenecks(f, image_set, module, module_object, cluster)
     _check_trainable(bottlenecks, image_set.labels)
-
-    config = TrainConfig(
-        how_many_training_steps=f.how_many_training_steps,
-        learning_rate=f.learning_rate,
-        train_batch_size=f.train_batch_size,
-        eval_step_interval=f.eval_step_interval,
-        validation_batch_size=f.validation_batch_size,
-        seed=f.random_seed,
-    )
-    summaries = Summaries(f.summaries_dir)
-    on_step = None
-    if f.intermediate_store_frequency > 0:
-        on_step = _intermediate_graph_writer(f, module, module_object)
-    try:
-        train, validation = _training_inputs(bottlenecks, f.random_seed)
-        result = train_head(
-            train,
-            validation,
-            len(image_set.labels),
-            config,
-            summaries,
-            checkpoint_dir=f.checkpoint_path or None,
-            resume=f.resume,
-            on_step=on_step,
-            callback_every=f.intermediate_store_frequency,
-        )
-    finally:
-        summaries.close()
-    log.info("Trained %d steps in %.1f s", config.how_many_training_steps, result.seconds)
+    config, result = _train(f, bottlenecks, len(image_set.labels), module, module_object, chief)
 
     test = bottlenecks.split("testing")
     if f.test_batch_size > 0:
@@ -292,32 +340,13 @@ def run(f) -> dict:
             _print_misclassified(bottlenecks, test_eval, image_set.labels)
 
     # Fine-tuning: the whole network, exported instead of the pretrained module + layer.
-    tuned = finetune.run_from_flags(f, module, bottlenecks, result) if f.fine_tune_steps else None
-    if tuned is not None and tuned.after is not None:
-        test_eval = tuned.after  # the exported model's; cached bottlenecks no longer describe it
-    weights, biases = (tuned.weights, tuned.biases) if tuned else (result.weights, result.biases)
-    export.write_frozen_graph(
-        finetune.classifier_graph(tuned, f.final_tensor_name)
-        if tuned
-        else _classifier_graph(f, module, module_object, weights, biases),
-        f.output_graph,
-    )
-    export.write_labels(image_set.labels, f.output_labels)
-    log.info("Saved the frozen graph to %s and labels to %s", f.output_graph, f.output_labels)
-    if f.output_tflite or f.saved_model_dir:
-        classifier = export.Classifier(
-            tuned.module_object if tuned else module_object.get(),
-            weights,
-            biases,
-            module.input_size,
-            f.final_tensor_name,
-        )
-    if f.output_tflite:
-        export.write_tflite(classifier, f.output_tflite)
-        log.info("Saved the TFLite model to %s", f.output_tflite)
-    if f.saved_model_dir:
-        export.write_saved_model(classifier, image_set.labels, f.saved_model_dir)
-        log.info("Saved the SavedModel to %s", f.saved_model_dir)
+    tuned = None
+    if f.fine_tune_steps:
+        tuned = finetune.run_from_flags(f, module, bottlenecks, result, cluster)
+        if tuned.after is not None:
+            test_eval = tuned.after  # the exported model's; cached bottlenecks no longer fit it
+    if chief:
+        _export(f, image_set.labels, module, module_object, result, tuned)
 
     metrics = {
         "test_accuracy": test_eval.accuracy if test_eval else None,
@@ -347,8 +376,12 @@ def run(f) -> dict:
     }
     if tuned is not None:
         metrics["fine_tune"] = tuned.metrics()
-    if f.metrics_json:
+    if cluster is not None:
+        metrics["cluster"] = _cluster_metrics(bottlenecks)
+    if f.metrics_json and chief:
         atomic_write_text(f.metrics_json, json.dumps(metrics, indent=2) + "\n")
+    if cluster is not None:
+        distribute.barrier(cluster)  # the others wait for the chief's outputs: all end together
     threshold = f.assert_accuracy_at_least
     if threshold is not None:
         accuracy = metrics["test_accuracy"]
@@ -357,6 +390,106 @@ def run(f) -> dict:
                 f"--assert_accuracy_at_least: test accuracy {accuracy} is below {threshold}"
             )
     return metrics
+
+
+def _cluster_strategy(f) -> tf.distribute.Strategy | None:
+    """The MultiWorkerMirroredStrategy of --distribution_strategy=multi_worker_mirrored (made
+    before TensorFlow runs any op, as it must be), else None."""
+    if f.distribution_strategy != "multi_worker_mirrored":
+        return None
+    strategy = distribute.make_strategy(f.distribution_strategy, log)
+    if not distribute.is_chief():
+        log.info(
+            "Not the chief: this worker leaves the outputs (graph, labels, SavedModel, TFLite, "
+            "metrics, summaries, checkpoints, split manifest) to the chief"
+        )
+    return strategy
+
+
+def _cluster_metrics(b: Bottlenecks) -> dict:
+    """A multi-worker run's figures: which worker this is, what the workers computed."""
+    number, count = distribute.cluster_position()
+    return {"worker": number, "workers": count, "bottlenecks_computed": b.cluster_computed}
+
+
+def _train(
+    f,
+    b: Bottlenecks,
+    num_classes: int,
+    module: ImageModule,
+    module_object: LazyModule,
+    chief: bool,
+) -> tuple[TrainConfig, TrainResult]:
+    """Train the new layer on the bottlenecks. Only the chief writes summaries, checkpoints and
+    intermediate graphs. In a cluster every worker trains the same layer (same data and seed);
+    fine-tuning starts from the chief's in any case (MultiWorkerMirroredStrategy gives every
+    worker the chief's initial values of the variables made in its scope)."""
+    config = TrainConfig(
+        how_many_training_steps=f.how_many_training_steps,
+        learning_rate=f.learning_rate,
+        train_batch_size=f.train_batch_size,
+        eval_step_interval=f.eval_step_interval,
+        validation_batch_size=f.validation_batch_size,
+        seed=f.random_seed,
+    )
+    summaries = Summaries(f.summaries_dir) if chief else None
+    on_step = None
+    if chief and f.intermediate_store_frequency > 0:
+        on_step = _intermediate_graph_writer(f, module, module_object)
+    try:
+        train, validation = _training_inputs(b, f.random_seed)
+        result = train_head(
+            train,
+            validation,
+            num_classes,
+            config,
+            summaries,
+            checkpoint_dir=(f.checkpoint_path or None) if chief else None,
+            resume=f.resume and chief,
+            on_step=on_step,
+            callback_every=f.intermediate_store_frequency,
+        )
+    finally:
+        if summaries is not None:
+            summaries.close()
+    log.info("Trained %d steps in %.1f s", config.how_many_training_steps, result.seconds)
+    return config, result
+
+
+def _export(
+    f,
+    labels: list[str],
+    module: ImageModule,
+    module_object: LazyModule,
+    result: TrainResult,
+    tuned: finetune.FineTuneResult | None,
+) -> None:
+    """Write --output_graph, --output_labels, --output_tflite and --saved_model_dir: the
+    fine-tuned network if `tuned`, else the pretrained module with the trained layer."""
+    weights, biases = (tuned.weights, tuned.biases) if tuned else (result.weights, result.biases)
+    export.write_frozen_graph(
+        finetune.classifier_graph(tuned, f.final_tensor_name)
+        if tuned
+        else _classifier_graph(f, module, module_object, weights, biases),
+        f.output_graph,
+    )
+    export.write_labels(labels, f.output_labels)
+    log.info("Saved the frozen graph to %s and labels to %s", f.output_graph, f.output_labels)
+    if not (f.output_tflite or f.saved_model_dir):
+        return
+    classifier = export.Classifier(
+        tuned.module_object if tuned else module_object.get(),
+        weights,
+        biases,
+        module.input_size,
+        f.final_tensor_name,
+    )
+    if f.output_tflite:
+        export.write_tflite(classifier, f.output_tflite)
+        log.info("Saved the TFLite model to %s", f.output_tflite)
+    if f.saved_model_dir:
+        export.write_saved_model(classifier, labels, f.saved_model_dir)
+        log.info("Saved the SavedModel to %s", f.saved_model_dir)
 
 
 def _print_misclassified(

@@ -97,7 +97,21 @@ def suite_module(args) -> dict:
     return result
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_ms_per_image(fn, images: int) -> float:
+    """CPU time (all threads) that fn() spends per image, in milliseconds."""
+    start = _cpu_seconds()
+    fn()
+    return 1000 * (_cpu_seconds() - start) / images
+
+
 def suite_extraction(args) -> dict:
+    """End-to-end extraction next to the raw backend, and the ceiling that decoding on the same
+    cores leaves: inference CPU / (inference CPU + decode-and-resize CPU) of the raw rate."""
     from retrain import backends, extract
     from retrain.cache import BottleneckCache
     from retrain.models.loading import resolve_module
@@ -107,7 +121,11 @@ def suite_extraction(args) -> dict:
     module_object = module.load()
     files = [f.path for f in scan_image_dir(args.image_dir, 10, 10).files]
     batch = _sample_batch(args.image_dir, module.input_size)
-    result = {"images": len(files)}
+    decode_ms = _cpu_ms_per_image(
+        lambda: sum(1 for _ in extract.decoded_batches(files, module.input_size, 32, {})),
+        len(files),
+    )
+    result = {"images": len(files), "decode_and_resize_cpu_ms_per_image": round(decode_ms, 2)}
     for name in args.backends.split(","):
         if name == "tensorflow":
             extractor = backends.tensorflow_backend(module_object)
@@ -118,14 +136,22 @@ def suite_extraction(args) -> dict:
                 interpreters=1 if name == "tflite_shared" else None,
             )
         raw = _rate(extractor, batch)
+        inference_ms = _cpu_ms_per_image(
+            lambda run=extractor: [run(batch) for _ in range(3)], 3 * len(batch)
+        )
+        ceiling = inference_ms / (inference_ms + decode_ms)
         with tempfile.TemporaryDirectory() as tmp:
             cache = BottleneckCache(tmp, "bench", module.feature_dim)
             found = extract.lookup(files, cache)
             stats = extract.extract_missing(files, found, cache, extractor, module.input_size, 32)
+        fraction = stats.images_per_second / raw
         result[name] = {
             "raw_images_per_second": round(raw, 1),
+            "inference_cpu_ms_per_image": round(inference_ms, 2),
             "end_to_end_images_per_second": round(stats.images_per_second, 1),
-            "end_to_end_fraction_of_raw": round(stats.images_per_second / raw, 3),
+            "end_to_end_fraction_of_raw": round(fraction, 3),
+            "ceiling_fraction_of_raw": round(ceiling, 3),
+            "end_to_end_fraction_of_ceiling": round(fraction / ceiling, 3),
         }
     return result
 

@@ -211,6 +211,32 @@ def test_valid_tf_config_is_read(monkeypatch):
     assert distribute.read_tf_config()["task"] == {"type": "worker", "index": 1}
 
 
+@pytest.mark.parametrize(
+    "cluster, task, position",
+    [
+        ({"worker": ["a:1", "b:1", "c:1"]}, {"type": "worker", "index": 0}, (0, 3)),
+        ({"worker": ["a:1", "b:1", "c:1"]}, {"type": "worker", "index": 2}, (2, 3)),
+        ({"chief": ["a:1"], "worker": ["b:1", "c:1"]}, {"type": "chief", "index": 0}, (0, 3)),
+        ({"chief": ["a:1"], "worker": ["b:1", "c:1"]}, {"type": "worker", "index": 0}, (1, 3)),
+    ],
+)
+def test_cluster_position_and_chief(monkeypatch, cluster, task, position):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+    assert distribute.cluster_position() == position
+    assert distribute.is_chief() == (position[0] == 0)
+
+
+def test_worker_shares_split_indices_once(monkeypatch):
+    indices = [0, 2, 3, 5, 8, 9, 10]
+    shares = []
+    for index in range(3):
+        monkeypatch.setenv("TF_CONFIG", _tf_config([1, 2, 3], index))
+        shares.append(distribute.worker_share(indices))
+    assert shares == [[0, 3, 9], [10], [2, 5, 8]]
+    # A worker whose list lacks what another already computed still gets the same share of it.
+    assert distribute.worker_share([2, 8]) == [2, 8]
+
+
 def test_mirrored_without_gpu_has_one_cpu_replica(caplog):
     tf = pytest.importorskip("tensorflow")
     if tf.config.list_physical_devices("GPU") or len(tf.config.list_logical_devices("CPU")) != 1:

@@ -94,6 +94,44 @@ print("RESULT " + json.dumps({{
 }}), flush=True)
 """
 
+# One worker of two running the command line with ARGV (prepended; "{task}" becomes its index).
+# Reports pipeline.run's metrics and digests of the layer each fine-tuning started from and of
+# the fine-tuned variables.
+CLI_WORKER_SCRIPT = """
+import hashlib, json, os
+
+import numpy as np
+
+from retrain import cli, finetune, pipeline
+
+task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+runs, tunes = [], []
+real_run, real_fine_tune = pipeline.run, finetune.fine_tune
+
+
+def digest(arrays):
+    return hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in arrays)).hexdigest()
+
+
+def run(f):
+    runs.append(real_run(f))
+    return runs[-1]
+
+
+def fine_tune(module, head, *args, **kwargs):
+    result = real_fine_tune(module, head, *args, **kwargs)
+    tuned = [v.numpy() for v in result.module_object.variables] + [result.weights, result.biases]
+    tunes.append({"head": digest(head), "tuned": digest(tuned)})
+    return result
+
+
+pipeline.run, finetune.fine_tune = run, fine_tune
+status = cli.main([arg.replace("{task}", str(task)) for arg in ARGV])
+print("RESULT " + json.dumps({
+    "task": task, "status": status, "metrics": runs[-1] if runs else None, "fine_tune": tunes
+}), flush=True)
+"""
+
 
 def _tiny_network():
     import tensorflow as tf
@@ -354,6 +392,64 @@ def test_two_local_workers_fine_tune_alike(tiny_module, tmp_path, module_name):
     for result in results:
         assert result["change"] > 1e-3
         assert result["diff_alone"] <= 1e-5  # the same steps as one process on the same batches
+
+
+@pytest.mark.parametrize("fine_tune_steps", [2, 0])
+def test_two_local_workers_run_the_command_line(tiny_module, tmp_path, fine_tune_steps):
+    images = tmp_path / "images"
+    for label, (r, g, b) in (("red", (200, 30, 30)), ("blue", (20, 40, 220))):
+        for i in range(8):  # distinct bytes: no image is found in the cache by another's content
+            write_image(images / label / f"{label}{i}.jpg", color=(r, g + 9 * i, b))
+    out = tmp_path / "task{task}"  # each worker's own outputs, to see who writes what
+    argv = retrain_args(
+        images,
+        out,
+        f"--bottleneck_dir={tmp_path / 'bottlenecks'}",  # shared, as on a cluster
+        f"--tfhub_module={tiny_module}",
+        f"--module_cache_dir={tmp_path / 'cache'}",
+        "--distribution_strategy=multi_worker_mirrored",
+        "--extraction_backend=tensorflow",
+        "--extraction_batch_size=4",
+        "--testing_percentage=30",
+        f"--fine_tune_steps={fine_tune_steps}",
+        "--fine_tune_batch_size=2",
+        f"--saved_model_dir={out / 'saved_model'}",
+        f"--split_manifest={out / 'split.csv'}",
+        f"--checkpoint_path={out / 'checkpoints'}",
+        steps=20,
+    )
+    script = f"ARGV = {argv!r}\n{CLI_WORKER_SCRIPT}"
+    results = run_local_workers(script, tmp_path, timeout=300)
+
+    assert [(r["task"], r["status"]) for r in results] == [(0, 0), (1, 0)]
+    computed = [r["metrics"]["bottlenecks_computed"] for r in results]
+    assert all(count > 0 for count in computed) and sum(computed) == 16, computed  # each once
+    for r in results:
+        assert r["metrics"]["cluster"] == {
+            "worker": r["task"],
+            "workers": 2,
+            "bottlenecks_computed": 16,
+        }
+        assert sum(r["metrics"]["images"].values()) == 16 and r["metrics"]["skipped"] == []
+    if fine_tune_steps:
+        chief, other = (r["fine_tune"] for r in results)
+        assert len(chief) == len(other) == 1
+        assert chief[0]["head"] == other[0]["head"]  # fine-tuning started from the same layer
+        assert chief[0]["tuned"] == other[0]["tuned"]  # ... and ended with the same network
+    else:
+        assert [r["fine_tune"] for r in results] == [[], []]
+
+    chief_out, other_out = tmp_path / "task0", tmp_path / "task1"
+    for name in ("graph.pb", "labels.txt", "metrics.json", "split.csv", "saved_model"):
+        assert (chief_out / name).exists(), name
+    assert list((chief_out / "checkpoints").iterdir())
+    assert list((chief_out / "logs" / "train").iterdir())
+    assert [p for p in other_out.rglob("*") if p.is_file()] == []  # flag checks made folders only
+    written = json.loads((chief_out / "metrics.json").read_text())
+    assert written["cluster"]["bottlenecks_computed"] == 16
+    pixels = _pixels(images / "blue" / "blue0.jpg", TINY_INPUT)
+    scores = _frozen_scores(chief_out / "graph.pb", pixels)
+    assert scores.shape == (1, 2) and scores.sum() == pytest.approx(1.0, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- bundled module

@@ -1,5 +1,6 @@
 """Every invalid flag is one line naming the flag, exit status 2, before any heavy work."""
 
+import json
 import subprocess
 import sys
 
@@ -63,6 +64,48 @@ def test_bad_flag_values(capsys, image_dir, tmp_path, args, flag):
     assert status == 2
     assert len(err) == 1, err
     assert err[0].startswith("retrain: error:") and flag in err[0]
+
+
+@pytest.mark.parametrize("tf_config", [None, "{not json", '{"cluster": {}, "task": {}}'])
+def test_multi_worker_needs_tf_config(capsys, monkeypatch, image_dir, tmp_path, tf_config):
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    status, err = run_cli(
+        capsys,
+        f"--image_dir={image_dir}",
+        f"--bottleneck_dir={tmp_path / 'b'}",
+        "--distribution_strategy=multi_worker_mirrored",
+    )
+    assert status == 2
+    assert len(err) == 1, err
+    assert err[0].startswith("retrain: error: --distribution_strategy multi_worker_mirrored")
+    assert "TF_CONFIG" in err[0]
+
+
+def test_multi_worker_takes_any_extraction_backend(monkeypatch, image_dir, tmp_path):
+    from absl import flags
+
+    from retrain.flags import check_flags, define_flags
+
+    config = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker"}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({**config, "task": {**config["task"], "index": 1}}))
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    flag_values(
+        [
+            "retrain",
+            f"--image_dir={image_dir}",
+            f"--bottleneck_dir={tmp_path / 'b'}",
+            f"--output_graph={tmp_path / 'g.pb'}",
+            f"--output_labels={tmp_path / 'l.txt'}",
+            f"--summaries_dir={tmp_path / 'logs'}",
+            "--distribution_strategy=multi_worker_mirrored",
+            "--extraction_backend=tflite",
+        ]
+    )
+    check_flags(flag_values)  # no error: each worker extracts on its own CPU
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "one_class", "unset"])
