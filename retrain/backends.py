@@ -216,38 +216,12 @@ class _TFLiteExtractor:
         return features
 
 
-class _ParallelTFLite:
-    """Several single-threaded interpreters, each running its share of every batch.
-
-    On a busy CPU this beats one interpreter with as many threads: that one's threads meet at
-    every layer, so when decoding preempts one of them the others wait, while independent
-    interpreters keep every core they get busy. Features are the same either way."""
-
-    def __init__(self, parts: list[_TFLiteExtractor]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.parts = parts
-        self._pool = ThreadPoolExecutor(len(parts), thread_name_prefix="tflite")
-
-    def __call__(self, images: Any, /) -> np.ndarray:
-        if not isinstance(images, np.ndarray) and hasattr(images, "numpy"):
-            images = images.numpy()
-        shares = np.array_split(np.asarray(images), len(self.parts))
-        pending = [self._pool.submit(part, share) for part, share in zip(self.parts, shares)]
-        return np.concatenate([future.result() for future in pending])
-
-
 def tflite_backend(
-    model_path: str | os.PathLike[str],
-    num_threads: int | None = None,
-    batch_size: int = 32,
-    interpreters: int | None = None,
+    model_path: str | os.PathLike[str], num_threads: int | None = None, batch_size: int = 32
 ) -> Extractor:
     """Run a TFLite feature-vector model with LiteRT (XNNPACK) on ``num_threads`` threads
     (default: every CPU this process may use), ``batch_size`` images per invocation.
 
-    By default each thread is its own single-threaded interpreter working on a share of the
-    batch (see _ParallelTFLite); ``interpreters=1`` runs one interpreter with every thread.
     Accepts np.ndarray (or anything with ``.numpy()``); does not import TensorFlow. Raises
     BackendError if ai-edge-litert is missing or the file is not a usable model.
     """
@@ -255,16 +229,10 @@ def tflite_backend(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     _require_litert()
     path = Path(model_path)
-    threads = num_threads or usable_cpus()
-    count = max(1, min(interpreters or threads, threads))
     try:
-        parts = [
-            _TFLiteExtractor(path, threads // count, max(1, batch_size // count))
-            for _ in range(count)
-        ]
+        return _TFLiteExtractor(path, num_threads or usable_cpus(), batch_size)
     except Exception as exc:  # LiteRT raises ValueError/RuntimeError for unusable models
         raise BackendError(f"cannot load TFLite model {path}: {first_line(exc)}") from exc
-    return parts[0] if count == 1 else _ParallelTFLite(parts)
 
 
 def _require_litert() -> None:

@@ -129,11 +129,9 @@ def suite_extraction(args) -> dict:
     for name in args.backends.split(","):
         if name == "tensorflow":
             extractor = backends.tensorflow_backend(module_object)
-        else:  # tflite: an interpreter per core; tflite_shared: one using every core
+        else:
             extractor = backends.tflite_backend(
-                backends.convert_to_tflite(module),
-                batch_size=TFLITE_BATCH,
-                interpreters=1 if name == "tflite_shared" else None,
+                backends.convert_to_tflite(module), batch_size=TFLITE_BATCH
             )
         raw = _rate(extractor, batch)
         inference_ms = _cpu_ms_per_image(
@@ -389,9 +387,7 @@ def main() -> None:
         help="WIDTHxHEIGHT of generated images (flower_photos' typical size)",
     )
     parser.add_argument("--tfhub_module", default="efficientnet_lite0")
-    parser.add_argument(
-        "--backends", default="tensorflow,tflite", help="of: tensorflow, tflite, tflite_shared"
-    )
+    parser.add_argument("--backends", default="tensorflow,tflite")
     parser.add_argument("--train_rows", type=int, default=2936)
     parser.add_argument("--cache_sizes", default="10000,100000")
     parser.add_argument("--scale_sizes", default="10000,100000")

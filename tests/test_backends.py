@@ -134,10 +134,9 @@ def test_tflite_features_match_tensorflow(tflite_path, photos, reference):
     assert np.max(np.abs(features - reference)) <= 1e-4
 
 
-@pytest.mark.parametrize("interpreters", [1, 2])  # one with two threads; two single-threaded
 @pytest.mark.parametrize("rows", [0, 1, 5, 33])
-def test_tflite_odd_batch_sizes(tflite_path, photos, reference, rows, interpreters):
-    extractor = tflite_backend(tflite_path, 2, batch_size=4, interpreters=interpreters)
+def test_tflite_odd_batch_sizes(tflite_path, photos, reference, rows):
+    extractor = tflite_backend(tflite_path, batch_size=4)
     features = extractor(photos[:rows])
     assert features.shape == (rows, 1280)
     assert np.max(np.abs(features - reference[:rows]), initial=0.0) <= 1e-4
