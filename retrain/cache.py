@@ -134,8 +134,10 @@ def key_array(keys: Sequence[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(keys), dtype=np.uint64).reshape(-1, 2).copy()
 
 
-def _key_column(index: np.ndarray, name: str) -> np.ndarray:
-    return np.ascontiguousarray(index[name]).view(np.uint64).reshape(-1, 2)
+def _all_keys(shards: Sequence[Shard], name: str) -> np.ndarray:
+    """Key column `name` ("content" or "file") of every shard's index, as [rows, 2] uint64."""
+    columns = [np.ascontiguousarray(s.index[name]).view(np.uint64).reshape(-1, 2) for s in shards]
+    return np.concatenate(columns) if columns else np.zeros((0, 2), np.uint64)
 
 
 class _SortedKeys:
@@ -256,8 +258,8 @@ class BottleneckCache:
         self.warnings: list[str] = []
         self._starts = np.zeros(1, dtype=np.int64)  # first entry number of each shard, + total
         self._live = np.zeros(0, dtype=bool)  # False for entries forgotten after a bad checksum
-        self._by_content: _SortedKeys | None = None  # built when first needed after a change
-        self._by_file: _SortedKeys | None = None
+        # (shards covered, by content, by file): rebuilt when first needed after new shards.
+        self._index: tuple = (-1, None, None)
         self.refresh()
 
     def refresh(self) -> None:
@@ -277,7 +279,6 @@ class BottleneckCache:
             self.shards.append(shard)
             self._starts = np.append(self._starts, self._starts[-1] + shard.rows)
             self._live = np.append(self._live, np.ones(shard.rows, dtype=bool))
-            self._by_content = self._by_file = None
         self._remove_orphans()
 
     def _discard(self, index_path: Path, reason: str) -> None:
@@ -298,15 +299,16 @@ class BottleneckCache:
                     vector_path.unlink()
 
     def _indexes(self) -> tuple[_SortedKeys, _SortedKeys]:
-        if self._by_content is None or self._by_file is None:
-            # Shards load oldest first (names start with their time): entry numbers grow with age.
-            entries = np.arange(self._starts[-1], dtype=np.int64)
-            indexes = [s.index for s in self.shards]
-            for name in ("content", "file"):
-                columns = [_key_column(index, name) for index in indexes]
-                keys = np.concatenate(columns) if columns else np.zeros((0, 2), np.uint64)
-                setattr(self, f"_by_{name}", _SortedKeys(keys, entries))
-        return self._by_content, self._by_file
+        covered, by_content, by_file = self._index
+        shards = self.shards[:]  # a snapshot: another thread's flush may append meanwhile
+        if covered != len(shards):
+            # Shards load oldest first (names start with their time): entry numbers grow with
+            # age, and appending shards never renumbers the entries of earlier ones.
+            content, file = (_all_keys(shards, name) for name in ("content", "file"))
+            entries = np.arange(len(content), dtype=np.int64)
+            by_content, by_file = _SortedKeys(content, entries), _SortedKeys(file, entries)
+            self._index = (len(shards), by_content, by_file)
+        return by_content, by_file
 
     def __len__(self) -> int:
         return len(self._indexes()[0])

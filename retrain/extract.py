@@ -225,13 +225,15 @@ def extract_missing(
     input_size: tuple[int, int],
     batch_size: int = 32,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    todo: Sequence[int] | None = None,
 ) -> ExtractionStats:
-    """Compute the vectors `result` lacks and store them in `cache`.
+    """Compute the vectors `result` lacks (only those of images `todo`, if given) and store
+    them in `cache`.
 
-    Afterwards every image in `result` has a location or is in `result.skipped`. The shard
+    Afterwards every image computed has a location or is in `result.skipped`. The shard
     writer flushes on the way out, also on Ctrl-C, so finished work is kept.
     """
-    todo = result.missing()
+    todo = result.missing() if todo is None else list(todo)
     stats = ExtractionStats()
     if not todo:
         return stats

@@ -16,6 +16,14 @@ from retrain.errors import RetrainError
 IN_MEMORY_LIMIT_BYTES = 256 << 20
 
 
+def random_picks(n: int, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of `count` of `n` rows drawn at random without replacement (seeded), or
+    of all of them when count >= n: the one subset rule of every split."""
+    if count >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, count, replace=False))
+
+
 @dataclass
 class Split:
     """Feature vectors [n, dim] and integer labels [n] of one split, in memory."""
@@ -25,6 +33,10 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.x.shape[1]
 
 
 @dataclass
@@ -39,8 +51,12 @@ class FeatureSplit:
         return len(self.y)
 
     @property
+    def feature_dim(self) -> int:
+        return self.cache.feature_dim
+
+    @property
     def nbytes(self) -> int:
-        return len(self) * self.cache.feature_dim * 4
+        return len(self) * self.feature_dim * 4
 
     def fits_in_memory(self, limit: int | None = None) -> bool:
         return self.nbytes <= (IN_MEMORY_LIMIT_BYTES if limit is None else limit)
@@ -63,7 +79,7 @@ class FeatureSplit:
         """At most `count` rows, drawn at random without replacement."""
         if count >= len(self):
             return self
-        picks = np.sort(np.random.default_rng(seed).choice(len(self), count, replace=False))
+        picks = random_picks(len(self), count, seed)
         return FeatureSplit(self.cache, self.locations[picks], self.y[picks])
 
     def chunks(self, rows: int = 8192) -> Iterator[Split]:

@@ -28,6 +28,7 @@ from retrain import distribute, export, extract
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
 from retrain.errors import RetrainError
 from retrain.evaluate import Evaluation, evaluate_chunks
+from retrain.features import random_picks
 from retrain.models.loading import ImageModule
 
 if TYPE_CHECKING:
@@ -436,5 +437,5 @@ def subset(images: LabeledImages, size: int, seed: int) -> LabeledImages:
     """A seeded random `size` of `images` (in their order); all of them if size <= 0."""
     if not 0 < size < len(images):
         return images
-    picks = np.sort(np.random.default_rng(seed).choice(len(images), size, replace=False))
+    picks = random_picks(len(images), size, seed)  # the same draw as the cached test subset
     return LabeledImages([images.paths[i] for i in picks], np.asarray(images.labels)[picks])

@@ -169,23 +169,16 @@ def _extract(
     note in `found` where they are, or why they were skipped. Returns how many were computed."""
     if not picks:
         return 0
-    part = extract.LookupResult(
-        found.locations[picks],
-        found.file_keys[picks],
-        found.content_keys[picks],
-        found.hashed[picks],
-    )
-    part_paths = [paths[i] for i in picks]
     stats = extract.extract_missing(
-        part_paths,
-        part,
+        paths,
+        found,
         cache,
-        _extractor(f, module, module_object, part_paths),
+        _extractor(f, module, module_object, [paths[i] for i in picks[:32]]),
         module.input_size,
         f.extraction_batch_size,
         f.max_image_pixels,
+        todo=picks,
     )
-    _merge(found, picks, part)
     if stats.computed:
         log.info(
             "Computed %d bottlenecks in %.1f s (%.1f images/s)",
@@ -228,7 +221,8 @@ def _extract_in_cluster(
 
 
 def _extractor(f, module: ImageModule, module_object: LazyModule, todo: list[str]):
-    """The extraction backend for --extraction_backend, checked on a few of the images."""
+    """The extraction backend for --extraction_backend, checked on a few of the images `todo`
+    (the first of those to compute)."""
     if not todo:
         return None  # nothing to compute: no module loading, no conversion
     if f.distribution_strategy == "mirrored":

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import tensorflow as tf
 
-from retrain.errors import RetrainError
+from retrain.errors import RetrainError, first_line
 from retrain.features import FeatureSplit, Split
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,7 @@ class HeadTrainer(tf.Module):
     def __init__(self, train: Split | FeatureSplit, num_classes: int, config: TrainConfig):
         super().__init__()
         self.config = config
-        self.head = SoftmaxHead(
-            train.cache.feature_dim if isinstance(train, FeatureSplit) else train.x.shape[1],
-            num_classes,
-            config.seed,
-        )
+        self.head = SoftmaxHead(train.feature_dim, num_classes, config.seed)
         self.rng = tf.random.Generator.from_seed(config.seed)
         self.step = tf.Variable(0, dtype=tf.int64, name="global_step")
         # The last evaluation round's metrics, so a run resumed at the end can still report them.
@@ -210,7 +206,7 @@ def train_head(
             except (ValueError, AssertionError, tf.errors.OpError) as err:
                 raise RetrainError(
                     f"--checkpoint_path: the checkpoint in {checkpoint_dir} does not fit this "
-                    f"run ({str(err).splitlines()[0]}); use another folder or drop --resume"
+                    f"run ({first_line(err)}); use another folder or drop --resume"
                 ) from None
             resumed = int(trainer.step.numpy())
             log.info("Resumed training from step %d (%s)", resumed, manager.latest_checkpoint)

@@ -58,11 +58,17 @@ def generate_images(folder: Path, count: int, classes: int = 5, size=(320, 240))
     return folder
 
 
+def _images_in(image_dir: Path) -> list[str]:
+    return sorted(
+        str(p) for p in image_dir.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    )
+
+
 def _sample_batch(image_dir: Path, size: tuple[int, int], n: int = 32) -> np.ndarray:
     from retrain.decode import decode_image
     from retrain.preprocess import to_module_input
 
-    files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    files = _images_in(image_dir)
     files = (files * (n // max(len(files), 1) + 1))[:n]
     return np.stack([to_module_input(decode_image(p, size), size).numpy() for p in files])
 
@@ -320,12 +326,6 @@ def suite_scale(args) -> dict:
                 "test_accuracy": metrics["test_accuracy"],
             }
     return out
-
-
-def _images_in(image_dir: Path) -> list[str]:
-    return sorted(
-        str(p) for p in image_dir.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")
-    )
 
 
 def suite_label_image(args) -> dict:
