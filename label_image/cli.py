@@ -74,7 +74,10 @@ def read_labels(path: str) -> list[str]:
 
 def preprocess(pixels: np.ndarray, size: tuple[int, int], mean: float, std: float) -> np.ndarray:
     """Resize uint8 pixels bilinearly (as retrain did for training), then (x - mean) / std."""
-    return ((resize_bilinear(pixels, size) - mean) / std).astype(np.float32)
+    image = resize_bilinear(pixels, size)  # float32, a fresh array: normalise it in place
+    image -= np.float32(mean)
+    image /= np.float32(std)
+    return image
 
 
 def load_model(f: flags.FlagValues):

@@ -30,6 +30,7 @@ from retrain.cache import (
 )
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
 from retrain.preprocess import to_module_input
+from retrain.runtime import usable_cpus
 from retrain.scan import display_path
 
 log = logging.getLogger(__name__)
@@ -173,9 +174,12 @@ def decoded_batches(
 
     options = tf.data.Options()
     options.deterministic = True
+    # Autotuning would pick about the same parallelism, but its model thread can hold up the
+    # iterator's teardown for seconds at the end of a pass.
+    options.autotune.enabled = False
     return (
         tf.data.Dataset.range(len(paths))
-        .map(load_and_resize, num_parallel_calls=tf.data.AUTOTUNE)
+        .map(load_and_resize, num_parallel_calls=usable_cpus())
         .batch(batch_size)
         .prefetch(2)
         .with_options(options)

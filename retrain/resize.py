@@ -21,11 +21,14 @@ def resize_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     def corner(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         # Gather only the pixels used, then convert: far cheaper than converting the whole image.
         picks = (rows[:, None] * width + cols[None, :]).ravel()
-        return flat.take(picks, axis=0).reshape(size[0], size[1], channels).astype(np.float32)
+        return flat.take(picks, axis=0).reshape(size[0], size[1] * channels).astype(np.float32)
 
     top, top_right = corner(rows_lo, cols_lo), corner(rows_lo, cols_hi)
     bottom, bottom_right = corner(rows_hi, cols_lo), corner(rows_hi, cols_hi)
-    col_frac = col_frac[None, :, None]
+    # Weights spelled out per value of an output row (width x channels): broadcast over a last
+    # axis of 3, NumPy would loop 3 values at a time, several times slower.
+    col_frac = np.repeat(col_frac, channels)
+    row_frac = row_frac[:, None]
     # The same operations in the same order as TensorFlow's kernel, in place.
     top_right -= top
     top_right *= col_frac
@@ -34,9 +37,9 @@ def resize_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     bottom_right *= col_frac
     bottom += bottom_right
     bottom -= top
-    bottom *= row_frac[:, None, None]
+    bottom *= row_frac
     top += bottom
-    return top
+    return top.reshape(size[0], size[1], channels)
 
 
 def _interpolation(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
