@@ -217,7 +217,9 @@ class _TFLiteExtractor:
 
 
 def tflite_backend(
-    model_path: str | os.PathLike[str], num_threads: int | None = None, batch_size: int = 32
+    model_path: str | os.PathLike[str],
+    num_threads: int | None = None,
+    batch_size: int = TFLITE_BATCH,
 ) -> Extractor:
     """Run a TFLite feature-vector model with LiteRT (XNNPACK) on ``num_threads`` threads
     (default: every CPU this process may use), ``batch_size`` images per invocation.
@@ -255,7 +257,7 @@ def choose_backend(
     log: logging.Logger | logging.LoggerAdapter | None = None,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
-    batch_size: int = 32,
+    batch_size: int = TFLITE_BATCH,
     num_threads: int | None = None,
     tolerance: float = TOLERANCE,
 ) -> tuple[Extractor, str, str]:

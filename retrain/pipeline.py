@@ -245,7 +245,6 @@ def _extractor(f, module: ImageModule, module_object: LazyModule, todo: list[str
         np.stack(samples) if samples else None,
         log,
         cache_dir=f.module_cache_dir or None,
-        batch_size=backends.TFLITE_BATCH,
     )
     return extractor
 

@@ -37,9 +37,6 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-from retrain.backends import TFLITE_BATCH  # noqa: E402 - after sys.path is set (no TF import)
-
-
 def generate_images(folder: Path, count: int, classes: int = 5, size=(320, 240)) -> Path:
     """Write `count` JPEG photos-like images (noise over colour gradients) in `classes` folders."""
     from PIL import Image
@@ -96,7 +93,7 @@ def suite_module(args) -> dict:
     )
     try:
         path = backends.convert_to_tflite(module)
-        extractor = backends.tflite_backend(path, batch_size=TFLITE_BATCH)
+        extractor = backends.tflite_backend(path)
         result["tflite_images_per_second"] = round(_rate(extractor, batch), 1)
     except Exception as err:  # noqa: BLE001 - report, do not fail the suite
         result["tflite_error"] = str(err)
@@ -136,9 +133,7 @@ def suite_extraction(args) -> dict:
         if name == "tensorflow":
             extractor = backends.tensorflow_backend(module_object)
         else:
-            extractor = backends.tflite_backend(
-                backends.convert_to_tflite(module), batch_size=TFLITE_BATCH
-            )
+            extractor = backends.tflite_backend(backends.convert_to_tflite(module))
         raw = _rate(extractor, batch)
         inference_ms = _cpu_ms_per_image(
             lambda run=extractor: [run(batch) for _ in range(3)], 3 * len(batch)

@@ -367,24 +367,21 @@ def test_metrics_and_summaries(tiny_run):
 # ----------------------------------------------------------------------------- distribution
 
 
-@pytest.mark.parametrize(
-    "module_name", ["tiny", pytest.param("efficientnet_lite0", marks=pytest.mark.slow)]
-)
-def test_mirrored_matches_none(tiny_module, tmp_path, module_name):
-    handle = str(tiny_module) if module_name == "tiny" else module_name
-    prelude = f"MODULE = {handle!r}\n{PRELUDE}"
+@pytest.fixture(params=["tiny", pytest.param("efficientnet_lite0", marks=pytest.mark.slow)])
+def prelude(request, tiny_module) -> str:
+    """PRELUDE for the tiny module, or (slow) the real default one."""
+    handle = str(tiny_module) if request.param == "tiny" else request.param
+    return f"MODULE = {handle!r}\n{PRELUDE}"
+
+
+def test_mirrored_matches_none(tmp_path, prelude):
     result = run_script(MIRRORED_SCRIPT.format(prelude=prelude), tmp_path, timeout=300)
     assert result["replicas"] == [1, 2]
     assert result["change"] > 1e-3  # the steps did move the weights ...
     assert result["diff"] <= 1e-5  # ... the same way on one replica and on two
 
 
-@pytest.mark.parametrize(
-    "module_name", ["tiny", pytest.param("efficientnet_lite0", marks=pytest.mark.slow)]
-)
-def test_two_local_workers_fine_tune_alike(tiny_module, tmp_path, module_name):
-    handle = str(tiny_module) if module_name == "tiny" else module_name
-    prelude = f"MODULE = {handle!r}\n{PRELUDE}"
+def test_two_local_workers_fine_tune_alike(tmp_path, prelude):
     results = run_local_workers(WORKER_SCRIPT.format(prelude=prelude), tmp_path, timeout=300)
     assert [r["task"] for r in results] == [0, 1]
     assert [r["replicas"] for r in results] == [2, 2]
