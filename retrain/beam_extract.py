@@ -503,15 +503,15 @@ def extract(args: argparse.Namespace, options: PipelineOptions) -> dict:
     module = load_module(args)
     cache = open_cache(args.bottleneck_dir, module)
     module_key = cache.folder.name
-    paths = [image.path for image in image_set.files]
+    paths = image_set.paths
     keys, _ = file_keys(paths)  # unreadable files: the worker reports them
     cached = cache.locate(keys, by="file")["shard"] >= 0
     todo = [path for path, known in zip(paths, cached) if not known]
-    cached_here = len(image_set.files) - len(todo)
+    cached_here = len(image_set) - len(todo)
     log.info(
         "%d images in %d classes: %d bottlenecks cached, %d to check and compute with Beam "
         "(module %s, cache folder %s)",
-        len(image_set.files),
+        len(image_set),
         len(image_set.labels),
         cached_here,
         len(todo),
@@ -519,7 +519,7 @@ def extract(args: argparse.Namespace, options: PipelineOptions) -> dict:
         cache.folder,
     )
     summary = {
-        "images": len(image_set.files),
+        "images": len(image_set),
         "cached": cached_here,
         "computed": 0,
         "failed": 0,

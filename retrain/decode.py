@@ -81,7 +81,7 @@ def _decode(handle, min_size, max_pixels: int) -> np.ndarray:
             raise Image.DecompressionBombError(str(err)) from None
         finally:
             Image.MAX_IMAGE_PIXELS = previous
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)  # not a copy of every upright photo
     return to_rgb_array(image)
 
 

@@ -430,7 +430,7 @@ def run_from_flags(
 
 def split_images(bottlenecks: Bottlenecks, name: str) -> LabeledImages:
     """The image files and labels of one split ("training", "validation", "testing")."""
-    return LabeledImages(bottlenecks.paths_of(name), bottlenecks.labels[bottlenecks.splits == name])
+    return LabeledImages(bottlenecks.paths_of(name), bottlenecks.labels[bottlenecks.in_split(name)])
 
 
 def subset(images: LabeledImages, size: int, seed: int) -> LabeledImages:

@@ -52,19 +52,23 @@ class Bottlenecks:
     cache: BottleneckCache
     locations: np.ndarray  # cache.LOCATION_DTYPE
     labels: np.ndarray
-    splits: np.ndarray
-    paths: list[str]
+    split_codes: np.ndarray  # int8, an index into scan.SPLITS
+    paths: scan.PathList
     skipped: list[dict]
     computed: int  # by this process
     seconds: float
     cluster_computed: int | None = None  # by all the workers of a multi-worker run
 
+    def in_split(self, name: str) -> np.ndarray:
+        """Mask of the images of one split."""
+        return self.split_codes == scan.SPLITS.index(name)
+
     def split(self, name: str) -> FeatureSplit:
-        picks = np.flatnonzero(self.splits == name)
+        picks = np.flatnonzero(self.in_split(name))
         return FeatureSplit(self.cache, self.locations[picks], self.labels[picks])
 
-    def paths_of(self, name: str) -> list[str]:
-        return [p for p, s in zip(self.paths, self.splits) if s == name]
+    def paths_of(self, name: str) -> scan.PathList:
+        return self.paths.take(self.in_split(name))
 
 
 def load_module(f) -> ImageModule:
@@ -119,7 +123,7 @@ def compute_bottlenecks(
     """Look every image up in the cache and compute what is missing; with a multi-worker
     `cluster`, each worker first computes its share (`_extract_in_cluster`)."""
     cache = open_cache(f.bottleneck_dir, module)
-    paths = [image.path for image in image_set.files]
+    paths = image_set.paths
     start = time.perf_counter()
     found = extract.lookup(paths, cache)
     extract.verify(found, cache, paths)
@@ -137,6 +141,7 @@ def compute_bottlenecks(
     # Alone: all that is missing. In a cluster: what no worker could use, skipped with a reason.
     computed += extract_some(found.missing())
     seconds = time.perf_counter() - start
+    cache.release_index()  # from here on, vectors are read by location
     keep = np.ones(len(paths), dtype=bool)
     keep[list(found.skipped)] = False
     skipped = [
@@ -146,9 +151,9 @@ def compute_bottlenecks(
     return Bottlenecks(
         cache=cache,
         locations=found.locations[keep],
-        labels=np.array([img.label_index for img in image_set.files], dtype=np.int64)[keep],
-        splits=np.array([img.split for img in image_set.files])[keep],
-        paths=[p for p, k in zip(paths, keep) if k],
+        labels=image_set.label_indices[keep].astype(np.int64),
+        split_codes=image_set.split_codes[keep],
+        paths=paths.take(keep),
         skipped=skipped,
         computed=computed,
         seconds=seconds,
@@ -250,7 +255,7 @@ def _extractor(f, module: ImageModule, module_object: LazyModule, todo: list[str
 
 
 def _check_trainable(b: Bottlenecks, labels: list[str]) -> None:
-    train_labels = set(b.labels[b.splits == "training"].tolist())
+    train_labels = set(b.labels[b.in_split("training")].tolist())
     missing = [labels[i] for i in range(len(labels)) if i not in train_labels]
     if missing:
         raise RetrainError(
@@ -300,7 +305,7 @@ def run(f) -> dict:
     log.info(
         "Found %d classes, %d images (training %d, validation %d, testing %d)",
         len(image_set.labels),
-        len(image_set.files),
+        len(image_set),
         counts["training"],
         counts["validation"],
         counts["testing"],
@@ -352,7 +357,7 @@ def run(f) -> dict:
         if result.history
         else None,
         "classes": image_set.labels,
-        "images": {split: int((bottlenecks.splits == split).sum()) for split in scan.SPLITS},
+        "images": {split: int(bottlenecks.in_split(split).sum()) for split in scan.SPLITS},
         "skipped": bottlenecks.skipped + [{"file": p, "reason": r} for p, r in image_set.ignored],
         "module": module.handle,
         "bottlenecks_computed": bottlenecks.computed,
@@ -490,7 +495,7 @@ def _print_misclassified(
 ) -> None:
     log.info("=== MISCLASSIFIED TEST IMAGES ===")
     test_paths = b.paths_of("testing")
-    truth = b.labels[b.splits == "testing"]
+    truth = b.labels[b.in_split("testing")]
     for path, predicted, actual in zip(test_paths, test_eval.predictions, truth):
         if predicted != actual:
             log.info("%70s  %s", scan.display_path(path), labels[predicted])

@@ -11,35 +11,35 @@ import numpy as np
 def resize_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize pixels [h, w, c] to `size` (height, width) as float32, computed the way
     ``tf.image.resize(method="bilinear")`` does (half-pixel centres, no antialiasing), so a
-    TFLite model sees what retrain's extraction fed the module, without importing TensorFlow."""
+    TFLite model sees what retrain's extraction fed the module, without importing TensorFlow.
+
+    Bit-equal to TensorFlow: the same float32 operations in the same order, done separably.
+    Each input row used is interpolated across once (TensorFlow's `top` and `bottom` rows are
+    such rows), then output rows are interpolated between them.
+    """
     pixels = np.asarray(pixels)
     height, width, channels = pixels.shape
-    rows_lo, rows_hi, row_frac = _interpolation(height, size[0])
-    cols_lo, cols_hi, col_frac = _interpolation(width, size[1])
-    flat = pixels.reshape(height * width, channels)
-
-    def corner(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        # Gather only the pixels used, then convert: far cheaper than converting the whole image.
-        picks = (rows[:, None] * width + cols[None, :]).ravel()
-        return flat.take(picks, axis=0).reshape(size[0], size[1] * channels).astype(np.float32)
-
-    top, top_right = corner(rows_lo, cols_lo), corner(rows_lo, cols_hi)
-    bottom, bottom_right = corner(rows_hi, cols_lo), corner(rows_hi, cols_hi)
-    # Weights spelled out per value of an output row (width x channels): broadcast over a last
-    # axis of 3, NumPy would loop 3 values at a time, several times slower.
-    col_frac = np.repeat(col_frac, channels)
-    row_frac = row_frac[:, None]
-    # The same operations in the same order as TensorFlow's kernel, in place.
-    top_right -= top
-    top_right *= col_frac
-    top += top_right
-    bottom_right -= bottom
-    bottom_right *= col_frac
-    bottom += bottom_right
+    out_height, out_width = size
+    rows_lo, rows_hi, row_frac = _interpolation(height, out_height)
+    cols_lo, cols_hi, col_frac = _interpolation(width, out_width)
+    rows = np.union1d(rows_lo, rows_hi)  # the input rows used, sorted
+    source = pixels[rows] if len(rows) < height else pixels
+    # Gather only the pixels used, then convert: far cheaper than converting the whole image.
+    across, right = (
+        source.take(cols, axis=1).reshape(len(rows), -1).astype(np.float32)
+        for cols in (cols_lo, cols_hi)
+    )
+    # Weights spelled out per value of a row (width x channels): broadcast over a last axis
+    # of 3, NumPy would loop 3 values at a time, several times slower.
+    right -= across
+    right *= np.repeat(col_frac, channels)
+    across += right
+    top = across.take(np.searchsorted(rows, rows_lo), axis=0)
+    bottom = across.take(np.searchsorted(rows, rows_hi), axis=0)
     bottom -= top
-    bottom *= row_frac
+    bottom *= row_frac[:, None]
     top += bottom
-    return top.reshape(size[0], size[1], channels)
+    return top.reshape(out_height, out_width, channels)
 
 
 def _interpolation(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -13,9 +13,12 @@ import hashlib
 import io
 import os
 import re
-from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
+
+import numpy as np
 
 from retrain.atomic import atomic_write_text
 from retrain.errors import UsageError
@@ -26,39 +29,116 @@ SPLITS = ("training", "validation", "testing")
 MAX_NUM_IMAGES_PER_CLASS = 2**27 - 1
 
 
-@dataclass(frozen=True, slots=True)  # a million of them: no per-object dict
-class ImageFile:
-    """One image: where it is, its class index and the split it belongs to."""
+class PathList(Sequence[str]):
+    """File paths packed into one bytes buffer with end offsets.
 
-    path: str  # not a Path: a million Path objects cost half a gigabyte
-    label_index: int
-    split: str
+    A million paths cost about (length + 8) bytes each instead of the ~150 bytes of a str
+    object in a list; indexing decodes one path back to str (also names that are not UTF-8).
+    """
+
+    def __init__(self, paths: Iterable[str | os.PathLike] = ()):
+        self._pack([os.fsencode(p) for p in paths])
+
+    def _pack(self, encoded: list[bytes]) -> None:
+        self._buffer = b"".join(encoded)
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+
+    @classmethod
+    def concat(cls, parts: Sequence[PathList]) -> PathList:
+        """One list holding the paths of `parts`, in order."""
+        joined = cls()
+        joined._buffer = b"".join(part._buffer for part in parts)
+        offsets = np.cumsum([0] + [len(part._buffer) for part in parts[:-1]], dtype=np.int64)
+        ends = [part._ends + offset for part, offset in zip(parts, offsets)]
+        joined._ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+        return joined
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> PathList: ...
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.take(np.arange(len(self))[index])
+        end = int(self._ends[index])  # raises IndexError past the end; negative counts back
+        start = int(self._ends[index - 1]) if index % len(self) else 0
+        return os.fsdecode(self._buffer[start:end])
+
+    def __iter__(self) -> Iterator[str]:
+        start = 0
+        for end in self._ends.tolist():
+            yield os.fsdecode(self._buffer[start:end])
+            start = end
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> PathList:
+        """The paths at `indices` (ints, or a boolean mask), as a new PathList."""
+        indices = np.asarray(indices, dtype=bool if len(indices) == 0 else None)
+        if indices.dtype == bool:
+            if len(indices) == len(self) and indices.all():
+                return self  # immutable: sharing it is safe, and costs nothing
+            indices = np.flatnonzero(indices)
+        ends = self._ends[indices]
+        starts = np.where(indices % max(len(self), 1) == 0, 0, self._ends[indices - 1])
+        # Chunk by chunk, so that no more than a chunk of small bytes objects exists at once.
+        chunk = 65536
+        buffers = []
+        for first in range(0, len(indices), chunk):
+            pieces = zip(
+                starts[first : first + chunk].tolist(), ends[first : first + chunk].tolist()
+            )
+            buffers.append(b"".join(self._buffer[a:b] for a, b in pieces))
+        taken = PathList()
+        taken._buffer = b"".join(buffers)
+        taken._ends = np.cumsum(ends - starts)
+        return taken
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PathList):
+            return self._buffer == other._buffer and np.array_equal(self._ends, other._ends)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"PathList({len(self)} paths)"
 
 
 @dataclass
 class ImageSet:
-    """All images found under an image folder, with their labels and split."""
+    """All images found under an image folder, with their labels and split.
+
+    Column arrays, one row per image, so a million images cost tens of megabytes.
+    """
 
     image_dir: Path
-    labels: list[str]
-    files: list[ImageFile]
+    labels: list[str]  # class names; an image's label index points here
+    paths: PathList
+    label_indices: np.ndarray  # int32
+    split_codes: np.ndarray  # int8, an index into SPLITS
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
-    def in_split(self, split: str) -> list[ImageFile]:
-        """The images of one split, in scan order."""
-        return [f for f in self.files if f.split == split]
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def split_of(self, i: int) -> str:
+        """The split of image i."""
+        return SPLITS[self.split_codes[i]]
+
+    def in_split(self, split: str) -> np.ndarray:
+        """Mask of the images of one split."""
+        return self.split_codes == SPLITS.index(split)
 
     def split_counts(self) -> dict[str, int]:
         """Number of images per split."""
-        counts = Counter(f.split for f in self.files)
-        return {split: counts.get(split, 0) for split in SPLITS}
+        counts = np.bincount(self.split_codes, minlength=len(SPLITS))
+        return {split: int(n) for split, n in zip(SPLITS, counts)}
 
     def class_split_counts(self) -> list[dict[str, int]]:
         """Per class, the number of images per split."""
-        counts = [dict.fromkeys(SPLITS, 0) for _ in self.labels]
-        for f in self.files:
-            counts[f.label_index][f.split] += 1
-        return counts
+        cells = self.label_indices.astype(np.int64) * len(SPLITS) + self.split_codes
+        counts = np.bincount(cells, minlength=len(self.labels) * len(SPLITS))
+        return [dict(zip(SPLITS, row.tolist())) for row in counts.reshape(-1, len(SPLITS))]
 
 
 def label_for_folder(name: str) -> str:
@@ -173,7 +253,9 @@ def scan_image_dir(
     ignored: list[tuple[str, str]] = []
     labels: list[str] = []
     label_source: dict[str, str] = {}
-    files: list[ImageFile] = []
+    paths: list[PathList] = []
+    label_indices: list[np.ndarray] = []
+    split_codes: list[np.ndarray] = []
     for entry in class_dirs:
         label = label_for_folder(entry.name)
         if label in label_source:
@@ -186,19 +268,28 @@ def scan_image_dir(
             ignored.append((display_path(entry.path), "class folder has no images; skipped"))
             continue
         label_source[label] = entry.name
-        index = len(labels)
+        label_indices.append(np.full(len(images), len(labels), dtype=np.int32))
         labels.append(label)
-        for path in images:
-            name = os.path.basename(path)
-            split = split_for_file(name, validation_percentage, testing_percentage)
-            files.append(ImageFile(path=path, label_index=index, split=split))
+        splits = [
+            split_for_file(os.path.basename(path), validation_percentage, testing_percentage)
+            for path in images
+        ]
+        split_codes.append(np.array([SPLITS.index(split) for split in splits], dtype=np.int8))
+        paths.append(PathList(images))
     if len(labels) < 2:
         found = f"only {len(labels)} class" if labels else "no images"
         raise UsageError(
             f"--image_dir: {found} found in {display_path(root)}; "
             "need at least two class subfolders with images"
         )
-    return ImageSet(image_dir=root, labels=labels, files=files, ignored=ignored)
+    return ImageSet(
+        image_dir=root,
+        labels=labels,
+        paths=PathList.concat(paths),
+        label_indices=np.concatenate(label_indices),
+        split_codes=np.concatenate(split_codes),
+        ignored=ignored,
+    )
 
 
 def check_splits_populated(image_set: ImageSet, needed_overall: tuple[str, ...]) -> list[str]:
@@ -235,6 +326,7 @@ def write_split_manifest(image_set: ImageSet, path: str | os.PathLike) -> None:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["path", "label", "split"])
-    for f in image_set.files:
-        writer.writerow([display_path(f.path), image_set.labels[f.label_index], f.split])
+    for i, image_path in enumerate(image_set.paths):
+        label = image_set.labels[image_set.label_indices[i]]
+        writer.writerow([display_path(image_path), label, image_set.split_of(i)])
     atomic_write_text(path, out.getvalue())

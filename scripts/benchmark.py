@@ -122,7 +122,7 @@ def suite_extraction(args) -> dict:
 
     module = resolve_module(args.tfhub_module)
     module_object = module.load()
-    files = [f.path for f in scan_image_dir(args.image_dir, 10, 10).files]
+    files = list(scan_image_dir(args.image_dir, 10, 10).paths)
     batch = _sample_batch(args.image_dir, module.input_size)
     decode_ms = _cpu_ms_per_image(
         lambda: sum(1 for _ in extract.decoded_batches(files, module.input_size, 32, {})),

@@ -351,10 +351,10 @@ def test_resize_bilinear_is_tensorflows(shape, size):
     expected = tf.image.resize(tf.cast(pixels, tf.float32), size, method="bilinear").numpy()
     resized = resize_bilinear(pixels, size)
     assert resized.dtype == np.float32
-    np.testing.assert_allclose(resized, expected, atol=1e-4)
-    photo = decode_image(PHOTOS[0], (224, 224))
-    np.testing.assert_allclose(
-        resize_bilinear(photo, (224, 224)) / 255.0,
-        to_module_input(photo, (224, 224)).numpy(),
-        atol=1e-6,
-    )
+    np.testing.assert_array_equal(resized, expected)  # bit for bit, not merely close
+    for photo in PHOTOS:
+        pixels = decode_image(photo, (224, 224))
+        np.testing.assert_array_equal(
+            resize_bilinear(pixels, (224, 224)) / np.float32(255),
+            to_module_input(pixels, (224, 224)).numpy(),
+        )

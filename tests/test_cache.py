@@ -40,6 +40,9 @@ def test_roundtrip_through_shards(tmp_path):
     assert ok.all()
     np.testing.assert_array_equal(vectors, np.stack([_vec(i) for i in range(10)]))
     assert cache.find(_keys(3)[1], None) == locations[3]  # by file key too
+    cache.release_index()
+    assert cache._index[1] is None  # the sorted keys are freed...
+    assert cache.find(None, _keys(7)[0]) == locations[7]  # ...and rebuilt when needed
 
 
 def test_orphaned_vectors_from_a_killed_writer_are_ignored(tmp_path):

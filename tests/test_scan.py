@@ -3,10 +3,12 @@ import hashlib
 import os
 import re
 
+import numpy as np
 import pytest
 
 from retrain.errors import UsageError
 from retrain.scan import (
+    PathList,
     check_splits_populated,
     label_for_folder,
     scan_image_dir,
@@ -42,10 +44,15 @@ def test_split_uses_base_name_not_path(tmp_path):
                 write_image(root / name / f"photo{i}.jpg")
     first = scan_image_dir(tmp_path / "one", 10, 10)
     second = scan_image_dir(tmp_path / "elsewhere" / "two", 10, 10)
-    assert [(os.path.basename(f.path), f.split) for f in first.files] == [
-        (os.path.basename(f.path), f.split) for f in second.files
-    ]
-    assert {f.split for f in first.files} == {"training", "validation", "testing"}
+
+    def named_splits(image_set):
+        return [(os.path.basename(p), image_set.split_of(i)) for i, p in enumerate(image_set.paths)]
+
+    assert named_splits(first) == named_splits(second)
+    assert {split for _, split in named_splits(first)} == {"training", "validation", "testing"}
+    assert first.split_counts() == {
+        split: int(first.in_split(split).sum()) for split in ("training", "validation", "testing")
+    }
 
 
 def test_labels_follow_retrain_py():
@@ -65,7 +72,7 @@ def test_classes_sorted_extensions_case_insensitive_hidden_ignored(tmp_path):
     (tmp_path / "a_cats" / "notes.txt").write_text("not an image")
     image_set = scan_image_dir(tmp_path, 0, 0)
     assert image_set.labels == ["a cats", "b dogs"]
-    names = sorted(os.path.basename(f.path) for f in image_set.files)
+    names = sorted(os.path.basename(p) for p in image_set.paths)
     assert names == ["p.PNG", "q.bmp", "r.gif", "x.JPG", "y.Jpeg", "z.webp"]
 
 
@@ -97,7 +104,7 @@ def test_symlinks_followed_once_without_loops(tmp_path):
     os.symlink(tmp_path / "data" / "cats" / "a.jpg", tmp_path / "data" / "cats" / "a_link.jpg")
     os.symlink(tmp_path / "nowhere.jpg", tmp_path / "data" / "dogs" / "broken.jpg")
     image_set = scan_image_dir(tmp_path / "data", 0, 0)
-    assert sorted(os.path.basename(f.path) for f in image_set.files) == ["a.jpg", "b.jpg"]
+    assert sorted(os.path.basename(p) for p in image_set.paths) == ["a.jpg", "b.jpg"]
     assert any("broken" in path for path, _ in image_set.ignored)
 
 
@@ -107,10 +114,9 @@ def test_non_utf8_and_non_ascii_names(tmp_path):
     os.makedirs(os.path.dirname(raw))
     os.rename(write_image(tmp_path / "tmp.jpg"), raw)
     image_set = scan_image_dir(tmp_path, 0, 0)
-    assert len(image_set.files) == 2
-    split_for_file(
-        os.path.basename(image_set.files[1].path), 10, 10
-    )  # hashes raw bytes without error
+    assert len(image_set) == 2
+    assert os.fsencode(image_set.paths[1]).endswith(b"bad_\xff_name.jpg")  # kept byte for byte
+    split_for_file(os.path.basename(image_set.paths[1]), 10, 10)  # hashes raw bytes
 
 
 def test_split_checks(tmp_path):
@@ -135,3 +141,18 @@ def test_split_manifest(tmp_path):
     assert {r["label"] for r in rows} == {"cats", "dogs"}
     for row in rows:
         assert row["split"] == split_for_file(os.path.basename(row["path"]), 20, 20)
+
+
+def test_path_list_packs_paths_and_gives_them_back():
+    names = ["cats/a.jpg", "dogs/ü_猫.png", os.fsdecode(b"x/bad_\xff.jpg"), "", "z"]
+    paths = PathList(names)
+    assert len(paths) == 5 and list(paths) == names
+    assert [paths[i] for i in range(5)] == names and paths[-1] == "z" and paths[-5] == names[0]
+    with pytest.raises(IndexError):
+        paths[5]
+    assert list(paths.take([4, 0, 2])) == ["z", names[0], names[2]]
+    assert list(paths.take(np.array([True, False, False, True, True]))) == ["cats/a.jpg", "", "z"]
+    assert list(paths.take([])) == [] and list(paths[1:3]) == names[1:3]
+    joined = PathList.concat([paths.take([1]), PathList(), paths.take([0, 4])])
+    assert list(joined) == [names[1], names[0], "z"]
+    assert joined == PathList([names[1], names[0], "z"])
