@@ -61,7 +61,7 @@ class Bottlenecks:
 
     def in_split(self, name: str) -> np.ndarray:
         """Mask of the images of one split."""
-        return self.split_codes == scan.SPLITS.index(name)
+        return scan.split_mask(self.split_codes, name)
 
     def split(self, name: str) -> FeatureSplit:
         picks = np.flatnonzero(self.in_split(name))
@@ -357,7 +357,7 @@ def run(f) -> dict:
         if result.history
         else None,
         "classes": image_set.labels,
-        "images": {split: int(bottlenecks.in_split(split).sum()) for split in scan.SPLITS},
+        "images": scan.count_splits(bottlenecks.split_codes),
         "skipped": bottlenecks.skipped + [{"file": p, "reason": r} for p, r in image_set.ignored],
         "module": module.handle,
         "bottlenecks_computed": bottlenecks.computed,

@@ -37,21 +37,34 @@ class PathList(Sequence[str]):
     """
 
     def __init__(self, paths: Iterable[str | os.PathLike] = ()):
-        self._pack([os.fsencode(p) for p in paths])
-
-    def _pack(self, encoded: list[bytes]) -> None:
+        encoded = [os.fsencode(p) for p in paths]
         self._buffer = b"".join(encoded)
         self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
 
     @classmethod
+    def _packed(cls, buffers: Sequence[bytes], lengths: np.ndarray) -> PathList:
+        """A list of the paths whose bytes, concatenated, are `buffers` joined."""
+        packed = cls()
+        packed._buffer = b"".join(buffers)
+        packed._ends = np.cumsum(lengths, dtype=np.int64)
+        return packed
+
+    @classmethod
     def concat(cls, parts: Sequence[PathList]) -> PathList:
         """One list holding the paths of `parts`, in order."""
-        joined = cls()
-        joined._buffer = b"".join(part._buffer for part in parts)
-        offsets = np.cumsum([0] + [len(part._buffer) for part in parts[:-1]], dtype=np.int64)
-        ends = [part._ends + offset for part, offset in zip(parts, offsets)]
-        joined._ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
-        return joined
+        lengths = [part._lengths() for part in parts]
+        return cls._packed(
+            [part._buffer for part in parts],
+            np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
+        )
+
+    def _starts(self) -> np.ndarray:
+        starts = np.zeros_like(self._ends)
+        starts[1:] = self._ends[:-1]
+        return starts
+
+    def _lengths(self) -> np.ndarray:
+        return self._ends - self._starts()
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -80,20 +93,15 @@ class PathList(Sequence[str]):
             if len(indices) == len(self) and indices.all():
                 return self  # immutable: sharing it is safe, and costs nothing
             indices = np.flatnonzero(indices)
-        ends = self._ends[indices]
-        starts = np.where(indices % max(len(self), 1) == 0, 0, self._ends[indices - 1])
-        # Chunk by chunk, so that no more than a chunk of small bytes objects exists at once.
+        starts, ends = self._starts()[indices], self._ends[indices]
+        first, last = starts.tolist(), ends.tolist()
+        # Joined chunk by chunk: no more than a chunk of small bytes objects exists at once.
         chunk = 65536
-        buffers = []
-        for first in range(0, len(indices), chunk):
-            pieces = zip(
-                starts[first : first + chunk].tolist(), ends[first : first + chunk].tolist()
-            )
-            buffers.append(b"".join(self._buffer[a:b] for a, b in pieces))
-        taken = PathList()
-        taken._buffer = b"".join(buffers)
-        taken._ends = np.cumsum(ends - starts)
-        return taken
+        buffers = [
+            b"".join(self._buffer[a:b] for a, b in zip(first[i : i + chunk], last[i : i + chunk]))
+            for i in range(0, len(first), chunk)
+        ]
+        return self._packed(buffers, ends - starts)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PathList):
@@ -102,6 +110,17 @@ class PathList(Sequence[str]):
 
     def __repr__(self) -> str:
         return f"PathList({len(self)} paths)"
+
+
+def split_mask(split_codes: np.ndarray, split: str) -> np.ndarray:
+    """Mask of the rows of `split_codes` (indices into SPLITS) that belong to `split`."""
+    return split_codes == SPLITS.index(split)
+
+
+def count_splits(split_codes: np.ndarray) -> dict[str, int]:
+    """Number of rows of `split_codes` (indices into SPLITS) per split."""
+    counts = np.bincount(split_codes, minlength=len(SPLITS))
+    return {split: int(n) for split, n in zip(SPLITS, counts)}
 
 
 @dataclass
@@ -127,12 +146,11 @@ class ImageSet:
 
     def in_split(self, split: str) -> np.ndarray:
         """Mask of the images of one split."""
-        return self.split_codes == SPLITS.index(split)
+        return split_mask(self.split_codes, split)
 
     def split_counts(self) -> dict[str, int]:
         """Number of images per split."""
-        counts = np.bincount(self.split_codes, minlength=len(SPLITS))
-        return {split: int(n) for split, n in zip(SPLITS, counts)}
+        return count_splits(self.split_codes)
 
     def class_split_counts(self) -> list[dict[str, int]]:
         """Per class, the number of images per split."""
@@ -270,10 +288,10 @@ def scan_image_dir(
         label_source[label] = entry.name
         label_indices.append(np.full(len(images), len(labels), dtype=np.int32))
         labels.append(label)
-        splits = [
+        splits = (
             split_for_file(os.path.basename(path), validation_percentage, testing_percentage)
             for path in images
-        ]
+        )
         split_codes.append(np.array([SPLITS.index(split) for split in splits], dtype=np.int8))
         paths.append(PathList(images))
     if len(labels) < 2:
