@@ -78,6 +78,9 @@ class ExtractionStats:
     def images_per_second(self) -> float:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
+    def __add__(self, other: ExtractionStats) -> ExtractionStats:
+        return ExtractionStats(self.computed + other.computed, self.seconds + other.seconds)
+
 
 def _unreadable(err: OSError) -> str:
     return f"cannot read: {err.strerror or err}"

@@ -56,7 +56,8 @@ class Bottlenecks:
     paths: scan.PathList
     skipped: list[dict]
     computed: int  # by this process
-    seconds: float
+    seconds: float  # the whole phase: lookup, hashing, module loading, backend choice, extraction
+    extraction_seconds: float = 0.0  # of those, decoding, the model and cache writes only
     cluster_computed: int | None = None  # by all the workers of a multi-worker run
 
     def in_split(self, name: str) -> np.ndarray:
@@ -135,11 +136,13 @@ def compute_bottlenecks(
         missing,
     )
     extract_some = partial(_extract, f, module, module_object, cache, paths, found)
-    computed, cluster_computed = 0, None
+    extraction, cluster_computed = extract.ExtractionStats(), None
     if cluster is not None:
-        computed, cluster_computed = _extract_in_cluster(cluster, cache, paths, found, extract_some)
+        extraction, cluster_computed = _extract_in_cluster(
+            cluster, cache, paths, found, extract_some
+        )
     # Alone: all that is missing. In a cluster: what no worker could use, skipped with a reason.
-    computed += extract_some(found.missing())
+    extraction += extract_some(found.missing())
     seconds = time.perf_counter() - start
     cache.release_index()  # from here on, vectors are read by location
     keep = np.ones(len(paths), dtype=bool)
@@ -155,8 +158,9 @@ def compute_bottlenecks(
         split_codes=image_set.split_codes[keep],
         paths=paths.take(keep),
         skipped=skipped,
-        computed=computed,
+        computed=extraction.computed,
         seconds=seconds,
+        extraction_seconds=extraction.seconds,
         cluster_computed=cluster_computed,
     )
 
@@ -169,11 +173,12 @@ def _extract(
     paths: list[str],
     found: extract.LookupResult,
     picks: list[int],
-) -> int:
+) -> extract.ExtractionStats:
     """Compute the missing vectors of images `picks` (indices into `paths`) into `cache`, and
-    note in `found` where they are, or why they were skipped. Returns how many were computed."""
+    note in `found` where they are, or why they were skipped. Returns how many were computed
+    and how long that took."""
     if not picks:
-        return 0
+        return extract.ExtractionStats()
     stats = extract.extract_missing(
         paths,
         found,
@@ -191,7 +196,7 @@ def _extract(
             stats.seconds,
             stats.images_per_second,
         )
-    return stats.computed
+    return stats
 
 
 def _merge(found: extract.LookupResult, picks: list[int], part: extract.LookupResult) -> None:
@@ -207,22 +212,23 @@ def _extract_in_cluster(
     cache: BottleneckCache,
     paths: list[str],
     found: extract.LookupResult,
-    extract_some: Callable[[list[int]], int],
-) -> tuple[int, int]:
+    extract_some: Callable[[list[int]], extract.ExtractionStats],
+) -> tuple[extract.ExtractionStats, int]:
     """Compute this worker's share of the missing vectors, wait for every worker, then look up
-    what the others computed (`found` is updated). Returns (computed here, in the cluster)."""
+    what the others computed (`found` is updated). Returns (what this worker computed, how many
+    the cluster computed)."""
     todo = found.missing()
     share = distribute.worker_share(todo)
     log.info("This worker computes %d of the %d missing bottlenecks", len(share), len(todo))
-    computed = extract_some(share)
-    total = int(distribute.barrier(cluster, computed))
+    mine = extract_some(share)
+    total = int(distribute.barrier(cluster, mine.computed))
     log.info("The cluster's workers computed %d bottlenecks together", total)
     cache.refresh()
     todo = found.missing()
     again = extract.lookup([paths[i] for i in todo], cache)
     extract.verify(again, cache, [paths[i] for i in todo])
     _merge(found, todo, again)
-    return computed, total
+    return mine, total
 
 
 def _extractor(f, module: ImageModule, module_object: LazyModule, todo: list[str]):
@@ -362,9 +368,11 @@ def run(f) -> dict:
         "module": module.handle,
         "bottlenecks_computed": bottlenecks.computed,
         "bottleneck_seconds": round(bottlenecks.seconds, 3),
-        "bottleneck_images_per_second": round(bottlenecks.computed / bottlenecks.seconds, 2)
-        if bottlenecks.seconds > 0 and bottlenecks.computed
-        else 0.0,
+        "bottleneck_images_per_second": _per_second(bottlenecks.computed, bottlenecks.seconds),
+        "extraction_seconds": round(bottlenecks.extraction_seconds, 3),
+        "extraction_images_per_second": _per_second(
+            bottlenecks.computed, bottlenecks.extraction_seconds
+        ),
         "training_steps": config.how_many_training_steps,
         "resumed_from_step": result.resumed_from_step,
         "training_seconds": round(result.seconds, 3),
@@ -402,6 +410,10 @@ def _cluster_strategy(f) -> tf.distribute.Strategy | None:
             "metrics, summaries, checkpoints, split manifest) to the chief"
         )
     return strategy
+
+
+def _per_second(count: int, seconds: float) -> float:
+    return round(count / seconds, 2) if seconds > 0 and count else 0.0
 
 
 def _cluster_metrics(b: Bottlenecks) -> dict:

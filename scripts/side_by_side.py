@@ -18,7 +18,10 @@ Each round runs retrain with an empty, then a filled cache, and retrain.py the s
 order alternates between rounds, so a slow spell on a shared machine hits both). Printed as
 JSON: every run, the medians, and the ratios against issue 7's targets: whole run with an empty
 cache at most 1/6 of retrain.py's, with a filled cache at most 1/18, extraction at least 4x its
-images/s, peak RSS no more than its own. retrain.py keeps its checkpoint at a fixed path,
+images/s, peak RSS no more than its own. Extraction is timed alike for both: retrain.py's from
+its first to its last "Creating bottleneck" log line, retrain's by its loop over the images to
+compute (`extraction_images_per_second`); the whole bottleneck phase, with module loading and
+the cache lookup, is reported beside it. retrain.py keeps its checkpoint at a fixed path,
 /tmp/_retrain_checkpoint*, so do not run two comparisons at once.
 """
 
@@ -41,6 +44,10 @@ sys.path.insert(0, str(SCRIPTS))
 import benchmark  # noqa: E402  (the sibling script: paths, `retrain` command line)
 
 MODULE = "efficientnet_lite0"
+# From retrain's --metrics_json. extraction_images_per_second (decoding, the model and cache
+# writes) is what retrain.py's log gives; bottleneck_images_per_second adds module loading,
+# the backend check, lookup and hashing.
+METRICS = ("test_accuracy", "extraction_images_per_second", "bottleneck_images_per_second")
 TARGETS = {  # issue 7, "How it is checked"
     "empty_cache_wall_ratio": ("<=", 1 / 6),
     "filled_cache_wall_ratio": ("<=", 1 / 18),
@@ -118,7 +125,8 @@ _ABSL_LINE = re.compile(r"^I(\d{4} \d\d:\d\d:\d\d\.\d+) .*?\] (.*)$")
 
 
 def parse_retrain_py_log(text: str) -> dict:
-    """Bottleneck images/s and test accuracy from retrain.py's log (absl-format lines)."""
+    """Extraction images/s (first to last "Creating bottleneck") and test accuracy from
+    retrain.py's log (absl-format lines)."""
     created: list[datetime] = []
     accuracy = None
     for line in text.splitlines():
@@ -135,7 +143,7 @@ def parse_retrain_py_log(text: str) -> dict:
         # Each line is logged as a bottleneck starts: n lines bracket n - 1 computed ones.
         span = (created[-1] - created[0]).total_seconds()
         rate = (len(created) - 1) / span if span > 0 else None
-    return {"bottlenecks_created": len(created), "bottleneck_images_per_second": rate,
+    return {"bottlenecks_created": len(created), "extraction_images_per_second": rate,
             "test_accuracy": accuracy}  # fmt: skip
 
 
@@ -196,8 +204,8 @@ def run_retrain(image_dir: Path, work: Path, name: str, extra: list[str]) -> dic
     for cache in ("empty", "filled"):
         runs[cache] = measured_run(cmd, folder / f"{cache}.log")
         metrics = json.loads((folder / "metrics.json").read_text())
-        runs[cache]["test_accuracy"] = metrics.get("test_accuracy")
-        runs[cache]["bottleneck_images_per_second"] = metrics.get("bottleneck_images_per_second")
+        for key in METRICS:
+            runs[cache][key] = metrics.get(key)
     return runs
 
 
@@ -226,8 +234,11 @@ def summary(ours: list[dict], theirs: list[dict]) -> dict:
         for key in ("seconds", "peak_rss_mb")
     }
     base = {key: median(theirs, *key.split("_", 1)) for key in mine}
-    mine["extraction_images_per_second"] = median(ours, "empty", "bottleneck_images_per_second")
-    base["extraction_images_per_second"] = median(theirs, "empty", "bottleneck_images_per_second")
+    mine["extraction_images_per_second"] = median(ours, "empty", "extraction_images_per_second")
+    mine["bottleneck_phase_images_per_second"] = median(
+        ours, "empty", "bottleneck_images_per_second"
+    )
+    base["extraction_images_per_second"] = median(theirs, "empty", "extraction_images_per_second")
     ratios = {
         "empty_cache_wall_ratio": mine["empty_seconds"] / base["empty_seconds"],
         "filled_cache_wall_ratio": mine["filled_seconds"] / base["filled_seconds"],

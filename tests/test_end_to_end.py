@@ -51,6 +51,10 @@ def test_metrics_json(trained):
     assert metrics["images"]["training"] >= 70
     assert metrics["final_train_accuracy"] >= 0.9
     assert metrics["test_accuracy"] >= 0.6
+    # An empty cache: the extraction loop is part of the bottleneck phase, and faster than it.
+    assert metrics["bottlenecks_computed"] >= 70
+    assert 0 < metrics["extraction_seconds"] <= metrics["bottleneck_seconds"]
+    assert metrics["extraction_images_per_second"] >= metrics["bottleneck_images_per_second"] > 0
 
 
 def test_bad_files_skipped_and_reported(trained):

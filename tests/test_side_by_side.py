@@ -92,15 +92,16 @@ def test_log_gives_bottleneck_rate_and_test_accuracy():
     )
     parsed = side_by_side.parse_retrain_py_log(log)
     assert parsed["bottlenecks_created"] == 3
-    assert parsed["bottleneck_images_per_second"] == pytest.approx(2 / 2.0)
+    assert parsed["extraction_images_per_second"] == pytest.approx(2 / 2.0)
     assert parsed["test_accuracy"] == pytest.approx(0.915)
-    assert side_by_side.parse_retrain_py_log("")["bottleneck_images_per_second"] is None
+    assert side_by_side.parse_retrain_py_log("")["extraction_images_per_second"] is None
 
 
 def _runs(empty, filled, rss, rate):
+    run = {"peak_rss_mb": rss, "bottleneck_images_per_second": rate and rate * 0.9}
     return {
-        "empty": {"seconds": empty, "peak_rss_mb": rss, "bottleneck_images_per_second": rate},
-        "filled": {"seconds": filled, "peak_rss_mb": rss, "bottleneck_images_per_second": None},
+        "empty": {**run, "seconds": empty, "extraction_images_per_second": rate},
+        "filled": {**run, "seconds": filled, "extraction_images_per_second": None},
     }
 
 
@@ -110,6 +111,7 @@ def test_summary_takes_medians_and_judges_each_target():
     result = side_by_side.summary(ours, theirs)
     ratios = result["ratios"]
     assert result["retrain_median"]["empty_seconds"] == 25
+    assert result["retrain_median"]["bottleneck_phase_images_per_second"] == pytest.approx(108)
     assert ratios["empty_cache_wall_ratio"]["value"] == pytest.approx(25 / 315, abs=1e-4)
     assert ratios["empty_cache_wall_ratio"]["met"] is True
     assert ratios["filled_cache_wall_ratio"]["met"] is False  # 9/145 > 1/18
