@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -181,25 +182,27 @@ def suite_training(args) -> dict:
     }
 
 
-def _timed_run(cmd: list[str]) -> dict:
-    wrapper = [
-        sys.executable,
-        "-c",
-        "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        "rc = subprocess.call(sys.argv[1:]); w = time.perf_counter() - t; "
-        "r = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
-        "print(f'{rc} {w} {r}', file=sys.stderr)",
-        *cmd,
-    ]
-    done = subprocess.run(wrapper, capture_output=True, text=True)
-    rc, wall, rss = done.stderr.strip().splitlines()[-1].split()
-    if int(rc) != 0:
-        raise RuntimeError(f"{Path(cmd[0]).name} failed ({rc}):\n{done.stderr[-2000:]}")
-    return {"seconds": round(float(wall), 2), "peak_rss_mb": round(int(rss) / 1024, 1)}
+def timed_run(cmd: list[str], log: Path | None = None, cwd: Path | None = None) -> dict:
+    """Run `cmd`, its stderr to `log` (else kept only for an error): wall seconds and its own
+    peak RSS (from wait4). Raises RuntimeError, with the end of stderr, if it fails."""
+    start = time.perf_counter()
+    with open(log, "w+") if log else tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            err.seek(0)
+            tail = err.read()[-2000:]
+            raise RuntimeError(f"{Path(cmd[0]).name} failed ({child.returncode}):\n{tail}")
+    return {"seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
-def _retrain_command(image_dir: Path, work: Path, args) -> list[str]:
-    """A default `retrain` run on image_dir with every output under `work`."""
+def retrain_command(
+    image_dir: Path, work: Path, module: str, extra: Sequence[str] = ()
+) -> list[str]:
+    """A default `retrain` run of `module` on image_dir with every output under `work`, plus
+    the flags `extra`."""
     retrain = shutil.which("retrain") or str(Path(sys.executable).with_name("retrain"))
     return [
         retrain,
@@ -209,18 +212,18 @@ def _retrain_command(image_dir: Path, work: Path, args) -> list[str]:
         f"--output_graph={work / 'graph.pb'}",
         f"--output_labels={work / 'labels.txt'}",
         f"--metrics_json={work / 'metrics.json'}",
-        f"--tfhub_module={args.tfhub_module}",
-        *args.retrain_flag,
+        f"--tfhub_module={module}",
+        *extra,
     ]
 
 
 def suite_run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cmd = _retrain_command(args.image_dir, tmp, args)
-        empty = _timed_run(cmd)
+        cmd = retrain_command(args.image_dir, tmp, args.tfhub_module, args.retrain_flag)
+        empty = timed_run(cmd)
         empty_metrics = json.loads((tmp / "metrics.json").read_text())
-        filled = _timed_run(cmd)
+        filled = timed_run(cmd)
         filled_metrics = json.loads((tmp / "metrics.json").read_text())
     keys = (
         "test_accuracy",
@@ -311,7 +314,7 @@ def suite_scale(args) -> dict:
             start = time.perf_counter()
             images = _fake_cached_images(tmp, n, module)
             made = time.perf_counter() - start
-            run = _timed_run(_retrain_command(images, tmp, args))
+            run = timed_run(retrain_command(images, tmp, args.tfhub_module, args.retrain_flag))
             metrics = json.loads((tmp / "metrics.json").read_text())
             out[str(n)] = {
                 **run,
@@ -331,15 +334,15 @@ def suite_label_image(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = tmp / "classifier.tflite"
-        cmd = _retrain_command(args.image_dir, tmp, args)
+        cmd = retrain_command(args.image_dir, tmp, args.tfhub_module, args.retrain_flag)
         subprocess.run(
             [*cmd, f"--output_tflite={model}", "--how_many_training_steps=100"],
             check=True,
             capture_output=True,
         )
         base = [label_image, f"--graph={model}", f"--labels={tmp / 'labels.txt'}"]
-        one = min(_timed_run([*base, images[0]])["seconds"] for _ in range(3))
-        batch = _timed_run([*base, *images])
+        one = min(timed_run([*base, images[0]])["seconds"] for _ in range(3))
+        batch = timed_run([*base, *images])
         classifier = TFLiteClassifier(model)
         raw = _rate(classifier.predict, _sample_batch(args.image_dir, (224, 224)))
     per_second = len(images) / max(batch["seconds"] - one, 1e-9)  # start-up counted once

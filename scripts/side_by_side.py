@@ -29,19 +29,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
-import benchmark  # noqa: E402  (the sibling script: paths, `retrain` command line)
+import benchmark  # noqa: E402  (the sibling script: `retrain` command line, timed runs)
 
 MODULE = "efficientnet_lite0"
 # From retrain's --metrics_json. extraction_images_per_second (decoding, the model and cache
@@ -54,6 +53,8 @@ TARGETS = {  # issue 7, "How it is checked"
     "extraction_speedup": (">=", 4.0),
     "peak_rss_ratio": ("<=", 1.0),
 }
+_COMPARE = {"<=": operator.le, ">=": operator.ge}
+CACHES = ("empty", "filled")
 
 # (text in retrain.py, replacement, how many times it must occur). {graph} is the frozen module.
 PATCHES: list[tuple[str, str, int]] = [
@@ -147,20 +148,6 @@ def parse_retrain_py_log(text: str) -> dict:
             "test_accuracy": accuracy}  # fmt: skip
 
 
-def measured_run(cmd: list[str], log: Path, cwd: Path | None = None) -> dict:
-    """Run `cmd` with stderr to `log`; its wall seconds and peak RSS (its own, from wait4)."""
-    start = time.perf_counter()
-    with open(log, "w") as err:
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
-        _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        tail = log.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"{' '.join(cmd[:2])} failed ({child.returncode}):\n{tail}")
-    return {"seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
-
-
 def prepare_retrain_py(retrain_py: Path, work: Path) -> Path:
     """The patched copy of retrain.py in `work`, next to the frozen module it imports."""
     from retrain.models.loading import resolve_module
@@ -198,11 +185,10 @@ def run_retrain(image_dir: Path, work: Path, name: str, extra: list[str]) -> dic
     """retrain with an empty, then a filled cache in `work/name`."""
     folder = work / name
     folder.mkdir()
-    args = argparse.Namespace(tfhub_module=MODULE, retrain_flag=extra)
-    cmd = benchmark._retrain_command(image_dir, folder, args)
+    cmd = benchmark.retrain_command(image_dir, folder, MODULE, extra)
     runs = {}
-    for cache in ("empty", "filled"):
-        runs[cache] = measured_run(cmd, folder / f"{cache}.log")
+    for cache in CACHES:
+        runs[cache] = benchmark.timed_run(cmd, folder / f"{cache}.log")
         metrics = json.loads((folder / "metrics.json").read_text())
         for key in METRICS:
             runs[cache][key] = metrics.get(key)
@@ -215,30 +201,32 @@ def run_retrain_py(patched: Path, image_dir: Path, work: Path, name: str, extra:
     folder.mkdir()
     cmd = retrain_py_command(patched, image_dir, folder, extra)
     runs = {}
-    for cache in ("empty", "filled"):
+    for cache in CACHES:
         log = folder / f"{cache}.log"
-        runs[cache] = measured_run(cmd, log, cwd=folder)
+        runs[cache] = benchmark.timed_run(cmd, log, cwd=folder)
         runs[cache].update(parse_retrain_py_log(log.read_text(errors="replace")))
     return runs
 
 
-def summary(ours: list[dict], theirs: list[dict]) -> dict:
-    """Medians over rounds, and each ratio against its target."""
-
-    def median(runs: list[dict], cache: str, key: str) -> float:
-        return statistics.median(run[cache][key] for run in runs)
-
-    mine = {
-        f"{cache}_{key}": median(ours, cache, key)
-        for cache in ("empty", "filled")
+def medians(runs: list[dict], rates: dict[str, str]) -> dict:
+    """Per cache, the median wall seconds and peak RSS over `runs`; and for each `rates` item
+    (name: key), the median of that key over the empty-cache runs."""
+    result = {
+        f"{cache}_{key}": statistics.median(run[cache][key] for run in runs)
+        for cache in CACHES
         for key in ("seconds", "peak_rss_mb")
     }
-    base = {key: median(theirs, *key.split("_", 1)) for key in mine}
-    mine["extraction_images_per_second"] = median(ours, "empty", "extraction_images_per_second")
-    mine["bottleneck_phase_images_per_second"] = median(
-        ours, "empty", "bottleneck_images_per_second"
-    )
-    base["extraction_images_per_second"] = median(theirs, "empty", "extraction_images_per_second")
+    for name, key in rates.items():
+        result[name] = statistics.median(run["empty"][key] for run in runs)
+    return result
+
+
+def summary(ours: list[dict], theirs: list[dict]) -> dict:
+    """Medians over rounds, and each ratio against its target."""
+    rate = "extraction_images_per_second"
+    phase = {"bottleneck_phase_images_per_second": "bottleneck_images_per_second"}
+    mine = medians(ours, {rate: rate, **phase})
+    base = medians(theirs, {rate: rate})
     ratios = {
         "empty_cache_wall_ratio": mine["empty_seconds"] / base["empty_seconds"],
         "filled_cache_wall_ratio": mine["filled_seconds"] / base["filled_seconds"],
@@ -247,16 +235,14 @@ def summary(ours: list[dict], theirs: list[dict]) -> dict:
         "peak_rss_ratio": max(mine["empty_peak_rss_mb"], mine["filled_peak_rss_mb"])
         / max(base["empty_peak_rss_mb"], base["filled_peak_rss_mb"]),
     }
-    verdict = {
-        name: {
+    verdict = {}
+    for name, value in ratios.items():
+        compare, target = TARGETS[name]
+        verdict[name] = {
             "value": round(value, 4),
-            "target": f"{TARGETS[name][0]} {TARGETS[name][1]:.4g}",
-            "met": value <= TARGETS[name][1]
-            if TARGETS[name][0] == "<="
-            else value >= TARGETS[name][1],
+            "target": f"{compare} {target:.4g}",
+            "met": _COMPARE[compare](value, target),
         }
-        for name, value in ratios.items()
-    }
     return {"retrain_median": mine, "retrain_py_median": base, "ratios": verdict}
 
 
@@ -294,11 +280,12 @@ def main() -> None:
             for who in order:
                 name = f"{who}_{round_}"
                 if who == "retrain":
-                    ours.append(run_retrain(args.image_dir, work, name, extra))
+                    runs = run_retrain(args.image_dir, work, name, extra)
+                    ours.append(runs)
                 else:
-                    theirs.append(run_retrain_py(patched, args.image_dir, work, name, extra))
-                latest = (ours if who == "retrain" else theirs)[-1]
-                print(json.dumps({name: latest}), file=sys.stderr, flush=True)
+                    runs = run_retrain_py(patched, args.image_dir, work, name, extra)
+                    theirs.append(runs)
+                print(json.dumps({name: runs}), file=sys.stderr, flush=True)
     report = {
         "cpu_count": os.cpu_count(),
         "image_dir": str(args.image_dir),
