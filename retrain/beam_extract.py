@@ -20,6 +20,10 @@ summary built from Beam metrics: images found, already cached, computed, failed.
 Where it runs. The same command runs on the DirectRunner, Dataflow, Flink or Spark, with these
 requirements:
 
+* The DirectRunner (the default) runs on Beam's FnApiRunner, without the attempt to download
+  the Prism binary from GitHub that Beam's DirectRunner makes first (see
+  run_direct_on_fn_api_runner); `--runner=PrismRunner` asks for Prism.
+
 * --image_dir and --bottleneck_dir (and --module_cache_dir, if given) are POSIX paths that the
   launching machine and every worker see: the same NFS/Filestore/Lustre mount, or a FUSE mount
   of object storage (gcsfuse, mountpoint-s3 does not support renames). `gs://`-style URLs are
@@ -90,7 +94,7 @@ try:
     import apache_beam as beam
     from apache_beam.metrics import Metrics
     from apache_beam.metrics.metric import MetricsFilter
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 except ImportError as _err:  # the optional extra is missing; run() says how to install it
     beam = None
     _BEAM_IMPORT_ERROR: ImportError | None = _err
@@ -245,6 +249,7 @@ def pipeline_options(beam_argv: Sequence[str], own: argparse.ArgumentParser) -> 
     finally:
         beam_log.setLevel(level)
     _, unknown = parsers[0].parse_known_args(list(beam_argv))
+    run_direct_on_fn_api_runner(options)
     if unknown:
         flag = unknown[0].split("=", 1)[0]
         if not flag.startswith("-"):
@@ -259,6 +264,26 @@ def pipeline_options(beam_argv: Sequence[str], own: argparse.ArgumentParser) -> 
         hint = f"; did you mean {close[0]}?" if close else ""
         raise UsageError(f"unknown flag {flag}{hint}")
     return options
+
+
+# The DirectRunner's names, as --runner accepts them (case-insensitive, "Runner" optional).
+_DIRECT_RUNNER_NAMES = ("direct", "directrunner", "switchingdirectrunner")
+
+
+def run_direct_on_fn_api_runner(options: PipelineOptions) -> None:
+    """Make the DirectRunner (also the default runner) run on Beam's FnApiRunner.
+
+    Since Beam 2.6x the DirectRunner first tries Prism, a Go binary it downloads from GitHub at
+    run time, and falls back to the FnApiRunner when that fails. Offline it always fails, after
+    a network attempt that can hang behind a firewall, and leaves temporary folders in $TMPDIR
+    at every run. Going straight to the FnApiRunner (which --direct_num_workers and
+    --direct_running_mode configure) runs locally with no download, as tested here.
+    --runner=PrismRunner still asks for Prism.
+    """
+    standard = options.view_as(StandardOptions)
+    name = standard.runner or "DirectRunner"
+    if isinstance(name, str) and name.rsplit(".", 1)[-1].lower() in _DIRECT_RUNNER_NAMES:
+        standard.runner = "FnApiRunner"
 
 
 # ----------------------------------------------------------------------------- workers

@@ -30,6 +30,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytest(tmp_path_factory):
+    """Child processes put their temporary files in pytest's own (rotated) folder, not /tmp:
+    runs the tests kill on purpose cannot clean up (TensorFlow's autograph files, for one)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
+        yield
+
+
 def retrain_args(image_dir: Path, out: Path, *extra: str, steps: int = 300) -> list[str]:
     """argv for a `retrain` run on image_dir with every output under `out`."""
     return [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,16 @@ def open_cache(out: Path):
     return BottleneckCache(out / "bottlenecks", key, module.feature_dim), module
 
 
+@dataclass
+class Extracted:
+    out: Path
+    image_dir: Path
+    paths: list[Path]
+    status: int
+    summary: dict
+    temp_leftovers: list[str]  # what the run left in its temporary folder
+
+
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
     """2 classes x 4 example photos plus a broken file, through the pipeline once."""
@@ -51,17 +63,47 @@ def extracted(tmp_path_factory):
         for photo in sorted((EXAMPLE_DIR / name).glob("*.jpg"))[:PER_CLASS]:
             shutil.copy(photo, image_dir / name / photo.name)
     (image_dir / "roses" / "broken.jpg").write_bytes(b"this is not a JPEG")
-    status = beam_extract.main(beam_args(image_dir, out))
+    scratch = out / "tmp"
+    scratch.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(scratch))
+        status = beam_extract.main(beam_args(image_dir, out))
     summary = json.loads((out / "summary.json").read_text())
     paths = sorted(p for p in image_dir.rglob("*.jpg"))
-    return out, image_dir, paths, status, summary
+    leftovers = sorted(p.name for p in scratch.iterdir())
+    return Extracted(out, image_dir, paths, status, summary, leftovers)
 
 
 def test_pipeline_summary(extracted):
-    _, _, _, status, summary = extracted
+    status, summary = extracted.status, extracted.summary
     assert status == 0
     assert summary["images"] == len(CLASSES) * PER_CLASS + 1
     assert (summary["computed"], summary["cached"], summary["failed"]) == (8, 0, 1)
+
+
+def test_direct_runner_runs_locally_and_leaves_no_temporary_files(extracted):
+    """The DirectRunner goes straight to the FnApiRunner: Beam's own DirectRunner would first
+    try to download Prism from GitHub and leave temporary folders behind."""
+    assert extracted.status == 0 and extracted.temp_leftovers == []
+
+
+@pytest.mark.parametrize(
+    ("runner", "runs_on"),
+    [
+        (None, "FnApiRunner"),
+        ("DirectRunner", "FnApiRunner"),
+        ("direct", "FnApiRunner"),
+        ("apache_beam.runners.direct.direct_runner.DirectRunner", "FnApiRunner"),
+        ("PrismRunner", "PrismRunner"),
+        ("DataflowRunner", "DataflowRunner"),
+    ],
+)
+def test_which_runner_runs(runner, runs_on):
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    flags = [] if runner is None else [f"--runner={runner}"]
+    options = beam_extract.pipeline_options(flags, beam_extract.argument_parser())
+    assert options.view_as(StandardOptions).runner == runs_on
 
 
 def test_cache_holds_retrains_vectors(extracted):
@@ -69,7 +111,7 @@ def test_cache_holds_retrains_vectors(extracted):
     from retrain import backends, extract
     from retrain.cache import BottleneckCache
 
-    out, _, paths, _, _ = extracted
+    out, paths = extracted.out, extracted.paths
     cache, module = open_cache(out)
     found = extract.lookup(paths, cache)
     broken = [i for i, p in enumerate(paths) if p.name == "broken.jpg"]
@@ -92,7 +134,7 @@ def test_cache_holds_retrains_vectors(extracted):
 
 
 def test_retrain_computes_nothing(extracted, tmp_path):
-    out, image_dir, _, _, _ = extracted
+    out, image_dir = extracted.out, extracted.image_dir
     status = cli.main(
         [
             "retrain",
@@ -114,7 +156,7 @@ def test_retrain_computes_nothing(extracted, tmp_path):
 
 
 def test_second_run_finds_everything_cached(extracted):
-    out, image_dir, _, _, _ = extracted
+    out, image_dir = extracted.out, extracted.image_dir
     assert beam_extract.main(beam_args(image_dir, out)) == 0
     summary = json.loads((out / "summary.json").read_text())
     # The broken file is tried again (the cache stores vectors only) and skipped again.
@@ -123,7 +165,7 @@ def test_second_run_finds_everything_cached(extracted):
 
 def test_found_by_content_when_paths_differ(extracted, tmp_path):
     """A copy of the photos elsewhere (as on a worker with another mount point) is cached."""
-    out, image_dir, _, _, _ = extracted
+    out, image_dir = extracted.out, extracted.image_dir
     moved = tmp_path / "moved"
     shutil.copytree(image_dir, moved)
     (moved / "roses" / "broken.jpg").unlink()
