@@ -182,20 +182,45 @@ def suite_training(args) -> dict:
     }
 
 
+# Linux carries a process's peak RSS over exec(), so a command started by this process (often
+# large: TensorFlow and a model loaded by an earlier suite) would report at least our RSS. This
+# small Python process starts the command instead, times it and writes its own figures to a file.
+_MEASURE = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    except OSError as err:
+        print(f"{sys.argv[2]}: {err.strerror}", file=sys.stderr, flush=True)
+    os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - start
+with open(sys.argv[1], "w") as out:
+    out.write(f"{wall} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def timed_run(cmd: list[str], log: Path | None = None, cwd: Path | None = None) -> dict:
     """Run `cmd`, its stderr to `log` (else kept only for an error): wall seconds and its own
-    peak RSS (from wait4). Raises RuntimeError, with the end of stderr, if it fails."""
-    start = time.perf_counter()
-    with open(log, "w+") if log else tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode != 0:
+    peak RSS (wait4, from a small parent). Raises RuntimeError, with the end of stderr, if it
+    fails."""
+    with (
+        open(log, "w+") if log else tempfile.TemporaryFile("w+") as err,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        figures = Path(scratch) / "figures"
+        measure = [sys.executable, "-c", _MEASURE, str(figures), *cmd]
+        helper = subprocess.run(measure, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
+        wall, peak_kb, returncode = (
+            figures.read_text().split() if figures.exists() else (0, 0, helper.returncode)
+        )
+        if int(returncode) != 0:
             err.seek(0)
             tail = err.read()[-2000:]
-            raise RuntimeError(f"{Path(cmd[0]).name} failed ({child.returncode}):\n{tail}")
-    return {"seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+            raise RuntimeError(f"{Path(cmd[0]).name} failed ({returncode}):\n{tail}")
+    return {"seconds": round(float(wall), 2), "peak_rss_mb": round(int(peak_kb) / 1024, 1)}
 
 
 def retrain_command(
