@@ -166,11 +166,12 @@ def prepare_retrain_py(retrain_py: Path, work: Path) -> Path:
 
 
 def retrain_py_command(patched: Path, image_dir: Path, work: Path, extra: list[str]) -> list[str]:
-    """A default retrain.py run on image_dir with every output under `work`."""
+    """A default retrain.py run on image_dir with every output under `work`. It runs in a
+    folder of its own, so a relative image_dir is made absolute."""
     return [
         sys.executable,
         str(patched),
-        f"--image_dir={image_dir}",
+        f"--image_dir={image_dir.resolve()}",
         f"--bottleneck_dir={work / 'bottlenecks'}",
         f"--summaries_dir={work / 'logs'}",
         f"--output_graph={work / 'graph.pb'}",
@@ -263,6 +264,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be positive, got {args.rounds}")
+    if not args.image_dir.is_dir():
+        parser.error(f"--image_dir: {args.image_dir} is not a folder")
     with tempfile.TemporaryDirectory(prefix="retrain-side-by-side-") as tmp:
         work = Path(tmp)
         try:

@@ -119,12 +119,27 @@ def test_summary_takes_medians_and_judges_each_target():
     assert ratios["peak_rss_ratio"]["met"] is True
 
 
-def test_unreadable_retrain_py_is_a_usage_error(tmp_path):
+def test_retrain_py_gets_an_absolute_image_dir(tmp_path, monkeypatch):
+    """retrain.py runs in its own folder: a relative --image_dir must not point elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    cmd = side_by_side.retrain_py_command(Path("/r/retrain.py"), Path("photos"), Path("/w"), [])
+    assert f"--image_dir={tmp_path / 'photos'}" in cmd
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--retrain_py", "{tmp}/no"], "--retrain_py: cannot read"),
+        (["--retrain_py", "{tmp}/no", "--image_dir", "{tmp}/none"], "--image_dir: "),
+    ],
+)
+def test_bad_flags_are_usage_errors(tmp_path, flags, message):
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
     done = subprocess.run(
-        [sys.executable, str(SCRIPTS / "side_by_side.py"), "--retrain_py", str(tmp_path / "no")],
+        [sys.executable, str(SCRIPTS / "side_by_side.py"), *flags],
         capture_output=True,
         text=True,
     )
     assert done.returncode == 2
-    assert "--retrain_py: cannot read" in done.stderr.splitlines()[-1]
+    assert message in done.stderr.splitlines()[-1]
     assert "Traceback" not in done.stderr
