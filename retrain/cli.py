@@ -51,10 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         parse_flags(argv, flag_values)
         check_flags(flag_values)
         setup_logging(flag_values.logging_verbosity)
-        import_tensorflow_quietly()
-        from retrain import pipeline  # heavy: imports TensorFlow
+        from retrain import interrupt
 
-        pipeline.run(flag_values)
+        with interrupt.stop_at_safe_points():  # from here, Ctrl-C never lands inside TensorFlow
+            import_tensorflow_quietly()
+            interrupt.check()
+            from retrain import pipeline  # heavy: imports TensorFlow
+
+            pipeline.run(flag_values)
         return 0
     except RetrainError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

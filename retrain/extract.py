@@ -29,6 +29,7 @@ from retrain.cache import (
     key_array,
 )
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
+from retrain.interrupt import check as check_interrupt
 from retrain.preprocess import to_module_input
 from retrain.runtime import usable_cpus
 from retrain.scan import display_path
@@ -110,6 +111,7 @@ def lookup(
 
     with ThreadPoolExecutor(threads) as pool:
         for i, key, error in pool.map(hash_one, result.missing()):
+            check_interrupt()
             if error:
                 result.skipped[i] = error
             else:
@@ -250,6 +252,7 @@ def extract_missing(
     progress = _progress_bar(len(todo))
     with progress, cache.writer() as writer:
         for positions, images, ok in dataset:
+            check_interrupt()
             ok = ok.numpy()
             feats = extractor(images)
             keys = []

@@ -29,6 +29,7 @@ from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
 from retrain.errors import RetrainError
 from retrain.evaluate import Evaluation, evaluate_chunks
 from retrain.features import random_picks
+from retrain.interrupt import check as check_interrupt
 from retrain.models.loading import ImageModule
 
 if TYPE_CHECKING:
@@ -223,6 +224,7 @@ def evaluate_images(
     for positions, pixels, ok in extract.decoded_batches(
         images.paths, input_size, batch_size, errors, max_pixels
     ):
+        check_interrupt()
         keep = ok.numpy()
         chunks.append((extractor(pixels)[keep], labels[positions.numpy()[keep]]))
     return evaluate_chunks(weights, biases, chunks, len(biases))
@@ -349,6 +351,7 @@ def _train(
     start = time.perf_counter()
     warm = start
     for step in range(1, config.steps + 1):
+        check_interrupt()
         loss_sum, correct, count = train_step(iterator).numpy()
         if step == 1:
             warm = time.perf_counter()

@@ -24,6 +24,7 @@ from retrain.cache import BottleneckCache, module_cache_key
 from retrain.decode import ImageDecodeError, decode_image
 from retrain.errors import RetrainError, UsageError
 from retrain.features import FeatureSplit, Split
+from retrain.interrupt import check as check_interrupt
 from retrain.models.loading import ImageModule, ModuleError, default_cache_dir, resolve_module
 from retrain.preprocess import PREPROCESSING_ID, to_module_input
 from retrain.train import Summaries, TrainConfig, TrainResult, train_head
@@ -324,8 +325,10 @@ def run(f) -> dict:
         "Module %s: input %dx%d, %d features", module.handle, *module.input_size, module.feature_dim
     )
     module_object = LazyModule(module)
+    check_interrupt()
     bottlenecks = compute_bottlenecks(f, image_set, module, module_object, cluster)
     _check_trainable(bottlenecks, image_set.labels)
+    check_interrupt()
     config, result = _train(f, bottlenecks, len(image_set.labels), module, module_object, chief)
 
     test = bottlenecks.split("testing")
@@ -349,6 +352,7 @@ def run(f) -> dict:
         tuned = finetune.run_from_flags(f, module, bottlenecks, result, cluster)
         if tuned.after is not None:
             test_eval = tuned.after  # the exported model's; cached bottlenecks no longer fit it
+    check_interrupt()  # a run stopped before here writes no outputs
     if chief:
         _export(f, image_set.labels, module, module_object, result, tuned)
 

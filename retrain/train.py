@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from retrain.errors import RetrainError, first_line
 from retrain.features import FeatureSplit, Split
+from retrain.interrupt import check as check_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ def train_head(
     step = resumed
     last_saved = resumed
     while step < total:
+        check_interrupt()
         to_event = min(every - step % every for every in events)
         count = min(interval, total - step)
         rounds = max(1, min(to_event, total - step) // count)
