@@ -287,7 +287,7 @@ def choose_backend(
         extractor = _load_tflite(module, module_object, cache_dir, num_threads, batch_size)
         marker = _verified_marker(module, cache_dir)
         if marker.exists():
-            earlier = marker.read_text().removeprefix("CPU; ")  # markers up to 3599db0 had it
+            earlier = marker.read_text().removeprefix("CPU; ")  # markers before 1c37c06 had it
             ok, reason = True, f"CPU; checked against TensorFlow earlier: {earlier}"
         else:
             ok, reason = _check(extractor, module_object, sample_images, tolerance)

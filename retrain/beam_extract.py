@@ -282,7 +282,7 @@ def run_direct_on_fn_api_runner(options: PipelineOptions) -> None:
     """
     standard = options.view_as(StandardOptions)
     name = standard.runner or "DirectRunner"
-    if isinstance(name, str) and name.rsplit(".", 1)[-1].lower() in _DIRECT_RUNNER_NAMES:
+    if name.rsplit(".", 1)[-1].lower() in _DIRECT_RUNNER_NAMES:
         standard.runner = "FnApiRunner"
 
 

@@ -184,21 +184,20 @@ def suite_training(args) -> dict:
 
 # Linux carries a process's peak RSS over exec(), so a command started by this process (often
 # large: TensorFlow and a model loaded by an earlier suite) would report at least our RSS. This
-# small Python process starts the command instead, times it and writes its own figures to a file.
+# small Python process starts the command instead, times it and prints its figures on stdout.
 _MEASURE = """
 import os, sys, time
 start = time.perf_counter()
 pid = os.fork()
 if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stdout carries the figures alone
     try:
-        os.execvp(sys.argv[2], sys.argv[2:])
+        os.execvp(sys.argv[1], sys.argv[1:])
     except OSError as err:
-        print(f"{sys.argv[2]}: {err.strerror}", file=sys.stderr, flush=True)
+        print(f"{sys.argv[1]}: {err.strerror}", file=sys.stderr, flush=True)
     os._exit(127)
 _, status, usage = os.wait4(pid, 0)
-wall = time.perf_counter() - start
-with open(sys.argv[1], "w") as out:
-    out.write(f"{wall} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
 """
 
 
@@ -206,16 +205,10 @@ def timed_run(cmd: list[str], log: Path | None = None, cwd: Path | None = None) 
     """Run `cmd`, its stderr to `log` (else kept only for an error): wall seconds and its own
     peak RSS (wait4, from a small parent). Raises RuntimeError, with the end of stderr, if it
     fails."""
-    with (
-        open(log, "w+") if log else tempfile.TemporaryFile("w+") as err,
-        tempfile.TemporaryDirectory() as scratch,
-    ):
-        figures = Path(scratch) / "figures"
-        measure = [sys.executable, "-c", _MEASURE, str(figures), *cmd]
-        helper = subprocess.run(measure, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
-        wall, peak_kb, returncode = (
-            figures.read_text().split() if figures.exists() else (0, 0, helper.returncode)
-        )
+    with open(log, "w+") if log else tempfile.TemporaryFile("w+") as err:
+        measure = [sys.executable, "-c", _MEASURE, *cmd]
+        helper = subprocess.run(measure, stdout=subprocess.PIPE, stderr=err, cwd=cwd, text=True)
+        wall, peak_kb, returncode = helper.stdout.split() or (0, 0, helper.returncode)
         if int(returncode) != 0:
             err.seek(0)
             tail = err.read()[-2000:]
