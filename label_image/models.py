@@ -52,5 +52,8 @@ class FrozenGraphClassifier:
         return shape[1], shape[2]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Scores [n, classes] for a float32 batch [n, h, w, 3]."""
+        """Scores [n, classes] for a float32 batch [n, h, w, 3]; an empty batch is not run
+        (TensorFlow's oneDNN kernels fail on zero images on some CPUs)."""
+        if len(batch) == 0:
+            return np.zeros((0, self.output.shape[-1] or 0), np.float32)
         return self.session.run(self.output, {self.input: batch})

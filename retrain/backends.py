@@ -33,6 +33,7 @@ __all__ = [
     "Extractor",
     "choose_backend",
     "convert_to_tflite",
+    "empty_features",
     "tensorflow_backend",
     "tflite_backend",
     "tflite_model_path",
@@ -73,9 +74,30 @@ def tensorflow_backend(module_object: Any) -> Extractor:
         return module_object(images)
 
     def extract(images: Any) -> np.ndarray:
-        return features(tf.convert_to_tensor(images, tf.float32)).numpy()
+        images = tf.convert_to_tensor(images, tf.float32)
+        if images.shape[0] == 0:
+            return empty_features(features, images.shape)
+        return features(images).numpy()
 
     return extract
+
+
+def empty_features(features: Any, image_shape: Any) -> np.ndarray:
+    """The float32 ``[0, D]`` result of the tf.function ``features`` for an empty batch of
+    ``image_shape`` ``[0, H, W, C]``, without running it: D is the static width of its output,
+    traced for ``[None, H, W, C]``.
+
+    TensorFlow's oneDNN kernels (on by default on AVX-512 CPUs) fail on a batch of zero images
+    ("Incompatible shapes: [0,224,224,3] vs. [32]"), so no module is ever run on one.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *list(image_shape)[1:]], tf.float32)
+    output = features.get_concrete_function(spec).structured_outputs
+    dim = output.shape[-1] if output.shape.rank == 2 else None
+    if dim is None:
+        raise ValueError(f"the module's output {output.shape} has no static feature dimension")
+    return np.zeros((0, int(dim)), np.float32)
 
 
 def _gpu_present() -> bool:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrain.backends import Extractor, tensorflow_backend
+from retrain.backends import Extractor, empty_features, tensorflow_backend
 from retrain.errors import RetrainError, UsageError, first_line
 
 if TYPE_CHECKING:
@@ -222,8 +222,8 @@ def mirrored_backend(module_object: Any, strategy: tf.distribute.Strategy | None
         if images.ndim != 4:
             raise ValueError(f"expected images [N, H, W, C], got {list(images.shape)}")
         count = len(images)
-        if count == 0:  # nothing to split: the module itself gives the empty [0, D]
-            return np.asarray(module_object(tf.constant(images)), np.float32)
+        if count == 0:
+            return empty_features(tf.function(module_object), images.shape)
         rows = -(-count // replicas)  # per replica, rounded up
         if rows * replicas != count:
             blank = np.zeros((rows * replicas - count, *images.shape[1:]), np.float32)

@@ -248,6 +248,12 @@ def fine_tune(
     if not len(train):
         raise RetrainError("--fine_tune_steps: no training images to fine-tune on")
     active = strategy or tf.distribute.get_strategy()
+    if config.batch_size < active.num_replicas_in_sync:
+        # A replica would get an empty piece of each batch, which the module cannot run on.
+        raise RetrainError(
+            f"fine-tuning batch size ({config.batch_size}) must be at least the number of "
+            f"replicas ({active.num_replicas_in_sync})"
+        )
     module_object = distribute.load_module(module, strategy)
     with active.scope():
         model = FineTuneModel(module_object, *head)

@@ -71,7 +71,14 @@ plain = finetune.fine_tune(module, head, train, no_test, config, None)
 mirrored = finetune.fine_tune(
     module, head, train, no_test, config, distribute.make_strategy("mirrored")
 )
+try:  # a replica would get an empty piece of each batch of one
+    one = finetune.FineTuneConfig(steps=1, batch_size=1)
+    finetune.fine_tune(module, head, train, no_test, one, distribute.make_strategy("mirrored"))
+    small_batch = "ran"
+except Exception as err:
+    small_batch = f"{{type(err).__name__}}: {{err}}"
 print("RESULT " + json.dumps({{
+    "small_batch": small_batch,
     "replicas": [plain.replicas, mirrored.replicas],
     "diff": largest_diff(values(plain), values(mirrored)),
     "change": largest_diff(values(plain), pretrained()),
@@ -379,6 +386,8 @@ def test_mirrored_matches_none(tmp_path, prelude):
     assert result["replicas"] == [1, 2]
     assert result["change"] > 1e-3  # the steps did move the weights ...
     assert result["diff"] <= 1e-5  # ... the same way on one replica and on two
+    assert result["small_batch"].startswith("RetrainError: fine-tuning batch size (1)")
+    assert "at least the number of replicas (2)" in result["small_batch"]
 
 
 def test_two_local_workers_fine_tune_alike(tmp_path, prelude):
