@@ -1,12 +1,62 @@
 """retrain: retrain an image classifier on a folder of class subfolders.
 
-Data flows one way through the modules:
+    import retrain
 
-    scan (files, labels, split) -> decode (pixels) -> extract (module features)
-    -> cache (sharded bottleneck store) -> train (new softmax head)
-    -> evaluate -> export (frozen graph, labels, SavedModel)
+    result = retrain.run(retrain.RetrainConfig(image_dir="flower_photos"))
+    print(result.test.accuracy, result.labels)
 
-`cli` wires them together behind retrain.py-compatible flags (`flags`).
+Data flows one way, one module per stage:
+
+    scan (files, labels, split) -> decode (pixels) -> bottlenecks (module features, cached
+    by `cache`) -> train (the new layer) -> finetune (optional) -> evaluate -> export
+
+`config` holds every setting (`RetrainConfig`), `pipeline.run` runs the stages in order and
+returns a `RunResult` (`results`). The command lines are thin layers over this library: `cli`
+and `flags` (retrain.py's flags), `beam_extract` (the cache as an Apache Beam pipeline).
+Importing `retrain` does not import TensorFlow; `run` does.
 """
 
+from __future__ import annotations
+
+from retrain.config import (
+    CacheConfig,
+    DataConfig,
+    DistributionConfig,
+    EvaluationConfig,
+    ExportConfig,
+    FineTuningConfig,
+    HeadTrainingConfig,
+    ModuleConfig,
+    OutputsConfig,
+    RetrainConfig,
+)
+from retrain.errors import ConfigError, RetrainError, UsageError
+from retrain.results import RunResult, Timings
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "CacheConfig",
+    "ConfigError",
+    "DataConfig",
+    "DistributionConfig",
+    "EvaluationConfig",
+    "ExportConfig",
+    "FineTuningConfig",
+    "HeadTrainingConfig",
+    "ModuleConfig",
+    "OutputsConfig",
+    "RetrainConfig",
+    "RetrainError",
+    "RunResult",
+    "Timings",
+    "UsageError",
+    "run",
+]
+
+
+def run(config: RetrainConfig) -> RunResult:
+    """Retrain as `config` says; see `retrain.pipeline.run` (imports TensorFlow on first call)."""
+    from retrain.pipeline import run as run_pipeline
+
+    return run_pipeline(config)

@@ -73,9 +73,9 @@ from retrain.cache import (
     file_keys,
     module_cache_key,
 )
+from retrain.config import DEFAULT_MODULE, ModuleConfig
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
 from retrain.errors import RetrainError, UsageError, first_line
-from retrain.flags import DEFAULT_MODULE
 from retrain.runtime import import_tensorflow_quietly
 from retrain.scan import display_path
 
@@ -520,12 +520,14 @@ def extract(args: argparse.Namespace, options: PipelineOptions) -> dict:
         raise UsageError(str(err).splitlines()[0]) from None
     import_tensorflow_quietly()
     from retrain import scan
-    from retrain.pipeline import load_module, open_cache
+    from retrain.bottlenecks import load_module, open_cache
 
     image_set = scan.scan_image_dir(args.image_dir, 0, 0)
     for path, reason in image_set.ignored:
         log.warning("Ignoring %s: %s", path, reason)
-    module = load_module(args)
+    module = load_module(
+        ModuleConfig(handle=args.tfhub_module, cache_dir=args.module_cache_dir or None)
+    )
     cache = open_cache(args.bottleneck_dir, module)
     module_key = cache.folder.name
     paths = image_set.paths

@@ -1,4 +1,5 @@
-"""`retrain`: the command line. Parses and checks flags, then hands over to `pipeline`."""
+"""`retrain`: the command line. Turns flags into a RetrainConfig, sets up logging and Ctrl-C,
+runs the library (`pipeline.run`), and maps its exceptions to one line and an exit status."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import sys
 from retrain.errors import RetrainError, UsageError
 
 PROG = "retrain"
+
+
+class AccuracyBelowThreshold(RetrainError):
+    """--assert_accuracy_at_least was not met."""
+
+    exit_code = 3
 
 
 def parse_flags(argv: list[str], flag_values) -> None:
@@ -40,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         # Imported here, inside the try, so that even an early Ctrl-C ends cleanly.
         from absl import flags
 
-        from retrain.flags import check_flags, define_flags
+        from retrain.flags import config_from_flags, define_flags
         from retrain.runtime import import_tensorflow_quietly
 
         flag_values = flags.FlagValues()
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"usage: {PROG} --image_dir DIR [flags]\n\n{flag_values.get_help()}")
             return 0
         parse_flags(argv, flag_values)
-        check_flags(flag_values)
+        config = config_from_flags(flag_values)
         setup_logging(flag_values.logging_verbosity)
         from retrain import interrupt
 
@@ -58,14 +65,28 @@ def main(argv: list[str] | None = None) -> int:
             interrupt.check()
             from retrain import pipeline  # heavy: imports TensorFlow
 
-            pipeline.run(flag_values)
+            result = pipeline.run(config)
+        check_accuracy(
+            result.test.accuracy if result.test else None, flag_values.assert_accuracy_at_least
+        )
         return 0
     except RetrainError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        from retrain.flags import flag_for_field
+
+        print(f"{PROG}: error: {err.render(flag_for_field)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished bottlenecks are kept in the cache", file=sys.stderr)
         return 130
+
+
+def check_accuracy(accuracy: float | None, threshold: float | None) -> None:
+    """Raise AccuracyBelowThreshold (exit 3) if `threshold` is set and the test accuracy is
+    missing or below it."""
+    if threshold is not None and (accuracy is None or accuracy < threshold):
+        raise AccuracyBelowThreshold(
+            f"--assert_accuracy_at_least: test accuracy {accuracy} is below {threshold}"
+        )
 
 
 def run() -> None:

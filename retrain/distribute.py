@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrain.backends import Extractor, empty_features, tensorflow_backend
-from retrain.errors import RetrainError, UsageError, first_line
+from retrain.errors import ConfigError, RetrainError, first_line
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 STRATEGIES = ("none", "mirrored", "multi_worker_mirrored")
-_FLAG = "--distribution_strategy"
+_FIELD = "distribution.strategy"
 
 _log = logging.getLogger(__name__)
 
@@ -54,13 +54,13 @@ def make_strategy(
     ``none``: None, i.e. TensorFlow's default strategy. ``mirrored``: MirroredStrategy over every
     visible GPU (without one, over the logical CPUs: usually a single replica, which is logged).
     ``multi_worker_mirrored``: MultiWorkerMirroredStrategy for the cluster in ``TF_CONFIG``; it
-    must be made before TensorFlow runs any op in this process. Raises UsageError for an unknown
+    must be made before TensorFlow runs any op in this process. Raises ConfigError for an unknown
     name or a missing or invalid ``TF_CONFIG``, RetrainError if TensorFlow refuses the strategy.
     """
     log = log or _log
     if name not in STRATEGIES:
-        raise UsageError(
-            f"{_FLAG}: unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}"
+        raise ConfigError(
+            f"{{0}}: unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}", _FIELD
         )
     if name == "none":
         return None
@@ -73,7 +73,7 @@ def make_strategy(
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     except (RuntimeError, ValueError) as exc:
         raise RetrainError(
-            f"{_FLAG} multi_worker_mirrored: TensorFlow refused the strategy: {first_line(exc)}"
+            f"multi_worker_mirrored: TensorFlow refused the strategy: {first_line(exc)}"
             " (it must be created before TensorFlow runs anything)"
         ) from exc
     log.info(
@@ -105,11 +105,11 @@ def _mirrored(log: logging.Logger | logging.LoggerAdapter) -> tf.distribute.Stra
 def read_tf_config() -> dict[str, Any]:
     """``$TF_CONFIG`` parsed and checked for what MultiWorkerMirroredStrategy needs: a
     ``cluster`` with a ``worker`` (or ``chief``) list and a ``task`` naming one of its members.
-    Raises UsageError naming ``--distribution_strategy``."""
-    prefix = f"{_FLAG} multi_worker_mirrored needs TF_CONFIG"
+    Raises ConfigError naming the ``distribution.strategy`` setting."""
+    prefix = "{0} multi_worker_mirrored needs TF_CONFIG"
     text = os.environ.get("TF_CONFIG", "")
     if not text.strip():
-        raise UsageError(
+        raise _tf_config_error(
             f"{prefix}: set it to JSON such as "
             '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
             '"task": {"type": "worker", "index": 0}}'
@@ -117,14 +117,14 @@ def read_tf_config() -> dict[str, Any]:
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"{prefix} to be JSON: {exc}") from None
+        raise _tf_config_error(f"{prefix} to be JSON: {exc}") from None
     cluster = config.get("cluster") if isinstance(config, dict) else None
     task = config.get("task") if isinstance(config, dict) else None
     if not isinstance(cluster, dict) or not isinstance(task, dict):
-        raise UsageError(f"{prefix} to be a JSON object with 'cluster' and 'task'")
+        raise _tf_config_error(f"{prefix} to be a JSON object with 'cluster' and 'task'")
     jobs = {job: cluster[job] for job in ("chief", "worker") if isinstance(cluster.get(job), list)}
     if not any(jobs.values()):
-        raise UsageError(f"{prefix}: 'cluster' has no 'worker' (or 'chief') list")
+        raise _tf_config_error(f"{prefix}: 'cluster' has no 'worker' (or 'chief') list")
     kind, index = task.get("type"), task.get("index")
     if (
         kind not in jobs
@@ -132,8 +132,13 @@ def read_tf_config() -> dict[str, Any]:
         or isinstance(index, bool)
         or not 0 <= index < len(jobs[kind])
     ):
-        raise UsageError(f"{prefix}: 'task' {json.dumps(task)} names no member of the cluster")
+        task_text = json.dumps(task)
+        raise _tf_config_error(f"{prefix}: 'task' {task_text} names no member of the cluster")
     return config
+
+
+def _tf_config_error(message: str) -> ConfigError:
+    return ConfigError(message, _FIELD)
 
 
 def cluster_position() -> tuple[int, int]:
@@ -175,7 +180,7 @@ def barrier(strategy: tf.distribute.Strategy, value: float = 0.0) -> float:
         return float(strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None))
     except tf.errors.OpError as exc:
         raise RetrainError(
-            f"{_FLAG} multi_worker_mirrored: waiting for the other workers failed (did one of "
+            f"multi_worker_mirrored: waiting for the other workers failed (did one of "
             f"them stop?): {first_line(exc)}"
         ) from exc
 

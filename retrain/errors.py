@@ -1,4 +1,13 @@
-"""Errors that end a run with one clear line instead of a traceback."""
+"""Errors that end a run with one clear line instead of a traceback.
+
+A message may name settings: `{0}`, `{1}`... in it stand for the config paths in `fields`
+(`training.learning_rate`). str() shows those paths; a command line shows its own names for
+them with `render` (`--learning_rate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
 
 
 class RetrainError(Exception):
@@ -6,11 +15,28 @@ class RetrainError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str, *fields: str):
+        self.template = message
+        self.fields = fields
+        super().__init__(self.render(str))
+
+    def render(self, name_of: Callable[[str], str]) -> str:
+        """The message with each field shown as `name_of(field)`. Only the `{i}` markers are
+        replaced (no str.format: paths and JSON in a message may hold braces)."""
+        message = self.template
+        for i, name in enumerate(self.fields):
+            message = message.replace("{" + str(i) + "}", name_of(name))
+        return message
+
 
 class UsageError(RetrainError):
-    """An invalid flag value or input path, detected before any heavy work; exits 2."""
+    """An invalid setting or input path, detected before any heavy work; exits 2."""
 
     exit_code = 2
+
+
+class ConfigError(UsageError):
+    """An invalid setting of a RetrainConfig, naming it (see the module docstring)."""
 
 
 def first_line(err: BaseException) -> str:

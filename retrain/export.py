@@ -1,6 +1,7 @@
 """Exporting the retrained classifier: frozen GraphDef, labels file and SavedModel.
 
-The classifier is the image module followed by the new layer and a softmax. Its input is
+The classifier is the image module followed by the new layer and its head's output (a softmax,
+for retrain.py's single-label classes). Its input is
 `Placeholder`, float32 [None, height, width, 3] with values in [0, 1] (what retrain.py's graphs
 took), and its output is named by --final_tensor_name, so TF1-style clients such as TensorFlow's
 label_image.py example load the frozen graph unchanged.
@@ -8,10 +9,13 @@ label_image.py example load the frozen graph unchanged.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -20,16 +24,21 @@ from tensorflow.python.framework.convert_to_constants import (
 )
 
 from retrain.atomic import atomic_write_bytes, atomic_write_text
+from retrain.config import ExportConfig
+from retrain.heads import Head
+
+log = logging.getLogger("retrain")
 
 INPUT_NAME = "Placeholder"
 
 
 class Classifier(tf.Module):
-    """Image module + retrained softmax layer, as one exportable module."""
+    """Image module + the retrained layer and its head's output, as one exportable module."""
 
     def __init__(
         self,
         module_object,
+        head: Head,
         weights: np.ndarray,
         biases: np.ndarray,
         input_size: tuple[int, int],
@@ -37,6 +46,7 @@ class Classifier(tf.Module):
     ):
         super().__init__(name="retrained_classifier")
         self.module = module_object
+        self.head = head
         self.final_weights = tf.Variable(weights.astype(np.float32), name="final_weights")
         self.final_biases = tf.Variable(biases.astype(np.float32), name="final_biases")
         self.final_tensor_name = final_tensor_name
@@ -46,7 +56,7 @@ class Classifier(tf.Module):
     def _classify(self, images: tf.Tensor) -> tf.Tensor:
         features = self.module(images)
         logits = tf.matmul(features, self.final_weights) + self.final_biases
-        return tf.nn.softmax(logits, name=self.final_tensor_name)
+        return self.head.output(logits, self.final_tensor_name)
 
 
 BOTTLENECK_NAME = "bottleneck"
@@ -69,7 +79,7 @@ def cached_frozen_module(
 ) -> tf.compat.v1.GraphDef:
     """The frozen module graph from `path`, made (by loading the module) and kept on a miss.
 
-    Freezing a module takes seconds; adding a softmax layer to a frozen graph takes a fraction
+    Freezing a module takes seconds; adding the new layer to a frozen graph takes a fraction
     of one, so each module is frozen once and every export after that is graph surgery.
     """
     graph_def = tf.compat.v1.GraphDef()
@@ -86,11 +96,13 @@ def cached_frozen_module(
 
 def classifier_graph_def(
     module_graph_def: tf.compat.v1.GraphDef,
+    head: Head,
     weights: np.ndarray,
     biases: np.ndarray,
     final_tensor_name: str = "final_result",
 ) -> tf.compat.v1.GraphDef:
-    """The frozen module followed by the new layer and a softmax named `final_tensor_name`."""
+    """The frozen module followed by the new layer and `head`'s output (retrain.py's softmax,
+    for the softmax head) named `final_tensor_name`."""
     graph = tf.Graph()
     with graph.as_default():
         tf.compat.v1.import_graph_def(module_graph_def, name="")
@@ -99,7 +111,7 @@ def classifier_graph_def(
             w = tf.constant(weights.astype(np.float32), name="final_weights")
             b = tf.constant(biases.astype(np.float32), name="final_biases")
             logits = tf.matmul(features, w) + b
-        tf.nn.softmax(logits, name=final_tensor_name)
+        head.output(logits, final_tensor_name)
     return graph.as_graph_def()
 
 
@@ -164,3 +176,54 @@ def tflite_bytes(classifier: Classifier) -> bytes:
 def write_tflite(classifier: Classifier, path: str | os.PathLike) -> None:
     """Write the classifier as a .tflite file (atomically)."""
     atomic_write_bytes(path, tflite_bytes(classifier))
+
+
+def export_classifier(
+    settings: ExportConfig,
+    labels: list[str],
+    head: Head,
+    module_graph_def: Callable[[], tf.compat.v1.GraphDef],
+    module_object: Callable[[], Any],
+    input_size: tuple[int, int],
+    weights: np.ndarray,
+    biases: np.ndarray,
+) -> dict[str, str]:
+    """Write the files `settings` names (frozen graph, labels, TFLite, SavedModel) for the
+    module followed by the layer (`weights`, `biases`) and `head`'s output; returns
+    {setting: path} of each one written. `module_graph_def()` gives the frozen module and
+    `module_object()` the loaded one: each is asked for only if a file needs it."""
+    written = {}
+    if settings.output_graph:
+        graph = classifier_graph_def(
+            module_graph_def(), head, weights, biases, settings.final_tensor_name
+        )
+        write_frozen_graph(graph, settings.output_graph)
+        written["output_graph"] = settings.output_graph
+    if settings.output_labels:
+        write_labels(labels, settings.output_labels)
+        written["output_labels"] = settings.output_labels
+    if settings.output_graph and settings.output_labels:
+        log.info(
+            "Saved the frozen graph to %s and labels to %s",
+            settings.output_graph,
+            settings.output_labels,
+        )
+    else:
+        for name in written:
+            log.info(
+                "Saved %s to %s", name.removeprefix("output_").replace("_", " "), written[name]
+            )
+    if not (settings.output_tflite or settings.saved_model_dir):
+        return written
+    classifier = Classifier(
+        module_object(), head, weights, biases, input_size, settings.final_tensor_name
+    )
+    if settings.output_tflite:
+        write_tflite(classifier, settings.output_tflite)
+        written["output_tflite"] = settings.output_tflite
+        log.info("Saved the TFLite model to %s", settings.output_tflite)
+    if settings.saved_model_dir:
+        write_saved_model(classifier, labels, settings.saved_model_dir)
+        written["saved_model_dir"] = settings.saved_model_dir
+        log.info("Saved the SavedModel to %s", settings.saved_model_dir)
+    return written

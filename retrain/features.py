@@ -26,7 +26,8 @@ def random_picks(n: int, count: int, seed: int) -> np.ndarray:
 
 @dataclass
 class Split:
-    """Feature vectors [n, dim] and integer labels [n] of one split, in memory."""
+    """Feature vectors [n, dim] and labels (in the head's form, see retrain.heads) of one
+    split, in memory."""
 
     x: np.ndarray
     y: np.ndarray
@@ -93,4 +94,4 @@ class FeatureSplit:
         rng = np.random.default_rng(seed)
         while True:
             picks = np.sort(rng.integers(0, len(self), batch_size))
-            yield self.read(picks), self.y[picks].astype(np.int32)
+            yield self.read(picks), self.y[picks]

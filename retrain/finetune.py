@@ -24,41 +24,29 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
-from retrain import distribute, export, extract
+from retrain import distribute, extract
+from retrain.config import FineTuningConfig
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
-from retrain.errors import RetrainError
-from retrain.evaluate import Evaluation, evaluate_chunks
+from retrain.errors import ConfigError, RetrainError
+from retrain.evaluate import Evaluation
 from retrain.features import random_picks
+from retrain.heads import Head
 from retrain.interrupt import check as check_interrupt
 from retrain.models.loading import ImageModule
 
 if TYPE_CHECKING:
-    from retrain.pipeline import Bottlenecks
-    from retrain.train import TrainResult
+    from retrain.bottlenecks import Bottlenecks
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LEARNING_RATE = 1e-3
 MOMENTUM = 0.9
 # TensorBoard run (under --summaries_dir) of the fine-tuning scalars.
 SUMMARIES_RUN = "fine_tune"
 
 
 @dataclass(frozen=True)
-class FineTuneConfig:
-    """Hyper-parameters of fine-tuning (momentum SGD on the module and the new layer)."""
-
-    steps: int
-    learning_rate: float = DEFAULT_LEARNING_RATE
-    batch_size: int = 32
-    seed: int = 0
-    log_every: int = 10
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-
-
-@dataclass(frozen=True)
 class LabeledImages:
-    """Image files with their class indices."""
+    """Image files with their labels (in their head's form, see retrain.heads)."""
 
     paths: Sequence[str | Path]
     labels: np.ndarray
@@ -75,7 +63,7 @@ class FineTuneResult:
     weights: np.ndarray
     biases: np.ndarray
     input_size: tuple[int, int]
-    config: FineTuneConfig
+    settings: FineTuningConfig
     replicas: int
     seconds: float
     steps_per_second: float
@@ -87,9 +75,9 @@ class FineTuneResult:
         """The run's figures for --metrics_json."""
         last = self.history[-1] if self.history else {}
         return {
-            "steps": self.config.steps,
-            "learning_rate": self.config.learning_rate,
-            "batch_size": self.config.batch_size,
+            "steps": self.settings.steps,
+            "learning_rate": self.settings.learning_rate,
+            "batch_size": self.settings.batch_size,
             "replicas": self.replicas,
             "seconds": round(self.seconds, 3),
             "steps_per_second": round(self.steps_per_second, 4),
@@ -127,8 +115,9 @@ def module_trainable_variables(module_object: Any) -> list[tf.Variable]:
     variables = list(getattr(module_object, "trainable_variables", None) or [])
     if not variables:
         raise RetrainError(
-            "--fine_tune_steps: the module has no trainable_variables (not a reusable TF2 "
-            "SavedModel), so it cannot be fine-tuned; run with --fine_tune_steps=0"
+            "{0}: the module has no trainable_variables (not a reusable TF2 "
+            "SavedModel), so it cannot be fine-tuned; run with {0}=0",
+            "fine_tuning.steps",
         )
     return variables
 
@@ -154,18 +143,21 @@ def training_order(count: int, steps: int, batch_size: int, seed: int) -> np.nda
 def training_dataset(
     images: LabeledImages,
     input_size: tuple[int, int],
-    config: FineTuneConfig,
+    head: Head,
+    settings: FineTuningConfig,
+    seed: int,
+    max_pixels: int,
     errors: dict[int, str],
 ) -> tf.data.Dataset:
-    """`config.steps` global batches of (pixels, labels, ok), shuffled with `config.seed`.
+    """`settings.steps` global batches of (pixels, labels, ok), shuffled with `seed`.
 
     Decoding is `extract.decoded_batches`'s; an image that no longer decodes has ok=False and
     weighs nothing in the loss. Shardable by data, for MultiWorkerMirroredStrategy.
     """
-    order = training_order(len(images), config.steps, config.batch_size, config.seed)
-    labels = tf.constant(np.asarray(images.labels)[order].astype(np.int32))
+    order = training_order(len(images), settings.steps, settings.batch_size, seed)
+    labels = tf.constant(head.label_array(np.asarray(images.labels)[order]))
     batches = extract.decoded_batches(
-        [images.paths[i] for i in order], input_size, config.batch_size, errors, config.max_pixels
+        [images.paths[i] for i in order], input_size, settings.batch_size, errors, max_pixels
     )
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -175,7 +167,11 @@ def training_dataset(
 
 
 def make_train_step(
-    strategy: tf.distribute.Strategy, model: FineTuneModel, optimizer: Any, global_batch: int
+    strategy: tf.distribute.Strategy,
+    model: FineTuneModel,
+    head: Head,
+    optimizer: Any,
+    global_batch: int,
 ):
     """A tf.function taking one global batch from a distributed iterator, over all replicas.
 
@@ -186,11 +182,11 @@ def make_train_step(
         weight = tf.cast(ok, tf.float32)
         with tf.GradientTape() as tape:
             logits = model(pixels)
-            losses = weight * tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            losses = weight * head.losses(logits, labels)
             loss = tf.reduce_sum(losses) / global_batch  # replicas' losses sum to the mean
         gradients = tape.gradient(loss, model.trainable)
         optimizer.apply_gradients(zip(gradients, model.trainable))
-        hits = tf.cast(tf.equal(tf.argmax(logits, 1, output_type=tf.int32), labels), tf.float32)
+        hits = head.hits(logits, labels)
         return tf.stack(
             [tf.reduce_sum(losses), tf.reduce_sum(hits * weight), tf.reduce_sum(weight)]
         )
@@ -206,13 +202,15 @@ def make_train_step(
 def evaluate_images(
     extractor: Any,
     images: LabeledImages,
+    head: Head,
     weights: np.ndarray,
     biases: np.ndarray,
     input_size: tuple[int, int],
     batch_size: int,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Evaluation | None:
-    """Evaluate module (`extractor`: images -> features) + layer on image files; None if none.
+    """Evaluate module (`extractor`: images -> features) + layer + `head` on image files;
+    None if there are none.
 
     Images that no longer decode are left out.
     """
@@ -227,62 +225,73 @@ def evaluate_images(
         check_interrupt()
         keep = ok.numpy()
         chunks.append((extractor(pixels)[keep], labels[positions.numpy()[keep]]))
-    return evaluate_chunks(weights, biases, chunks, len(biases))
+    return head.evaluate(weights, biases, chunks)
 
 
 def fine_tune(
     module: ImageModule,
-    head: tuple[np.ndarray, np.ndarray],
+    head: Head,
+    layer: tuple[np.ndarray, np.ndarray],
     train: LabeledImages,
     test: LabeledImages,
-    config: FineTuneConfig,
+    settings: FineTuningConfig,
     strategy: tf.distribute.Strategy | None = None,
     summaries_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    log_every: int = 10,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> FineTuneResult:
-    """Fine-tune `module` and the trained layer `head` (weights, biases) on `train`'s images.
+    """Fine-tune `module` and the trained `layer` (weights, biases) of `head` on `train`'s
+    images for `settings.steps` steps of `settings.batch_size`, logging every `log_every`
+    steps.
 
     The module is loaded afresh under `strategy`'s scope. `test` is evaluated before and after.
     Every worker of a multi-worker strategy must call this with the same arguments; only the
-    chief writes TensorBoard scalars to `summaries_dir`/fine_tune.
+    chief writes TensorBoard scalars to `summaries_dir`/fine_tune. Raises RetrainError when
+    there is nothing to train on or a replica would get an empty piece of each batch.
     """
     if not len(train):
-        raise RetrainError("--fine_tune_steps: no training images to fine-tune on")
+        raise RetrainError("fine-tuning: no training images to fine-tune on")
     active = strategy or tf.distribute.get_strategy()
-    if config.batch_size < active.num_replicas_in_sync:
+    if settings.batch_size < active.num_replicas_in_sync:
         # A replica would get an empty piece of each batch, which the module cannot run on.
-        raise RetrainError(
-            f"fine-tuning batch size ({config.batch_size}) must be at least the number of "
-            f"replicas ({active.num_replicas_in_sync})"
+        raise ConfigError(
+            f"{{0}} ({settings.batch_size}) must be at least the number of "
+            f"replicas ({active.num_replicas_in_sync})",
+            "fine_tuning.batch_size",
         )
     module_object = distribute.load_module(module, strategy)
     with active.scope():
-        model = FineTuneModel(module_object, *head)
-        optimizer = _optimizer(config.learning_rate)
+        model = FineTuneModel(module_object, *layer)
+        optimizer = _optimizer(settings.learning_rate)
         optimizer.build(model.trainable)
     log.info(
         "Fine-tuning the whole network: %d steps of %d images, learning rate %g, %d replica(s)",
-        config.steps,
-        config.batch_size,
-        config.learning_rate,
+        settings.steps,
+        settings.batch_size,
+        settings.learning_rate,
         active.num_replicas_in_sync,
     )
     evaluate = partial(
         _evaluate,
         distribute.mirrored_backend(module_object, strategy),
         model,
+        head,
         test,
         module.input_size,
-        config,
+        settings.batch_size,
+        max_pixels,
     )
     before = _log_test("before", evaluate())
     errors: dict[int, str] = {}
     dataset = active.experimental_distribute_dataset(
-        training_dataset(train, module.input_size, config, errors)
+        training_dataset(train, module.input_size, head, settings, seed, max_pixels, errors)
     )
     writer = _summary_writer(active, summaries_dir)
     try:
-        step = make_train_step(active, model, optimizer, config.batch_size)
-        history, seconds, rate = _train(step, iter(dataset), config, writer)
+        step = make_train_step(active, model, head, optimizer, settings.batch_size)
+        history, seconds, rate = _train(step, iter(dataset), settings.steps, log_every, writer)
     finally:
         if writer is not None:
             writer.close()
@@ -294,7 +303,7 @@ def fine_tune(
         weights=model.final_weights.numpy(),
         biases=model.final_biases.numpy(),
         input_size=module.input_size,
-        config=config,
+        settings=settings,
         replicas=int(active.num_replicas_in_sync),
         seconds=seconds,
         steps_per_second=rate,
@@ -331,23 +340,26 @@ def _log_test(when: str, evaluation: Evaluation | None) -> Evaluation | None:
 def _evaluate(
     extractor: Any,
     model: FineTuneModel,
+    head: Head,
     images: LabeledImages,
     input_size: tuple[int, int],
-    config: FineTuneConfig,
+    batch_size: int,
+    max_pixels: int,
 ) -> Evaluation | None:
     return evaluate_images(
         extractor,
         images,
+        head,
         model.final_weights.numpy(),
         model.final_biases.numpy(),
         input_size,
-        config.batch_size,
-        config.max_pixels,
+        batch_size,
+        max_pixels,
     )
 
 
 def _train(
-    train_step: Any, iterator: Any, config: FineTuneConfig, writer: Any
+    train_step: Any, iterator: Any, steps: int, log_every: int, writer: Any
 ) -> tuple[list[dict], float, float]:
     """Run the steps, logging and writing scalars; returns (history, seconds, steps/s).
 
@@ -356,7 +368,7 @@ def _train(
     history = []
     start = time.perf_counter()
     warm = start
-    for step in range(1, config.steps + 1):
+    for step in range(1, steps + 1):
         check_interrupt()
         loss_sum, correct, count = train_step(iterator).numpy()
         if step == 1:
@@ -370,7 +382,7 @@ def _train(
             with writer.as_default(step=step):
                 tf.summary.scalar("cross_entropy", record["loss"])
                 tf.summary.scalar("accuracy", record["accuracy"])
-        if step % config.log_every == 0 or step == config.steps:
+        if step % log_every == 0 or step == steps:
             history.append(record)
             log.info(
                 "Fine-tune step %d: loss = %f, train accuracy = %.1f%%",
@@ -379,9 +391,9 @@ def _train(
                 100 * record["accuracy"],
             )
     end = time.perf_counter()
-    steps = config.steps - 1
-    rate = steps / (end - warm) if steps and end > warm else config.steps / (end - start)
-    log.info("Fine-tuned %d steps in %.1f s (%.2f steps/s)", config.steps, end - start, rate)
+    timed = steps - 1
+    rate = timed / (end - warm) if timed and end > warm else steps / (end - start)
+    log.info("Fine-tuned %d steps in %.1f s (%.2f steps/s)", steps, end - start, rate)
     return history, end - start, rate
 
 
@@ -394,47 +406,6 @@ def _exportable(module: ImageModule, module_object: Any, strategy: Any) -> Any:
     for target, source in zip(plain.variables, module_object.variables, strict=True):
         target.assign(source.read_value())
     return plain
-
-
-def classifier_graph(result: FineTuneResult, final_tensor_name: str) -> tf.compat.v1.GraphDef:
-    """The frozen classifier of the fine-tuned module, frozen from the live module (the cache
-    of frozen pretrained modules is neither read nor written)."""
-    module_graph = export.frozen_module_graph_def(result.module_object, result.input_size)
-    return export.classifier_graph_def(
-        module_graph, result.weights, result.biases, final_tensor_name
-    )
-
-
-def run_from_flags(
-    f: Any,
-    module: ImageModule,
-    bottlenecks: Bottlenecks,
-    head: TrainResult,
-    strategy: tf.distribute.Strategy | None = None,
-) -> FineTuneResult:
-    """Fine-tune, with checked flags `f`, after `retrain.train.train_head` gave `head`: on the
-    training split of `bottlenecks`, evaluated on its test split (--test_batch_size of it),
-    with TensorBoard scalars in --summaries_dir. Under `strategy` if given (a multi-worker
-    run's, made at its start), else --distribution_strategy's."""
-    if strategy is None:
-        strategy = distribute.make_strategy(f.distribution_strategy, log)
-    config = FineTuneConfig(
-        steps=f.fine_tune_steps,
-        learning_rate=f.fine_tune_learning_rate,
-        batch_size=f.fine_tune_batch_size,
-        seed=f.random_seed,
-        log_every=max(1, f.eval_step_interval),
-        max_pixels=f.max_image_pixels,
-    )
-    return fine_tune(
-        module,
-        (head.weights, head.biases),
-        split_images(bottlenecks, "training"),
-        subset(split_images(bottlenecks, "testing"), f.test_batch_size, f.random_seed),
-        config,
-        strategy,
-        f.summaries_dir,
-    )
 
 
 def split_images(bottlenecks: Bottlenecks, name: str) -> LabeledImages:

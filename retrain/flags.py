@@ -1,22 +1,21 @@
 """The retrain command's flags: retrain.py's names and defaults, plus our additions.
 
-Every value is checked by `check_flags` before any heavy work, and each problem is reported as
-one line naming the flag (exit status 2).
+`config_from_flags` turns parsed flags into a `RetrainConfig` (the one place where flags meet
+the library) and checks it before any heavy work; each problem is one line naming the flag
+(exit status 2). `FLAG_FIELDS` maps every flag to its config setting and back.
 """
 
 from __future__ import annotations
 
-import os
-import re
+import dataclasses
+from typing import Any
 
 from absl import flags
 
-from retrain.atomic import check_writable_dir, check_writable_file
+from retrain.config import DEFAULT_MODULE, RetrainConfig
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
-from retrain.distribute import STRATEGIES, read_tf_config
-from retrain.errors import UsageError
-
-DEFAULT_MODULE = "efficientnet_lite0"
+from retrain.distribute import STRATEGIES
+from retrain.errors import ConfigError, UsageError
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -240,109 +239,96 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
 
 
-def _looks_like_url(handle: str) -> bool:
-    return re.match(r"^[a-z][a-z0-9+.-]*://", handle) is not None
+# Every flag that is a config setting: flag name -> dotted config path.
+FLAG_FIELDS = {
+    "image_dir": "image_dir",
+    "testing_percentage": "data.testing_percentage",
+    "validation_percentage": "data.validation_percentage",
+    "max_image_pixels": "data.max_image_pixels",
+    "tfhub_module": "module.handle",
+    "module_cache_dir": "module.cache_dir",
+    "extraction_backend": "module.extraction_backend",
+    "extraction_batch_size": "module.extraction_batch_size",
+    "bottleneck_dir": "cache.bottleneck_dir",
+    "how_many_training_steps": "training.how_many_training_steps",
+    "learning_rate": "training.learning_rate",
+    "train_batch_size": "training.train_batch_size",
+    "eval_step_interval": "training.eval_step_interval",
+    "validation_batch_size": "training.validation_batch_size",
+    "random_seed": "training.random_seed",
+    "checkpoint_path": "training.checkpoint_path",
+    "resume": "training.resume",
+    "flip_left_right": "training.flip_left_right",
+    "random_crop": "training.random_crop",
+    "random_scale": "training.random_scale",
+    "random_brightness": "training.random_brightness",
+    "test_batch_size": "evaluation.test_batch_size",
+    "print_misclassified_test_images": "evaluation.print_misclassified_test_images",
+    "fine_tune_steps": "fine_tuning.steps",
+    "fine_tune_learning_rate": "fine_tuning.learning_rate",
+    "fine_tune_batch_size": "fine_tuning.batch_size",
+    "output_graph": "export.output_graph",
+    "output_labels": "export.output_labels",
+    "output_tflite": "export.output_tflite",
+    "saved_model_dir": "export.saved_model_dir",
+    "final_tensor_name": "export.final_tensor_name",
+    "intermediate_output_graphs_dir": "export.intermediate_output_graphs_dir",
+    "intermediate_store_frequency": "export.intermediate_store_frequency",
+    "distribution_strategy": "distribution.strategy",
+    "summaries_dir": "outputs.summaries_dir",
+    "metrics_json": "outputs.metrics_json",
+    "split_manifest": "outputs.split_manifest",
+}
+# Flags of the command itself, not of a run: logging and the exit status.
+COMMAND_FLAGS = ("logging_verbosity", "assert_accuracy_at_least")
+_FLAG_OF_FIELD = {field: flag for flag, field in FLAG_FIELDS.items()}
 
 
-def check_flags(f: flags.FlagValues) -> None:
-    """Raise UsageError for the first invalid flag value, naming the flag."""
-    if not f.image_dir:
-        raise UsageError("--image_dir is required: a folder with one subfolder of images per class")
-    if not os.path.isdir(os.path.expanduser(f.image_dir)):
-        raise UsageError(f"--image_dir: folder not found: {f.image_dir}")
-    positive = (
-        "how_many_training_steps",
-        "eval_step_interval",
-        "train_batch_size",
-        "extraction_batch_size",
-        "max_image_pixels",
-        "fine_tune_batch_size",
-    )
-    for name in positive:
-        if f[name].value <= 0:
-            raise UsageError(f"--{name} must be positive, got {f[name].value}")
-    for name in ("test_batch_size", "validation_batch_size"):
-        value = f[name].value
-        if value == 0 or value < -1:
-            raise UsageError(f"--{name} must be positive or -1 (all), got {value}")
-    if f.intermediate_store_frequency < 0:
+def flag_for_field(field: str) -> str:
+    """The flag (`--learning_rate`) of a config setting (`training.learning_rate`)."""
+    return "--" + _FLAG_OF_FIELD.get(field, field)
+
+
+def config_from_flags(f: flags.FlagValues) -> RetrainConfig:
+    """The checked RetrainConfig of parsed flags `f`; raises UsageError naming the flag.
+
+    An empty string flag (no output) becomes None.
+    """
+    values: dict[str, Any] = {}
+    for flag, field in FLAG_FIELDS.items():
+        value = f[flag].value
+        values[field] = None if value == "" and field != "image_dir" else value
+    config = _build(RetrainConfig, values)
+    try:
+        config.validate()
+    except ConfigError as err:
+        raise UsageError(err.render(flag_for_field)) from None
+    threshold = f.assert_accuracy_at_least
+    if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError(
-            "--intermediate_store_frequency must be 0 (off) or positive, got "
-            f"{f.intermediate_store_frequency}"
+            f"--assert_accuracy_at_least is a fraction between 0 and 1, got {threshold}"
         )
-    if f.fine_tune_steps < 0:
-        raise UsageError(f"--fine_tune_steps must be 0 (off) or positive, got {f.fine_tune_steps}")
-    for name in ("learning_rate", "fine_tune_learning_rate"):
-        if not f[name].value > 0:
-            raise UsageError(f"--{name} must be positive, got {f[name].value}")
-    for name in ("testing_percentage", "validation_percentage"):
-        if not 0 <= f[name].value < 100:
-            raise UsageError(f"--{name} must be between 0 and 100, got {f[name].value}")
-    if f.testing_percentage + f.validation_percentage >= 100:
-        raise UsageError(
-            "--testing_percentage + --validation_percentage must be below 100 (no images "
-            f"would be left for training), got {f.testing_percentage + f.validation_percentage}"
-        )
-    if f.assert_accuracy_at_least is not None and not 0 <= f.assert_accuracy_at_least <= 1:
-        raise UsageError(
-            "--assert_accuracy_at_least is a fraction between 0 and 1, got "
-            f"{f.assert_accuracy_at_least}"
-        )
-    for name in ("random_crop", "random_scale", "random_brightness"):
-        if f[name].value < 0:
-            raise UsageError(f"--{name} must be a non-negative percentage, got {f[name].value}")
-    if f.flip_left_right or f.random_crop or f.random_scale or f.random_brightness:
-        raise UsageError(
-            "--flip_left_right/--random_crop/--random_scale/--random_brightness: "
-            "distortions are not supported yet; run without them"
-        )
-    if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", f.final_tensor_name):
-        raise UsageError(f"--final_tensor_name is not a valid node name: {f.final_tensor_name!r}")
-    if f.distribution_strategy == "mirrored" and f.extraction_backend == "tflite":
-        raise UsageError(
-            "--extraction_backend=tflite runs on the CPU; it cannot be combined with "
-            "--distribution_strategy=mirrored"
-        )
-    if f.distribution_strategy == "multi_worker_mirrored":
-        read_tf_config()  # a missing or invalid TF_CONFIG is a UsageError naming the flag
-    if f.resume and not f.checkpoint_path:
-        raise UsageError("--resume needs --checkpoint_path")
-    _check_module_handle(f.tfhub_module)
-    _check_output_paths(f)
+    return config
 
 
-def _check_module_handle(handle: str) -> None:
-    from retrain.models.registry import list_bundled_models
-
-    if not handle:
-        raise UsageError("--tfhub_module must not be empty")
-    if _looks_like_url(handle) or os.path.isdir(os.path.expanduser(handle)):
-        return
-    if handle in list_bundled_models():
-        return
-    if os.path.sep in handle or handle.startswith("."):
-        raise UsageError(f"--tfhub_module: folder not found: {handle}")
-    raise UsageError(
-        f"--tfhub_module: unknown module {handle!r}; bundled modules: "
-        f"{', '.join(list_bundled_models())}; or give a TF Hub URL or a SavedModel "
-        "folder"
-    )
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """An instance of config dataclass `cls` from dotted paths -> values; a group (a field
+    whose default is a config dataclass) is built the same way, defaults filling the rest."""
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        path = prefix + field.name
+        group = field.default_factory
+        if isinstance(group, type) and dataclasses.is_dataclass(group):
+            kwargs[field.name] = _build(group, values, path + ".")
+        elif path in values:
+            kwargs[field.name] = values[path]
+    return cls(**kwargs)
 
 
-def _check_output_paths(f: flags.FlagValues) -> None:
-    files = ["output_graph", "output_labels", "output_tflite", "split_manifest", "metrics_json"]
-    dirs = [
-        "bottleneck_dir",
-        "summaries_dir",
-        "saved_model_dir",
-        "checkpoint_path",
-        "module_cache_dir",
-    ]
-    if f.intermediate_store_frequency > 0:
-        dirs.append("intermediate_output_graphs_dir")
-    for name in files:
-        if f[name].value and (problem := check_writable_file(f[name].value)):
-            raise UsageError(f"--{name}: cannot write there: {problem}")
-    for name in dirs:
-        if f[name].value and (problem := check_writable_dir(f[name].value)):
-            raise UsageError(f"--{name}: cannot write there: {problem}")
+__all__ = [
+    "COMMAND_FLAGS",
+    "FLAG_FIELDS",
+    "config_from_flags",
+    "define_flags",
+    "flag_for_field",
+]

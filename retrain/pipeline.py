@@ -1,275 +1,168 @@
-"""One retraining run, start to finish: scan, cache bottlenecks, train, evaluate, export.
+"""One retraining run, start to finish: the stages in order.
 
-`cli` parses and checks the flags, then calls `run`. Everything heavy (TensorFlow) is imported
-here, after the flags were found valid, so a typo costs no wait.
+    scan and split -> bottlenecks -> head training -> (fine-tuning) -> evaluation -> export
+
+`run(config)` is the library's entry point (`retrain.run`). Each stage is a function of its own
+module with typed inputs and outputs; this module only hands the output of one to the next,
+decides which process of a cluster writes (the chief), and reports progress in the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrain import backends, distribute, export, extract, finetune, scan
+from retrain import distribute, export, finetune, scan
 from retrain import evaluate as evaluation
 from retrain.atomic import atomic_write_text
-from retrain.cache import BottleneckCache, module_cache_key
-from retrain.decode import ImageDecodeError, decode_image
-from retrain.errors import RetrainError, UsageError
-from retrain.features import FeatureSplit, Split
+from retrain.bottlenecks import Bottlenecks, LazyModule, compute_bottlenecks, load_module
+from retrain.config import RetrainConfig
+from retrain.features import Split
+from retrain.heads import Head, SoftmaxHead
 from retrain.interrupt import check as check_interrupt
-from retrain.models.loading import ImageModule, ModuleError, default_cache_dir, resolve_module
-from retrain.preprocess import PREPROCESSING_ID, to_module_input
-from retrain.train import Summaries, TrainConfig, TrainResult, train_head
+from retrain.models.loading import ImageModule, default_cache_dir
+from retrain.results import RunResult, Timings
+from retrain.train import Summaries, TrainResult, train_head
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
+    from retrain.features import FeatureSplit
+
 log = logging.getLogger("retrain")
-
-
-class AccuracyBelowThreshold(RetrainError):
-    """--assert_accuracy_at_least was not met."""
-
-    exit_code = 3
-
 
 # A streamed validation split is evaluated on a random subset of at most this many images
 # (51 MB of vectors: what a 100k-image run holds, so memory stays flat beyond it).
 STREAMED_VALIDATION_ROWS = 10_000
 
 
-@dataclass
-class Bottlenecks:
-    """Where the vectors of the usable images are cached, with their labels, splits and paths."""
+def run(config: RetrainConfig) -> RunResult:
+    """Retrain as `config` says and return what was trained, measured and written.
 
-    cache: BottleneckCache
-    locations: np.ndarray  # cache.LOCATION_DTYPE
-    labels: np.ndarray
-    split_codes: np.ndarray  # int8, an index into scan.SPLITS
-    paths: scan.PathList
-    skipped: list[dict]
-    computed: int  # by this process
-    seconds: float  # the whole phase: lookup, hashing, module loading, backend choice, extraction
-    extraction_seconds: float = 0.0  # of those, decoding, the model and cache writes only
-    cluster_computed: int | None = None  # by all the workers of a multi-worker run
+    Writes only what the config names (outputs, summaries, checkpoints, metrics); without a
+    `cache.bottleneck_dir` the vectors live in a temporary folder removed at the end. Leaves
+    logging and signal handlers as they are. Raises ConfigError for an invalid setting,
+    RetrainError for unusable data or files, KeyboardInterrupt when interrupted.
+    """
+    if not isinstance(config, RetrainConfig):
+        raise TypeError(f"run() takes a RetrainConfig, got {type(config).__name__}")
+    config.validate()
+    wall_start = time.perf_counter()
+    cluster = _cluster_strategy(config)  # first of all: before TensorFlow runs any op
+    chief = cluster is None or distribute.is_chief()
+    image_set = scan_images(config, write_manifest=chief)
 
-    def in_split(self, name: str) -> np.ndarray:
-        """Mask of the images of one split."""
-        return scan.split_mask(self.split_codes, name)
-
-    def split(self, name: str) -> FeatureSplit:
-        picks = np.flatnonzero(self.in_split(name))
-        return FeatureSplit(self.cache, self.locations[picks], self.labels[picks])
-
-    def paths_of(self, name: str) -> scan.PathList:
-        return self.paths.take(self.in_split(name))
-
-
-def load_module(f) -> ImageModule:
-    """Resolve --tfhub_module, converting a bundled model on first use."""
-    try:
-        cache_dir = Path(f.module_cache_dir).expanduser() if f.module_cache_dir else None
-        return resolve_module(f.tfhub_module, cache_dir)
-    except ModuleError as err:
-        raise UsageError(f"--tfhub_module: {err}") from None
-
-
-class LazyModule:
-    """The image module, loaded from disk only when first used: a run with a filled cache (and
-    a verified TFLite conversion) never needs it, which saves seconds and memory."""
-
-    def __init__(self, module: ImageModule):
-        self.module = module
-        self._loaded = None
-
-    def get(self):
-        """The loaded module object."""
-        if self._loaded is None:
-            self._loaded = self.module.load()
-        return self._loaded
-
-    def __call__(self, images):
-        """Features of `images`, like the loaded module."""
-        return self.get()(images)
-
-
-def open_cache(bottleneck_dir: str | Path, module: ImageModule) -> BottleneckCache:
-    """The module's folder of the bottleneck cache, created with its module.json."""
-    return BottleneckCache(
-        bottleneck_dir,
-        module_cache_key(module.fingerprint, PREPROCESSING_ID),
-        module.feature_dim,
-        description={
-            "module": module.handle,
-            "fingerprint": module.fingerprint,
-            "preprocessing": PREPROCESSING_ID,
-        },
-    )
-
-
-def compute_bottlenecks(
-    f,
-    image_set: scan.ImageSet,
-    module: ImageModule,
-    module_object: LazyModule,
-    cluster: tf.distribute.Strategy | None = None,
-) -> Bottlenecks:
-    """Look every image up in the cache and compute what is missing; with a multi-worker
-    `cluster`, each worker first computes its share (`_extract_in_cluster`)."""
-    cache = open_cache(f.bottleneck_dir, module)
-    paths = image_set.paths
-    start = time.perf_counter()
-    found = extract.lookup(paths, cache)
-    extract.verify(found, cache, paths)
-    missing = len(found.missing())
+    module = load_module(config.module)
     log.info(
-        "%d images: %d bottlenecks cached, %d to compute",
-        len(paths),
-        len(paths) - missing - len(found.skipped),
-        missing,
+        "Module %s: input %dx%d, %d features", module.handle, *module.input_size, module.feature_dim
     )
-    extract_some = partial(_extract, f, module, module_object, cache, paths, found)
-    extraction, cluster_computed = extract.ExtractionStats(), None
+    module_object = LazyModule(module)
+    check_interrupt()
+    with _bottleneck_folder(config.cache.bottleneck_dir) as bottleneck_dir:
+        bottlenecks = compute_bottlenecks(
+            image_set,
+            module,
+            module_object,
+            bottleneck_dir,
+            config.module,
+            config.data.max_image_pixels,
+            mirrored=config.distribution.strategy == "mirrored",
+            cluster=cluster,
+        )
+        bottlenecks.check_trainable(image_set.labels)
+        check_interrupt()
+        head = SoftmaxHead(len(image_set.labels))
+        trained = _train(config, bottlenecks, head, module, module_object, chief)
+        evaluations = _evaluate_test(config, bottlenecks, trained, image_set.labels)
+
+        # Fine-tuning: the whole network, exported instead of the pretrained module + layer.
+        tuned = None
+        if config.fine_tuning.steps:
+            tuned = _fine_tune(config, module, bottlenecks, trained, cluster)
+            if tuned.after is not None:
+                evaluations["testing"] = tuned.after  # cached bottlenecks no longer fit it
+    check_interrupt()  # a run stopped before here writes no outputs
+    outputs = (
+        _export(config, image_set.labels, module, module_object, trained, tuned) if chief else {}
+    )
+    result = RunResult(
+        labels=image_set.labels,
+        head=trained,
+        evaluations=evaluations,
+        images=scan.count_splits(bottlenecks.split_codes),
+        skipped=bottlenecks.skipped + [{"file": p, "reason": r} for p, r in image_set.ignored],
+        module=module.handle,
+        bottlenecks_computed=bottlenecks.computed,
+        training_steps=config.training.how_many_training_steps,
+        timings=Timings(
+            bottlenecks=bottlenecks.seconds,
+            extraction=bottlenecks.extraction_seconds,
+            training=trained.seconds,
+            total=time.perf_counter() - wall_start,
+        ),
+        outputs=outputs,
+        fine_tune=tuned,
+        cluster=_cluster_metrics(bottlenecks) if cluster is not None else None,
+    )
+    if config.outputs.metrics_json and chief:
+        metrics = result.metrics()
+        atomic_write_text(config.outputs.metrics_json, json.dumps(metrics, indent=2) + "\n")
+        result.outputs["metrics_json"] = config.outputs.metrics_json
     if cluster is not None:
-        extraction, cluster_computed = _extract_in_cluster(
-            cluster, cache, paths, found, extract_some
-        )
-    # Alone: all that is missing. In a cluster: what no worker could use, skipped with a reason.
-    extraction += extract_some(found.missing())
-    seconds = time.perf_counter() - start
-    cache.release_index()  # from here on, vectors are read by location
-    keep = np.ones(len(paths), dtype=bool)
-    keep[list(found.skipped)] = False
-    skipped = [
-        {"file": scan.display_path(paths[i]), "reason": reason}
-        for i, reason in sorted(found.skipped.items())
-    ]
-    return Bottlenecks(
-        cache=cache,
-        locations=found.locations[keep],
-        labels=image_set.label_indices[keep].astype(np.int64),
-        split_codes=image_set.split_codes[keep],
-        paths=paths.take(keep),
-        skipped=skipped,
-        computed=extraction.computed,
-        seconds=seconds,
-        extraction_seconds=extraction.seconds,
-        cluster_computed=cluster_computed,
+        distribute.barrier(cluster)  # the others wait for the chief's outputs: all end together
+    return result
+
+
+def scan_images(config: RetrainConfig, write_manifest: bool = True) -> scan.ImageSet:
+    """The scan-and-split stage: classes, images and their splits, with warnings logged and
+    the split manifest written if the config names one (and `write_manifest`)."""
+    data = config.data
+    image_set = scan.scan_image_dir(
+        config.image_dir, data.validation_percentage, data.testing_percentage
     )
-
-
-def _extract(
-    f,
-    module: ImageModule,
-    module_object: LazyModule,
-    cache: BottleneckCache,
-    paths: list[str],
-    found: extract.LookupResult,
-    picks: list[int],
-) -> extract.ExtractionStats:
-    """Compute the missing vectors of images `picks` (indices into `paths`) into `cache`, and
-    note in `found` where they are, or why they were skipped. Returns how many were computed
-    and how long that took."""
-    if not picks:
-        return extract.ExtractionStats()
-    stats = extract.extract_missing(
-        paths,
-        found,
-        cache,
-        _extractor(f, module, module_object, [paths[i] for i in picks[:32]]),
-        module.input_size,
-        f.extraction_batch_size,
-        f.max_image_pixels,
-        todo=picks,
-    )
-    if stats.computed:
-        log.info(
-            "Computed %d bottlenecks in %.1f s (%.1f images/s)",
-            stats.computed,
-            stats.seconds,
-            stats.images_per_second,
+    needed = tuple(
+        split
+        for split, pct in (
+            ("validation", data.validation_percentage),
+            ("testing", data.testing_percentage),
         )
-    return stats
-
-
-def _merge(found: extract.LookupResult, picks: list[int], part: extract.LookupResult) -> None:
-    """Copy `part`, the lookup of images `picks`, into `found` (the lookup of all images)."""
-    found.locations[picks] = part.locations
-    found.content_keys[picks] = part.content_keys
-    found.hashed[picks] = part.hashed
-    found.skipped.update({picks[j]: reason for j, reason in part.skipped.items()})
-
-
-def _extract_in_cluster(
-    cluster: tf.distribute.Strategy,
-    cache: BottleneckCache,
-    paths: list[str],
-    found: extract.LookupResult,
-    extract_some: Callable[[list[int]], extract.ExtractionStats],
-) -> tuple[extract.ExtractionStats, int]:
-    """Compute this worker's share of the missing vectors, wait for every worker, then look up
-    what the others computed (`found` is updated). Returns (what this worker computed, how many
-    the cluster computed)."""
-    todo = found.missing()
-    share = distribute.worker_share(todo)
-    log.info("This worker computes %d of the %d missing bottlenecks", len(share), len(todo))
-    mine = extract_some(share)
-    total = int(distribute.barrier(cluster, mine.computed))
-    log.info("The cluster's workers computed %d bottlenecks together", total)
-    cache.refresh()
-    todo = found.missing()
-    again = extract.lookup([paths[i] for i in todo], cache)
-    extract.verify(again, cache, [paths[i] for i in todo])
-    _merge(found, todo, again)
-    return mine, total
-
-
-def _extractor(f, module: ImageModule, module_object: LazyModule, todo: list[str]):
-    """The extraction backend for --extraction_backend, checked on a few of the images `todo`
-    (the first of those to compute)."""
-    if not todo:
-        return None  # nothing to compute: no module loading, no conversion
-    if f.distribution_strategy == "mirrored":
-        strategy = distribute.make_strategy(f.distribution_strategy, log)
-        log.info("Extraction backend: tensorflow, %d replica(s)", strategy.num_replicas_in_sync)
-        return distribute.mirrored_backend(module_object.get(), strategy)
-    samples = []
-    for path in todo[:32]:
-        try:
-            pixels = decode_image(path, module.input_size, f.max_image_pixels)
-        except (ImageDecodeError, OSError):
-            continue
-        samples.append(to_module_input(pixels, module.input_size).numpy())
-        if len(samples) == 4:
-            break
-    extractor, _, _ = backends.choose_backend(
-        f.extraction_backend,
-        module,
-        module_object,
-        np.stack(samples) if samples else None,
-        log,
-        cache_dir=f.module_cache_dir or None,
+        if pct > 0
     )
-    return extractor
+    for warning in scan.check_splits_populated(image_set, needed):
+        log.warning(warning)
+    for path, reason in image_set.ignored:
+        log.warning("Ignoring %s: %s", path, reason)
+    counts = image_set.split_counts()
+    log.info(
+        "Found %d classes, %d images (training %d, validation %d, testing %d)",
+        len(image_set.labels),
+        len(image_set),
+        counts["training"],
+        counts["validation"],
+        counts["testing"],
+    )
+    if config.outputs.split_manifest and write_manifest:
+        scan.write_split_manifest(image_set, config.outputs.split_manifest)
+    return image_set
 
 
-def _check_trainable(b: Bottlenecks, labels: list[str]) -> None:
-    train_labels = set(b.labels[b.in_split("training")].tolist())
-    missing = [labels[i] for i in range(len(labels)) if i not in train_labels]
-    if missing:
-        raise RetrainError(
-            "no usable training images for class "
-            + ", ".join(f"'{m}'" for m in missing)
-            + " (all of them were skipped; see the warnings above)"
-        )
+@contextlib.contextmanager
+def _bottleneck_folder(bottleneck_dir: str | None) -> Iterator[str]:
+    """`bottleneck_dir`, or a temporary folder removed on the way out."""
+    if bottleneck_dir:
+        yield bottleneck_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="retrain-bottlenecks-") as folder:
+        log.info("No bottleneck folder given: the vectors are not kept after this run")
+        yield folder
 
 
 def _training_inputs(b: Bottlenecks, seed: int) -> tuple[Split | FeatureSplit, Split]:
@@ -290,134 +183,18 @@ def _training_inputs(b: Bottlenecks, seed: int) -> tuple[Split | FeatureSplit, S
     return train, validation.load()
 
 
-def run(f) -> dict:
-    """Run retraining with checked flags `f`; returns the metrics written to --metrics_json."""
-    wall_start = time.perf_counter()
-    cluster = _cluster_strategy(f)  # first of all: before TensorFlow runs any op
-    chief = cluster is None or distribute.is_chief()
-    image_set = scan.scan_image_dir(f.image_dir, f.validation_percentage, f.testing_percentage)
-    needed = tuple(
-        split
-        for split, pct in (
-            ("validation", f.validation_percentage),
-            ("testing", f.testing_percentage),
-        )
-        if pct > 0
-    )
-    for warning in scan.check_splits_populated(image_set, needed):
-        log.warning(warning)
-    for path, reason in image_set.ignored:
-        log.warning("Ignoring %s: %s", path, reason)
-    counts = image_set.split_counts()
-    log.info(
-        "Found %d classes, %d images (training %d, validation %d, testing %d)",
-        len(image_set.labels),
-        len(image_set),
-        counts["training"],
-        counts["validation"],
-        counts["testing"],
-    )
-    if f.split_manifest and chief:
-        scan.write_split_manifest(image_set, f.split_manifest)
-
-    module = load_module(f)
-    log.info(
-        "Module %s: input %dx%d, %d features", module.handle, *module.input_size, module.feature_dim
-    )
-    module_object = LazyModule(module)
-    check_interrupt()
-    bottlenecks = compute_bottlenecks(f, image_set, module, module_object, cluster)
-    _check_trainable(bottlenecks, image_set.labels)
-    check_interrupt()
-    config, result = _train(f, bottlenecks, len(image_set.labels), module, module_object, chief)
-
-    test = bottlenecks.split("testing")
-    if f.test_batch_size > 0:
-        test = test.subset(f.test_batch_size, f.random_seed)
-    test_eval = None
-    if len(test):
-        test_eval = evaluation.evaluate_chunks(
-            result.weights,
-            result.biases,
-            ((c.x, c.y) for c in test.chunks()),
-            len(image_set.labels),
-        )
-        log.info("Final test accuracy = %.1f%% (N=%d)", 100 * test_eval.accuracy, len(test))
-        if f.print_misclassified_test_images and f.test_batch_size < 0:
-            _print_misclassified(bottlenecks, test_eval, image_set.labels)
-
-    # Fine-tuning: the whole network, exported instead of the pretrained module + layer.
-    tuned = None
-    if f.fine_tune_steps:
-        tuned = finetune.run_from_flags(f, module, bottlenecks, result, cluster)
-        if tuned.after is not None:
-            test_eval = tuned.after  # the exported model's; cached bottlenecks no longer fit it
-    check_interrupt()  # a run stopped before here writes no outputs
-    if chief:
-        _export(f, image_set.labels, module, module_object, result, tuned)
-
-    metrics = {
-        "test_accuracy": test_eval.accuracy if test_eval else None,
-        "test_cross_entropy": test_eval.cross_entropy if test_eval else None,
-        "per_class_test_accuracy": dict(zip(image_set.labels, test_eval.per_class_accuracy))
-        if test_eval
-        else None,
-        "final_train_accuracy": result.history[-1]["train_accuracy"] if result.history else None,
-        "final_validation_accuracy": result.history[-1].get("validation_accuracy")
-        if result.history
-        else None,
-        "classes": image_set.labels,
-        "images": scan.count_splits(bottlenecks.split_codes),
-        "skipped": bottlenecks.skipped + [{"file": p, "reason": r} for p, r in image_set.ignored],
-        "module": module.handle,
-        "bottlenecks_computed": bottlenecks.computed,
-        "bottleneck_seconds": round(bottlenecks.seconds, 3),
-        "bottleneck_images_per_second": _per_second(bottlenecks.computed, bottlenecks.seconds),
-        "extraction_seconds": round(bottlenecks.extraction_seconds, 3),
-        "extraction_images_per_second": _per_second(
-            bottlenecks.computed, bottlenecks.extraction_seconds
-        ),
-        "training_steps": config.how_many_training_steps,
-        "resumed_from_step": result.resumed_from_step,
-        "training_seconds": round(result.seconds, 3),
-        "total_seconds": round(time.perf_counter() - wall_start, 3),
-        "output_graph": f.output_graph,
-        "output_labels": f.output_labels,
-    }
-    if tuned is not None:
-        metrics["fine_tune"] = tuned.metrics()
-    if cluster is not None:
-        metrics["cluster"] = _cluster_metrics(bottlenecks)
-    if f.metrics_json and chief:
-        atomic_write_text(f.metrics_json, json.dumps(metrics, indent=2) + "\n")
-    if cluster is not None:
-        distribute.barrier(cluster)  # the others wait for the chief's outputs: all end together
-    threshold = f.assert_accuracy_at_least
-    if threshold is not None:
-        accuracy = metrics["test_accuracy"]
-        if accuracy is None or accuracy < threshold:
-            raise AccuracyBelowThreshold(
-                f"--assert_accuracy_at_least: test accuracy {accuracy} is below {threshold}"
-            )
-    return metrics
-
-
-def _cluster_strategy(f) -> tf.distribute.Strategy | None:
-    """The MultiWorkerMirroredStrategy of --distribution_strategy=multi_worker_mirrored (made
-    before TensorFlow runs any op, as it must be), else None."""
-    if f.distribution_strategy != "multi_worker_mirrored":
+def _cluster_strategy(config: RetrainConfig) -> tf.distribute.Strategy | None:
+    """The MultiWorkerMirroredStrategy of a multi_worker_mirrored run (made before TensorFlow
+    runs any op, as it must be), else None."""
+    if config.distribution.strategy != "multi_worker_mirrored":
         return None
-    strategy = distribute.make_strategy(f.distribution_strategy, log)
+    strategy = distribute.make_strategy(config.distribution.strategy, log)
     if not distribute.is_chief():
         log.info(
             "Not the chief: this worker leaves the outputs (graph, labels, SavedModel, TFLite, "
             "metrics, summaries, checkpoints, split manifest) to the chief"
         )
     return strategy
-
-
-def _per_second(count: int, seconds: float) -> float:
-    return round(count / seconds, 2) if seconds > 0 and count else 0.0
 
 
 def _cluster_metrics(b: Bottlenecks) -> dict:
@@ -427,83 +204,124 @@ def _cluster_metrics(b: Bottlenecks) -> dict:
 
 
 def _train(
-    f,
+    config: RetrainConfig,
     b: Bottlenecks,
-    num_classes: int,
+    head: Head,
     module: ImageModule,
     module_object: LazyModule,
     chief: bool,
-) -> tuple[TrainConfig, TrainResult]:
+) -> TrainResult:
     """Train the new layer on the bottlenecks. Only the chief writes summaries, checkpoints and
     intermediate graphs. In a cluster every worker trains the same layer (same data and seed);
     fine-tuning starts from the chief's in any case (MultiWorkerMirroredStrategy gives every
     worker the chief's initial values of the variables made in its scope)."""
-    config = TrainConfig(
-        how_many_training_steps=f.how_many_training_steps,
-        learning_rate=f.learning_rate,
-        train_batch_size=f.train_batch_size,
-        eval_step_interval=f.eval_step_interval,
-        validation_batch_size=f.validation_batch_size,
-        seed=f.random_seed,
-    )
-    summaries = Summaries(f.summaries_dir) if chief else None
+    settings = config.training
+    summaries_dir = config.outputs.summaries_dir
+    summaries = Summaries(summaries_dir) if chief and summaries_dir else None
     on_step = None
-    if chief and f.intermediate_store_frequency > 0:
-        on_step = _intermediate_graph_writer(f, module, module_object)
+    if chief and config.export.intermediate_store_frequency > 0:
+        on_step = _intermediate_graph_writer(config, head, module, module_object)
     try:
-        train, validation = _training_inputs(b, f.random_seed)
+        train, validation = _training_inputs(b, settings.random_seed)
         result = train_head(
             train,
             validation,
-            num_classes,
-            config,
+            head,
+            settings,
             summaries,
-            checkpoint_dir=(f.checkpoint_path or None) if chief else None,
-            resume=f.resume and chief,
+            checkpoint_dir=settings.checkpoint_path if chief else None,
+            resume=settings.resume and chief,
             on_step=on_step,
-            callback_every=f.intermediate_store_frequency,
+            callback_every=config.export.intermediate_store_frequency,
         )
     finally:
         if summaries is not None:
             summaries.close()
-    log.info("Trained %d steps in %.1f s", config.how_many_training_steps, result.seconds)
-    return config, result
+    log.info("Trained %d steps in %.1f s", settings.how_many_training_steps, result.seconds)
+    return result
+
+
+def _evaluate_test(
+    config: RetrainConfig, b: Bottlenecks, trained: TrainResult, labels: list[str]
+) -> dict[str, evaluation.Evaluation]:
+    """The evaluation stage on cached bottlenecks: the test split (or its configured random
+    subset), logged as retrain.py did."""
+    test = b.split("testing")
+    size = config.evaluation.test_batch_size
+    if size > 0:
+        test = test.subset(size, config.training.random_seed)
+    if not len(test):
+        return {}
+    result = trained.head.evaluate(
+        trained.weights, trained.biases, ((c.x, c.y) for c in test.chunks())
+    )
+    log.info("Final test accuracy = %.1f%% (N=%d)", 100 * result.accuracy, len(test))
+    if config.evaluation.print_misclassified_test_images and size < 0:
+        _print_misclassified(b, result, labels)
+    return {"testing": result}
+
+
+def _fine_tune(
+    config: RetrainConfig,
+    module: ImageModule,
+    b: Bottlenecks,
+    trained: TrainResult,
+    cluster: tf.distribute.Strategy | None,
+) -> finetune.FineTuneResult:
+    """Fine-tune the network on the training split's images, evaluated on the test split's
+    (the configured subset of it). Under `cluster` if given, else the configured strategy."""
+    strategy = cluster
+    if strategy is None:
+        strategy = distribute.make_strategy(config.distribution.strategy, log)
+    seed = config.training.random_seed
+    return finetune.fine_tune(
+        module,
+        trained.head,
+        (trained.weights, trained.biases),
+        finetune.split_images(b, "training"),
+        finetune.subset(
+            finetune.split_images(b, "testing"), config.evaluation.test_batch_size, seed
+        ),
+        config.fine_tuning,
+        strategy,
+        config.outputs.summaries_dir,
+        seed=seed,
+        log_every=max(1, config.training.eval_step_interval),
+        max_pixels=config.data.max_image_pixels,
+    )
 
 
 def _export(
-    f,
+    config: RetrainConfig,
     labels: list[str],
     module: ImageModule,
     module_object: LazyModule,
-    result: TrainResult,
+    trained: TrainResult,
     tuned: finetune.FineTuneResult | None,
-) -> None:
-    """Write --output_graph, --output_labels, --output_tflite and --saved_model_dir: the
-    fine-tuned network if `tuned`, else the pretrained module with the trained layer."""
-    weights, biases = (tuned.weights, tuned.biases) if tuned else (result.weights, result.biases)
-    export.write_frozen_graph(
-        finetune.classifier_graph(tuned, f.final_tensor_name)
-        if tuned
-        else _classifier_graph(f, module, module_object, weights, biases),
-        f.output_graph,
-    )
-    export.write_labels(labels, f.output_labels)
-    log.info("Saved the frozen graph to %s and labels to %s", f.output_graph, f.output_labels)
-    if not (f.output_tflite or f.saved_model_dir):
-        return
-    classifier = export.Classifier(
-        tuned.module_object if tuned else module_object.get(),
-        weights,
-        biases,
+) -> dict[str, str]:
+    """The export stage: the fine-tuned network if `tuned`, else the pretrained module with
+    the trained layer. Returns {setting: path} of the files written."""
+    if tuned is not None:
+        return export.export_classifier(
+            config.export,
+            labels,
+            trained.head,
+            lambda: export.frozen_module_graph_def(tuned.module_object, tuned.input_size),
+            lambda: tuned.module_object,
+            tuned.input_size,
+            tuned.weights,
+            tuned.biases,
+        )
+    return export.export_classifier(
+        config.export,
+        labels,
+        trained.head,
+        lambda: _frozen_module(config, module, module_object),
+        module_object.get,
         module.input_size,
-        f.final_tensor_name,
+        trained.weights,
+        trained.biases,
     )
-    if f.output_tflite:
-        export.write_tflite(classifier, f.output_tflite)
-        log.info("Saved the TFLite model to %s", f.output_tflite)
-    if f.saved_model_dir:
-        export.write_saved_model(classifier, labels, f.saved_model_dir)
-        log.info("Saved the SavedModel to %s", f.saved_model_dir)
 
 
 def _print_misclassified(
@@ -517,24 +335,29 @@ def _print_misclassified(
             log.info("%70s  %s", scan.display_path(path), labels[predicted])
 
 
-def _classifier_graph(f, module: ImageModule, module_object: LazyModule, weights, biases):
-    """The frozen classifier graph: the module's frozen graph (cached) plus the new layer."""
-    root = Path(f.module_cache_dir).expanduser() if f.module_cache_dir else default_cache_dir()
-    module_graph = export.cached_frozen_module(
+def _frozen_module(config: RetrainConfig, module: ImageModule, module_object: LazyModule):
+    """The pretrained module's frozen graph, made once per module and kept in its cache."""
+    cache_dir = config.module.cache_dir
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return export.cached_frozen_module(
         root / "frozen" / f"{module.fingerprint}-v1.pb", module_object.get, module.input_size
     )
-    return export.classifier_graph_def(module_graph, weights, biases, f.final_tensor_name)
 
 
-def _intermediate_graph_writer(f, module: ImageModule, module_object: LazyModule):
-    folder = Path(f.intermediate_output_graphs_dir).expanduser()
+def _intermediate_graph_writer(
+    config: RetrainConfig, head: Head, module: ImageModule, module_object: LazyModule
+):
+    folder = Path(config.export.intermediate_output_graphs_dir).expanduser()
+    frequency = config.export.intermediate_store_frequency
+    name = config.export.final_tensor_name
 
     def on_step(step: int, weights: np.ndarray, biases: np.ndarray) -> None:
-        if step % f.intermediate_store_frequency:
+        if step % frequency:
             return
         path = folder / f"intermediate_{step}.pb"
+        module_graph = _frozen_module(config, module, module_object)
         export.write_frozen_graph(
-            _classifier_graph(f, module, module_object, weights, biases), path
+            export.classifier_graph_def(module_graph, head, weights, biases, name), path
         )
         log.info("Saved intermediate graph %s", path)
 

@@ -21,7 +21,7 @@ from typing import overload
 import numpy as np
 
 from retrain.atomic import atomic_write_text
-from retrain.errors import UsageError
+from retrain.errors import ConfigError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
 SPLITS = ("training", "validation", "testing")
@@ -253,20 +253,21 @@ def scan_image_dir(
 ) -> ImageSet:
     """Find the classes and images under `image_dir` and assign each image its split.
 
-    Raises UsageError when the folder is missing or empty, when two class folders map to the
-    same label, or when fewer than two classes hold images.
+    Raises ConfigError (naming `image_dir`) when the folder is missing or empty, when two
+    class folders map to the same label, or when fewer than two classes hold images.
     """
     root = Path(image_dir).expanduser()
     if not root.is_dir():
-        raise UsageError(f"--image_dir: folder not found: {display_path(root)}")
+        raise ConfigError(f"{{0}}: folder not found: {display_path(root)}", "image_dir")
     class_dirs = sorted(
         (e for e in os.scandir(root) if e.is_dir() and not _is_hidden(e.name)),
         key=lambda e: e.name,
     )
     if not class_dirs:
-        raise UsageError(
-            f"--image_dir: {display_path(root)} has no class subfolders "
-            "(expected one subfolder of images per class)"
+        raise ConfigError(
+            f"{{0}}: {display_path(root)} has no class subfolders "
+            "(expected one subfolder of images per class)",
+            "image_dir",
         )
     ignored: list[tuple[str, str]] = []
     labels: list[str] = []
@@ -277,9 +278,10 @@ def scan_image_dir(
     for entry in class_dirs:
         label = label_for_folder(entry.name)
         if label in label_source:
-            raise UsageError(
-                f"--image_dir: class folders '{display_path(label_source[label])}' and "
-                f"'{display_path(entry.name)}' both map to the label '{label}'; rename one"
+            raise ConfigError(
+                f"{{0}}: class folders '{display_path(label_source[label])}' and "
+                f"'{display_path(entry.name)}' both map to the label '{label}'; rename one",
+                "image_dir",
             )
         images = _walk_images(entry.path, ignored)
         if not images:
@@ -296,9 +298,10 @@ def scan_image_dir(
         paths.append(PathList(images))
     if len(labels) < 2:
         found = f"only {len(labels)} class" if labels else "no images"
-        raise UsageError(
-            f"--image_dir: {found} found in {display_path(root)}; "
-            "need at least two class subfolders with images"
+        raise ConfigError(
+            f"{{0}}: {found} found in {display_path(root)}; "
+            "need at least two class subfolders with images",
+            "image_dir",
         )
     return ImageSet(
         image_dir=root,
@@ -310,26 +313,32 @@ def scan_image_dir(
     )
 
 
+_SPLIT_FIELDS = ("image_dir", "data.validation_percentage", "data.testing_percentage")
+
+
 def check_splits_populated(image_set: ImageSet, needed_overall: tuple[str, ...]) -> list[str]:
     """Check that every class can be trained and that the needed splits are not empty.
 
-    Raises UsageError when a class has no training image or a split in `needed_overall` has no
-    image at all. Returns warnings for classes missing from the validation or testing split.
+    Raises ConfigError (naming `image_dir`) when a class has no training image or a split in
+    `needed_overall` has no image at all. Returns warnings for classes missing from the
+    validation or testing split.
     """
     counts = image_set.class_split_counts()
     untrainable = [label for label, c in zip(image_set.labels, counts) if c["training"] == 0]
     if untrainable:
-        raise UsageError(
-            "--image_dir: no training images for class "
+        raise ConfigError(
+            "{0}: no training images for class "
             + ", ".join(f"'{label}'" for label in untrainable)
-            + " (add more images, or lower --validation_percentage/--testing_percentage)"
+            + " (add more images, or lower {1}/{2})",
+            *_SPLIT_FIELDS,
         )
     totals = image_set.split_counts()
     empty = [split for split in needed_overall if totals[split] == 0]
     if empty:
-        raise UsageError(
-            f"--image_dir: the {' and '.join(empty)} split is empty; add more images or "
-            "raise --validation_percentage/--testing_percentage"
+        raise ConfigError(
+            f"{{0}}: the {' and '.join(empty)} split is empty; add more images or "
+            "raise {1}/{2}",
+            *_SPLIT_FIELDS,
         )
     return [
         f"class '{label}' has no {split} images; its {split} accuracy is not measured"

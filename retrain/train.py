@@ -18,8 +18,10 @@ from types import SimpleNamespace
 import numpy as np
 import tensorflow as tf
 
+from retrain.config import HeadTrainingConfig
 from retrain.errors import RetrainError, first_line
 from retrain.features import FeatureSplit, Split
+from retrain.heads import DenseLayer, Head, metrics
 from retrain.interrupt import check as check_interrupt
 
 log = logging.getLogger(__name__)
@@ -28,23 +30,11 @@ log = logging.getLogger(__name__)
 MAX_STEPS_PER_CALL = 500
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters, with retrain.py's defaults."""
-
-    how_many_training_steps: int = 4000
-    learning_rate: float = 0.01
-    train_batch_size: int = 100
-    eval_step_interval: int = 10
-    validation_batch_size: int = 100
-    seed: int = 0
-    checkpoint_every: int = 500
-
-
 @dataclass
 class TrainResult:
-    """The trained layer and what training measured."""
+    """The trained layer (its head, weights and biases) and what training measured."""
 
+    head: Head
     weights: np.ndarray
     biases: np.ndarray
     seconds: float
@@ -52,38 +42,16 @@ class TrainResult:
     resumed_from_step: int = 0
 
 
-class SoftmaxHead(tf.Module):
-    """The new layer: logits = x @ weights + biases (retrain.py's final_training_ops)."""
-
-    def __init__(self, feature_dim: int, num_classes: int, seed: int = 0):
-        super().__init__(name="final_retrain_ops")
-        init = tf.random.stateless_truncated_normal(
-            [feature_dim, num_classes], seed=[seed, 1], stddev=0.001
-        )
-        self.weights = tf.Variable(init, name="final_weights")
-        self.biases = tf.Variable(tf.zeros([num_classes]), name="final_biases")
-
-    def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(x, self.weights) + self.biases
-
-
-def _metrics(logits: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(accuracy, mean cross-entropy) of logits against integer labels."""
-    cross_entropy = tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    )
-    correct = tf.equal(tf.argmax(logits, axis=1, output_type=labels.dtype), labels)
-    return tf.reduce_mean(tf.cast(correct, tf.float32)), cross_entropy
-
-
 class HeadTrainer(tf.Module):
     """Holds the layer, the random stream and the step counter: everything a checkpoint needs."""
 
-    def __init__(self, train: Split | FeatureSplit, num_classes: int, config: TrainConfig):
+    def __init__(self, train: Split | FeatureSplit, head: Head, config: HeadTrainingConfig):
         super().__init__()
         self.config = config
-        self.head = SoftmaxHead(train.feature_dim, num_classes, config.seed)
-        self.rng = tf.random.Generator.from_seed(config.seed)
+        self.spec = head  # what the outputs mean: labels, loss, gradient (retrain.heads)
+        # Named `head` for the checkpoints' sake: they store its variables as head/weights.
+        self.head = DenseLayer(train.feature_dim, head.num_outputs, config.random_seed)
+        self.rng = tf.random.Generator.from_seed(config.random_seed)
         self.step = tf.Variable(0, dtype=tf.int64, name="global_step")
         # The last evaluation round's metrics, so a run resumed at the end can still report them.
         self.last_metrics = tf.Variable(tf.fill([4], np.nan), name="last_metrics")
@@ -92,10 +60,10 @@ class HeadTrainer(tf.Module):
         if self._streamed:
             # Batches come from the cache through tf.data; the holder keeps the iterator out of
             # checkpoints (a generator's position cannot be saved).
-            self._source = SimpleNamespace(batches=iter(_batch_dataset(train, config)))
+            self._source = SimpleNamespace(batches=iter(_batch_dataset(train, head, config)))
         else:
             self._x = tf.constant(train.x)
-            self._y = tf.constant(train.y.astype(np.int32))
+            self._y = tf.constant(head.label_array(train.y))
         # XLA compiles the whole step loop when batches are drawn in-graph from memory.
         self.run_steps = tf.function(self._run_steps, jit_compile=not self._streamed)
 
@@ -106,23 +74,22 @@ class HeadTrainer(tf.Module):
         return tf.gather(self._x, picks), tf.gather(self._y, picks)
 
     def _run_steps(self, count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Take `count` gradient steps; return accuracy and cross-entropy on the last batch.
+        """Take `count` gradient steps; return accuracy and mean loss on the last batch.
 
-        The gradient of the mean softmax cross-entropy is written out (x^T (p - y) / n): a
-        handful of ops per step, so the loop compiles and runs fast.
+        The gradient of the head's mean loss is written out, x^T (probabilities - targets) / n:
+        a handful of ops per step, so the loop compiles and runs fast.
         """
         lr = tf.constant(self.config.learning_rate, tf.float32)
         size = self.config.train_batch_size
-        num_classes = self.head.biases.shape[0]
         x = tf.zeros([size, self.head.weights.shape[0]])
-        y = tf.zeros([size], tf.int32)
+        y = tf.zeros(self.spec.label_spec(size).shape, self.spec.label_spec(size).dtype)
         for _ in tf.range(count):
             x, y = self._next_batch()
-            error = tf.nn.softmax(self.head(x)) - tf.one_hot(y, num_classes)
+            error = self.spec.probabilities(self.head(x)) - self.spec.targets(y)
             self.head.weights.assign_sub(lr / size * tf.matmul(x, error, transpose_a=True))
             self.head.biases.assign_sub(lr / size * tf.reduce_sum(error, axis=0))
         self.step.assign_add(tf.cast(count, tf.int64))
-        return _metrics(self.head(x), y)
+        return metrics(self.spec, self.head(x), y)
 
     @tf.function
     def run_intervals(self, intervals, steps_per_interval, val_x, val_y, val_size, summaries):
@@ -162,7 +129,7 @@ class HeadTrainer(tf.Module):
             picks = self.rng.uniform([size], 0, n, dtype=tf.int32)
             x = tf.gather(x, picks)
             y = tf.gather(y, picks)
-        return _metrics(self.head(x), y)
+        return metrics(self.spec, self.head(x), y)
 
 
 class Summaries:
@@ -181,21 +148,22 @@ class Summaries:
 def train_head(
     train: Split | FeatureSplit,
     validation: Split | None,
-    num_classes: int,
-    config: TrainConfig,
+    head: Head,
+    config: HeadTrainingConfig,
     summaries: Summaries | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
     callback_every: int = 0,
 ) -> TrainResult:
-    """Train the softmax layer; optionally checkpoint, resume, and report progress.
+    """Train the new layer for `head` (see retrain.heads); optionally checkpoint, resume, and
+    report progress.
 
     Training runs in graph calls of up to MAX_STEPS_PER_CALL steps, cut short at checkpoint
     and callback boundaries. `on_step(step, weights, biases)` is called after each call, at
     the latest every `callback_every` steps (used for intermediate graphs).
     """
-    trainer = HeadTrainer(train, num_classes, config)
+    trainer = HeadTrainer(train, head, config)
     manager = None
     resumed = 0
     if checkpoint_dir is not None:
@@ -206,14 +174,16 @@ def train_head(
                 checkpoint.restore(manager.latest_checkpoint).expect_partial()
             except (ValueError, AssertionError, tf.errors.OpError) as err:
                 raise RetrainError(
-                    f"--checkpoint_path: the checkpoint in {checkpoint_dir} does not fit this "
-                    f"run ({first_line(err)}); use another folder or drop --resume"
+                    f"{{0}}: the checkpoint in {checkpoint_dir} does not fit this "
+                    f"run ({first_line(err)}); use another folder or drop {{1}}",
+                    "training.checkpoint_path",
+                    "training.resume",
                 ) from None
             resumed = int(trainer.step.numpy())
             log.info("Resumed training from step %d (%s)", resumed, manager.latest_checkpoint)
     if validation is not None and len(validation):
         val_x = tf.constant(validation.x)
-        val_y = tf.constant(validation.y.astype(np.int32))
+        val_y = tf.constant(head.label_array(validation.y))
     else:
         val_x = val_y = None
     val_size = tf.constant(config.validation_batch_size, tf.int32)
@@ -249,6 +219,7 @@ def train_head(
     if not history and resumed:  # resumed after the last step: report where it ended
         history.append(_record(step, trainer.last_metrics.numpy(), val_x is not None))
     return TrainResult(
+        head=head,
         weights=trainer.head.weights.numpy(),
         biases=trainer.head.biases.numpy(),
         seconds=time.perf_counter() - start,
@@ -257,15 +228,14 @@ def train_head(
     )
 
 
-def _batch_dataset(train: FeatureSplit, config: TrainConfig) -> tf.data.Dataset:
+def _batch_dataset(train: FeatureSplit, head: Head, config: HeadTrainingConfig) -> tf.data.Dataset:
     """Random training batches read from the cache, prefetched while the step runs."""
     size, dim = config.train_batch_size, train.cache.feature_dim
     return tf.data.Dataset.from_generator(
-        lambda: train.random_batches(size, config.seed),
-        output_signature=(
-            tf.TensorSpec([size, dim], tf.float32),
-            tf.TensorSpec([size], tf.int32),
+        lambda: (
+            (x, head.label_array(y)) for x, y in train.random_batches(size, config.random_seed)
         ),
+        output_signature=(tf.TensorSpec([size, dim], tf.float32), head.label_spec(size)),
     ).prefetch(8)
 
 

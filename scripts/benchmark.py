@@ -157,8 +157,10 @@ def suite_extraction(args) -> dict:
 
 
 def suite_training(args) -> dict:
+    from retrain.config import HeadTrainingConfig
     from retrain.features import Split
-    from retrain.train import TrainConfig, train_head
+    from retrain.heads import SoftmaxHead
+    from retrain.train import train_head
 
     rng = np.random.default_rng(0)
     n, dim, classes = args.train_rows, 1280, 5
@@ -170,7 +172,9 @@ def suite_training(args) -> dict:
 
         summaries = Summaries(tmp)
         start = time.perf_counter()
-        result = train_head(Split(x, y), validation, classes, TrainConfig(), summaries)
+        result = train_head(
+            Split(x, y), validation, SoftmaxHead(classes), HeadTrainingConfig(), summaries
+        )
         wall = time.perf_counter() - start
         summaries.close()
     return {

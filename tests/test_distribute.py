@@ -179,7 +179,7 @@ def test_none_is_the_default_strategy():
 
 
 def test_unknown_strategy_is_a_usage_error():
-    with pytest.raises(UsageError, match="--distribution_strategy.*'mirror'.*mirrored"):
+    with pytest.raises(UsageError, match="distribution.strategy.*'mirror'.*mirrored"):
         distribute.make_strategy("mirror")
 
 
@@ -200,7 +200,7 @@ def test_multi_worker_needs_a_valid_tf_config(monkeypatch, tf_config, problem):
         monkeypatch.delenv("TF_CONFIG", raising=False)
     else:
         monkeypatch.setenv("TF_CONFIG", tf_config)
-    with pytest.raises(UsageError, match="--distribution_strategy") as info:
+    with pytest.raises(UsageError, match="distribution.strategy") as info:
         distribute.make_strategy("multi_worker_mirrored")
     assert problem in str(info.value)
     assert info.value.exit_code == 2
@@ -339,5 +339,7 @@ def test_two_local_workers(tmp_path):
         assert result["sum"] == 3.0  # replica values 1 + 2
         # gradients 12 and 48 (x = 1, 2), averaged to 30, times the learning rate 0.01
         assert result["w"] == pytest.approx([0.7, 1.7, 2.7], abs=1e-6)
-        assert result["diffs"] == [0.0, 0.0, 0.0]
+        # Equal up to rounding: with oneDNN (on by default on AVX-512 CPUs, or with
+        # TF_ENABLE_ONEDNN_OPTS=1) a matmul's summation order depends on its batch size.
+        assert max(result["diffs"]) <= 1e-6
     assert results[0]["w"] == results[1]["w"]

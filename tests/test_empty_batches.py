@@ -30,6 +30,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 from label_image.models import FrozenGraphClassifier
 from retrain import backends, distribute, export
+from retrain.heads import SoftmaxHead
 from retrain.models.loading import resolve_module
 
 module = resolve_module("efficientnet_lite0", sys.argv[1])
@@ -55,6 +56,7 @@ result["tflite"] = list(tflite(empty).shape)
 
 graph = export.classifier_graph_def(
     export.frozen_module_graph_def(plain, module.input_size),
+    SoftmaxHead(4),
     np.zeros((module.feature_dim, 4), np.float32),
     np.zeros(4, np.float32),
 )

@@ -59,7 +59,7 @@ from tests.fault_tools import (
 )
 
 STEPS = 1500
-CHECKPOINT_EVERY = 500  # retrain.train.TrainConfig.checkpoint_every
+CHECKPOINT_EVERY = 500  # retrain.config.HeadTrainingConfig.checkpoint_every
 N_IMAGES = 79
 OUTPUTS = {"graph.pb", "labels.txt", "metrics.json"}
 

@@ -45,7 +45,10 @@ head = (
     rng.normal(0, 0.1, (module.feature_dim, len(classes))).astype(np.float32),
     np.zeros(len(classes), np.float32),
 )
-config = finetune.FineTuneConfig(steps=2, batch_size=4, learning_rate=0.01)
+from retrain.config import FineTuningConfig
+from retrain.heads import SoftmaxHead
+config = FineTuningConfig(steps=2, batch_size=4, learning_rate=0.01)
+softmax = SoftmaxHead(len(classes))
 
 
 def values(result):
@@ -67,13 +70,14 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 {prelude}
-plain = finetune.fine_tune(module, head, train, no_test, config, None)
+plain = finetune.fine_tune(module, softmax, head, train, no_test, config, None)
 mirrored = finetune.fine_tune(
-    module, head, train, no_test, config, distribute.make_strategy("mirrored")
+    module, softmax, head, train, no_test, config, distribute.make_strategy("mirrored")
 )
 try:  # a replica would get an empty piece of each batch of one
-    one = finetune.FineTuneConfig(steps=1, batch_size=1)
-    finetune.fine_tune(module, head, train, no_test, one, distribute.make_strategy("mirrored"))
+    one = FineTuningConfig(steps=1, batch_size=1)
+    two = distribute.make_strategy("mirrored")
+    finetune.fine_tune(module, softmax, head, train, no_test, one, two)
     small_batch = "ran"
 except Exception as err:
     small_batch = f"{{type(err).__name__}}: {{err}}"
@@ -89,8 +93,8 @@ print("RESULT " + json.dumps({{
 WORKER_SCRIPT = """
 {prelude}
 strategy = distribute.make_strategy("multi_worker_mirrored")  # before any TensorFlow op
-tuned = finetune.fine_tune(module, head, train, no_test, config, strategy)
-alone = finetune.fine_tune(module, head, train, no_test, config, None)
+tuned = finetune.fine_tune(module, softmax, head, train, no_test, config, strategy)
+alone = finetune.fine_tune(module, softmax, head, train, no_test, config, None)
 digest = hashlib.sha256(b"".join(v.tobytes() for v in values(tuned))).hexdigest()
 print("RESULT " + json.dumps({{
     "task": json.loads(os.environ["TF_CONFIG"])["task"]["index"],
@@ -120,13 +124,14 @@ def digest(arrays):
     return hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in arrays)).hexdigest()
 
 
-def run(f):
-    runs.append(real_run(f))
-    return runs[-1]
+def run(config):
+    result = real_run(config)
+    runs.append(result.metrics())
+    return result
 
 
-def fine_tune(module, head, *args, **kwargs):
-    result = real_fine_tune(module, head, *args, **kwargs)
+def fine_tune(module, softmax, head, *args, **kwargs):
+    result = real_fine_tune(module, softmax, head, *args, **kwargs)
     tuned = [v.numpy() for v in result.module_object.variables] + [result.weights, result.biases]
     tunes.append({"head": digest(head), "tuned": digest(tuned)})
     return result
@@ -227,8 +232,15 @@ def _frozen_scores(graph_path: Path, pixels: np.ndarray) -> np.ndarray:
 
 def _memory_scores(module_object, result, pixels: np.ndarray) -> np.ndarray:
     from retrain import export
+    from retrain.heads import SoftmaxHead
 
-    classifier = export.Classifier(module_object, result.weights, result.biases, result.input_size)
+    classifier = export.Classifier(
+        module_object,
+        SoftmaxHead(len(result.biases)),
+        result.weights,
+        result.biases,
+        result.input_size,
+    )
     return classifier.classify(pixels).numpy()
 
 
@@ -262,9 +274,10 @@ def test_module_without_trainable_variables_is_one_clear_error():
     from retrain.errors import RetrainError
     from retrain.finetune import module_trainable_variables
 
-    with pytest.raises(RetrainError, match="--fine_tune_steps") as info:
+    with pytest.raises(RetrainError, match="fine_tuning.steps") as info:
         module_trainable_variables(object())
     assert len(str(info.value).splitlines()) == 1
+    assert info.value.render(lambda field: "--fine_tune_steps").endswith("--fine_tune_steps=0")
 
 
 # ----------------------------------------------------------------------------- tiny module
@@ -386,7 +399,7 @@ def test_mirrored_matches_none(tmp_path, prelude):
     assert result["replicas"] == [1, 2]
     assert result["change"] > 1e-3  # the steps did move the weights ...
     assert result["diff"] <= 1e-5  # ... the same way on one replica and on two
-    assert result["small_batch"].startswith("RetrainError: fine-tuning batch size (1)")
+    assert result["small_batch"].startswith("ConfigError: fine_tuning.batch_size (1)")
     assert "at least the number of replicas (2)" in result["small_batch"]
 
 

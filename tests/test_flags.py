@@ -87,7 +87,7 @@ def test_multi_worker_needs_tf_config(capsys, monkeypatch, image_dir, tmp_path, 
 def test_multi_worker_takes_any_extraction_backend(monkeypatch, image_dir, tmp_path):
     from absl import flags
 
-    from retrain.flags import check_flags, define_flags
+    from retrain.flags import config_from_flags, define_flags
 
     config = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker"}}
     monkeypatch.setenv("TF_CONFIG", json.dumps({**config, "task": {**config["task"], "index": 1}}))
@@ -105,7 +105,7 @@ def test_multi_worker_takes_any_extraction_backend(monkeypatch, image_dir, tmp_p
             "--extraction_backend=tflite",
         ]
     )
-    check_flags(flag_values)  # no error: each worker extracts on its own CPU
+    config_from_flags(flag_values)  # no error: each worker extracts on its own CPU
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "one_class", "unset"])

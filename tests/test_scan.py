@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from retrain.errors import UsageError
+from retrain.errors import ConfigError, UsageError
 from retrain.scan import (
     PathList,
     check_splits_populated,
@@ -93,8 +93,9 @@ def test_unusable_image_dir(tmp_path, layout):
     if layout == "no_images":
         (root / "cats").mkdir()
         (root / "dogs").mkdir()
-    with pytest.raises(UsageError, match="--image_dir"):
+    with pytest.raises(ConfigError, match="^image_dir: ") as info:
         scan_image_dir(root, 10, 10)
+    assert info.value.fields[0] == "image_dir" and info.value.exit_code == 2
 
 
 def test_symlinks_followed_once_without_loops(tmp_path):
@@ -125,8 +126,11 @@ def test_split_checks(tmp_path):
         write_image(tmp_path / "dogs" / f"d{i}.jpg")
     image_set = scan_image_dir(tmp_path, 0, 0)
     assert check_splits_populated(image_set, ()) == []
-    with pytest.raises(UsageError, match="testing split is empty"):
+    with pytest.raises(UsageError, match="testing split is empty") as info:
         check_splits_populated(image_set, ("testing",))
+    assert info.value.render(lambda field: "--" + field.split(".")[-1]).endswith(
+        "raise --validation_percentage/--testing_percentage"
+    )
 
 
 def test_split_manifest(tmp_path):

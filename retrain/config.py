@@ -1,0 +1,333 @@
+"""What one run does, as frozen dataclasses: the library's one input.
+
+`RetrainConfig` names the image folder and groups every other setting by the stage that reads
+it. Hyper-parameters default to retrain.py's values. Output paths default to None, which writes
+nothing: the `retrain` command line passes retrain.py's /tmp defaults explicitly.
+
+`RetrainConfig.validate()` checks every value before any heavy work (nothing here imports
+TensorFlow) and raises `ConfigError`, which names config fields (`training.learning_rate`);
+the command line renders the same error with its flag names (`--learning_rate`).
+
+    config = RetrainConfig(
+        image_dir="flower_photos",
+        training=HeadTrainingConfig(how_many_training_steps=500),
+        export=ExportConfig(output_graph="out.pb", output_labels="labels.txt"),
+    )
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from retrain.atomic import check_writable_dir, check_writable_file
+from retrain.backends import BACKENDS as EXTRACTION_BACKENDS
+from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
+from retrain.distribute import STRATEGIES, read_tf_config
+from retrain.errors import ConfigError
+from retrain.handles import looks_like_url
+
+DEFAULT_MODULE = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images are used and how they are split (by a hash of each file's base name)."""
+
+    testing_percentage: int = 10
+    validation_percentage: int = 10
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are skipped (bombs)
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """The pretrained image module and what runs it to compute bottlenecks."""
+
+    handle: str = DEFAULT_MODULE  # bundled name, TF Hub URL or SavedModel folder
+    cache_dir: str | None = None  # conversions; None: $RETRAIN_CACHE_DIR or ~/.cache/retrain
+    extraction_backend: str = "auto"  # one of EXTRACTION_BACKENDS
+    extraction_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The bottleneck cache. None keeps the vectors in a temporary folder removed at the end."""
+
+    bottleneck_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class HeadTrainingConfig:
+    """Training the new layer on cached bottlenecks (retrain.py's defaults)."""
+
+    how_many_training_steps: int = 4000
+    learning_rate: float = 0.01
+    train_batch_size: int = 100
+    eval_step_interval: int = 10
+    validation_batch_size: int = 100  # -1: the whole validation split
+    random_seed: int = 0
+    checkpoint_path: str | None = None  # a folder for checkpoints; None: none
+    resume: bool = False  # continue from the last checkpoint in checkpoint_path
+    checkpoint_every: int = 500
+    # retrain.py's distortions: accepted names, refused until they are implemented.
+    flip_left_right: bool = False
+    random_crop: int = 0
+    random_scale: int = 0
+    random_brightness: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Measuring the trained classifier on the test split."""
+
+    test_batch_size: int = -1  # -1: the whole test split, else a seeded random subset
+    print_misclassified_test_images: bool = False
+
+
+@dataclass(frozen=True)
+class FineTuningConfig:
+    """Fine-tuning the whole network after the new layer (0 steps: off)."""
+
+    steps: int = 0
+    learning_rate: float = 1e-3
+    batch_size: int = 32  # the global batch, split over the replicas
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The trained classifier's files; None writes nothing."""
+
+    output_graph: str | None = None  # frozen GraphDef (.pb)
+    output_labels: str | None = None  # one label per line
+    output_tflite: str | None = None
+    saved_model_dir: str | None = None
+    final_tensor_name: str = "final_result"
+    intermediate_output_graphs_dir: str | None = None
+    intermediate_store_frequency: int = 0  # every this many steps; 0: none
+
+
+@dataclass(frozen=True)
+class DistributionConfig:
+    """Several devices or machines for extraction and fine-tuning."""
+
+    strategy: str = "none"  # one of STRATEGIES
+
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    """What a run reports besides the model; None writes nothing."""
+
+    summaries_dir: str | None = None  # TensorBoard logs
+    metrics_json: str | None = None
+    split_manifest: str | None = None  # CSV path,label,split
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """Everything one run needs: the image folder and each stage's settings."""
+
+    image_dir: str
+    data: DataConfig = field(default_factory=DataConfig)
+    module: ModuleConfig = field(default_factory=ModuleConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    training: HeadTrainingConfig = field(default_factory=HeadTrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    fine_tuning: FineTuningConfig = field(default_factory=FineTuningConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    distribution: DistributionConfig = field(default_factory=DistributionConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+
+    def validate(self) -> RetrainConfig:
+        """Raise ConfigError for the first invalid setting; return self when all are valid.
+
+        Also checks the file system: the image folder exists, the module handle resolves to
+        something, and every output path can be written (missing folders are created).
+        """
+        for check in _CHECKS:
+            check(self)
+        return self
+
+
+def leaf_fields(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, value) of every setting of a config, depth first in declaration order."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            yield from leaf_fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_image_dir(c: RetrainConfig) -> None:
+    if not c.image_dir:
+        raise ConfigError(
+            "{0} is required: a folder with one subfolder of images per class", "image_dir"
+        )
+    if not os.path.isdir(os.path.expanduser(c.image_dir)):
+        raise ConfigError("{0}: folder not found: " + str(c.image_dir), "image_dir")
+
+
+def _check_counts(c: RetrainConfig) -> None:
+    positive = (
+        ("training.how_many_training_steps", c.training.how_many_training_steps),
+        ("training.eval_step_interval", c.training.eval_step_interval),
+        ("training.train_batch_size", c.training.train_batch_size),
+        ("module.extraction_batch_size", c.module.extraction_batch_size),
+        ("data.max_image_pixels", c.data.max_image_pixels),
+        ("fine_tuning.batch_size", c.fine_tuning.batch_size),
+        ("training.checkpoint_every", c.training.checkpoint_every),
+    )
+    for name, value in positive:
+        if value <= 0:
+            raise ConfigError("{0} must be positive, got " + str(value), name)
+    for name, value in (
+        ("evaluation.test_batch_size", c.evaluation.test_batch_size),
+        ("training.validation_batch_size", c.training.validation_batch_size),
+    ):
+        if value == 0 or value < -1:
+            raise ConfigError("{0} must be positive or -1 (all), got " + str(value), name)
+    frequency = c.export.intermediate_store_frequency
+    if frequency < 0:
+        raise ConfigError(
+            "{0} must be 0 (off) or positive, got " + str(frequency),
+            "export.intermediate_store_frequency",
+        )
+    if c.fine_tuning.steps < 0:
+        raise ConfigError(
+            "{0} must be 0 (off) or positive, got " + str(c.fine_tuning.steps), "fine_tuning.steps"
+        )
+    for name, value in (
+        ("training.learning_rate", c.training.learning_rate),
+        ("fine_tuning.learning_rate", c.fine_tuning.learning_rate),
+    ):
+        if not value > 0 or math.isinf(value):
+            raise ConfigError("{0} must be positive, got " + str(value), name)
+
+
+def _check_split(c: RetrainConfig) -> None:
+    for name in ("testing_percentage", "validation_percentage"):
+        value = getattr(c.data, name)
+        if not 0 <= value < 100:
+            raise ConfigError("{0} must be between 0 and 100, got " + str(value), f"data.{name}")
+    total = c.data.testing_percentage + c.data.validation_percentage
+    if total >= 100:
+        raise ConfigError(
+            "{0} + {1} must be below 100 (no images would be left for training), got " + str(total),
+            "data.testing_percentage",
+            "data.validation_percentage",
+        )
+
+
+def _check_distortions(c: RetrainConfig) -> None:
+    t = c.training
+    names = ("random_crop", "random_scale", "random_brightness")
+    for name in names:
+        if getattr(t, name) < 0:
+            raise ConfigError(
+                "{0} must be a non-negative percentage, got " + str(getattr(t, name)),
+                f"training.{name}",
+            )
+    if t.flip_left_right or any(getattr(t, name) for name in names):
+        raise ConfigError(
+            "{0}/{1}/{2}/{3}: distortions are not supported yet; run without them",
+            "training.flip_left_right",
+            *(f"training.{name}" for name in names),
+        )
+
+
+def _check_choices(c: RetrainConfig) -> None:
+    for name, value, choices in (
+        ("module.extraction_backend", c.module.extraction_backend, EXTRACTION_BACKENDS),
+        ("distribution.strategy", c.distribution.strategy, STRATEGIES),
+    ):
+        if value not in choices:
+            raise ConfigError(
+                "{0}: unknown value " + repr(value) + "; choose one of " + ", ".join(choices), name
+            )
+    name = c.export.final_tensor_name
+    if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", name):
+        raise ConfigError("{0} is not a valid node name: " + repr(name), "export.final_tensor_name")
+    if c.distribution.strategy == "mirrored" and c.module.extraction_backend == "tflite":
+        raise ConfigError(
+            "{0}=tflite runs on the CPU; it cannot be combined with {1}=mirrored",
+            "module.extraction_backend",
+            "distribution.strategy",
+        )
+    if c.distribution.strategy == "multi_worker_mirrored":
+        read_tf_config()  # a missing or invalid TF_CONFIG is an error naming the strategy
+    if c.training.resume and not c.training.checkpoint_path:
+        raise ConfigError("{0} needs {1}", "training.resume", "training.checkpoint_path")
+
+
+def _check_module_handle(c: RetrainConfig) -> None:
+    from retrain.models.registry import list_bundled_models
+
+    handle = c.module.handle
+    if not handle:
+        raise ConfigError("{0} must not be empty", "module.handle")
+    if looks_like_url(handle) or os.path.isdir(os.path.expanduser(handle)):
+        return
+    if handle in list_bundled_models():
+        return
+    if os.path.sep in handle or handle.startswith("."):
+        raise ConfigError("{0}: folder not found: " + handle, "module.handle")
+    raise ConfigError(
+        "{0}: unknown module "
+        + repr(handle)
+        + "; bundled modules: "
+        + ", ".join(list_bundled_models())
+        + "; or give a TF Hub URL or a SavedModel folder",
+        "module.handle",
+    )
+
+
+# Output files and folders, in the order they are checked.
+OUTPUT_FILES = (
+    "export.output_graph",
+    "export.output_labels",
+    "export.output_tflite",
+    "outputs.split_manifest",
+    "outputs.metrics_json",
+)
+OUTPUT_DIRS = (
+    "cache.bottleneck_dir",
+    "outputs.summaries_dir",
+    "export.saved_model_dir",
+    "training.checkpoint_path",
+    "module.cache_dir",
+)
+
+
+def _check_output_paths(c: RetrainConfig) -> None:
+    values = dict(leaf_fields(c))
+    dirs = list(OUTPUT_DIRS)
+    if c.export.intermediate_store_frequency > 0:
+        if not c.export.intermediate_output_graphs_dir:
+            raise ConfigError(
+                "{0} needs {1}",
+                "export.intermediate_store_frequency",
+                "export.intermediate_output_graphs_dir",
+            )
+        dirs.append("export.intermediate_output_graphs_dir")
+    for names, check in ((OUTPUT_FILES, check_writable_file), (dirs, check_writable_dir)):
+        for name in names:
+            if values[name] and (problem := check(values[name])):
+                raise ConfigError("{0}: cannot write there: " + problem, name)
+
+
+_CHECKS = (
+    _check_image_dir,
+    _check_counts,
+    _check_split,
+    _check_distortions,
+    _check_choices,
+    _check_module_handle,
+    _check_output_paths,
+)

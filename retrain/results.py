@@ -1,0 +1,92 @@
+"""What `retrain.run` returns: the trained layer, its evaluation, the files written, timings.
+
+`RunResult.metrics()` is the dict that `--metrics_json` holds, built from these fields alone.
+Importing this module does not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from retrain.evaluate import Evaluation
+    from retrain.finetune import FineTuneResult
+    from retrain.train import TrainResult
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent per phase of a run."""
+
+    bottlenecks: float  # lookup, hashing, module loading, backend choice and extraction
+    extraction: float  # of those, decoding, the module and cache writes only
+    training: float  # the new layer
+    total: float  # the whole run, scanning to the last output
+
+
+@dataclass
+class RunResult:
+    """One run's outcome. `evaluations` maps a split ("testing") to the evaluation of the
+    model that was exported: the fine-tuned network when fine-tuning ran."""
+
+    labels: list[str]
+    head: TrainResult  # the new layer as trained on bottlenecks, with its history
+    evaluations: dict[str, Evaluation]
+    images: dict[str, int]  # usable images per split
+    skipped: list[dict]  # {"file", "reason"} of every image left out
+    module: str  # the module handle
+    bottlenecks_computed: int  # by this process
+    training_steps: int
+    timings: Timings
+    outputs: dict[str, str] = field(default_factory=dict)  # config setting -> path written
+    fine_tune: FineTuneResult | None = None
+    cluster: dict[str, Any] | None = None  # a multi-worker run: this worker and the cluster
+
+    @property
+    def test(self) -> Evaluation | None:
+        """The test split's evaluation, if there was a test split."""
+        return self.evaluations.get("testing")
+
+    def metrics(self) -> dict[str, Any]:
+        """The run's figures, as `--metrics_json` writes them."""
+        test, history = self.test, self.head.history
+        metrics = {
+            "test_accuracy": test.accuracy if test else None,
+            "test_cross_entropy": test.cross_entropy if test else None,
+            "per_class_test_accuracy": dict(zip(self.labels, test.per_class_accuracy))
+            if test
+            else None,
+            "final_train_accuracy": history[-1]["train_accuracy"] if history else None,
+            "final_validation_accuracy": history[-1].get("validation_accuracy")
+            if history
+            else None,
+            "classes": list(self.labels),
+            "images": dict(self.images),
+            "skipped": list(self.skipped),
+            "module": self.module,
+            "bottlenecks_computed": self.bottlenecks_computed,
+            "bottleneck_seconds": round(self.timings.bottlenecks, 3),
+            "bottleneck_images_per_second": _per_second(
+                self.bottlenecks_computed, self.timings.bottlenecks
+            ),
+            "extraction_seconds": round(self.timings.extraction, 3),
+            "extraction_images_per_second": _per_second(
+                self.bottlenecks_computed, self.timings.extraction
+            ),
+            "training_steps": self.training_steps,
+            "resumed_from_step": self.head.resumed_from_step,
+            "training_seconds": round(self.timings.training, 3),
+            "total_seconds": round(self.timings.total, 3),
+            "output_graph": self.outputs.get("output_graph"),
+            "output_labels": self.outputs.get("output_labels"),
+        }
+        if self.fine_tune is not None:
+            metrics["fine_tune"] = self.fine_tune.metrics()
+        if self.cluster is not None:
+            metrics["cluster"] = dict(self.cluster)
+        return metrics
+
+
+def _per_second(count: int, seconds: float) -> float:
+    return round(count / seconds, 2) if seconds > 0 and count else 0.0
