@@ -14,16 +14,13 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import numpy as np
 from absl import flags
 
-from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
+from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, skip_reason
+from retrain.errors import UsageError
 from retrain.resize import resize_bilinear
 from retrain.runtime import import_tensorflow_quietly, usable_cpus
 from retrain.scan import display_path
 
 PROG = "label-image"
-
-
-class UsageError(Exception):
-    """A bad flag or input file: one line, exit 2."""
 
 
 def define_flags(f: flags.FlagValues) -> None:
@@ -134,7 +131,7 @@ def classify(f: flags.FlagValues, images: list[str]) -> int:
         try:
             pixels = decode_image(path, (height, width), DEFAULT_MAX_IMAGE_PIXELS)
         except (ImageDecodeError, OSError) as err:
-            return str(err.strerror or err) if isinstance(err, OSError) else str(err)
+            return skip_reason(err)
         return preprocess(pixels, (height, width), f.input_mean, f.input_std)
 
     status = 0
@@ -183,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return classify(f, images)
     except UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -7,68 +7,43 @@ label-image's cold start short.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
 from label_image.models import ModelLoadError
 from retrain.errors import first_line
-from retrain.runtime import quiet_stderr, usable_cpus
-
-_TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier, bytes 4..8 of every .tflite file
+from retrain.tflite_model import SignatureError, TFLiteModel, is_tflite_file
 
 
 class TFLiteClassifier:
     """A float32 TFLite model mapping images ``[n, h, w, 3]`` to scores ``[n, classes]``.
 
-    Raises ModelLoadError (one line) for a missing, unreadable or unusable file. Not safe to
-    call from several threads at once.
+    Raises ModelLoadError (one line) for a missing, unreadable or unusable file. Calls from
+    several threads are run one at a time.
     """
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
         try:
-            from ai_edge_litert.interpreter import Interpreter
+            import ai_edge_litert.interpreter  # noqa: F401
         except ImportError:
             raise ModelLoadError(
                 f"{path}: .tflite models need the ai-edge-litert package "
                 "(pip install ai-edge-litert)"
             ) from None
         try:
-            with open(path, "rb") as handle:
-                header = handle.read(8)
+            is_tflite = is_tflite_file(path)
         except OSError as err:
             raise ModelLoadError(f"cannot read {path}: {err.strerror or err}") from None
-        if header[4:8] != _TFLITE_IDENTIFIER:
+        if not is_tflite:
             raise ModelLoadError(f"{path} is not a TFLite (.tflite) model file")
         try:
-            self.interpreter = Interpreter(
-                model_path=os.fspath(path), num_threads=num_threads or usable_cpus()
-            )
-            inputs = self.interpreter.get_input_details()
-            outputs = self.interpreter.get_output_details()
+            self._model = TFLiteModel(path, num_threads)
+        except SignatureError as err:
+            raise ModelLoadError(_signature_problem(path, err)) from None
         except (ValueError, RuntimeError) as err:
             raise ModelLoadError(f"cannot load {path}: {first_line(err)}") from None
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelLoadError(
-                f"{path}: expected one input and one output, found {len(inputs)} and {len(outputs)}"
-            )
-        (tensor_in,), (tensor_out,) = inputs, outputs
-        self._shape = [int(d) for d in tensor_in["shape_signature"]]
-        if tensor_in["dtype"] != np.float32 or len(self._shape) != 4 or self._shape[3] != 3:
-            raise ModelLoadError(
-                f"{path}: input is {np.dtype(tensor_in['dtype']).name} "
-                f"{self._shape}, not float32 images [n, h, w, 3]"
-            )
-        if len(tensor_out["shape"]) != 2:
-            raise ModelLoadError(f"{path}: output shape {list(tensor_out['shape'])} is not [n, k]")
-        self.path = Path(path)
-        self._input, self._output = tensor_in["index"], tensor_out["index"]
-        self._allocated: list[int] | None = None
-        try:
-            with quiet_stderr():  # LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate"
-                self._allocate([int(d) for d in tensor_in["shape"]])
-        except (ValueError, RuntimeError) as err:
-            raise ModelLoadError(f"cannot load {path}: {first_line(err)}") from None
+        self.path = self._model.path
+        self._shape = list(self._model.input_signature)
 
     def input_size(self) -> tuple[int | None, int | None]:
         """(height, width) of the model's input, None where not fixed."""
@@ -80,23 +55,32 @@ class TFLiteClassifier:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4:
             raise ValueError(f"expected a batch [n, h, w, 3], got shape {list(batch.shape)}")
-        if len(batch) == 0:
-            classes = int(self.interpreter.get_output_details()[0]["shape"][1])
-            return np.zeros((0, classes), np.float32)
-        if batch.shape[3] != 3 or any(
-            want > 0 and got != want for want, got in zip(self._shape[1:3], batch.shape[1:3])
+        if len(batch) and (
+            batch.shape[3] != 3
+            or any(
+                want > 0 and got != want for want, got in zip(self._shape[1:3], batch.shape[1:3])
+            )
         ):
             raise ValueError(
                 f"expected a batch [n, {self._shape[1]}, {self._shape[2]}, 3], "
                 f"got shape {list(batch.shape)}"
             )
-        self._allocate(list(batch.shape))
-        self.interpreter.set_tensor(self._input, batch)
-        self.interpreter.invoke()
-        return self.interpreter.get_tensor(self._output)
+        return self._model.run(batch)
 
-    def _allocate(self, shape: list[int]) -> None:
-        if shape != self._allocated:
-            self.interpreter.resize_tensor_input(self._input, shape)
-            self.interpreter.allocate_tensors()
-            self._allocated = shape
+
+def _signature_problem(path: str | os.PathLike, err: SignatureError) -> str:
+    """label-image's wording of a model whose inputs or outputs it cannot use."""
+    if err.part == "count":
+        return (
+            f"{path}: expected one input and one output, "
+            f"found {len(err.inputs)} and {len(err.outputs)}"
+        )
+    if err.part == "input":
+        (tensor,) = err.inputs
+        shape = [int(d) for d in tensor["shape_signature"]]
+        return (
+            f"{path}: input is {np.dtype(tensor['dtype']).name} "
+            f"{shape}, not float32 images [n, h, w, 3]"
+        )
+    (tensor,) = err.outputs
+    return f"{path}: output shape {list(tensor['shape'])} is not [n, k]"

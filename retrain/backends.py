@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,8 +21,10 @@ import numpy as np
 
 from retrain.atomic import atomic_open, atomic_write_text
 from retrain.errors import RetrainError, first_line
-from retrain.models.loading import ImageModule, default_cache_dir
-from retrain.runtime import quiet_stderr, usable_cpus
+from retrain.models.loading import ImageModule
+from retrain.module_cache import tflite_model_path, tflite_verified_path
+from retrain.runtime import quiet_stderr
+from retrain.tflite_model import TFLiteModel, is_tflite_file
 
 __all__ = [
     "BACKENDS",
@@ -36,7 +37,6 @@ __all__ = [
     "empty_features",
     "tensorflow_backend",
     "tflite_backend",
-    "tflite_model_path",
 ]
 
 BACKENDS = ("auto", "tensorflow", "tflite")
@@ -44,9 +44,6 @@ BACKENDS = ("auto", "tensorflow", "tflite")
 TFLITE_BATCH = 8
 # Largest absolute feature difference from TensorFlow that `auto` accepts for TFLite.
 TOLERANCE = 1e-4
-# Part of the cached file's name: bump when the conversion recipe changes.
-TFLITE_CONVERSION_VERSION = 1
-_TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier, bytes 4..8 of every .tflite file
 
 _log = logging.getLogger(__name__)
 
@@ -109,28 +106,19 @@ def _gpu_present() -> bool:
 # ----------------------------------------------------------------------------- conversion
 
 
-def tflite_model_path(module: ImageModule, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where the module's TFLite conversion is cached:
-    ``<cache_dir>/tflite/<fingerprint>-v<N>.tflite`` (cache_dir: ``default_cache_dir()``).
-
-    Kept outside the module folder, which may be read-only or a TF Hub cache entry.
-    """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / "tflite" / f"{module.fingerprint}-v{TFLITE_CONVERSION_VERSION}.tflite"
-
-
 def convert_to_tflite(
     module: ImageModule,
     cache_dir: str | os.PathLike[str] | None = None,
     module_object: Any = None,
 ) -> Path:
     """The module as a float32 TFLite model with a resizable batch dimension; converted on the
-    first call (about 10 s), then read from the cache. Raises BackendError.
+    first call (about 10 s), then read from the cache (``module_cache.tflite_model_path``).
+    Raises BackendError.
 
     The file is written atomically, so concurrent conversions are safe (the last one wins, and
     both are complete). ``module_object``, if given, saves loading the SavedModel again.
     """
-    path = tflite_model_path(module, cache_dir)
+    path = tflite_model_path(cache_dir, module.fingerprint)
     if _has_tflite_identifier(path):
         return path
     try:
@@ -173,8 +161,7 @@ def _convert(module: ImageModule, module_object: Any) -> bytes:
 
 def _has_tflite_identifier(path: Path) -> bool:
     try:
-        with open(path, "rb") as handle:
-            return handle.read(8)[4:8] == _TFLITE_IDENTIFIER
+        return is_tflite_file(path)
     except OSError:
         return False
 
@@ -183,40 +170,12 @@ def _has_tflite_identifier(path: Path) -> bool:
 
 
 class _TFLiteExtractor:
-    """A LiteRT interpreter allocated for ``batch_size`` images; longer inputs are run in
-    chunks, a shorter (final) chunk by resizing the input, which costs well under 1 ms once
-    XNNPACK has packed the weights. Calls are serialised by a lock."""
+    """The Extractor over a TFLiteModel: features ``[N, D]`` for images of the model's shape."""
 
-    def __init__(self, model_path: Path, num_threads: int, batch_size: int) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.model_path = model_path
-        self.num_threads = num_threads
-        self.batch_size = batch_size
-        self._lock = threading.Lock()
-        self._interpreter = Interpreter(model_path=os.fspath(model_path), num_threads=num_threads)
-        inputs = self._interpreter.get_input_details()
-        outputs = self._interpreter.get_output_details()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ValueError(f"expected 1 input and 1 output, got {len(inputs)} and {len(outputs)}")
-        (tensor_in,), (tensor_out,) = inputs, outputs
-        in_shape, out_shape = list(tensor_in["shape"]), list(tensor_out["shape"])
-        if tensor_in["dtype"] != np.float32 or len(in_shape) != 4 or in_shape[3] != 3:
-            raise ValueError(f"input is {tensor_in['dtype'].__name__} {in_shape}, not [N,H,W,3]")
-        if tensor_out["dtype"] != np.float32 or len(out_shape) != 2:
-            raise ValueError(f"output is {tensor_out['dtype'].__name__} {out_shape}, not [N,D]")
-        self.image_shape = tuple(int(d) for d in in_shape[1:])
-        self.feature_dim = int(out_shape[1])
-        self._input, self._output = tensor_in["index"], tensor_out["index"]
-        self._allocated = 0
-        with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-            self._allocate(batch_size)
-
-    def _allocate(self, rows: int) -> None:
-        if rows != self._allocated:
-            self._interpreter.resize_tensor_input(self._input, [rows, *self.image_shape])
-            self._interpreter.allocate_tensors()
-            self._allocated = rows
+    def __init__(self, model: TFLiteModel) -> None:
+        self.model = model
+        self.image_shape = model.input_shape[1:]
+        self.feature_dim = model.output_width
 
     def __call__(self, images: Any, /) -> np.ndarray:
         if not isinstance(images, np.ndarray) and hasattr(images, "numpy"):
@@ -227,15 +186,7 @@ class _TFLiteExtractor:
                 f"expected images [N, {', '.join(map(str, self.image_shape))}], "
                 f"got {list(images.shape)}"
             )
-        features = np.empty((len(images), self.feature_dim), np.float32)
-        with self._lock:
-            for start in range(0, len(images), self.batch_size):
-                chunk = images[start : start + self.batch_size]
-                self._allocate(len(chunk))
-                self._interpreter.set_tensor(self._input, chunk)
-                self._interpreter.invoke()
-                features[start : start + len(chunk)] = self._interpreter.get_tensor(self._output)
-        return features
+        return self.model.run(images)
 
 
 def tflite_backend(
@@ -254,7 +205,7 @@ def tflite_backend(
     _require_litert()
     path = Path(model_path)
     try:
-        return _TFLiteExtractor(path, num_threads or usable_cpus(), batch_size)
+        return _TFLiteExtractor(TFLiteModel(path, num_threads, batch_size, np.float32))
     except Exception as exc:  # LiteRT raises ValueError/RuntimeError for unusable models
         raise BackendError(f"cannot load TFLite model {path}: {first_line(exc)}") from exc
 
@@ -307,7 +258,7 @@ def choose_backend(
         return tensorflow_backend(module_object), "tensorflow", "GPU present"
     try:
         extractor = _load_tflite(module, module_object, cache_dir, num_threads, batch_size)
-        marker = _verified_marker(module, cache_dir)
+        marker = tflite_verified_path(cache_dir, module.fingerprint)
         if marker.exists():
             earlier = marker.read_text().removeprefix("CPU; ")  # markers before 1c37c06 had it
             ok, reason = True, f"CPU; checked against TensorFlow earlier: {earlier}"
@@ -328,12 +279,6 @@ def choose_backend(
     return tensorflow_backend(module_object), "tensorflow", reason
 
 
-def _verified_marker(module: ImageModule, cache_dir: str | os.PathLike[str] | None) -> Path:
-    """A file saying that this conversion reproduced TensorFlow's features on real images."""
-    path = tflite_model_path(module, cache_dir)
-    return path.with_name(path.name + ".verified")
-
-
 def _load_tflite(
     module: ImageModule,
     module_object: Any,
@@ -344,7 +289,7 @@ def _load_tflite(
     """Convert (or reuse the cached conversion) and load it; a cached file that fails to load
     is converted again, once."""
     _require_litert()  # before spending seconds on a conversion
-    cached = _has_tflite_identifier(tflite_model_path(module, cache_dir))
+    cached = _has_tflite_identifier(tflite_model_path(cache_dir, module.fingerprint))
     path = convert_to_tflite(module, cache_dir, module_object)
     try:
         return tflite_backend(path, num_threads, batch_size)

@@ -53,6 +53,19 @@ def decode_image(
         raise ImageDecodeError("not enough memory to decode") from None
 
 
+def skip_reason(err: BaseException) -> str:
+    """Why an image is skipped, in one line without its path, given the error that reading or
+    decoding it raised: an ImageDecodeError's own message; ``cannot read: <why>`` for an
+    OSError (decode_image turns its own into ImageDecodeErrors, so this is from reading the
+    file elsewhere); ``cannot decode: <type>: <message>`` for anything else (a decoder's bug).
+    """
+    if isinstance(err, ImageDecodeError):
+        return str(err)
+    if isinstance(err, OSError):
+        return f"cannot read: {err.strerror or err}"
+    return f"cannot decode: {type(err).__name__}: {err}"
+
+
 def _decode(handle, min_size, max_pixels: int) -> np.ndarray:
     if os.fstat(handle.fileno()).st_size == 0:
         raise ImageDecodeError("empty file (0 bytes)")

@@ -28,7 +28,7 @@ from retrain.cache import (
     file_keys,
     key_array,
 )
-from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
+from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image, skip_reason
 from retrain.interrupt import check as check_interrupt
 from retrain.preprocess import to_module_input
 from retrain.runtime import usable_cpus
@@ -83,17 +83,13 @@ class ExtractionStats:
         return ExtractionStats(self.computed + other.computed, self.seconds + other.seconds)
 
 
-def _unreadable(err: OSError) -> str:
-    return f"cannot read: {err.strerror or err}"
-
-
 def lookup(
     paths: Sequence[str | os.PathLike], cache: BottleneckCache, threads: int = 4
 ) -> LookupResult:
     """Find each image's cached vector: by file identity first, else by a hash of its bytes."""
     n = len(paths)
     keys, skipped = file_keys(paths)
-    skipped = {i: _unreadable(err) for i, err in skipped.items()}
+    skipped = {i: skip_reason(err) for i, err in skipped.items()}
     result = LookupResult(
         cache.locate(keys, by="file"),
         keys,
@@ -107,7 +103,7 @@ def lookup(
         try:
             return i, file_content_key(paths[i]), None
         except OSError as err:
-            return i, None, _unreadable(err)
+            return i, None, skip_reason(err)
 
     with ThreadPoolExecutor(threads) as pool:
         for i, key, error in pool.map(hash_one, result.missing()):
@@ -165,10 +161,8 @@ def decoded_batches(
         position = int(position)
         try:
             return decode_image(os.fsdecode(encoded[position]), input_size, max_pixels), True
-        except ImageDecodeError as err:
-            errors[position] = str(err)
         except Exception as err:  # noqa: BLE001 - one odd file must never end a long run
-            errors[position] = f"cannot decode: {type(err).__name__}: {err}"
+            errors[position] = skip_reason(err)
         return np.zeros((1, 1, 3), np.uint8), False
 
     def load_and_resize(position: tf.Tensor):

@@ -23,13 +23,14 @@ from retrain.backends import (
     convert_to_tflite,
     tensorflow_backend,
     tflite_backend,
-    tflite_model_path,
 )
 from retrain.decode import decode_image
 from retrain.errors import RetrainError
 from retrain.models.loading import resolve_module
+from retrain.module_cache import tflite_model_path, tflite_verified_path
 from retrain.preprocess import to_module_input
 from retrain.resize import resize_bilinear
+from tests.tflite_models import TinyClassifier, write_tiny_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = sorted((ROOT / "examples" / "flower_photos").glob("*/*.jpg"))
@@ -78,7 +79,7 @@ def _broken_converter(*args):
 
 
 def test_conversion_is_cached(module, module_object, cache_dir, tflite_path):
-    assert tflite_path == tflite_model_path(module, cache_dir)
+    assert tflite_path == tflite_model_path(cache_dir, module.fingerprint)
     assert tflite_path.parent == cache_dir / "tflite"
     assert module.fingerprint in tflite_path.name
     assert tflite_path.read_bytes()[4:8] == b"TFL3"
@@ -101,7 +102,7 @@ def test_conversion_failure_is_a_backend_error(module, tmp_path, monkeypatch):
 def test_a_broken_cached_conversion_is_redone(
     module, module_object, tflite_path, tmp_path, monkeypatch
 ):
-    broken = tflite_model_path(module, tmp_path)
+    broken = tflite_model_path(tmp_path, module.fingerprint)
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"\0\0\0\0TFL3" + b"\xff" * 64)  # looks cached, does not load
     calls = []
@@ -119,9 +120,10 @@ def test_a_broken_cached_conversion_is_redone(
     assert extractor(np.zeros((1, 224, 224, 3), np.float32)).shape == (1, 1280)
 
 
-def test_default_cache_dir(module, tmp_path, monkeypatch):
+def test_default_cache_dir(module, module_object, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRAIN_CACHE_DIR", str(tmp_path))
-    assert tflite_model_path(module).parent == tmp_path / "tflite"
+    monkeypatch.setattr(backends, "_convert", lambda *args: b"\0\0\0\0TFL3")
+    assert convert_to_tflite(module, None, module_object).parent == tmp_path / "tflite"
 
 
 # ----------------------------------------------------------------------------- tflite extractor
@@ -163,7 +165,7 @@ def test_tflite_backend_rejects_a_bad_file(tmp_path):
 
 
 def _forget_verification(module, cache_dir):
-    backends._verified_marker(module, cache_dir).unlink(missing_ok=True)
+    tflite_verified_path(cache_dir, module.fingerprint).unlink(missing_ok=True)
 
 
 def test_auto_picks_tflite_on_cpu(module, module_object, cache_dir, photos, reference, caplog):
@@ -249,29 +251,9 @@ def test_auto_on_gpu_and_explicit_choices(module, module_object, cache_dir, monk
 # ----------------------------------------------------------------------------- label_image.tflite
 
 
-class _TinyClassifier(tf.Module):
-    """Mean colour -> 4 softmax scores, on non-square 12x10 images."""
-
-    def __init__(self):
-        super().__init__()
-        rng = np.random.default_rng(0)
-        self.w = tf.constant(rng.normal(size=(3, 4)).astype(np.float32))
-        self.b = tf.constant(rng.normal(size=(4,)).astype(np.float32))
-
-    @tf.function(input_signature=[tf.TensorSpec([None, 12, 10, 3], tf.float32)])
-    def __call__(self, images):
-        return tf.nn.softmax(tf.reduce_mean(images, axis=[1, 2]) @ self.w + self.b)
-
-
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> tuple[Path, _TinyClassifier]:
-    model = _TinyClassifier()
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [model.__call__.get_concrete_function()], model
-    )
-    path = tmp_path_factory.mktemp("classifier") / "tiny.tflite"
-    path.write_bytes(converter.convert())
-    return path, model
+def classifier(tmp_path_factory) -> tuple[Path, TinyClassifier]:
+    return write_tiny_classifier(tmp_path_factory.mktemp("classifier") / "tiny.tflite")
 
 
 def test_tflite_classifier_predicts(classifier):

@@ -1,8 +1,10 @@
+import struct
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from retrain.decode import ImageDecodeError, decode_image
+from retrain.decode import ImageDecodeError, decode_image, skip_reason
 from tests.bad_images import make_bad_files, png_header_only
 from tests.conftest import write_image
 
@@ -66,3 +68,35 @@ def test_jpeg_draft_keeps_at_least_the_requested_size(tmp_path):
     Image.fromarray(np.zeros((1200, 1600, 3), np.uint8)).save(tmp_path / "big.jpg")
     pixels = decode_image(tmp_path / "big.jpg", min_size=(224, 224))
     assert min(pixels.shape[:2]) >= 224 and pixels.shape[0] < 1200
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (ImageDecodeError("empty file (0 bytes)"), "empty file (0 bytes)"),
+        (
+            FileNotFoundError(2, "No such file or directory", "a.jpg"),
+            "cannot read: No such file or directory",
+        ),
+        (PermissionError(13, "Permission denied"), "cannot read: Permission denied"),
+        (OSError("disk on fire"), "cannot read: disk on fire"),
+        (
+            struct.error("unpack requires a buffer"),
+            "cannot decode: error: unpack requires a buffer",
+        ),
+        (KeyError("mode"), "cannot decode: KeyError: 'mode'"),
+    ],
+)
+def test_skip_reasons(error, reason):
+    assert skip_reason(error) == reason
+
+
+def test_skip_reason_of_a_bad_file_is_decode_images_message(tmp_path):
+    for name, outcome in make_bad_files(tmp_path).items():
+        if outcome == "skip":
+            with pytest.raises(ImageDecodeError) as err:
+                decode_image(tmp_path / name)
+            assert skip_reason(err.value) == str(err.value)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(tmp_path / "missing.jpg")  # decode_image's own OSErrors are decode errors
+    assert skip_reason(err.value).startswith("cannot decode: ")

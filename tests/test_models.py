@@ -23,7 +23,6 @@ from retrain.models import (
     ImageModule,
     ModuleError,
     UnsafeWeightsError,
-    default_cache_dir,
     get_bundled_model,
     list_bundled_models,
     load_legacy_state_dict,
@@ -421,13 +420,6 @@ def test_registry_lists_lite0():
     spec = get_bundled_model("efficientnet_lite0")
     assert spec.input_size == (224, 224) and spec.feature_dim == 1280
     assert spec.weights_path().is_file()
-
-
-def test_default_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("RETRAIN_CACHE_DIR", str(tmp_path / "c"))
-    assert default_cache_dir() == tmp_path / "c"
-    monkeypatch.delenv("RETRAIN_CACHE_DIR")
-    assert default_cache_dir() == pathlib.Path.home() / ".cache" / "retrain"
 
 
 def test_concurrent_conversions_share_the_winners_directory(tmp_path, monkeypatch):

@@ -1,9 +1,9 @@
 """Resolve a module handle (bundled name, SavedModel directory or URL) to a local image module.
 
-Bundled models are converted once into ``<cache_dir>/modules/<name>-<weights hash>-v<N>/`` with a
-small JSON metadata file, so later resolutions read a file and hash the weights, nothing more.
-TensorFlow is imported only when a module must be converted, inspected or loaded, and
-``tensorflow_hub`` only for URL handles.
+Bundled models are converted once into the module cache (``retrain.module_cache`` draws its
+layout), with a small JSON metadata file, so later resolutions read a file and hash the weights,
+nothing more. TensorFlow is imported only when a module must be converted, inspected or loaded,
+and ``tensorflow_hub`` only for URL handles.
 """
 
 from __future__ import annotations
@@ -24,21 +24,20 @@ from retrain.atomic import fsync_path
 from retrain.errors import RetrainError
 from retrain.models.registry import BundledModelSpec, get_bundled_model, list_bundled_models
 from retrain.models.torch_weights import load_legacy_state_dict
+from retrain.module_cache import CONVERTER_VERSION, converted_module_dir, default_cache_dir
 
 __all__ = [
     "DEFAULT_INPUT_SIZE",
     "METADATA_FILENAME",
     "ImageModule",
     "ModuleError",
-    "default_cache_dir",
+    "default_cache_dir",  # re-exported from retrain.module_cache for retrain.models' users
     "fingerprint_saved_model",
     "resolve_module",
 ]
 
 DEFAULT_INPUT_SIZE = (224, 224)
 METADATA_FILENAME = "retrain_module.json"
-# Bump when the exported graph changes so stale conversions are not reused.
-CONVERTER_VERSION = 1
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -65,12 +64,6 @@ class ImageModule:
         return tf.saved_model.load(os.fspath(self.path))
 
 
-def default_cache_dir() -> pathlib.Path:
-    """``$RETRAIN_CACHE_DIR``, or ``~/.cache/retrain``."""
-    env = os.environ.get("RETRAIN_CACHE_DIR")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "retrain"
-
-
 def resolve_module(
     handle: str | os.PathLike[str], cache_dir: pathlib.Path | None = None
 ) -> ImageModule:
@@ -86,7 +79,7 @@ def resolve_module(
     except KeyError:
         pass
     else:
-        return _resolve_bundled(handle, spec, cache_dir or default_cache_dir())
+        return _resolve_bundled(handle, spec, cache_dir)
     if _URL_RE.match(handle):
         return _resolve_directory(handle, _hub_resolve(handle))
     path = pathlib.Path(handle).expanduser()
@@ -101,14 +94,15 @@ def resolve_module(
 # ----------------------------------------------------------------------------- bundled models
 
 
-def _resolve_bundled(handle: str, spec: BundledModelSpec, cache_dir: pathlib.Path) -> ImageModule:
+def _resolve_bundled(
+    handle: str, spec: BundledModelSpec, cache_dir: pathlib.Path | None
+) -> ImageModule:
     try:
         weights = spec.weights_path()
     except FileNotFoundError as exc:
         raise ModuleError(str(exc)) from None
     weights_sha256 = _sha256_file(weights)
-    dirname = f"{spec.name}-{weights_sha256[:12]}-v{CONVERTER_VERSION}"
-    target = pathlib.Path(cache_dir).expanduser() / "modules" / dirname
+    target = converted_module_dir(cache_dir, spec.name, weights_sha256)
     metadata = _read_metadata(target)
     if metadata is None:
         try:
