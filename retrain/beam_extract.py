@@ -53,7 +53,6 @@ import difflib
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -74,8 +73,9 @@ from retrain.cache import (
     module_cache_key,
 )
 from retrain.config import DEFAULT_MODULE, ModuleConfig
-from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
+from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image, skip_reason
 from retrain.errors import RetrainError, UsageError, first_line
+from retrain.handles import looks_like_url
 from retrain.runtime import import_tensorflow_quietly
 from retrain.scan import display_path
 
@@ -109,7 +109,6 @@ __all__ = ["DecodeImages", "ExtractToCache", "build_pipeline", "extract", "main"
 PROG = "retrain-beam-extract"
 METRICS_NAMESPACE = "retrain"
 MIN_BATCH_SIZE = 8
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 log = logging.getLogger("retrain")
 
@@ -207,7 +206,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Raise UsageError for the first invalid flag value, naming the flag."""
     for name in ("image_dir", "bottleneck_dir", "module_cache_dir"):
         value = getattr(args, name)
-        if value and _URL.match(value):
+        if value and looks_like_url(value):
             raise UsageError(
                 f"--{name}: {value} is a URL; give a folder that every worker mounts "
                 "(e.g. a gcsfuse or NFS mount point)"
@@ -396,12 +395,8 @@ class DecodeImages(_DoFn):
                 self.cached.inc()
                 return
             pixels = decode_image(path, self.input_size, self.max_pixels)
-        except ImageDecodeError as err:
-            reason = str(err)
-        except OSError as err:
-            reason = f"cannot read: {err.strerror or err}"
         except Exception as err:  # noqa: BLE001 - one odd file must never end the pipeline
-            reason = f"cannot decode: {type(err).__name__}: {err}"
+            reason = skip_reason(err)
         else:
             yield content_k, file_k, self._to_module_input(pixels, self.input_size).numpy()
             return

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrain import distribute, export, finetune, scan
+from retrain import distribute, export, finetune, module_cache, scan
 from retrain import evaluate as evaluation
 from retrain.atomic import atomic_write_text
 from retrain.bottlenecks import Bottlenecks, LazyModule, compute_bottlenecks, load_module
@@ -28,7 +28,7 @@ from retrain.config import RetrainConfig
 from retrain.features import Split
 from retrain.heads import Head, SoftmaxHead
 from retrain.interrupt import check as check_interrupt
-from retrain.models.loading import ImageModule, default_cache_dir
+from retrain.models.loading import ImageModule
 from retrain.results import RunResult, Timings
 from retrain.train import Summaries, TrainResult, train_head
 
@@ -337,11 +337,8 @@ def _print_misclassified(
 
 def _frozen_module(config: RetrainConfig, module: ImageModule, module_object: LazyModule):
     """The pretrained module's frozen graph, made once per module and kept in its cache."""
-    cache_dir = config.module.cache_dir
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return export.cached_frozen_module(
-        root / "frozen" / f"{module.fingerprint}-v1.pb", module_object.get, module.input_size
-    )
+    path = module_cache.frozen_module_path(config.module.cache_dir, module.fingerprint)
+    return export.cached_frozen_module(path, module_object.get, module.input_size)
 
 
 def _intermediate_graph_writer(

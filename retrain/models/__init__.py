@@ -7,7 +7,6 @@ module has to be converted or inspected.
 from retrain.models.loading import (
     ImageModule,
     ModuleError,
-    default_cache_dir,
     fingerprint_saved_model,
     resolve_module,
 )
@@ -18,6 +17,7 @@ from retrain.models.torch_weights import (
     WeightsError,
     load_legacy_state_dict,
 )
+from retrain.module_cache import default_cache_dir
 
 __all__ = [
     "BundledModelSpec",

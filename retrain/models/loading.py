@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 import shutil
 import struct
 import tempfile
@@ -22,24 +21,22 @@ from typing import Any
 
 from retrain.atomic import fsync_path
 from retrain.errors import RetrainError
+from retrain.handles import looks_like_url
 from retrain.models.registry import BundledModelSpec, get_bundled_model, list_bundled_models
 from retrain.models.torch_weights import load_legacy_state_dict
-from retrain.module_cache import CONVERTER_VERSION, converted_module_dir, default_cache_dir
+from retrain.module_cache import CONVERTER_VERSION, converted_module_dir
 
 __all__ = [
     "DEFAULT_INPUT_SIZE",
     "METADATA_FILENAME",
     "ImageModule",
     "ModuleError",
-    "default_cache_dir",  # re-exported from retrain.module_cache for retrain.models' users
     "fingerprint_saved_model",
     "resolve_module",
 ]
 
 DEFAULT_INPUT_SIZE = (224, 224)
 METADATA_FILENAME = "retrain_module.json"
-
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class ModuleError(RetrainError, ValueError):
@@ -80,7 +77,7 @@ def resolve_module(
         pass
     else:
         return _resolve_bundled(handle, spec, cache_dir)
-    if _URL_RE.match(handle):
+    if looks_like_url(handle):
         return _resolve_directory(handle, _hub_resolve(handle))
     path = pathlib.Path(handle).expanduser()
     if path.is_dir():
