@@ -7,6 +7,7 @@ returns `Bottlenecks`: where each usable image's vector is, with its label, spli
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -17,12 +18,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrain import backends, distribute, extract, scan
-from retrain.cache import BottleneckCache, module_cache_key
-from retrain.config import ModuleConfig
+from retrain import backends, distort, distribute, extract, scan
+from retrain.cache import KEY_BYTES, BottleneckCache, key_array, module_cache_key
+from retrain.config import DistortionConfig, ModuleConfig
 from retrain.decode import ImageDecodeError, decode_image
 from retrain.errors import ConfigError, RetrainError
 from retrain.features import FeatureSplit
+from retrain.interrupt import check as check_interrupt
 from retrain.models.loading import ImageModule, ModuleError, resolve_module
 from retrain.preprocess import PREPROCESSING_ID, to_module_input
 
@@ -30,6 +32,29 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 log = logging.getLogger("retrain")
+
+
+@dataclass
+class DistortedCopies:
+    """The cached vectors of distorted copies of training images."""
+
+    settings: DistortionConfig
+    locations: np.ndarray  # cache.LOCATION_DTYPE, one per usable copy
+    rows: np.ndarray  # each copy's image, as a row of Bottlenecks
+    computed: int  # by this process
+    reused: int  # found in the cache
+    seconds: float  # lookup and extraction
+
+    def metrics(self) -> dict:
+        """The copies' figures for --metrics_json."""
+        return {
+            "mode": "cached copies",
+            "copies_per_image": self.settings.copies,
+            "vectors": int(len(self.locations)),
+            "computed": self.computed,
+            "reused": self.reused,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 @dataclass
@@ -46,6 +71,7 @@ class Bottlenecks:
     seconds: float  # the whole phase: lookup, hashing, module loading, backend choice, extraction
     extraction_seconds: float = 0.0  # of those, decoding, the model and cache writes only
     cluster_computed: int | None = None  # by all the workers of a multi-worker run
+    copies: DistortedCopies | None = None  # of the training images, if asked for
 
     def in_split(self, name: str) -> np.ndarray:
         """Mask of the images of one split."""
@@ -55,6 +81,17 @@ class Bottlenecks:
         """The cached vectors and labels of one split."""
         picks = np.flatnonzero(self.in_split(name))
         return FeatureSplit(self.cache, self.locations[picks], self.labels[picks])
+
+    def training(self) -> FeatureSplit:
+        """The training split's vectors, followed by those of its distorted copies."""
+        train = self.split("training")
+        if self.copies is None or not len(self.copies.locations):
+            return train
+        return FeatureSplit(
+            self.cache,
+            np.concatenate([train.locations, self.copies.locations]),
+            np.concatenate([train.y, self.labels[self.copies.rows]]),
+        )
 
     def paths_of(self, name: str) -> scan.PathList:
         """The image files of one split, in the order of `split(name)`."""
@@ -124,10 +161,13 @@ def compute_bottlenecks(
     max_pixels: int,
     mirrored: bool = False,
     cluster: tf.distribute.Strategy | None = None,
+    distortions: DistortionConfig | None = None,
 ) -> Bottlenecks:
     """Look every image up in the cache and compute what is missing with `settings`' backend
     (`mirrored`: data-parallel over this machine's devices); with a multi-worker `cluster`,
-    each worker first computes its share (`_extract_in_cluster`)."""
+    each worker first computes its share (`_extract_in_cluster`). With `distortions.copies`,
+    also the distorted copies of the training images (every worker computes what is missing:
+    copies written twice are harmless)."""
     cache = open_cache(bottleneck_dir, module)
     paths = image_set.paths
     start = time.perf_counter()
@@ -150,9 +190,14 @@ def compute_bottlenecks(
     # Alone: all that is missing. In a cluster: what no worker could use, skipped with a reason.
     extraction += extract_some(found.missing())
     seconds = time.perf_counter() - start
-    cache.release_index()  # from here on, vectors are read by location
     keep = np.ones(len(paths), dtype=bool)
     keep[list(found.skipped)] = False
+    copies = None
+    if distortions is not None and distortions.copies:
+        train = np.flatnonzero(keep & scan.split_mask(image_set.split_codes, "training"))
+        copies = _distorted_copies(found, paths, train, cache, extractor, distortions)
+        copies.rows = (np.cumsum(keep) - 1)[copies.rows]  # image numbers -> rows of the result
+    cache.release_index()  # from here on, vectors are read by location
     skipped = [
         {"file": scan.display_path(paths[i]), "reason": reason}
         for i, reason in sorted(found.skipped.items())
@@ -168,7 +213,87 @@ def compute_bottlenecks(
         seconds=seconds,
         extraction_seconds=extraction.seconds,
         cluster_computed=cluster_computed,
+        copies=copies,
     )
+
+
+def _distorted_copies(
+    found: extract.LookupResult,
+    paths: scan.PathList,
+    train: np.ndarray,
+    cache: BottleneckCache,
+    extractors: _Extractors,
+    settings: DistortionConfig,
+) -> DistortedCopies:
+    """Find or compute `settings.copies` distorted copies of each image `train` (indices into
+    `paths`). A copy's cache keys derive from its image's keys, the distortion recipe and its
+    number, so copies live beside the originals under keys no original or other recipe has."""
+    start = time.perf_counter()
+    recipe = distort.distortion_id(settings).encode()
+    sources = np.repeat(train, settings.copies)
+    numbers = np.tile(np.arange(settings.copies), len(train))
+    file_keys = key_array(
+        [_copy_key(found.file_keys[i].tobytes(), recipe, c) for i, c in zip(sources, numbers)]
+    )
+    copies = extract.LookupResult(
+        cache.locate(file_keys, by="file"),
+        file_keys,
+        np.zeros_like(file_keys),
+        np.zeros(len(sources), dtype=bool),
+    )
+    unknown = np.flatnonzero(~copies.cached())
+    for j in unknown:  # not found by file: by content (which hashes the image if need be)
+        check_interrupt()
+        source = int(sources[j])
+        key = _copy_key(found.content_key(source, paths[source]), recipe, int(numbers[j]))
+        copies.content_keys[j] = np.frombuffer(key, dtype=np.uint64)
+        copies.hashed[j] = True
+    copies.locations[unknown] = cache.locate(copies.content_keys[unknown], by="content")
+    todo = copies.missing()
+    log.info(
+        "Distorted copies (%d per training image, %s): %d cached, %d to compute",
+        settings.copies,
+        distort.distortion_id(settings),
+        len(sources) - len(todo),
+        len(todo),
+    )
+    source_paths = paths.take(sources)
+    params = distort.distortion_params(
+        [int.from_bytes(copies.content_keys[j].tobytes()[:8], "little") for j in todo]
+    )
+    stats = extract.extract_missing(
+        source_paths,
+        copies,
+        cache,
+        extractors.backend([source_paths[j] for j in todo[:32]]) if todo else None,
+        extractors.module.input_size,
+        extractors.settings.extraction_batch_size,
+        extractors.max_pixels,
+        todo=todo,
+        batches=partial(
+            distort.distorted_batches,
+            params=params,
+            settings=settings,
+            input_size=extractors.module.input_size,
+            batch_size=extractors.settings.extraction_batch_size,
+            max_pixels=extractors.max_pixels,
+        ),
+    )
+    usable = copies.cached()
+    return DistortedCopies(
+        settings=settings,
+        locations=copies.locations[usable],
+        rows=sources[usable],
+        computed=stats.computed,
+        reused=len(sources) - len(todo),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _copy_key(key: bytes, recipe: bytes, number: int) -> bytes:
+    """The cache key of copy `number` made by `recipe` of the image whose key is `key`."""
+    data = b"distorted copy\0" + key + b"\0" + recipe + b"\0" + int(number).to_bytes(4, "little")
+    return hashlib.blake2b(data, digest_size=KEY_BYTES).digest()
 
 
 @dataclass
@@ -180,10 +305,16 @@ class _Extractors:
     settings: ModuleConfig
     max_pixels: int
     mirrored: bool
+    _chosen: backends.Extractor | None = None
 
     def backend(self, todo: list[str]) -> backends.Extractor:
-        """The extraction backend, checked on a few of the images `todo` (the first of those
-        to compute)."""
+        """The extraction backend, chosen on first use and checked on a few of the images
+        `todo` (the first of those to compute)."""
+        if self._chosen is None:
+            self._chosen = self._choose(todo)
+        return self._chosen
+
+    def _choose(self, todo: list[str]) -> backends.Extractor:
         if self.mirrored:
             strategy = distribute.make_strategy("mirrored", log)
             log.info("Extraction backend: tensorflow, %d replica(s)", strategy.num_replicas_in_sync)
@@ -211,6 +342,19 @@ class _Extractors:
             if len(samples) == 4:
                 break
         return np.stack(samples) if samples else None
+
+
+def make_extractor(
+    module: ImageModule,
+    module_object: LazyModule,
+    settings: ModuleConfig,
+    max_pixels: int,
+    mirrored: bool,
+    sample_paths: list[str],
+) -> backends.Extractor:
+    """The extraction backend `settings` ask for (TFLite checked on a few of `sample_paths`),
+    as `compute_bottlenecks` chooses it."""
+    return _Extractors(module, module_object, settings, max_pixels, mirrored).backend(sample_paths)
 
 
 def _extract(

@@ -73,11 +73,32 @@ class HeadTrainingConfig:
     checkpoint_path: str | None = None  # a folder for checkpoints; None: none
     resume: bool = False  # continue from the last checkpoint in checkpoint_path
     checkpoint_every: int = 500
-    # retrain.py's distortions: accepted names, refused until they are implemented.
+
+
+@dataclass(frozen=True)
+class DistortionConfig:
+    """retrain.py's distortions of training images (validation and test images never are).
+
+    A crop box of 1 / scale of the photo's height and width is taken at a random place, where
+    scale = (1 + random_crop/100) * uniform(1, 1 + random_scale/100); it is flipped left-right
+    half of the time (flip_left_right), and its pixels are multiplied by
+    uniform(1 - random_brightness/100, 1 + random_brightness/100). With `copies` > 0 each
+    training image gets that many distorted copies, computed once and cached with the
+    bottlenecks; with 0 (and a distortion) fresh ones are made at every training step.
+    """
+
     flip_left_right: bool = False
-    random_crop: int = 0
-    random_scale: int = 0
-    random_brightness: int = 0
+    random_crop: int = 0  # percent
+    random_scale: int = 0  # percent
+    random_brightness: int = 0  # percent
+    copies: int = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether any distortion is asked for."""
+        return bool(
+            self.flip_left_right or self.random_crop or self.random_scale or self.random_brightness
+        )
 
 
 @dataclass(frozen=True)
@@ -135,6 +156,7 @@ class RetrainConfig:
     module: ModuleConfig = field(default_factory=ModuleConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     training: HeadTrainingConfig = field(default_factory=HeadTrainingConfig)
+    distortions: DistortionConfig = field(default_factory=DistortionConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     fine_tuning: FineTuningConfig = field(default_factory=FineTuningConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -226,19 +248,37 @@ def _check_split(c: RetrainConfig) -> None:
 
 
 def _check_distortions(c: RetrainConfig) -> None:
-    t = c.training
-    names = ("random_crop", "random_scale", "random_brightness")
-    for name in names:
-        if getattr(t, name) < 0:
+    d = c.distortions
+    for name in ("random_crop", "random_scale", "random_brightness"):
+        value = getattr(d, name)
+        if value < 0:
             raise ConfigError(
-                "{0} must be a non-negative percentage, got " + str(getattr(t, name)),
-                f"training.{name}",
+                "{0} must be a non-negative percentage, got " + str(value), f"distortions.{name}"
             )
-    if t.flip_left_right or any(getattr(t, name) for name in names):
+    if d.random_crop > 100:
         raise ConfigError(
-            "{0}/{1}/{2}/{3}: distortions are not supported yet; run without them",
-            "training.flip_left_right",
-            *(f"training.{name}" for name in names),
+            "{0} is a margin of at most 100 percent, got " + str(d.random_crop),
+            "distortions.random_crop",
+        )
+    if d.random_brightness > 100:
+        raise ConfigError(
+            "{0} must be at most 100 percent (a multiplier down to 0), got "
+            + str(d.random_brightness),
+            "distortions.random_brightness",
+        )
+    if d.copies < 0:
+        raise ConfigError(
+            "{0} must be 0 (distort on the fly) or positive, got " + str(d.copies),
+            "distortions.copies",
+        )
+    if d.copies and not d.active:
+        raise ConfigError(
+            "{0} needs a distortion: {1}, {2}, {3} or {4}",
+            "distortions.copies",
+            "distortions.flip_left_right",
+            "distortions.random_crop",
+            "distortions.random_scale",
+            "distortions.random_brightness",
         )
 
 

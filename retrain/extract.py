@@ -11,9 +11,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -229,19 +230,26 @@ def extract_missing(
     batch_size: int = 32,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     todo: Sequence[int] | None = None,
+    batches: Callable[[list, dict[int, str]], tf.data.Dataset] | None = None,
 ) -> ExtractionStats:
     """Compute the vectors `result` lacks (only those of images `todo`, if given) and store
     them in `cache`.
 
-    Afterwards every image computed has a location or is in `result.skipped`. The shard
-    writer flushes on the way out, also on Ctrl-C, so finished work is kept.
+    `batches(todo_paths, errors)` makes the (positions, images, ok) dataset of the images to
+    compute (default: `decoded_batches`; distorted copies bring their own). Afterwards every
+    image computed has a location or is in `result.skipped`. The shard writer flushes on the
+    way out, also on Ctrl-C, so finished work is kept.
     """
     todo = result.missing() if todo is None else list(todo)
     stats = ExtractionStats()
     if not todo:
         return stats
     errors: dict[int, str] = {}
-    dataset = decoded_batches([paths[i] for i in todo], input_size, batch_size, errors, max_pixels)
+    if batches is None:
+        batches = partial(
+            decoded_batches, input_size=input_size, batch_size=batch_size, max_pixels=max_pixels
+        )
+    dataset = batches([paths[i] for i in todo], errors=errors)
     start = time.perf_counter()
     progress = _progress_bar(len(todo))
     with progress, cache.writer() as writer:

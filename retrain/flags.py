@@ -132,6 +132,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "multiply the training image input pixels up or down by.",
         flag_values=f,
     )
+    flags.DEFINE_integer(
+        "distorted_copies",
+        0,
+        "With a distortion flag: how many distorted copies of each training image to compute "
+        "once and cache with the bottlenecks (training then runs at cached speed); 0 distorts "
+        "afresh at every step, as retrain.py did.",
+        flag_values=f,
+    )
     flags.DEFINE_string(
         "tfhub_module",
         DEFAULT_MODULE,
@@ -258,10 +266,11 @@ FLAG_FIELDS = {
     "random_seed": "training.random_seed",
     "checkpoint_path": "training.checkpoint_path",
     "resume": "training.resume",
-    "flip_left_right": "training.flip_left_right",
-    "random_crop": "training.random_crop",
-    "random_scale": "training.random_scale",
-    "random_brightness": "training.random_brightness",
+    "flip_left_right": "distortions.flip_left_right",
+    "random_crop": "distortions.random_crop",
+    "random_scale": "distortions.random_scale",
+    "random_brightness": "distortions.random_brightness",
+    "distorted_copies": "distortions.copies",
     "test_batch_size": "evaluation.test_batch_size",
     "print_misclassified_test_images": "evaluation.print_misclassified_test_images",
     "fine_tune_steps": "fine_tuning.steps",

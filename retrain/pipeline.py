@@ -20,22 +20,27 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrain import distribute, export, finetune, module_cache, scan
+from retrain import distort, distribute, export, finetune, module_cache, scan
 from retrain import evaluate as evaluation
 from retrain.atomic import atomic_write_text
-from retrain.bottlenecks import Bottlenecks, LazyModule, compute_bottlenecks, load_module
+from retrain.bottlenecks import (
+    Bottlenecks,
+    LazyModule,
+    compute_bottlenecks,
+    load_module,
+    make_extractor,
+)
 from retrain.config import RetrainConfig
 from retrain.features import Split
 from retrain.heads import Head, SoftmaxHead
 from retrain.interrupt import check as check_interrupt
 from retrain.models.loading import ImageModule
 from retrain.results import RunResult, Timings
-from retrain.train import Summaries, TrainResult, train_head
+from retrain.train import Summaries, TrainingSource, TrainResult, train_head
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from retrain.features import FeatureSplit
 
 log = logging.getLogger("retrain")
 
@@ -76,6 +81,7 @@ def run(config: RetrainConfig) -> RunResult:
             config.data.max_image_pixels,
             mirrored=config.distribution.strategy == "mirrored",
             cluster=cluster,
+            distortions=config.distortions,
         )
         bottlenecks.check_trainable(image_set.labels)
         check_interrupt()
@@ -111,6 +117,7 @@ def run(config: RetrainConfig) -> RunResult:
         outputs=outputs,
         fine_tune=tuned,
         cluster=_cluster_metrics(bottlenecks) if cluster is not None else None,
+        distortions=_distortion_metrics(config, bottlenecks),
     )
     if config.outputs.metrics_json and chief:
         metrics = result.metrics()
@@ -165,22 +172,55 @@ def _bottleneck_folder(bottleneck_dir: str | None) -> Iterator[str]:
         yield folder
 
 
-def _training_inputs(b: Bottlenecks, seed: int) -> tuple[Split | FeatureSplit, Split]:
-    """The training split (in memory if it fits, else streamed) and the validation split."""
-    train = b.split("training")
-    if train.fits_in_memory():
-        train = train.load()
-    else:
-        log.info(
-            "Streaming %d training bottlenecks from the cache (%.1f GB)",
-            len(train),
-            train.nbytes / 1e9,
-        )
+def _training_inputs(
+    config: RetrainConfig, b: Bottlenecks, module: ImageModule, module_object: LazyModule
+) -> tuple[TrainingSource, Split]:
+    """The training split (in memory if it fits, else streamed from the cache, or distorted
+    afresh at every step) and the validation split."""
+    train = _training_source(config, b, module, module_object)
     validation = b.split("validation")
     if not validation.fits_in_memory():
-        validation = validation.subset(STREAMED_VALIDATION_ROWS, seed)
+        validation = validation.subset(STREAMED_VALIDATION_ROWS, config.training.random_seed)
         log.info("Validating on a random %d of the validation images", len(validation))
     return train, validation.load()
+
+
+def _training_source(
+    config: RetrainConfig, b: Bottlenecks, module: ImageModule, module_object: LazyModule
+) -> TrainingSource:
+    distortions = config.distortions
+    if distortions.active and not distortions.copies:
+        paths = b.paths_of("training")
+        log.info(
+            "Distorting the training images afresh at every step (%s); --distorted_copies "
+            "would cache copies instead",
+            distort.distortion_id(distortions),
+        )
+        return distort.DistortedStream(
+            paths,
+            b.labels[b.in_split("training")],
+            distortions,
+            make_extractor(
+                module,
+                module_object,
+                config.module,
+                config.data.max_image_pixels,
+                config.distribution.strategy == "mirrored",
+                list(paths[:32]),
+            ),
+            module.input_size,
+            module.feature_dim,
+            config.data.max_image_pixels,
+        )
+    train = b.training()
+    if train.fits_in_memory():
+        return train.load()
+    log.info(
+        "Streaming %d training bottlenecks from the cache (%.1f GB)",
+        len(train),
+        train.nbytes / 1e9,
+    )
+    return train
 
 
 def _cluster_strategy(config: RetrainConfig) -> tf.distribute.Strategy | None:
@@ -195,6 +235,16 @@ def _cluster_strategy(config: RetrainConfig) -> tf.distribute.Strategy | None:
             "metrics, summaries, checkpoints, split manifest) to the chief"
         )
     return strategy
+
+
+def _distortion_metrics(config: RetrainConfig, b: Bottlenecks) -> dict | None:
+    """How training images were distorted: cached copies, or on the fly (None: not at all)."""
+    if b.copies is not None:
+        return b.copies.metrics()
+    if not config.distortions.active:
+        return None
+    steps, batch = config.training.how_many_training_steps, config.training.train_batch_size
+    return {"mode": "on the fly", "vectors": steps * batch, "computed": steps * batch}
 
 
 def _cluster_metrics(b: Bottlenecks) -> dict:
@@ -222,7 +272,7 @@ def _train(
     if chief and config.export.intermediate_store_frequency > 0:
         on_step = _intermediate_graph_writer(config, head, module, module_object)
     try:
-        train, validation = _training_inputs(b, settings.random_seed)
+        train, validation = _training_inputs(config, b, module, module_object)
         result = train_head(
             train,
             validation,

@@ -42,6 +42,7 @@ class RunResult:
     outputs: dict[str, str] = field(default_factory=dict)  # config setting -> path written
     fine_tune: FineTuneResult | None = None
     cluster: dict[str, Any] | None = None  # a multi-worker run: this worker and the cluster
+    distortions: dict[str, Any] | None = None  # how training images were distorted, if at all
 
     @property
     def test(self) -> Evaluation | None:
@@ -85,6 +86,8 @@ class RunResult:
             metrics["fine_tune"] = self.fine_tune.metrics()
         if self.cluster is not None:
             metrics["cluster"] = dict(self.cluster)
+        if self.distortions is not None:
+            metrics["distortions"] = dict(self.distortions)
         return metrics
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import tensorflow as tf
@@ -24,7 +25,13 @@ from retrain.features import FeatureSplit, Split
 from retrain.heads import DenseLayer, Head, metrics
 from retrain.interrupt import check as check_interrupt
 
+if TYPE_CHECKING:
+    from retrain.distort import DistortedStream
+
 log = logging.getLogger(__name__)
+
+# What training draws its batches from: vectors in memory, in the cache, or made on the fly.
+TrainingSource = Union[Split, FeatureSplit, "DistortedStream"]
 
 # Steps per graph call: long enough to amortise the call, short enough for live logs.
 MAX_STEPS_PER_CALL = 500
@@ -45,7 +52,7 @@ class TrainResult:
 class HeadTrainer(tf.Module):
     """Holds the layer, the random stream and the step counter: everything a checkpoint needs."""
 
-    def __init__(self, train: Split | FeatureSplit, head: Head, config: HeadTrainingConfig):
+    def __init__(self, train: TrainingSource, head: Head, config: HeadTrainingConfig):
         super().__init__()
         self.config = config
         self.spec = head  # what the outputs mean: labels, loss, gradient (retrain.heads)
@@ -56,11 +63,12 @@ class HeadTrainer(tf.Module):
         # The last evaluation round's metrics, so a run resumed at the end can still report them.
         self.last_metrics = tf.Variable(tf.fill([4], np.nan), name="last_metrics")
         self._n = len(train)
-        self._streamed = isinstance(train, FeatureSplit)
+        self._streamed = not isinstance(train, Split)
         if self._streamed:
-            # Batches come from the cache through tf.data; the holder keeps the iterator out of
-            # checkpoints (a generator's position cannot be saved).
-            self._source = SimpleNamespace(batches=iter(_batch_dataset(train, head, config)))
+            # Batches come through tf.data (from the cache, or computed on the fly); the holder
+            # keeps the iterator out of checkpoints (a generator's position cannot be saved).
+            batches = _streamed_batches(train, head, config)
+            self._source = SimpleNamespace(batches=iter(batches))
         else:
             self._x = tf.constant(train.x)
             self._y = tf.constant(head.label_array(train.y))
@@ -146,7 +154,7 @@ class Summaries:
 
 
 def train_head(
-    train: Split | FeatureSplit,
+    train: TrainingSource,
     validation: Split | None,
     head: Head,
     config: HeadTrainingConfig,
@@ -228,14 +236,22 @@ def train_head(
     )
 
 
-def _batch_dataset(train: FeatureSplit, head: Head, config: HeadTrainingConfig) -> tf.data.Dataset:
-    """Random training batches read from the cache, prefetched while the step runs."""
-    size, dim = config.train_batch_size, train.cache.feature_dim
+def _streamed_batches(
+    train: FeatureSplit | DistortedStream, head: Head, config: HeadTrainingConfig
+) -> tf.data.Dataset:
+    """Random training batches that do not come from memory, prefetched while a step runs:
+    read from the cache, or made afresh by a stream of distorted images."""
+    size = config.train_batch_size
+    if not isinstance(train, FeatureSplit):
+        return train.dataset(size, config.random_seed, head)
     return tf.data.Dataset.from_generator(
         lambda: (
             (x, head.label_array(y)) for x, y in train.random_batches(size, config.random_seed)
         ),
-        output_signature=(tf.TensorSpec([size, dim], tf.float32), head.label_spec(size)),
+        output_signature=(
+            tf.TensorSpec([size, train.feature_dim], tf.float32),
+            head.label_spec(size),
+        ),
     ).prefetch(8)
 
 

@@ -43,7 +43,11 @@ def run_cli(capsys, *args):
         (["--how_many_training_steps=lots"], "how_many_training_steps"),
         (["--no_such_flag=1"], "no_such_flag"),
         (["--resume"], "--resume"),
-        (["--random_crop=10"], "--random_crop"),
+        (["--random_crop=101"], "--random_crop"),
+        (["--random_scale=-5"], "--random_scale"),
+        (["--random_brightness=-1"], "--random_brightness"),
+        (["--distorted_copies=3"], "--distorted_copies"),
+        (["--flip_left_right", "--distorted_copies=-1"], "--distorted_copies"),
         (
             ["--distribution_strategy=mirrored", "--extraction_backend=tflite"],
             "--extraction_backend",

@@ -1,0 +1,169 @@
+"""Distorted training images (retrain.py's four flags), made on whole batches.
+
+retrain.py resized each photo to `scale` times the module's input size, with
+scale = (1 + random_crop/100) * uniform(1, 1 + random_scale/100), cut out a random crop of the
+input size, flipped it left-right half of the time, and multiplied its pixels by
+uniform(1 - random_brightness/100, 1 + random_brightness/100). Here the same geometry is a box
+of 1/scale of the photo's height and width at a random place, cut and resized by one
+`tf.image.crop_and_resize` for the whole batch; the photo is first decoded at the largest scale's
+size, so no detail is lost. Pixels stay in [0, 1] (retrain.py let brightness push them above).
+
+Each image's randomness is five numbers (`distortion_params`) drawn from its own seed, so the
+distorted copy `c` of a photo is the same whatever batch it lands in: what the bottleneck cache
+(and Beam's workers) need to compute each copy once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from retrain.backends import Extractor
+from retrain.config import DistortionConfig
+from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
+from retrain.extract import decoded_batches
+from retrain.heads import Head
+
+# Part of every distorted copy's cache key: bump when the recipe below changes.
+DISTORTION_VERSION = 1
+# Columns of `distortion_params`: uniform [0, 1) numbers for the scale, the box's top and
+# left, the flip and the brightness.
+PARAMS = 5
+
+
+def distortion_id(settings: DistortionConfig) -> str:
+    """The recipe of `settings`' distortions, for cache keys: equal ids, equal copies."""
+    return (
+        f"distort-v{DISTORTION_VERSION}/flip={int(settings.flip_left_right)}"
+        f"/crop={settings.random_crop}/scale={settings.random_scale}"
+        f"/brightness={settings.random_brightness}"
+    )
+
+
+def source_size(settings: DistortionConfig, input_size: tuple[int, int]) -> tuple[int, int]:
+    """The size photos are decoded at: the module's input at the largest scale."""
+    largest = (1 + settings.random_crop / 100) * (1 + settings.random_scale / 100)
+    return tuple(int(math.ceil(side * largest)) for side in input_size)
+
+
+def copy_seed(key: bytes, copy: int) -> int:
+    """A 64-bit seed for copy `copy` of the image whose content key is `key`."""
+    digest = hashlib.blake2b(key + copy.to_bytes(4, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def distortion_params(seeds: Sequence[int]) -> np.ndarray:
+    """float32 [len(seeds), PARAMS] uniform numbers, one row per seed."""
+    rows = [np.random.default_rng(seed).random(PARAMS) for seed in seeds]
+    return np.asarray(rows, np.float32).reshape(-1, PARAMS)
+
+
+def distort_batch(
+    images: tf.Tensor,
+    params: tf.Tensor,
+    settings: DistortionConfig,
+    input_size: tuple[int, int],
+) -> tf.Tensor:
+    """Distort float32 images [b, H, W, 3] in [0, 1] (decoded at `source_size`) with `params`
+    [b, PARAMS] into module input [b, height, width, 3] in [0, 1]."""
+    scale_u, top_u, left_u, flip_u, bright_u = tf.unstack(params, axis=1)
+    margin = 1.0 + settings.random_crop / 100.0
+    scale = margin * (1.0 + scale_u * settings.random_scale / 100.0)
+    side = 1.0 / scale  # of the photo's height and width
+    top, left = top_u * (1.0 - side), left_u * (1.0 - side)
+    boxes = tf.stack([top, left, top + side, left + side], axis=1)
+    count = tf.shape(images)[0]
+    out = tf.image.crop_and_resize(images, boxes, tf.range(count), input_size)
+    if settings.flip_left_right:
+        flip = tf.reshape(flip_u < 0.5, [-1, 1, 1, 1])
+        out = tf.where(flip, tf.reverse(out, axis=[2]), out)
+    if settings.random_brightness:
+        spread = settings.random_brightness / 100.0
+        factor = 1.0 - spread + 2.0 * spread * bright_u
+        out = tf.clip_by_value(out * tf.reshape(factor, [-1, 1, 1, 1]), 0.0, 1.0)
+    return out
+
+
+def distorted_batches(
+    paths: Sequence[str | Path],
+    params: np.ndarray,
+    settings: DistortionConfig,
+    input_size: tuple[int, int],
+    batch_size: int,
+    errors: dict[int, str],
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> tf.data.Dataset:
+    """Like `extract.decoded_batches` (positions, images, ok), with image `i` distorted by
+    `params[i]`."""
+    table = tf.constant(params, tf.float32)
+
+    def distort(positions: tf.Tensor, images: tf.Tensor, ok: tf.Tensor):
+        return (
+            positions,
+            distort_batch(images, tf.gather(table, positions), settings, input_size),
+            ok,
+        )
+
+    source = source_size(settings, input_size)
+    return decoded_batches(paths, source, batch_size, errors, max_pixels).map(distort).prefetch(2)
+
+
+@dataclass
+class DistortedStream:
+    """A training split whose features are computed afresh at every step, from images
+    distorted anew (retrain.py's way of distorting): random batches drawn with replacement,
+    decoded in parallel, distorted as a batch, and run through the module by `extractor`."""
+
+    paths: Sequence[str | Path]
+    y: np.ndarray
+    settings: DistortionConfig
+    extractor: Extractor
+    input_size: tuple[int, int]
+    feature_dim: int
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    chunk_batches: int = 50  # batches drawn per decoding pipeline
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def dataset(self, batch_size: int, seed: int, head: Head) -> tf.data.Dataset:
+        """An endless dataset of (features [batch, dim], labels in `head`'s form)."""
+        spec = (
+            tf.TensorSpec([batch_size, self.feature_dim], tf.float32),
+            head.label_spec(batch_size),
+        )
+        return tf.data.Dataset.from_generator(
+            lambda: self._batches(batch_size, seed, head), output_signature=spec
+        ).prefetch(2)
+
+    def _batches(self, batch_size: int, seed: int, head: Head) -> Iterator[tuple]:
+        rng = np.random.default_rng(seed)
+        labels = head.label_array(self.y)
+        while True:
+            picks = rng.integers(0, len(self), batch_size * self.chunk_batches)
+            params = rng.random((len(picks), PARAMS), dtype=np.float32)
+            errors: dict[int, str] = {}
+            batches = distorted_batches(
+                [self.paths[i] for i in picks],
+                params,
+                self.settings,
+                self.input_size,
+                batch_size,
+                errors,
+                self.max_pixels,
+            )
+            for positions, images, ok in batches:
+                rows = picks[positions.numpy()]
+                ok = ok.numpy()
+                if not ok.any():
+                    continue
+                # A photo that no longer decodes is replaced by one that did.
+                keep = np.where(ok, np.arange(len(ok)), np.flatnonzero(ok)[0])
+                features = self.extractor(tf.gather(images, keep))
+                yield features, labels[rows[keep]]
