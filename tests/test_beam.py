@@ -14,7 +14,9 @@ import pytest
 pytest.importorskip("apache_beam")
 
 from retrain import beam_extract, cli  # noqa: E402
-from tests.conftest import EXAMPLE_DIR  # noqa: E402
+from retrain.config import leaf_fields  # noqa: E402
+from retrain.flags import FLAG_FIELDS  # noqa: E402
+from tests.conftest import EXAMPLE_DIR, retrain_args  # noqa: E402
 
 CLASSES = ("daisy", "roses")
 PER_CLASS = 4
@@ -184,7 +186,12 @@ def test_found_by_content_when_paths_differ(extracted, tmp_path):
         (["--direct_running_mode=bogus"], "invalid choice: 'bogus'"),
         (["--runner=NoSuchRunner"], "Unexpected pipeline runner: NoSuchRunner"),
         (["--extraction_backend=gpu"], "invalid choice: 'gpu'"),
-        (["--bottleneck_dir=gs://bucket/cache"], "is a URL"),
+        (["--bottleneck_dir=gs://bucket/cache"], "--bottleneck_dir: gs://bucket/cache is a URL"),
+        (["--module_cache_dir=s3://bucket/models"], "--module_cache_dir: s3://bucket/models is"),
+        (["--shard_rows=0"], "--shard_rows must be positive, got 0"),
+        (["--num_threads=-1"], "--num_threads must be 0 (all CPUs) or positive, got -1"),
+        (["--summary_json=/proc/version/s.json"], "--summary_json: cannot write there"),
+        (["--tfhub_module=no_such_model"], "--tfhub_module: unknown module 'no_such_model'"),
         (["stray"], "unexpected argument 'stray'"),
     ],
 )
@@ -200,6 +207,58 @@ def test_bad_flags(tmp_path, capsys, extra, message):
 def test_missing_image_dir(capsys):
     assert beam_extract.main([beam_extract.PROG]) == 2
     assert "--image_dir is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "--image_dir=",
+        "--image_dir=/no/such/folder",
+        "--extraction_batch_size=0",
+        "--max_image_pixels=-1",
+        "--tfhub_module=",
+        "--tfhub_module=no_such_model",
+        "--tfhub_module=./no/such/dir",
+        "--bottleneck_dir=/proc/version",
+        "--module_cache_dir=/proc/version",
+    ],
+)
+def test_a_bad_common_flag_gives_retrains_line(tmp_path, capsys, bad):
+    """The flags shared with `retrain` are checked by the same code: the same line, exit 2."""
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    image_dir = tmp_path / "photos"
+    assert cli.main(retrain_args(image_dir, tmp_path / "retrain", bad)) == 2
+    retrains = capsys.readouterr().err.strip().removeprefix("retrain: error: ")
+    assert beam_extract.main(beam_args(image_dir, tmp_path / "beam", bad)) == 2
+    beams = capsys.readouterr().err.strip().removeprefix(f"{beam_extract.PROG}: error: ")
+    assert beams == retrains
+    assert len(beams.splitlines()) == 1 and beams.startswith(bad.split("=")[0])
+
+
+def test_an_unusable_image_dir_is_named_by_its_flag(tmp_path, capsys):
+    """Errors raised while running name the flag too, as `retrain` does."""
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    assert beam_extract.main(beam_args(tmp_path / "photos", tmp_path)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    photos = tmp_path / "photos"
+    assert last.startswith(f"{beam_extract.PROG}: error: --image_dir: no images found in {photos}")
+
+
+def test_common_flags_fill_the_settings_retrain_maps_them_to(tmp_path):
+    values = {
+        "image_dir": str(tmp_path),
+        "bottleneck_dir": str(tmp_path / "b"),
+        "tfhub_module": "some_module",
+        "module_cache_dir": str(tmp_path / "m"),
+        "extraction_backend": "tflite",
+        "extraction_batch_size": 7,
+        "max_image_pixels": 1234,
+    }
+    argv = [f"--{name}={value}" for name, value in values.items()]
+    args, _ = beam_extract.argument_parser().parse_known_args(argv)
+    config, _ = beam_extract.settings_from_args(args)
+    settings = dict(leaf_fields(config))
+    assert {name: settings[FLAG_FIELDS[name]] for name in values} == values
 
 
 @pytest.mark.slow
