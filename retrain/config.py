@@ -32,6 +32,8 @@ from retrain.errors import ConfigError
 from retrain.handles import looks_like_url
 
 DEFAULT_MODULE = "efficientnet_lite0"
+OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop")
+SCHEDULES = ("constant", "cosine", "plateau")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,13 @@ class HeadTrainingConfig:
     checkpoint_path: str | None = None  # a folder for checkpoints; None: none
     resume: bool = False  # continue from the last checkpoint in checkpoint_path
     checkpoint_every: int = 500
+    optimizer: str = "sgd"  # one of OPTIMIZERS; retrain.py's plain gradient descent
+    lr_schedule: str = "constant"  # one of SCHEDULES
+    plateau_factor: float = 0.1  # "plateau": the rate is multiplied by this ...
+    plateau_patience: int = 10  # ... after this many evaluations without improvement
+    label_smoothing: float = 0.0
+    dropout_rate: float = 0.0  # of the bottleneck's values, while training
+    weight_decay: float = 0.0  # decoupled: each step, weights -= rate * decay * weights
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,7 @@ class FineTuningConfig:
     steps: int = 0
     learning_rate: float = 1e-3
     batch_size: int = 32  # the global batch, split over the replicas
+    lr_schedule: str = "constant"  # one of SCHEDULES ("plateau" watches the training loss)
 
 
 @dataclass(frozen=True)
@@ -233,6 +243,28 @@ def _check_counts(c: RetrainConfig) -> None:
             raise ConfigError("{0} must be positive, got " + str(value), name)
 
 
+def _check_training_options(c: RetrainConfig) -> None:
+    t = c.training
+    for name, value in (
+        ("label_smoothing", t.label_smoothing),
+        ("dropout_rate", t.dropout_rate),
+    ):
+        if not 0 <= value < 1:
+            raise ConfigError("{0} must be in [0, 1), got " + str(value), f"training.{name}")
+    if not t.weight_decay >= 0 or math.isinf(t.weight_decay):
+        raise ConfigError(
+            "{0} must be 0 or positive, got " + str(t.weight_decay), "training.weight_decay"
+        )
+    if not 0 < t.plateau_factor < 1:
+        raise ConfigError(
+            "{0} must be between 0 and 1, got " + str(t.plateau_factor), "training.plateau_factor"
+        )
+    if t.plateau_patience < 1:
+        raise ConfigError(
+            "{0} must be positive, got " + str(t.plateau_patience), "training.plateau_patience"
+        )
+
+
 def _check_split(c: RetrainConfig) -> None:
     for name in ("testing_percentage", "validation_percentage"):
         value = getattr(c.data, name)
@@ -286,6 +318,9 @@ def _check_choices(c: RetrainConfig) -> None:
     for name, value, choices in (
         ("module.extraction_backend", c.module.extraction_backend, EXTRACTION_BACKENDS),
         ("distribution.strategy", c.distribution.strategy, STRATEGIES),
+        ("training.optimizer", c.training.optimizer, OPTIMIZERS),
+        ("training.lr_schedule", c.training.lr_schedule, SCHEDULES),
+        ("fine_tuning.lr_schedule", c.fine_tuning.lr_schedule, SCHEDULES),
     ):
         if value not in choices:
             raise ConfigError(
@@ -365,6 +400,7 @@ def _check_output_paths(c: RetrainConfig) -> None:
 _CHECKS = (
     _check_image_dir,
     _check_counts,
+    _check_training_options,
     _check_split,
     _check_distortions,
     _check_choices,

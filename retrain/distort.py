@@ -77,9 +77,11 @@ def distort_batch(
     scale = margin * (1.0 + scale_u * settings.random_scale / 100.0)
     side = 1.0 / scale  # of the photo's height and width
     top, left = top_u * (1.0 - side), left_u * (1.0 - side)
-    boxes = tf.stack([top, left, top + side, left + side], axis=1)
-    count = tf.shape(images)[0]
-    out = tf.image.crop_and_resize(images, boxes, tf.range(count), input_size)
+    shape = tf.shape(images)
+    ys = _sample_span(top, side, shape[1], input_size[0])
+    xs = _sample_span(left, side, shape[2], input_size[1])
+    boxes = tf.stack([ys[0], xs[0], ys[1], xs[1]], axis=1)
+    out = tf.image.crop_and_resize(images, boxes, tf.range(shape[0]), input_size)
     if settings.flip_left_right:
         flip = tf.reshape(flip_u < 0.5, [-1, 1, 1, 1])
         out = tf.where(flip, tf.reverse(out, axis=[2]), out)
@@ -88,6 +90,20 @@ def distort_batch(
         factor = 1.0 - spread + 2.0 * spread * bright_u
         out = tf.clip_by_value(out * tf.reshape(factor, [-1, 1, 1, 1]), 0.0, 1.0)
     return out
+
+
+def _sample_span(
+    start: tf.Tensor, side: tf.Tensor, pixels: tf.Tensor, samples: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """crop_and_resize's box ends (which place its first and last samples on pixel centres,
+    normalised by pixels - 1) for resizing the span [start, start + side) of an image axis of
+    `pixels` (fractions of its length) to `samples` pixels as a plain resize would: the centre
+    of output pixel j falls at start + (j + 0.5) * side / samples."""
+    n = tf.cast(pixels, tf.float32)
+    step = side * n / samples
+    first = start * n + 0.5 * step - 0.5
+    last = first + (samples - 1) * step
+    return first / (n - 1.0), last / (n - 1.0)
 
 
 def distorted_batches(

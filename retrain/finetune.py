@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
-from retrain import distribute, extract
-from retrain.config import FineTuningConfig
+from retrain import distort, distribute, extract
+from retrain.config import DistortionConfig, FineTuningConfig
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
 from retrain.errors import ConfigError, RetrainError
 from retrain.evaluate import Evaluation
@@ -33,13 +33,16 @@ from retrain.features import random_picks
 from retrain.heads import Head
 from retrain.interrupt import check as check_interrupt
 from retrain.models.loading import ImageModule
+from retrain.optim import Plateau, current_learning_rate, make_optimizer
 
 if TYPE_CHECKING:
     from retrain.bottlenecks import Bottlenecks
 
 log = logging.getLogger(__name__)
 
-MOMENTUM = 0.9
+# --fine_tune_lr_schedule=plateau: Keras' ReduceLROnPlateau defaults, counted in log intervals.
+PLATEAU_FACTOR = 0.1
+PLATEAU_PATIENCE = 10
 # TensorBoard run (under --summaries_dir) of the fine-tuning scalars.
 SUMMARIES_RUN = "fine_tune"
 
@@ -78,6 +81,7 @@ class FineTuneResult:
             "steps": self.settings.steps,
             "learning_rate": self.settings.learning_rate,
             "batch_size": self.settings.batch_size,
+            "lr_schedule": self.settings.lr_schedule,
             "replicas": self.replicas,
             "seconds": round(self.seconds, 3),
             "steps_per_second": round(self.steps_per_second, 4),
@@ -148,17 +152,26 @@ def training_dataset(
     seed: int,
     max_pixels: int,
     errors: dict[int, str],
+    distortions: DistortionConfig | None = None,
 ) -> tf.data.Dataset:
-    """`settings.steps` global batches of (pixels, labels, ok), shuffled with `seed`.
+    """`settings.steps` global batches of (pixels, labels, ok), shuffled with `seed`, each
+    image distorted afresh (`distort`) if `distortions` are active.
 
     Decoding is `extract.decoded_batches`'s; an image that no longer decodes has ok=False and
     weighs nothing in the loss. Shardable by data, for MultiWorkerMirroredStrategy.
     """
     order = training_order(len(images), settings.steps, settings.batch_size, seed)
     labels = tf.constant(head.label_array(np.asarray(images.labels)[order]))
-    batches = extract.decoded_batches(
-        [images.paths[i] for i in order], input_size, settings.batch_size, errors, max_pixels
-    )
+    paths = [images.paths[i] for i in order]
+    if distortions is not None and distortions.active:
+        params = np.random.default_rng([seed, 1]).random((len(order), distort.PARAMS), np.float32)
+        batches = distort.distorted_batches(
+            paths, params, distortions, input_size, settings.batch_size, errors, max_pixels
+        )
+    else:
+        batches = extract.decoded_batches(
+            paths, input_size, settings.batch_size, errors, max_pixels
+        )
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return batches.map(
@@ -241,10 +254,11 @@ def fine_tune(
     seed: int = 0,
     log_every: int = 10,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    distortions: DistortionConfig | None = None,
 ) -> FineTuneResult:
     """Fine-tune `module` and the trained `layer` (weights, biases) of `head` on `train`'s
-    images for `settings.steps` steps of `settings.batch_size`, logging every `log_every`
-    steps.
+    images (distorted afresh if `distortions` are active) for `settings.steps` steps of
+    `settings.batch_size`, logging every `log_every` steps.
 
     The module is loaded afresh under `strategy`'s scope. `test` is evaluated before and after.
     Every worker of a multi-worker strategy must call this with the same arguments; only the
@@ -264,8 +278,13 @@ def fine_tune(
     module_object = distribute.load_module(module, strategy)
     with active.scope():
         model = FineTuneModel(module_object, *layer)
-        optimizer = _optimizer(settings.learning_rate)
+        optimizer = make_optimizer(
+            "momentum", settings.learning_rate, settings.lr_schedule, settings.steps
+        )
         optimizer.build(model.trainable)
+    plateau = None
+    if settings.lr_schedule == "plateau":
+        plateau = Plateau(optimizer, PLATEAU_FACTOR, PLATEAU_PATIENCE)
     log.info(
         "Fine-tuning the whole network: %d steps of %d images, learning rate %g, %d replica(s)",
         settings.steps,
@@ -286,12 +305,16 @@ def fine_tune(
     before = _log_test("before", evaluate())
     errors: dict[int, str] = {}
     dataset = active.experimental_distribute_dataset(
-        training_dataset(train, module.input_size, head, settings, seed, max_pixels, errors)
+        training_dataset(
+            train, module.input_size, head, settings, seed, max_pixels, errors, distortions
+        )
     )
     writer = _summary_writer(active, summaries_dir)
     try:
         step = make_train_step(active, model, head, optimizer, settings.batch_size)
-        history, seconds, rate = _train(step, iter(dataset), settings.steps, log_every, writer)
+        history, seconds, rate = _train(
+            step, iter(dataset), settings.steps, log_every, writer, optimizer, plateau
+        )
     finally:
         if writer is not None:
             writer.close()
@@ -311,12 +334,6 @@ def fine_tune(
         before=before,
         after=after,
     )
-
-
-def _optimizer(learning_rate: float) -> Any:
-    import tf_keras  # Keras 2's optimizers take plain and distributed tf.Variables; imported late
-
-    return tf_keras.optimizers.SGD(learning_rate, momentum=MOMENTUM)
 
 
 def _summary_writer(strategy: tf.distribute.Strategy, summaries_dir: str | Path | None) -> Any:
@@ -359,13 +376,21 @@ def _evaluate(
 
 
 def _train(
-    train_step: Any, iterator: Any, steps: int, log_every: int, writer: Any
+    train_step: Any,
+    iterator: Any,
+    steps: int,
+    log_every: int,
+    writer: Any,
+    optimizer: Any,
+    plateau: Plateau | None,
 ) -> tuple[list[dict], float, float]:
     """Run the steps, logging and writing scalars; returns (history, seconds, steps/s).
+    `plateau`, if given, watches the mean training loss of each `log_every` steps.
 
     Steps/s leaves out the first step, which traces and compiles the step function.
     """
     history = []
+    interval_losses = []
     start = time.perf_counter()
     warm = start
     for step in range(1, steps + 1):
@@ -378,11 +403,16 @@ def _train(
             "loss": float(loss_sum / max(count, 1)),
             "accuracy": float(correct / max(count, 1)),
         }
+        interval_losses.append(record["loss"])
         if writer is not None:
             with writer.as_default(step=step):
                 tf.summary.scalar("cross_entropy", record["loss"])
                 tf.summary.scalar("accuracy", record["accuracy"])
+                tf.summary.scalar("learning_rate", current_learning_rate(optimizer))
         if step % log_every == 0 or step == steps:
+            if plateau is not None:
+                plateau.update(sum(interval_losses) / len(interval_losses))
+            interval_losses.clear()
             history.append(record)
             log.info(
                 "Fine-tune step %d: loss = %f, train accuracy = %.1f%%",

@@ -12,7 +12,7 @@ from typing import Any
 
 from absl import flags
 
-from retrain.config import DEFAULT_MODULE, RetrainConfig
+from retrain.config import DEFAULT_MODULE, OPTIMIZERS, SCHEDULES, RetrainConfig
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
 from retrain.distribute import STRATEGIES
 from retrain.errors import ConfigError, UsageError
@@ -132,6 +132,49 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "multiply the training image input pixels up or down by.",
         flag_values=f,
     )
+    flags.DEFINE_enum(
+        "optimizer",
+        "sgd",
+        list(OPTIMIZERS),
+        "Optimizer of the new layer: sgd (retrain.py's), momentum (0.9), adam or rmsprop.",
+        flag_values=f,
+    )
+    flags.DEFINE_enum(
+        "lr_schedule",
+        "constant",
+        list(SCHEDULES),
+        "Learning rate over the run: constant; cosine (decays to 0 at the last step); or "
+        "plateau (multiplied by --lr_plateau_factor after --lr_plateau_patience evaluations "
+        "without a lower validation cross-entropy, as Keras' ReduceLROnPlateau).",
+        flag_values=f,
+    )
+    flags.DEFINE_float(
+        "lr_plateau_factor", 0.1, "With --lr_schedule=plateau: the factor.", flag_values=f
+    )
+    flags.DEFINE_integer(
+        "lr_plateau_patience",
+        10,
+        "With --lr_schedule=plateau: evaluations without improvement before lowering.",
+        flag_values=f,
+    )
+    flags.DEFINE_float(
+        "label_smoothing",
+        0.0,
+        "Train towards (1 - s) * one-hot + s / classes instead of one-hot.",
+        flag_values=f,
+    )
+    flags.DEFINE_float(
+        "dropout_rate",
+        0.0,
+        "Fraction of the bottleneck's values dropped at random in each training step.",
+        flag_values=f,
+    )
+    flags.DEFINE_float(
+        "weight_decay",
+        0.0,
+        "Decoupled weight decay of the new layer's weights (each step, w -= rate * decay * w).",
+        flag_values=f,
+    )
     flags.DEFINE_integer(
         "distorted_copies",
         0,
@@ -239,6 +282,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "them, and the features the new layer was trained on are lost.",
         flag_values=f,
     )
+    flags.DEFINE_enum(
+        "fine_tune_lr_schedule",
+        "constant",
+        list(SCHEDULES),
+        "Learning rate over fine-tuning: constant, cosine, or plateau (watching the training "
+        "loss of each --eval_step_interval steps).",
+        flag_values=f,
+    )
     flags.DEFINE_integer(
         "fine_tune_batch_size",
         32,
@@ -265,6 +316,13 @@ FLAG_FIELDS = {
     "validation_batch_size": "training.validation_batch_size",
     "random_seed": "training.random_seed",
     "checkpoint_path": "training.checkpoint_path",
+    "optimizer": "training.optimizer",
+    "lr_schedule": "training.lr_schedule",
+    "lr_plateau_factor": "training.plateau_factor",
+    "lr_plateau_patience": "training.plateau_patience",
+    "label_smoothing": "training.label_smoothing",
+    "dropout_rate": "training.dropout_rate",
+    "weight_decay": "training.weight_decay",
     "resume": "training.resume",
     "flip_left_right": "distortions.flip_left_right",
     "random_crop": "distortions.random_crop",
@@ -276,6 +334,7 @@ FLAG_FIELDS = {
     "fine_tune_steps": "fine_tuning.steps",
     "fine_tune_learning_rate": "fine_tuning.learning_rate",
     "fine_tune_batch_size": "fine_tuning.batch_size",
+    "fine_tune_lr_schedule": "fine_tuning.lr_schedule",
     "output_graph": "export.output_graph",
     "output_labels": "export.output_labels",
     "output_tflite": "export.output_tflite",

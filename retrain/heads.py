@@ -38,9 +38,9 @@ class Head(Protocol):
     def probabilities(self, logits: tf.Tensor) -> tf.Tensor:
         """Scores [n, outputs] of logits [n, outputs]."""
 
-    def targets(self, labels: tf.Tensor) -> tf.Tensor:
+    def targets(self, labels: tf.Tensor, smoothing: float = 0.0) -> tf.Tensor:
         """Float [n, outputs] such that the gradient of the mean loss with respect to the logits
-        is (probabilities - targets) / n."""
+        is (probabilities - targets) / n; `smoothing` moves them that far towards uniform."""
 
     def losses(self, logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         """Loss per example [n]."""
@@ -79,8 +79,11 @@ class SoftmaxHead:
     def probabilities(self, logits: tf.Tensor) -> tf.Tensor:
         return tf.nn.softmax(logits)
 
-    def targets(self, labels: tf.Tensor) -> tf.Tensor:
-        return tf.one_hot(labels, self.num_classes)
+    def targets(self, labels: tf.Tensor, smoothing: float = 0.0) -> tf.Tensor:
+        one_hot = tf.one_hot(labels, self.num_classes)
+        if not smoothing:
+            return one_hot
+        return one_hot * (1.0 - smoothing) + smoothing / self.num_classes
 
     def losses(self, logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)

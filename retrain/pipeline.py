@@ -338,6 +338,7 @@ def _fine_tune(
         seed=seed,
         log_every=max(1, config.training.eval_step_interval),
         max_pixels=config.data.max_image_pixels,
+        distortions=config.distortions,
     )
 
 

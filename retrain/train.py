@@ -24,6 +24,7 @@ from retrain.errors import RetrainError, first_line
 from retrain.features import FeatureSplit, Split
 from retrain.heads import DenseLayer, Head, metrics
 from retrain.interrupt import check as check_interrupt
+from retrain.optim import Plateau, current_learning_rate, make_optimizer
 
 if TYPE_CHECKING:
     from retrain.distort import DistortedStream
@@ -62,6 +63,18 @@ class HeadTrainer(tf.Module):
         self.step = tf.Variable(0, dtype=tf.int64, name="global_step")
         # The last evaluation round's metrics, so a run resumed at the end can still report them.
         self.last_metrics = tf.Variable(tf.fill([4], np.nan), name="last_metrics")
+        self.optimizer = make_optimizer(
+            config.optimizer,
+            config.learning_rate,
+            config.lr_schedule,
+            config.how_many_training_steps,
+            config.weight_decay,
+        )
+        self.optimizer.exclude_from_weight_decay(var_list=[self.head.biases])
+        self.optimizer.build([self.head.weights, self.head.biases])
+        self.plateau = None
+        if config.lr_schedule == "plateau":
+            self.plateau = Plateau(self.optimizer, config.plateau_factor, config.plateau_patience)
         self._n = len(train)
         self._streamed = not isinstance(train, Split)
         if self._streamed:
@@ -82,20 +95,26 @@ class HeadTrainer(tf.Module):
         return tf.gather(self._x, picks), tf.gather(self._y, picks)
 
     def _run_steps(self, count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Take `count` gradient steps; return accuracy and mean loss on the last batch.
+        """Take `count` optimizer steps; return accuracy and mean loss on the last batch.
 
-        The gradient of the head's mean loss is written out, x^T (probabilities - targets) / n:
-        a handful of ops per step, so the loop compiles and runs fast.
+        The gradient of the head's mean loss is written out, x^T (probabilities - targets) / n
+        (with dropout on x and smoothed targets when configured): a handful of ops per step,
+        so the loop compiles and runs fast.
         """
-        lr = tf.constant(self.config.learning_rate, tf.float32)
-        size = self.config.train_batch_size
+        config = self.config
+        size = config.train_batch_size
         x = tf.zeros([size, self.head.weights.shape[0]])
         y = tf.zeros(self.spec.label_spec(size).shape, self.spec.label_spec(size).dtype)
         for _ in tf.range(count):
             x, y = self._next_batch()
-            error = self.spec.probabilities(self.head(x)) - self.spec.targets(y)
-            self.head.weights.assign_sub(lr / size * tf.matmul(x, error, transpose_a=True))
-            self.head.biases.assign_sub(lr / size * tf.reduce_sum(error, axis=0))
+            inputs = x
+            if config.dropout_rate:
+                keep = self.rng.uniform(tf.shape(x)) >= config.dropout_rate
+                inputs = tf.where(keep, x / (1.0 - config.dropout_rate), 0.0)
+            targets = self.spec.targets(y, config.label_smoothing)
+            error = (self.spec.probabilities(self.head(inputs)) - targets) / size
+            gradients = [tf.matmul(inputs, error, transpose_a=True), tf.reduce_sum(error, 0)]
+            self.optimizer.apply_gradients(zip(gradients, [self.head.weights, self.head.biases]))
         self.step.assign_add(tf.cast(count, tf.int64))
         return metrics(self.spec, self.head(x), y)
 
@@ -112,11 +131,14 @@ class HeadTrainer(tf.Module):
             val_accuracy, val_entropy = tf.constant(np.nan, tf.float32), tf.constant(np.nan)
             if val_x is not None:
                 val_accuracy, val_entropy = self.evaluate_sample(val_x, val_y, val_size)
+            if self.plateau is not None:
+                self.plateau.update(val_entropy if val_x is not None else train_entropy)
             if summaries is not None:
                 # "/" restarts the name scope, so tags read `accuracy`, not `while/accuracy`.
                 with summaries.train.as_default(step=self.step), tf.name_scope("/"):
                     tf.summary.scalar("accuracy", train_accuracy)
                     tf.summary.scalar("cross_entropy", train_entropy)
+                    tf.summary.scalar("learning_rate", current_learning_rate(self.optimizer))
                     tf.summary.histogram("final_weights", self.head.weights)
                     tf.summary.histogram("final_biases", self.head.biases)
                 if val_x is not None:
