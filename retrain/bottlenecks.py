@@ -7,7 +7,6 @@ returns `Bottlenecks`: where each usable image's vector is, with its label, spli
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retrain import backends, distort, distribute, extract, scan
-from retrain.cache import KEY_BYTES, BottleneckCache, key_array, module_cache_key
+from retrain.cache import BottleneckCache, key_array, module_cache_key
 from retrain.config import DistortionConfig, ModuleConfig
 from retrain.decode import ImageDecodeError, decode_image
 from retrain.errors import ConfigError, RetrainError
@@ -229,11 +228,13 @@ def _distorted_copies(
     `paths`). A copy's cache keys derive from its image's keys, the distortion recipe and its
     number, so copies live beside the originals under keys no original or other recipe has."""
     start = time.perf_counter()
-    recipe = distort.distortion_id(settings).encode()
     sources = np.repeat(train, settings.copies)
     numbers = np.tile(np.arange(settings.copies), len(train))
     file_keys = key_array(
-        [_copy_key(found.file_keys[i].tobytes(), recipe, c) for i, c in zip(sources, numbers)]
+        [
+            distort.copy_key(found.file_keys[i].tobytes(), settings, c)
+            for i, c in zip(sources, numbers)
+        ]
     )
     copies = extract.LookupResult(
         cache.locate(file_keys, by="file"),
@@ -245,7 +246,7 @@ def _distorted_copies(
     for j in unknown:  # not found by file: by content (which hashes the image if need be)
         check_interrupt()
         source = int(sources[j])
-        key = _copy_key(found.content_key(source, paths[source]), recipe, int(numbers[j]))
+        key = distort.copy_key(found.content_key(source, paths[source]), settings, numbers[j])
         copies.content_keys[j] = np.frombuffer(key, dtype=np.uint64)
         copies.hashed[j] = True
     copies.locations[unknown] = cache.locate(copies.content_keys[unknown], by="content")
@@ -258,9 +259,7 @@ def _distorted_copies(
         len(todo),
     )
     source_paths = paths.take(sources)
-    params = distort.distortion_params(
-        [int.from_bytes(copies.content_keys[j].tobytes()[:8], "little") for j in todo]
-    )
+    params = distort.copy_params([copies.content_keys[j].tobytes() for j in todo])
     stats = extract.extract_missing(
         source_paths,
         copies,
@@ -288,12 +287,6 @@ def _distorted_copies(
         reused=len(sources) - len(todo),
         seconds=time.perf_counter() - start,
     )
-
-
-def _copy_key(key: bytes, recipe: bytes, number: int) -> bytes:
-    """The cache key of copy `number` made by `recipe` of the image whose key is `key`."""
-    data = b"distorted copy\0" + key + b"\0" + recipe + b"\0" + int(number).to_bytes(4, "little")
-    return hashlib.blake2b(data, digest_size=KEY_BYTES).digest()
 
 
 @dataclass

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.backends import Extractor
+from retrain.cache import KEY_BYTES
 from retrain.config import DistortionConfig
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
 from retrain.extract import decoded_batches
@@ -52,10 +53,18 @@ def source_size(settings: DistortionConfig, input_size: tuple[int, int]) -> tupl
     return tuple(int(math.ceil(side * largest)) for side in input_size)
 
 
-def copy_seed(key: bytes, copy: int) -> int:
-    """A 64-bit seed for copy `copy` of the image whose content key is `key`."""
-    digest = hashlib.blake2b(key + copy.to_bytes(4, "little"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+def copy_key(key: bytes, settings: DistortionConfig, number: int) -> bytes:
+    """The cache key (content or file) of copy `number` that `settings` make of the image whose
+    key is `key`: no original, other copy or other recipe has it."""
+    recipe = distortion_id(settings).encode()
+    data = b"distorted copy\0" + key + b"\0" + recipe + b"\0" + int(number).to_bytes(4, "little")
+    return hashlib.blake2b(data, digest_size=KEY_BYTES).digest()
+
+
+def copy_params(content_keys: Sequence[bytes]) -> np.ndarray:
+    """The distortion parameters of the copies whose content keys (`copy_key`) are given:
+    drawn from the key, so a copy is the same on every machine and in every run."""
+    return distortion_params([int.from_bytes(key[:8], "little") for key in content_keys])
 
 
 def distortion_params(seeds: Sequence[int]) -> np.ndarray:

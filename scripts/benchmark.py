@@ -15,6 +15,9 @@ Suites:
   scale       whole default runs over N cached images (N from --scale_sizes): wall s, peak RSS
   label_image label-image on an exported .tflite: one image from a cold start (s), and every
               image of --image_dir in batches (images/s) next to the raw model images/s
+  distortions distorting decoded batches + the module next to the module alone (images/s);
+              seconds per 100 training images undistorted, with cached copies (computing and
+              reusing them) and on the fly
 """
 
 from __future__ import annotations
@@ -184,6 +187,67 @@ def suite_training(args) -> dict:
         "steps_per_second": round(4000 / wall, 1),
         "final_train_accuracy": result.history[-1]["train_accuracy"],
     }
+
+
+def suite_distortions(args) -> dict:
+    """Distortion's costs: the module's raw batched rate next to distorting decoded batches and
+    running the module on them; then whole library runs on --image_dir (steps of 100 images):
+    seconds per 100 training images undistorted, with cached copies (the run that computes them
+    and one that reuses them) and distorted on the fly."""
+    import tensorflow as tf
+
+    import retrain
+    from retrain import backends, distort
+    from retrain.config import DistortionConfig
+    from retrain.models.loading import resolve_module
+
+    settings = DistortionConfig(True, 10, 10, 10, copies=args.distorted_copies)
+    module = resolve_module(args.tfhub_module)
+    extractor = backends.tflite_backend(backends.convert_to_tflite(module))
+    batch = _sample_batch(args.image_dir, distort.source_size(settings, module.input_size))
+    params = tf.constant(distort.distortion_params(range(len(batch))))
+    source = tf.constant(batch)
+    raw = _rate(extractor, _sample_batch(args.image_dir, module.input_size))
+    distorted = _rate(
+        lambda images: extractor(
+            distort.distort_batch(images, params, settings, module.input_size)
+        ),
+        source,
+    )
+    result = {
+        "raw_images_per_second": round(raw, 1),
+        "distorted_decoded_images_per_second": round(distorted, 1),
+        "distorted_fraction_of_raw": round(distorted / raw, 3),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {
+            "cached_undistorted": (DistortionConfig(), args.distortion_steps),
+            "cached_copies_first_run": (settings, args.distortion_steps),
+            "cached_copies_reuse": (settings, args.distortion_steps),
+            "on_the_fly": (DistortionConfig(True, 10, 10, 10), args.on_the_fly_steps),
+        }
+        per_100 = {}
+        for name, (distortions, steps) in runs.items():
+            config = retrain.RetrainConfig(
+                image_dir=str(args.image_dir),
+                module=retrain.ModuleConfig(handle=args.tfhub_module),
+                cache=retrain.CacheConfig(bottleneck_dir=tmp),
+                training=retrain.HeadTrainingConfig(how_many_training_steps=steps),
+                distortions=distortions,
+            )
+            if name == "cached_undistorted":
+                retrain.run(config)  # fill the cache: only training is timed
+            run = retrain.run(config)
+            copies = (run.distortions or {}).get("seconds", 0.0) if distortions.copies else 0.0
+            seconds = run.timings.training + copies
+            per_100[name] = {
+                "seconds": round(seconds, 2),
+                "seconds_per_100_training_images": round(seconds / steps, 4),
+                "test_accuracy": run.test.accuracy if run.test else None,
+                "distortions": run.distortions,
+            }
+    result["runs"] = per_100
+    return result
 
 
 # Linux carries a process's peak RSS over exec(), so a command started by this process (often
@@ -386,6 +450,7 @@ SUITES = {
     "cache": suite_cache,
     "scale": suite_scale,
     "label_image": suite_label_image,
+    "distortions": suite_distortions,
 }
 
 
@@ -411,6 +476,9 @@ def main() -> None:
     parser.add_argument("--train_rows", type=int, default=2936)
     parser.add_argument("--cache_sizes", default="10000,100000")
     parser.add_argument("--scale_sizes", default="10000,100000")
+    parser.add_argument("--distorted_copies", type=int, default=5)
+    parser.add_argument("--distortion_steps", type=int, default=1000)
+    parser.add_argument("--on_the_fly_steps", type=int, default=50)
     parser.add_argument(
         "--retrain_flag",
         action="append",

@@ -83,7 +83,9 @@ def test_a_copy_does_not_depend_on_its_batch(tmp_path):
         write_image(tmp_path / f"{i}.png", size=(40, 30), color=(60 * i, 90, 200)) for i in range(3)
     ]
     settings = DistortionConfig(True, 20, 20, 20)
-    p = distort.distortion_params([distort.copy_seed(b"k", i) for i in range(3)])
+    keys = [distort.copy_key(b"k" * 16, settings, i) for i in range(3)]
+    assert len(set(keys)) == 3 and all(len(key) == 16 for key in keys)
+    p = distort.copy_params(keys)
     batches = [
         np.concatenate(
             [
