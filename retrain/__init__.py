@@ -8,11 +8,13 @@
 Data flows one way, one module per stage:
 
     scan (files, labels, split) -> decode (pixels) -> bottlenecks (module features, cached
-    by `cache`) -> train (the new layer) -> finetune (optional) -> evaluate -> export
+    by `cache`; `distort`ed copies) -> train (the new layer: `heads`, `optim`) -> finetune
+    (optional) -> evaluate -> export
 
 `config` holds every setting (`RetrainConfig`), `pipeline.run` runs the stages in order and
 returns a `RunResult` (`results`). The command lines are thin layers over this library: `cli`
-and `flags` (retrain.py's flags), `beam_extract` (the cache as an Apache Beam pipeline).
+and `flags` (retrain.py's flags), `beam_extract` over `beam_pipeline` (the cache as an Apache
+Beam pipeline).
 Importing `retrain` does not import TensorFlow; `run` does.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 from retrain.config import (
     CacheConfig,
     DataConfig,
+    DistortionConfig,
     DistributionConfig,
     EvaluationConfig,
     ExportConfig,
@@ -39,6 +42,7 @@ __all__ = [
     "CacheConfig",
     "ConfigError",
     "DataConfig",
+    "DistortionConfig",
     "DistributionConfig",
     "EvaluationConfig",
     "ExportConfig",

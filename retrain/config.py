@@ -34,15 +34,19 @@ from retrain.handles import looks_like_url
 DEFAULT_MODULE = "efficientnet_lite0"
 OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop")
 SCHEDULES = ("constant", "cosine", "plateau")
+# "basename": the file's name, stable when the folder moves (ours); "path": the path as
+# retrain.py globbed it from --image_dir, to reproduce retrain.py's split exactly.
+SPLIT_HASHES = ("basename", "path")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which images are used and how they are split (by a hash of each file's base name)."""
+    """Which images are used and how they are split (by a hash of each file's name)."""
 
     testing_percentage: int = 10
     validation_percentage: int = 10
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are skipped (bombs)
+    split_hash: str = "basename"  # one of SPLIT_HASHES: what a file's split is a hash of
 
 
 @dataclass(frozen=True)
@@ -321,6 +325,7 @@ def _check_choices(c: RetrainConfig) -> None:
         ("training.optimizer", c.training.optimizer, OPTIMIZERS),
         ("training.lr_schedule", c.training.lr_schedule, SCHEDULES),
         ("fine_tuning.lr_schedule", c.fine_tuning.lr_schedule, SCHEDULES),
+        ("data.split_hash", c.data.split_hash, SPLIT_HASHES),
     ):
         if value not in choices:
             raise ConfigError(

@@ -12,7 +12,13 @@ from typing import Any
 
 from absl import flags
 
-from retrain.config import DEFAULT_MODULE, OPTIMIZERS, SCHEDULES, RetrainConfig
+from retrain.config import (
+    DEFAULT_MODULE,
+    OPTIMIZERS,
+    SCHEDULES,
+    SPLIT_HASHES,
+    RetrainConfig,
+)
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
 from retrain.distribute import STRATEGIES
 from retrain.errors import ConfigError, UsageError
@@ -71,6 +77,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "validation_percentage",
         10,
         "What percentage of images to use as a validation set.",
+        flag_values=f,
+    )
+    flags.DEFINE_enum(
+        "split_hash",
+        "basename",
+        list(SPLIT_HASHES),
+        "What a file's split is a hash of: basename (its name: the split survives moving the "
+        "folder) or path (the path as retrain.py globbed it from --image_dir: retrain.py's "
+        "split exactly, for the same --image_dir string).",
         flag_values=f,
     )
     flags.DEFINE_integer(
@@ -304,6 +319,7 @@ FLAG_FIELDS = {
     "testing_percentage": "data.testing_percentage",
     "validation_percentage": "data.validation_percentage",
     "max_image_pixels": "data.max_image_pixels",
+    "split_hash": "data.split_hash",
     "tfhub_module": "module.handle",
     "module_cache_dir": "module.cache_dir",
     "extraction_backend": "module.extraction_backend",
