@@ -37,6 +37,8 @@ SCHEDULES = ("constant", "cosine", "plateau")
 # "basename": the file's name, stable when the folder moves (ours); "path": the path as
 # retrain.py globbed it from --image_dir, to reproduce retrain.py's split exactly.
 SPLIT_HASHES = ("basename", "path")
+SAMPLINGS = ("class_balanced", "uniform")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class HeadTrainingConfig:
     label_smoothing: float = 0.0
     dropout_rate: float = 0.0  # of the bottleneck's values, while training
     weight_decay: float = 0.0  # decoupled: each step, weights -= rate * decay * weights
+    sampling: str = "uniform"  # one of SAMPLINGS: how batches draw examples
+    class_weights: str = "none"  # one of CLASS_WEIGHTS: each class's weight in the loss
 
 
 @dataclass(frozen=True)
@@ -326,6 +330,8 @@ def _check_choices(c: RetrainConfig) -> None:
         ("training.lr_schedule", c.training.lr_schedule, SCHEDULES),
         ("fine_tuning.lr_schedule", c.fine_tuning.lr_schedule, SCHEDULES),
         ("data.split_hash", c.data.split_hash, SPLIT_HASHES),
+        ("training.sampling", c.training.sampling, SAMPLINGS),
+        ("training.class_weights", c.training.class_weights, CLASS_WEIGHTS),
     ):
         if value not in choices:
             raise ConfigError(

@@ -30,6 +30,7 @@ from retrain.config import DistortionConfig
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
 from retrain.extract import decoded_batches
 from retrain.heads import Head
+from retrain.sampling import draw
 
 # Part of every distorted copy's cache key: bump when the recipe below changes.
 DISTORTION_VERSION = 1
@@ -157,21 +158,26 @@ class DistortedStream:
     def __len__(self) -> int:
         return len(self.y)
 
-    def dataset(self, batch_size: int, seed: int, head: Head) -> tf.data.Dataset:
-        """An endless dataset of (features [batch, dim], labels in `head`'s form)."""
+    def dataset(
+        self, batch_size: int, seed: int, head: Head, cdf: np.ndarray | None = None
+    ) -> tf.data.Dataset:
+        """An endless dataset of (features [batch, dim], labels in `head`'s form), drawn
+        uniformly or by the cumulative probabilities `cdf` (see retrain.sampling)."""
         spec = (
             tf.TensorSpec([batch_size, self.feature_dim], tf.float32),
             head.label_spec(batch_size),
         )
         return tf.data.Dataset.from_generator(
-            lambda: self._batches(batch_size, seed, head), output_signature=spec
+            lambda: self._batches(batch_size, seed, head, cdf), output_signature=spec
         ).prefetch(2)
 
-    def _batches(self, batch_size: int, seed: int, head: Head) -> Iterator[tuple]:
+    def _batches(
+        self, batch_size: int, seed: int, head: Head, cdf: np.ndarray | None
+    ) -> Iterator[tuple]:
         rng = np.random.default_rng(seed)
         labels = head.label_array(self.y)
         while True:
-            picks = rng.integers(0, len(self), batch_size * self.chunk_batches)
+            picks = draw(rng, len(self), batch_size * self.chunk_batches, cdf)
             params = rng.random((len(picks), PARAMS), dtype=np.float32)
             errors: dict[int, str] = {}
             batches = distorted_batches(

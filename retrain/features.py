@@ -10,6 +10,7 @@ import numpy as np
 
 from retrain.cache import BottleneckCache
 from retrain.errors import RetrainError
+from retrain.sampling import draw
 
 # Splits up to this size (about 50,000 vectors of 1,280) are loaded whole, which is fastest;
 # larger ones are streamed from the cache, so memory stays flat beyond it.
@@ -89,9 +90,12 @@ class FeatureSplit:
             indices = np.arange(start, min(start + rows, len(self)))
             yield Split(self.read(indices), self.y[indices])
 
-    def random_batches(self, batch_size: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """An endless stream of batches drawn at random with replacement (as retrain.py did)."""
+    def random_batches(
+        self, batch_size: int, seed: int, cdf: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """An endless stream of batches drawn at random with replacement, uniformly or by the
+        cumulative probabilities `cdf` (see retrain.sampling)."""
         rng = np.random.default_rng(seed)
         while True:
-            picks = np.sort(rng.integers(0, len(self), batch_size))
+            picks = np.sort(draw(rng, len(self), batch_size, cdf))
             yield self.read(picks), self.y[picks]

@@ -13,8 +13,10 @@ from typing import Any
 from absl import flags
 
 from retrain.config import (
+    CLASS_WEIGHTS,
     DEFAULT_MODULE,
     OPTIMIZERS,
+    SAMPLINGS,
     SCHEDULES,
     SPLIT_HASHES,
     RetrainConfig,
@@ -190,6 +192,21 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "Decoupled weight decay of the new layer's weights (each step, w -= rate * decay * w).",
         flag_values=f,
     )
+    flags.DEFINE_enum(
+        "sampling",
+        "uniform",
+        list(SAMPLINGS),
+        "How training batches draw images: uniform (every image equally often) or "
+        "class_balanced (retrain.py's: a class uniformly, then one of its images).",
+        flag_values=f,
+    )
+    flags.DEFINE_enum(
+        "class_weights",
+        "none",
+        list(CLASS_WEIGHTS),
+        "Weight of each class in the loss: none, or balanced (n / (classes * n_class)).",
+        flag_values=f,
+    )
     flags.DEFINE_integer(
         "distorted_copies",
         0,
@@ -339,6 +356,8 @@ FLAG_FIELDS = {
     "label_smoothing": "training.label_smoothing",
     "dropout_rate": "training.dropout_rate",
     "weight_decay": "training.weight_decay",
+    "sampling": "training.sampling",
+    "class_weights": "training.class_weights",
     "resume": "training.resume",
     "flip_left_right": "distortions.flip_left_right",
     "random_crop": "distortions.random_crop",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import tensorflow as tf
 
+from retrain import sampling
 from retrain.config import HeadTrainingConfig
 from retrain.errors import RetrainError, first_line
 from retrain.features import FeatureSplit, Split
@@ -76,22 +77,31 @@ class HeadTrainer(tf.Module):
         if config.lr_schedule == "plateau":
             self.plateau = Plateau(self.optimizer, config.plateau_factor, config.plateau_patience)
         self._n = len(train)
+        cdf = sampling.draw_cdf(train.y, head.num_outputs, config.sampling)
+        weights = sampling.class_weights(train.y, head.num_outputs, config.class_weights)
+        self._class_weights = None if weights is None else tf.constant(weights)
         self._streamed = not isinstance(train, Split)
         if self._streamed:
             # Batches come through tf.data (from the cache, or computed on the fly); the holder
             # keeps the iterator out of checkpoints (a generator's position cannot be saved).
-            batches = _streamed_batches(train, head, config)
+            batches = _streamed_batches(train, head, config, cdf)
             self._source = SimpleNamespace(batches=iter(batches))
         else:
             self._x = tf.constant(train.x)
             self._y = tf.constant(head.label_array(train.y))
+            self._cdf = None if cdf is None else tf.constant(cdf, tf.float32)
         # XLA compiles the whole step loop when batches are drawn in-graph from memory.
         self.run_steps = tf.function(self._run_steps, jit_compile=not self._streamed)
 
     def _next_batch(self) -> tuple[tf.Tensor, tf.Tensor]:
         if self._streamed:
             return next(self._source.batches)
-        picks = self.rng.uniform([self.config.train_batch_size], 0, self._n, dtype=tf.int32)
+        size = self.config.train_batch_size
+        if self._cdf is None:
+            picks = self.rng.uniform([size], 0, self._n, dtype=tf.int32)
+        else:
+            drawn = tf.searchsorted(self._cdf, self.rng.uniform([size]), side="right")
+            picks = tf.minimum(drawn, self._n - 1)
         return tf.gather(self._x, picks), tf.gather(self._y, picks)
 
     def _run_steps(self, count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -113,6 +123,8 @@ class HeadTrainer(tf.Module):
                 inputs = tf.where(keep, x / (1.0 - config.dropout_rate), 0.0)
             targets = self.spec.targets(y, config.label_smoothing)
             error = (self.spec.probabilities(self.head(inputs)) - targets) / size
+            if self._class_weights is not None:
+                error *= tf.gather(self._class_weights, y)[:, None]
             gradients = [tf.matmul(inputs, error, transpose_a=True), tf.reduce_sum(error, 0)]
             self.optimizer.apply_gradients(zip(gradients, [self.head.weights, self.head.biases]))
         self.step.assign_add(tf.cast(count, tf.int64))
@@ -259,17 +271,19 @@ def train_head(
 
 
 def _streamed_batches(
-    train: FeatureSplit | DistortedStream, head: Head, config: HeadTrainingConfig
+    train: FeatureSplit | DistortedStream,
+    head: Head,
+    config: HeadTrainingConfig,
+    cdf: np.ndarray | None,
 ) -> tf.data.Dataset:
-    """Random training batches that do not come from memory, prefetched while a step runs:
-    read from the cache, or made afresh by a stream of distorted images."""
-    size = config.train_batch_size
+    """Random training batches (drawn by `cdf`, see retrain.sampling) that do not come from
+    memory, prefetched while a step runs: read from the cache, or made afresh by a stream of
+    distorted images."""
+    size, seed = config.train_batch_size, config.random_seed
     if not isinstance(train, FeatureSplit):
-        return train.dataset(size, config.random_seed, head)
+        return train.dataset(size, seed, head, cdf)
     return tf.data.Dataset.from_generator(
-        lambda: (
-            (x, head.label_array(y)) for x, y in train.random_batches(size, config.random_seed)
-        ),
+        lambda: ((x, head.label_array(y)) for x, y in train.random_batches(size, seed, cdf)),
         output_signature=(
             tf.TensorSpec([size, train.feature_dim], tf.float32),
             head.label_spec(size),
