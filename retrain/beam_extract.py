@@ -3,12 +3,16 @@ bottleneck cache with an Apache Beam pipeline (see there for what it does and wh
 
     pip install 'retrain[beam]'
     retrain-beam-extract --image_dir DIR --bottleneck_dir DIR [--tfhub_module efficientnet_lite0]
-        [--extraction_batch_size 32] [Beam pipeline options, e.g. --runner=DirectRunner
-        --direct_num_workers=2 --direct_running_mode=multi_processing]
-    retrain --image_dir DIR --bottleneck_dir DIR      # then finds every bottleneck cached
+        [--extraction_batch_size 32] [--random_crop 10 --flip_left_right --distorted_copies 5]
+        [Beam pipeline options, e.g. --runner=DirectRunner --direct_num_workers=2
+        --direct_running_mode=multi_processing]
+    retrain --image_dir DIR --bottleneck_dir DIR [the same split and distortion flags]
+        # then finds every bottleneck (and distorted copy) cached
 
 The flags shared with `retrain` are a RetrainConfig checked as `retrain` checks them (the same
-line for a bad value); the rest are BeamSettings and Beam options. Prints the JSON summary.
+line for a bad value); the rest are BeamSettings and Beam options. The split and distortion
+flags (RETRAIN_FLAGS) take their defaults and help from `retrain`'s own definitions. Prints the
+JSON summary.
 """
 
 from __future__ import annotations
@@ -18,26 +22,72 @@ import difflib
 import json
 import logging
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from absl import flags as absl_flags
 
 from retrain import beam_pipeline
 from retrain.backends import BACKENDS
 from retrain.beam_pipeline import MIN_BATCH_SIZE, BeamSettings
-from retrain.config import CacheConfig, DataConfig, ModuleConfig, RetrainConfig
+from retrain.config import CacheConfig, DataConfig, DistortionConfig, ModuleConfig, RetrainConfig
 from retrain.errors import RetrainError, UsageError
-from retrain.flags import flag_for_field
+from retrain.flags import define_flags, flag_for_field
 
 __all__ = ["argument_parser", "main", "pipeline_options", "run", "settings_from_args"]
 
 PROG = "retrain-beam-extract"
 _DEFAULTS, _BEAM_DEFAULTS = RetrainConfig(image_dir=""), BeamSettings()
+# `retrain`'s flags this command takes as they are (name, default, help): the split, which
+# decides the training images, and the distortions of their cached copies.
+RETRAIN_FLAGS = (
+    "testing_percentage",
+    "validation_percentage",
+    "flip_left_right",
+    "random_crop",
+    "random_scale",
+    "random_brightness",
+    "distorted_copies",
+)
 
 
 def _raise_usage(message: str) -> NoReturn:
     """An argparse parser's `error`: a bad flag is a UsageError (one line, exit 2), not usage
     text and SystemExit."""
     raise UsageError(message)
+
+
+def _boolean(text: str) -> bool:
+    """A boolean flag's value as absl reads it (true/false, 1/0, yes/no...)."""
+    try:
+        return absl_flags.BooleanParser().parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from None
+
+
+_ARG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "string": str}
+
+
+def _add_retrain_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Add `retrain`'s flags `names` to `parser`, with the types, defaults and help that
+    `retrain` defines them with (retrain.flags.define_flags)."""
+    defined = absl_flags.FlagValues()
+    define_flags(defined)
+    for name in names:
+        flag = defined[name]
+        if flag.flag_type() == "bool":
+            _add_boolean(parser, name, flag.default, flag.help)
+        else:
+            kind = _ARG_TYPES[flag.flag_type()]
+            parser.add_argument(f"--{name}", type=kind, default=flag.default, help=flag.help)
+
+
+def _add_boolean(parser: argparse.ArgumentParser, name: str, default: bool, text: str) -> None:
+    """A boolean flag as absl reads it: --name, --name=false (any `_boolean` value) and
+    --noname; the last one given wins."""
+    add = parser.add_argument
+    add(f"--{name}", nargs="?", const=True, default=default, type=_boolean, help=text)
+    add(f"--no{name}", dest=name, action="store_false", default=default, help=argparse.SUPPRESS)
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -103,6 +153,7 @@ def argument_parser() -> argparse.ArgumentParser:
         default=_BEAM_DEFAULTS.shard_rows,
         help="Most vectors per cache shard; each worker also writes one at the end of each bundle.",
     )
+    _add_retrain_flags(p, RETRAIN_FLAGS)
     add("--summary_json", default="", help="Also write the JSON summary here.")
     add(
         "--logging_verbosity",
@@ -119,7 +170,11 @@ def settings_from_args(args: argparse.Namespace) -> tuple[RetrainConfig, BeamSet
     becomes None, as in `retrain`."""
     config = RetrainConfig(
         image_dir=args.image_dir,
-        data=DataConfig(max_image_pixels=args.max_image_pixels),
+        data=DataConfig(
+            testing_percentage=args.testing_percentage,
+            validation_percentage=args.validation_percentage,
+            max_image_pixels=args.max_image_pixels,
+        ),
         module=ModuleConfig(
             handle=args.tfhub_module,
             cache_dir=args.module_cache_dir or None,
@@ -127,6 +182,13 @@ def settings_from_args(args: argparse.Namespace) -> tuple[RetrainConfig, BeamSet
             extraction_batch_size=args.extraction_batch_size,
         ),
         cache=CacheConfig(bottleneck_dir=args.bottleneck_dir or None),
+        distortions=DistortionConfig(
+            flip_left_right=args.flip_left_right,
+            random_crop=args.random_crop,
+            random_scale=args.random_scale,
+            random_brightness=args.random_brightness,
+            copies=args.distorted_copies,
+        ),
     )
     settings = BeamSettings(
         shard_rows=args.shard_rows,

@@ -8,17 +8,22 @@
     options = PipelineOptions(["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
     summary = extract(config, options, BeamSettings(summary_json="summary.json"))
 
-`extract` reads `config.image_dir`, `data.max_image_pixels`, `module` and `cache.bottleneck_dir`
-(required here). The launching machine scans the image folder as `retrain` does, resolves the
-module (converting a bundled one once), opens the module's cache folder and leaves out every
-image whose file key is already there. The rest go through Reshuffle -> read, hash and decode
-(an image already cached under its content key is skipped; an unusable file is counted, logged
-and skipped, never failing the pipeline) -> BatchElements -> extract -> write. Each worker
+`extract` reads `config.image_dir`, `data` (the split percentages and `max_image_pixels`),
+`module`, `cache.bottleneck_dir` (required here) and `distortions`. The launching machine scans
+the image folder as `retrain` does, resolves the module (converting a bundled one once), opens
+the module's cache folder and leaves out every image whose file key is already there. With
+`distortions.copies` N > 0 it also plans the N distorted copies of every training-split image
+that `retrain` with the same settings caches (retrain/distort.py), leaving out those whose
+derived file key is there. Each element is (path, copy number; ORIGINAL for the image itself):
+Reshuffle -> read, hash and decode, and distort a copy (one already cached under its content
+key is skipped; an unusable file is counted, logged and skipped, never failing the pipeline)
+-> BatchElements -> extract -> write, originals and copies in separate batches. Each worker
 process resolves and loads the module once, picks the extraction backend
 (`module.extraction_backend`) on its first batch, and writes its own uniquely named shards into
 the module's cache folder at the end of every bundle, in the cache's own crash-safe format (see
 retrain/cache.py). A retried bundle at worst writes a vector twice, which the cache tolerates.
-The summary, built from Beam metrics, counts the images found, already cached, computed, failed.
+The summary, built from Beam metrics, counts the images found, already cached, computed, failed
+(and, when copies are asked for, the copies under "copies").
 
 Where it runs. The same pipeline runs on the DirectRunner, Dataflow, Flink or Spark, with these
 requirements:
@@ -61,7 +66,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -72,14 +77,18 @@ from retrain.cache import (
     file_content_key,
     file_key,
     file_keys,
+    key_array,
     module_cache_key,
 )
-from retrain.config import RetrainConfig, leaf_fields
+from retrain.config import DistortionConfig, RetrainConfig, leaf_fields
 from retrain.decode import decode_image, skip_reason
 from retrain.errors import ConfigError, RetrainError, UsageError, first_line
 from retrain.handles import looks_like_url
 from retrain.runtime import import_tensorflow_quietly
-from retrain.scan import display_path, scan_image_dir
+from retrain.scan import display_path, scan_image_dir, split_mask
+
+if TYPE_CHECKING:
+    from retrain.models.loading import ImageModule
 
 # Without apache-beam[gcp], importing Beam logs "apitools not found ..." on the root logger,
 # which also installs a default handler there: silence that one message while importing.
@@ -110,6 +119,7 @@ __all__ = [
     "BeamSettings",
     "DecodeImages",
     "ExtractToCache",
+    "ORIGINAL",
     "WorkerSpec",
     "build_pipeline",
     "extract",
@@ -119,6 +129,12 @@ __all__ = [
 ]
 
 METRICS_NAMESPACE = "retrain"
+# The copy number of an element that is the image itself, not one of its distorted copies.
+ORIGINAL = -1
+# DecodeImages' outputs: originals (its main output) and distorted copies, and the prefix of
+# each one's metric names (`cached`, `computed`, `failed`; `copies_cached`, ...).
+ORIGINALS, COPIES = "originals", "copies"
+_METRIC_PREFIX = {ORIGINALS: "", COPIES: "copies_"}
 MIN_BATCH_SIZE = 8
 # Folders every worker must see as paths: a URL is refused.
 MOUNTED_FOLDERS = ("image_dir", "cache.bottleneck_dir", "module.cache_dir")
@@ -220,6 +236,7 @@ class WorkerSpec:
     batch_size: int  # largest batch per module call
     num_threads: int  # TFLite threads; 0: every CPU
     shard_rows: int
+    distortions: DistortionConfig = DistortionConfig()  # how copies (number >= 0) are made
 
 
 _shared_lock = threading.Lock()
@@ -300,50 +317,95 @@ class _WorkerModel:
         return self._extractor(images)
 
 
+def _skip_counters(prefix: str) -> dict[str, Any]:
+    """This pipeline's `cached` and `failed` counters, their names prefixed with `prefix`."""
+    return {
+        name: Metrics.counter(METRICS_NAMESPACE, prefix + name) for name in ("cached", "failed")
+    }
+
+
 class DecodeImages(_DoFn):
-    """path (bytes) -> (content key, file key, module input float32 [h, w, 3]); images already
-    in the cache are counted as `cached`, unusable files as `failed`, and dropped."""
+    """(path bytes, copy number) -> (content key, file key, module input float32 [h, w, 3]).
+
+    Copy number ORIGINAL is the image itself, on the main output; number c >= 0 is its distorted
+    copy c under `spec.distortions`, on the COPIES output, with the keys and pixels `retrain`
+    gives that copy (`distort.copy_key` of the image's keys; decoded at `distort.source_size`,
+    resized, distorted by `distort.distort_batch` with `distort.copy_params`). An element
+    already in the cache (by file key, else by content key) is counted as `cached` and an
+    unusable file as `failed` (`copies_cached`, `copies_failed` for copies), and dropped.
+    """
 
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
-        self.cached = Metrics.counter(METRICS_NAMESPACE, "cached")
-        self.failed = Metrics.counter(METRICS_NAMESPACE, "failed")
+        self.counters = {kind: _skip_counters(prefix) for kind, prefix in _METRIC_PREFIX.items()}
 
     def setup(self) -> None:
         import_tensorflow_quietly()
+        from retrain import distort
         from retrain.preprocess import to_module_input
 
+        self._distort = distort
         self._to_module_input = to_module_input
         self._cache = _shared_cache(self.spec)
 
-    def process(self, path: bytes):
-        size = self.spec.input_size
+    def process(self, element: tuple[bytes, int]):
+        path, number = element
+        kind = ORIGINALS if number == ORIGINAL else COPIES
         try:
-            file_k = file_key(path)
-            if self._cache.has(file_k, None):
-                self.cached.inc()
+            keys = self._uncached_keys(path, number)
+            if keys is None:
+                self.counters[kind]["cached"].inc()
                 return
-            content_k = file_content_key(path)
-            if self._cache.has(None, content_k):
-                self.cached.inc()
-                return
-            pixels = decode_image(path, size, self.spec.max_pixels)
+            image = self._module_input(path, keys[0], number)
         except Exception as err:  # noqa: BLE001 - one odd file must never end the pipeline
             reason = skip_reason(err)
         else:
-            yield content_k, file_k, self._to_module_input(pixels, size).numpy()
+            out = (*keys, image)
+            yield out if kind == ORIGINALS else beam.pvalue.TaggedOutput(COPIES, out)
             return
-        self.failed.inc()
-        log.warning("Skipping %s: %s", display_path(path), reason)
+        self.counters[kind]["failed"].inc()
+        copy = "" if kind == ORIGINALS else f" (distorted copy {number})"
+        log.warning("Skipping %s%s: %s", display_path(path), copy, reason)
+
+    def _uncached_keys(self, path: bytes, number: int) -> tuple[bytes, bytes] | None:
+        """(content key, file key) of copy `number` of the image at `path`; None if the cache
+        has it. Looks up the file key first and hashes the file's bytes only if need be."""
+        file_k = self._key(file_key(path), number)
+        if self._cache.has(file_k, None):
+            return None
+        content_k = self._key(file_content_key(path), number)
+        if self._cache.has(None, content_k):
+            return None
+        return content_k, file_k
+
+    def _key(self, key: bytes, number: int) -> bytes:
+        """The cache key of copy `number` of the image whose key is `key`."""
+        if number == ORIGINAL:
+            return key
+        return self._distort.copy_key(key, self.spec.distortions, number)
+
+    def _module_input(self, path: bytes, content_k: bytes, number: int) -> np.ndarray:
+        """The module input of copy `number` (content key `content_k`) of the image at `path`,
+        as `retrain` makes it (extract.decoded_batches, distort.distorted_batches). Raises
+        what decoding raises."""
+        size, max_pixels = self.spec.input_size, self.spec.max_pixels
+        if number == ORIGINAL:
+            return self._to_module_input(decode_image(path, size, max_pixels), size).numpy()
+        settings, distort = self.spec.distortions, self._distort
+        source = distort.source_size(settings, size)
+        photo = self._to_module_input(decode_image(path, source, max_pixels), source)
+        params = distort.copy_params([content_k])
+        return distort.distort_batch(photo[None], params, settings, size)[0].numpy()
 
 
 class ExtractToCache(_DoFn):
     """Batches of DecodeImages' output -> vectors written as shards of the module's cache
-    folder: each worker its own, at the end of every bundle (and every `shard_rows`)."""
+    folder: each worker its own, at the end of every bundle (and every `shard_rows`). Counts
+    the vectors as `computed`, prefixed with `metric_prefix` ("copies_" for copies)."""
 
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: WorkerSpec, metric_prefix: str = ""):
         self.spec = spec
-        self.computed = Metrics.counter(METRICS_NAMESPACE, "computed")
+        self.computed = Metrics.counter(METRICS_NAMESPACE, metric_prefix + "computed")
         self._writer = None
 
     def setup(self) -> None:
@@ -386,19 +448,39 @@ class ExtractToCache(_DoFn):
 
 
 def build_pipeline(
-    pipeline: beam.Pipeline, paths: Sequence[str | os.PathLike], spec: WorkerSpec
+    pipeline: beam.Pipeline,
+    paths: Sequence[str | os.PathLike],
+    spec: WorkerSpec,
+    copies: Sequence[tuple[str | os.PathLike, int]] = (),
 ) -> beam.PCollection:
-    """Add the extraction steps for `paths` to `pipeline`; returns the per-batch counts."""
-    return (
+    """Add the extraction steps for the images `paths` and the distorted `copies` (path, copy
+    number >= 0; made as `spec.distortions` say) to `pipeline`; returns the per-batch counts."""
+    elements = [(os.fsencode(p), ORIGINAL) for p in paths]  # bytes: any file name
+    elements += [(os.fsencode(p), int(number)) for p, number in copies]
+    decoded = (
         pipeline
-        | "ListImages" >> beam.Create([os.fsencode(p) for p in paths])  # bytes: any file name
+        | "ListImages" >> beam.Create(elements)
         | "Reshuffle" >> beam.Reshuffle()
-        | "ReadDecode" >> beam.ParDo(DecodeImages(spec))
-        | "Batch"
+        | "ReadDecode" >> beam.ParDo(DecodeImages(spec)).with_outputs(COPIES, main=ORIGINALS)
+    )
+    counts = _batch_and_extract(decoded[ORIGINALS], spec, ORIGINALS)
+    if not copies:
+        return counts
+    copy_counts = _batch_and_extract(decoded[COPIES], spec, COPIES)
+    return (counts, copy_counts) | "AllBatches" >> beam.Flatten()
+
+
+def _batch_and_extract(decoded: beam.PCollection, spec: WorkerSpec, kind: str) -> beam.PCollection:
+    """Batch DecodeImages' output `kind` (ORIGINALS or COPIES) and extract it into the cache;
+    the steps of the originals keep the names they had before copies existed."""
+    suffix = "" if kind == ORIGINALS else "Copies"
+    return (
+        decoded
+        | f"Batch{suffix}"
         >> beam.BatchElements(
             min_batch_size=min(MIN_BATCH_SIZE, spec.batch_size), max_batch_size=spec.batch_size
         )
-        | "ExtractWrite" >> beam.ParDo(ExtractToCache(spec))
+        | f"ExtractWrite{suffix}" >> beam.ParDo(ExtractToCache(spec, _METRIC_PREFIX[kind]))
     )
 
 
@@ -407,11 +489,13 @@ def extract(
     options: PipelineOptions | None = None,
     settings: BeamSettings | None = None,
 ) -> dict[str, Any]:
-    """Cache the vectors of `config`'s images that are not cached yet, with a Beam pipeline
+    """Cache the vectors of `config`'s images (and, with `config.distortions.copies`, of the
+    distorted copies of its training images) that are not cached yet, with a Beam pipeline
     run with `options` (default: the DirectRunner; a DirectRunner is switched to the
     FnApiRunner, see run_direct_on_fn_api_runner). Returns the summary: images, cached,
     computed, failed (None, None where the runner reports no metrics), timings, cache_folder and
-    module; it is also written to `settings.summary_json` if set (default: BeamSettings()).
+    module, and with copies asked for, "copies": per_image, total, cached, computed, failed
+    (likewise); it is also written to `settings.summary_json` if set (default: BeamSettings()).
 
     Raises ConfigError naming an invalid setting (see `validate`), UsageError if Beam is missing
     or `options` names an unknown runner, RetrainError if the pipeline fails. Logs progress on
@@ -428,11 +512,20 @@ def extract(
     except ValueError as err:  # e.g. an unknown --runner
         raise UsageError(str(err).splitlines()[0]) from None
     import_tensorflow_quietly()
-    todo, spec, summary = _plan(config, settings)
-    if todo:
-        build_pipeline(pipeline, todo, spec)
-        summary.update(_run(pipeline, summary["cached"]))
+    plan = _plan(config, settings)
+    summary = plan.summary
+    if plan.images or plan.copies:
+        build_pipeline(pipeline, plan.images, plan.spec, plan.copies)
+        _add_counts(summary, *_run(pipeline))
     summary["total_seconds"] = round(time.perf_counter() - start, 3)
+    _log_summary(summary)
+    if settings.summary_json:
+        atomic_write_text(settings.summary_json, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    """One line for the originals, and one for the copies if any were asked for."""
     log.info(
         "Bottlenecks: %s computed, %s already cached, %s files skipped (%.1f s)",
         summary["computed"],
@@ -440,25 +533,41 @@ def extract(
         summary["failed"],
         summary["total_seconds"],
     )
-    if settings.summary_json:
-        atomic_write_text(settings.summary_json, json.dumps(summary, indent=2) + "\n")
-    return summary
+    if "copies" in summary:
+        copies = summary["copies"]
+        log.info(
+            "Distorted copies: %s computed, %s already cached, %s skipped",
+            copies["computed"],
+            copies["cached"],
+            copies["failed"],
+        )
 
 
-def _plan(
-    config: RetrainConfig, settings: BeamSettings
-) -> tuple[list[str], WorkerSpec, dict[str, Any]]:
-    """Scan the image folder, resolve the module and look the files up in its cache folder.
-    Returns (the images the pipeline must check, the workers' spec, the summary so far)."""
+@dataclass
+class _Plan:
+    """What the launching machine found: the work for the pipeline, and the summary so far."""
+
+    images: list[str]  # to check and compute
+    copies: list[tuple[str, int]]  # (path, copy number) to check and compute
+    spec: WorkerSpec
+    summary: dict[str, Any]
+
+
+def _plan(config: RetrainConfig, settings: BeamSettings) -> _Plan:
+    """Scan the image folder (and split it as `retrain` does), resolve the module and look the
+    files, and the copies asked for, up in its cache folder by file key."""
     from retrain.bottlenecks import load_module, open_cache  # imports TensorFlow
 
-    image_set = scan_image_dir(config.image_dir, 0, 0)
+    data = config.data
+    image_set = scan_image_dir(
+        config.image_dir, data.validation_percentage, data.testing_percentage
+    )
     for path, reason in image_set.ignored:
         log.warning("Ignoring %s: %s", path, reason)
     module = load_module(config.module)
     cache = open_cache(config.cache.bottleneck_dir, module)
     paths = image_set.paths
-    keys, _ = file_keys(paths)  # unreadable files: the worker reports them
+    keys, unreadable = file_keys(paths)  # unreadable files: the worker reports them
     cached = cache.locate(keys, by="file")["shard"] >= 0
     todo = [path for path, known in zip(paths, cached) if not known]
     log.info(
@@ -471,7 +580,30 @@ def _plan(
         module.handle,
         cache.folder,
     )
-    spec = WorkerSpec(
+    summary = {
+        "images": len(image_set),
+        "cached": len(image_set) - len(todo),
+        "computed": 0,
+        "failed": 0,
+        "pipeline_seconds": 0.0,
+        "images_per_second": 0.0,
+        "cache_folder": str(cache.folder),
+        "module": module.handle,
+    }
+    copies: list[tuple[str, int]] = []
+    if config.distortions.copies:
+        training = np.flatnonzero(split_mask(image_set.split_codes, "training"))
+        copies, summary["copies"] = _plan_copies(
+            paths, training, keys, unreadable, cache, config.distortions
+        )
+    return _Plan(todo, copies, _worker_spec(config, settings, module, cache), summary)
+
+
+def _worker_spec(
+    config: RetrainConfig, settings: BeamSettings, module: ImageModule, cache: BottleneckCache
+) -> WorkerSpec:
+    """What the workers need, for `module` and its cache folder `cache`."""
+    return WorkerSpec(
         bottleneck_dir=os.fspath(Path(config.cache.bottleneck_dir).expanduser()),
         module_key=cache.folder.name,
         feature_dim=module.feature_dim,
@@ -483,23 +615,50 @@ def _plan(
         batch_size=config.module.extraction_batch_size,
         num_threads=settings.num_threads,
         shard_rows=settings.shard_rows,
+        distortions=config.distortions,
+    )
+
+
+def _plan_copies(
+    paths: Sequence[str],
+    training: np.ndarray,
+    keys: np.ndarray,
+    unreadable: dict[int, OSError],
+    cache: BottleneckCache,
+    settings: DistortionConfig,
+) -> tuple[list[tuple[str, int]], dict[str, int]]:
+    """The distorted copies (path, copy number) of images `training` (indices into `paths`,
+    whose file keys are `keys`) that the cache lacks by derived file key (`distort.copy_key`),
+    and the summary's "copies" so far. Copies of an `unreadable` file are planned: the worker
+    reports them."""
+    from retrain import distort  # imports TensorFlow
+
+    numbers = range(settings.copies)
+    wanted = [(int(i), c) for i in training for c in numbers]
+    copy_keys = key_array([distort.copy_key(keys[i].tobytes(), settings, c) for i, c in wanted])
+    cached = cache.locate(copy_keys, by="file")["shard"] >= 0
+    cached[[j for j, (i, _) in enumerate(wanted) if i in unreadable]] = False
+    todo = [(paths[i], c) for (i, c), known in zip(wanted, cached) if not known]
+    log.info(
+        "Distorted copies (%d per training image, %s): %d cached, %d to check and compute",
+        settings.copies,
+        distort.distortion_id(settings),
+        len(wanted) - len(todo),
+        len(todo),
     )
     summary = {
-        "images": len(image_set),
-        "cached": len(image_set) - len(todo),
+        "per_image": settings.copies,
+        "total": len(wanted),
+        "cached": len(wanted) - len(todo),
         "computed": 0,
         "failed": 0,
-        "pipeline_seconds": 0.0,
-        "images_per_second": 0.0,
-        "cache_folder": str(cache.folder),
-        "module": module.handle,
     }
-    return todo, spec, summary
+    return todo, summary
 
 
-def _run(pipeline: beam.Pipeline, cached_before: int) -> dict[str, Any]:
-    """Run the built `pipeline` to the end; returns the summary's counts and timings (`cached`
-    adds the images the workers found cached to `cached_before`)."""
+def _run(pipeline: beam.Pipeline) -> tuple[dict[str, int] | None, float]:
+    """Run the built `pipeline` to the end; returns its counters (None where the runner
+    reports no metrics) and how many seconds it ran."""
     run_start = time.perf_counter()
     try:
         result = pipeline.run()
@@ -512,19 +671,25 @@ def _run(pipeline: beam.Pipeline, cached_before: int) -> dict[str, Any]:
     seconds = time.perf_counter() - run_start
     if str(state).rsplit(".", 1)[-1] not in ("DONE", "UNKNOWN"):
         raise RetrainError(f"the pipeline ended in state {state}")
-    counts = _counters(result)
-    if counts is None:
-        return {"computed": None, "failed": None, "pipeline_seconds": round(seconds, 3)}
-    computed = counts.get("computed", 0)
-    update: dict[str, Any] = {
-        "cached": cached_before + counts.get("cached", 0),
-        "computed": computed,
-        "failed": counts.get("failed", 0),
-        "pipeline_seconds": round(seconds, 3),
-    }
-    if seconds > 0:
-        update["images_per_second"] = round(computed / seconds, 2)
-    return update
+    return _counters(result), seconds
+
+
+def _add_counts(summary: dict[str, Any], counts: dict[str, int] | None, seconds: float) -> None:
+    """Add the pipeline's `counts` (its counters, or None: unknown) and timing to `summary`:
+    the workers' `cached` add to those the launching machine found."""
+    summary["pipeline_seconds"] = round(seconds, 3)
+    parts = [(summary, "")]
+    if "copies" in summary:
+        parts.append((summary["copies"], _METRIC_PREFIX[COPIES]))
+    for part, prefix in parts:
+        if counts is None:
+            part.update(computed=None, failed=None)
+            continue
+        part["cached"] += counts.get(prefix + "cached", 0)
+        part["computed"] = counts.get(prefix + "computed", 0)
+        part["failed"] = counts.get(prefix + "failed", 0)
+    if counts is not None and seconds > 0:
+        summary["images_per_second"] = round(summary["computed"] / seconds, 2)
 
 
 def _counters(result: Any) -> dict[str, int] | None:

@@ -81,6 +81,7 @@ def test_pipeline_summary(extracted):
     assert status == 0
     assert summary["images"] == len(CLASSES) * PER_CLASS + 1
     assert (summary["computed"], summary["cached"], summary["failed"]) == (8, 0, 1)
+    assert "copies" not in summary  # only with --distorted_copies
 
 
 def test_direct_runner_runs_locally_and_leaves_no_temporary_files(extracted):
@@ -193,6 +194,11 @@ def test_found_by_content_when_paths_differ(extracted, tmp_path):
         (["--summary_json=/proc/version/s.json"], "--summary_json: cannot write there"),
         (["--tfhub_module=no_such_model"], "--tfhub_module: unknown module 'no_such_model'"),
         (["stray"], "unexpected argument 'stray'"),
+        (["--flip_left_right=maybe"], "argument --flip_left_right: expected true or false"),
+        (["--distorted_copies=two"], "argument --distorted_copies: invalid int value: 'two'"),
+        (["--random_scale=1.5"], "argument --random_scale: invalid int value: '1.5'"),
+        (["--testing_percentage="], "argument --testing_percentage: invalid int value: ''"),
+        (["--random_cropp=10"], "unknown flag --random_cropp; did you mean --random_crop"),
     ],
 )
 def test_bad_flags(tmp_path, capsys, extra, message):
@@ -221,6 +227,13 @@ def test_missing_image_dir(capsys):
         "--tfhub_module=./no/such/dir",
         "--bottleneck_dir=/proc/version",
         "--module_cache_dir=/proc/version",
+        "--testing_percentage=100",
+        "--validation_percentage=-1",
+        "--random_crop=101",
+        "--random_scale=-5",
+        "--random_brightness=150",
+        "--distorted_copies=-1",
+        "--distorted_copies=3",  # without a distortion
     ],
 )
 def test_a_bad_common_flag_gives_retrains_line(tmp_path, capsys, bad):
@@ -253,12 +266,77 @@ def test_common_flags_fill_the_settings_retrain_maps_them_to(tmp_path):
         "extraction_backend": "tflite",
         "extraction_batch_size": 7,
         "max_image_pixels": 1234,
+        "testing_percentage": 15,
+        "validation_percentage": 5,
+        "flip_left_right": True,
+        "random_crop": 10,
+        "random_scale": 20,
+        "random_brightness": 30,
+        "distorted_copies": 4,
     }
     argv = [f"--{name}={value}" for name, value in values.items()]
     args, _ = beam_extract.argument_parser().parse_known_args(argv)
     config, _ = beam_extract.settings_from_args(args)
     settings = dict(leaf_fields(config))
     assert {name: settings[FLAG_FIELDS[name]] for name in values} == values
+
+
+@pytest.mark.parametrize(
+    ("argv", "value"),
+    [([], False), (["--flip_left_right"], True), (["--flip_left_right=false"], False)],
+)
+def test_boolean_flags_read_as_retrains(argv, value):
+    args, _ = beam_extract.argument_parser().parse_known_args([*argv, "--noflip_left_right"])
+    assert args.flip_left_right is False  # the last one wins, as with absl
+    args, _ = beam_extract.argument_parser().parse_known_args(argv)
+    assert args.flip_left_right is value
+
+
+def test_new_flags_take_retrains_defaults_and_help():
+    from absl import flags
+
+    from retrain.flags import define_flags
+
+    defined = flags.FlagValues()
+    define_flags(defined)
+    parser = beam_extract.argument_parser()
+    actions = {flag: a for a in parser._actions for flag in a.option_strings}
+    for name in beam_extract.RETRAIN_FLAGS:
+        action = actions[f"--{name}"]
+        assert (action.default, action.help) == (defined[name].default, defined[name].help)
+
+
+def test_distortion_flags_cache_the_copies_retrain_uses(tmp_path):
+    """The command with retrain's split and distortion flags caches the distorted copies of
+    the training images: `retrain` with the same flags computes nothing (the small generated
+    module, as the library's test; tests/test_beam_pipeline.py also compares the vectors)."""
+    from tests.fault_tools import save_tiny_module
+
+    save_tiny_module(tmp_path / "module")
+    image_dir = tmp_path / "photos"
+    for name in CLASSES:
+        shutil.copytree(EXAMPLE_DIR / name, image_dir / name)
+    shared = [
+        f"--tfhub_module={tmp_path / 'module'}",
+        "--extraction_backend=tensorflow",
+        "--testing_percentage=20",
+        "--validation_percentage=20",
+        "--flip_left_right",
+        "--random_crop=10",
+        "--random_brightness=20",
+        "--distorted_copies=2",
+    ]
+    assert beam_extract.main(beam_args(image_dir, tmp_path, *shared)) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    copies = summary["copies"]
+    assert copies["per_image"] == 2 and copies["cached"] == copies["failed"] == 0
+    assert 0 < copies["computed"] == copies["total"] < 2 * summary["images"]  # training only
+
+    assert cli.main(retrain_args(image_dir, tmp_path, *shared, steps=5)) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["bottlenecks_computed"] == 0
+    assert metrics["distortions"]["computed"] == 0
+    assert metrics["distortions"]["reused"] == copies["total"]
 
 
 @pytest.mark.slow

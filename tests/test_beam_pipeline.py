@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from retrain.config import CacheConfig, ModuleConfig, RetrainConfig
+from retrain.config import (
+    CacheConfig,
+    DataConfig,
+    DistortionConfig,
+    HeadTrainingConfig,
+    ModuleConfig,
+    RetrainConfig,
+)
 from retrain.errors import ConfigError
 from tests.conftest import ROOT, write_image
 from tests.fault_tools import save_tiny_module
@@ -80,6 +89,14 @@ def test_validate_names_the_setting(tmp_path, config, settings, field, words):
     assert str(info.value).startswith(field) and words in str(info.value)
 
 
+def write_photos(image_dir: Path, per_class: int) -> None:
+    """`per_class` red and blue PNGs, and an undecodable red/broken.jpg."""
+    for i in range(per_class):
+        write_image(image_dir / "red" / f"r{i}.png", color=(200 + i, 20, 20))
+        write_image(image_dir / "blue" / f"b{i}.png", color=(20, 20, 200 + i))
+    (image_dir / "red" / "broken.jpg").write_bytes(b"not a JPEG")
+
+
 def test_extract_runs_the_direct_runner_from_a_config(tmp_path):
     """A notebook's call: a RetrainConfig in, the summary out, the cache filled; again, and
     everything is found cached (the broken file is tried and skipped again)."""
@@ -91,10 +108,7 @@ def test_extract_runs_the_direct_runner_from_a_config(tmp_path):
 
     module_dir = tmp_path / "module"
     save_tiny_module(module_dir)
-    for i in range(3):
-        write_image(tmp_path / "images" / "red" / f"r{i}.png", color=(200 + i, 20, 20))
-        write_image(tmp_path / "images" / "blue" / f"b{i}.png", color=(20, 20, 200 + i))
-    (tmp_path / "images" / "red" / "broken.jpg").write_bytes(b"not a JPEG")
+    write_photos(tmp_path / "images", per_class=3)
     config = config_for(
         tmp_path / "images",
         tmp_path / "bottlenecks",
@@ -107,9 +121,97 @@ def test_extract_runs_the_direct_runner_from_a_config(tmp_path):
     summary = extract(config, options, BeamSettings(summary_json=str(summary_json)))
     counts = ("images", "computed", "cached", "failed")
     assert [summary[name] for name in counts] == [7, 6, 0, 1]
+    assert "copies" not in summary  # none asked for
     assert json.loads(summary_json.read_text()) == summary
     cache = open_cache(tmp_path / "bottlenecks", load_module(config.module))
     assert len(cache) == 6 and summary["cache_folder"] == str(cache.folder)
 
     again = extract(config)  # default options: the DirectRunner
     assert [again[name] for name in counts] == [7, 0, 6, 1]
+
+
+# 20% validation, 20% testing: of write_photos(6), b0 b1 b3 r0 r3 r4 and broken.jpg train.
+SPLIT = DataConfig(testing_percentage=20, validation_percentage=20)
+DISTORTIONS = DistortionConfig(
+    True, random_crop=10, random_scale=20, random_brightness=30, copies=2
+)
+TRAINING = ("b0.png", "b1.png", "b3.png", "r0.png", "r3.png", "r4.png")
+
+
+def copies_config(image_dir: Path, bottleneck_dir: Path, module_dir: Path) -> RetrainConfig:
+    return RetrainConfig(
+        image_dir=str(image_dir),
+        data=SPLIT,
+        module=ModuleConfig(
+            handle=str(module_dir), extraction_backend="tensorflow", extraction_batch_size=4
+        ),
+        cache=CacheConfig(bottleneck_dir=str(bottleneck_dir)),
+        training=HeadTrainingConfig(how_many_training_steps=5, train_batch_size=8),
+        distortions=DISTORTIONS,
+    )
+
+
+def cached_vectors(config: RetrainConfig, keys: list[bytes]) -> np.ndarray:
+    """The vectors of content `keys` in `config`'s cache folder; every one must be there."""
+    from retrain.bottlenecks import load_module, open_cache
+    from retrain.cache import key_array
+
+    cache = open_cache(config.cache.bottleneck_dir, load_module(config.module))
+    locations = cache.locate(key_array(keys), by="content")
+    assert (locations["shard"] >= 0).all()
+    vectors, ok = cache.read(locations)
+    assert ok.all()
+    return vectors
+
+
+def test_copies_leave_retrain_nothing_to_compute(tmp_path):
+    """With distortions.copies, the pipeline also caches the distorted copies of the training
+    images (only those) under retrain's keys; retrain with the same settings then computes
+    nothing, and the vectors are those retrain computes itself."""
+    pytest.importorskip("apache_beam")
+    import retrain
+    from retrain import distort
+    from retrain.beam_pipeline import extract
+    from retrain.cache import file_content_key
+
+    module_dir = tmp_path / "module"
+    save_tiny_module(module_dir)
+    image_dir = tmp_path / "images"
+    write_photos(image_dir, per_class=6)
+    config = copies_config(image_dir, tmp_path / "bottlenecks", module_dir)
+
+    summary = extract(config)
+    assert [summary[name] for name in ("images", "computed", "cached", "failed")] == [13, 12, 0, 1]
+    total = DISTORTIONS.copies * (len(TRAINING) + 1)  # broken.jpg's copies fail
+    assert summary["copies"] == {
+        "per_image": 2,
+        "total": total,
+        "cached": 0,
+        "computed": total - 2,
+        "failed": 2,
+    }
+
+    result = retrain.run(config)
+    assert (result.bottlenecks_computed, result.distortions["computed"]) == (0, 0)
+    assert result.distortions["reused"] == total - 2
+
+    reference = dataclasses.replace(config, cache=CacheConfig(str(tmp_path / "reference")))
+    alone = retrain.run(reference)
+    assert (alone.bottlenecks_computed, alone.distortions["computed"]) == (12, total - 2)
+    photos = {p.name: file_content_key(p) for p in image_dir.rglob("*.png")}
+    keys = list(photos.values())
+    keys += [
+        distort.copy_key(photos[name], DISTORTIONS, c)
+        for name in TRAINING
+        for c in range(DISTORTIONS.copies)
+    ]
+    np.testing.assert_allclose(
+        cached_vectors(config, keys), cached_vectors(reference, keys), rtol=0, atol=1e-5
+    )
+    with_copies = cached_vectors(config, keys[len(photos) :])
+    originals = cached_vectors(config, [photos[name] for name in TRAINING for _ in range(2)])
+    assert np.abs(with_copies - originals).max(axis=1).min() > 1e-3  # distorted, every one
+
+    again = extract(config)  # everything cached; broken.jpg and its copies fail again
+    assert [again[name] for name in ("computed", "cached", "failed")] == [0, 12, 1]
+    assert again["copies"] == {**summary["copies"], "cached": total - 2, "computed": 0}
