@@ -306,9 +306,28 @@ def _evaluate_test(
         trained.weights, trained.biases, ((c.x, c.y) for c in test.chunks())
     )
     log.info("Final test accuracy = %.1f%% (N=%d)", 100 * result.accuracy, len(test))
+    _log_evaluation(result, labels)
     if config.evaluation.print_misclassified_test_images and size < 0:
         _print_misclassified(b, result, labels)
     return {"testing": result}
+
+
+def _log_evaluation(result: evaluation.Evaluation, labels: list[str]) -> None:
+    """The evaluation's interval, macro F1 and ROC AUC, and its weakest classes."""
+    report = result.report(labels)
+    low, high = report["accuracy_interval_95"]
+    auc = report["macro_roc_auc"]
+    log.info(
+        "Test accuracy 95%% interval %.1f%%-%.1f%% (N=%d); macro F1 %.3f, macro ROC AUC %s",
+        100 * low,
+        100 * high,
+        report["n"],
+        report["macro_f1"] or 0.0,
+        "n/a" if auc is None else f"{auc:.3f}",
+    )
+    recalls = [(v["recall"], name) for name, v in report["per_class"].items() if v["support"]]
+    worst = ", ".join(f"{name} {100 * recall:.0f}%" for recall, name in sorted(recalls)[:3])
+    log.info("Lowest recall: %s", worst)
 
 
 def _fine_tune(

@@ -82,6 +82,8 @@ class RunResult:
             "output_graph": self.outputs.get("output_graph"),
             "output_labels": self.outputs.get("output_labels"),
         }
+        if test is not None:
+            metrics["test_evaluation"] = test.report(self.labels)
         if self.fine_tune is not None:
             metrics["fine_tune"] = self.fine_tune.metrics()
         if self.cluster is not None:

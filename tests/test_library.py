@@ -371,3 +371,34 @@ def test_export_stage_writes_what_it_is_told(tmp_path, tiny_module_dir):
         "output_tflite": settings.output_tflite,
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.pb", "m.tflite"]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_evaluation_report_by_hand():
+    from retrain.evaluate import evaluate_chunks, roc_auc, wilson_interval
+
+    # Three classes; identity weights make the features the logits.
+    x = np.log(
+        np.array(
+            [[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.4, 0.1], [0.3, 0.3, 0.4]]
+        )
+    )
+    y = np.array([0, 0, 1, 1, 2])
+    result = evaluate_chunks(np.eye(3), np.zeros(3), [(x[:2], y[:2]), (x[2:], y[2:])], 3)
+    report = result.report(["a", "b", "c"])
+    assert result.confusion_matrix().tolist() == [[2, 0, 0], [1, 1, 0], [0, 0, 1]]
+    assert report["per_class"]["a"] == {
+        "precision": pytest.approx(2 / 3),
+        "recall": 1.0,
+        "f1": pytest.approx(0.8),
+        "support": 2,
+        "roc_auc": 1.0,  # both of its images outscore the three others
+    }
+    assert report["accuracy"] == pytest.approx(0.8) and report["n"] == 5
+    assert report["accuracy_interval_95"] == pytest.approx([0.3755, 0.9638], abs=1e-3)
+    assert "top5_accuracy" not in report
+    assert roc_auc(np.array([0.1, 0.1, 0.9]), np.array([False, True, True])) == 0.75
+    assert roc_auc(np.array([0.1, 0.2]), np.array([True, True])) is None
+    assert wilson_interval(0, 0) == (0.0, 1.0)
