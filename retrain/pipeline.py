@@ -400,9 +400,17 @@ def _print_misclassified(
     log.info("=== MISCLASSIFIED TEST IMAGES ===")
     test_paths = b.paths_of("testing")
     truth = b.labels[b.in_split("testing")]
-    for path, predicted, actual in zip(test_paths, test_eval.predictions, truth):
+    scores = test_eval.probabilities.max(axis=1)
+    for path, predicted, actual, score in zip(test_paths, test_eval.predictions, truth, scores):
         if predicted != actual:
-            log.info("%70s  %s", scan.display_path(path), labels[predicted])
+            # retrain.py's two columns first (file, predicted label), for scripts that read them.
+            log.info(
+                "%70s  %s  (true: %s, score %.3f)",
+                scan.display_path(path),
+                labels[predicted],
+                labels[actual],
+                score,
+            )
 
 
 def _frozen_module(config: RetrainConfig, module: ImageModule, module_object: LazyModule):

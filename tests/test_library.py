@@ -402,3 +402,24 @@ def test_evaluation_report_by_hand():
     assert roc_auc(np.array([0.1, 0.1, 0.9]), np.array([False, True, True])) == 0.75
     assert roc_auc(np.array([0.1, 0.2]), np.array([True, True])) is None
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_misclassified_test_images_are_listed(example_copy, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="retrain")
+    result = retrain.run(
+        RetrainConfig(
+            image_dir=str(example_copy),
+            training=HeadTrainingConfig(how_many_training_steps=5),
+            evaluation=retrain.EvaluationConfig(print_misclassified_test_images=True),
+        )
+    )
+    lines = [r.getMessage() for r in caplog.records if "(true: " in r.getMessage()]
+    wrong = int(round((1 - result.test.accuracy) * result.test.count))
+    assert len(lines) == wrong > 0
+    for line in lines:
+        path, predicted, rest = line.split(maxsplit=2)
+        true, score = re.fullmatch(r"\(true: (.+), score ([0-9.]+)\)", rest).groups()
+        assert Path(path).exists() and predicted in result.labels and true in result.labels
+        assert predicted != true and 0 < float(score) <= 1
