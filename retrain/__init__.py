@@ -21,6 +21,7 @@ Importing `retrain` does not import TensorFlow; `run` does.
 from __future__ import annotations
 
 from retrain.config import (
+    AuditConfig,
     CacheConfig,
     DataConfig,
     DistortionConfig,
@@ -39,6 +40,7 @@ from retrain.results import RunResult, Timings
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditConfig",
     "CacheConfig",
     "ConfigError",
     "DataConfig",
@@ -55,8 +57,17 @@ __all__ = [
     "RunResult",
     "Timings",
     "UsageError",
+    "audit_photos",
     "run",
 ]
+
+
+def audit_photos(config: RetrainConfig):
+    """Audit `config`'s photos: suspect labels, duplicates, outliers (an `audit.AuditReport`);
+    see `retrain.pipeline.audit_photos` (imports TensorFlow on first call)."""
+    from retrain.pipeline import audit_photos as audit_pipeline
+
+    return audit_pipeline(config)
 
 
 def run(config: RetrainConfig) -> RunResult:

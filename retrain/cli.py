@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             interrupt.check()
             from retrain import pipeline  # heavy: imports TensorFlow
 
+            if flag_values.audit:
+                pipeline.audit_photos(config)
+                return 0
             result = pipeline.run(config)
         check_accuracy(
             result.test.accuracy if result.test else None, flag_values.assert_accuracy_at_least

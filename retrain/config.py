@@ -157,6 +157,15 @@ class DistributionConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit of the photos (`retrain.audit`): suspect labels, duplicates, outliers."""
+
+    output_dir: str | None = None  # one CSV per finding kind; None: none
+    folds: int = 5  # out-of-sample predictions: a layer per fold, trained on the others
+    duplicate_similarity: float = 0.95  # cosine similarity of vectors from which photos pair
+
+
+@dataclass(frozen=True)
 class OutputsConfig:
     """What a run reports besides the model; None writes nothing."""
 
@@ -180,6 +189,7 @@ class RetrainConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def validate(self) -> RetrainConfig:
         """Raise ConfigError for the first invalid setting; return self when all are valid.
@@ -270,6 +280,16 @@ def _check_training_options(c: RetrainConfig) -> None:
     if t.plateau_patience < 1:
         raise ConfigError(
             "{0} must be positive, got " + str(t.plateau_patience), "training.plateau_patience"
+        )
+
+
+def _check_audit(c: RetrainConfig) -> None:
+    if c.audit.folds < 2:
+        raise ConfigError("{0} must be at least 2, got " + str(c.audit.folds), "audit.folds")
+    if not 0 < c.audit.duplicate_similarity <= 1:
+        raise ConfigError(
+            "{0} is a cosine similarity in (0, 1], got " + str(c.audit.duplicate_similarity),
+            "audit.duplicate_similarity",
         )
 
 
@@ -388,6 +408,7 @@ OUTPUT_DIRS = (
     "export.saved_model_dir",
     "training.checkpoint_path",
     "module.cache_dir",
+    "audit.output_dir",
 )
 
 
@@ -412,6 +433,7 @@ _CHECKS = (
     _check_image_dir,
     _check_counts,
     _check_training_options,
+    _check_audit,
     _check_split,
     _check_distortions,
     _check_choices,

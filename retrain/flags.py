@@ -252,6 +252,26 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "split_manifest", "", "Write a CSV path,label,split of every image used.", flag_values=f
     )
     flags.DEFINE_string("metrics_json", "", "Write the run's results as JSON here.", flag_values=f)
+    flags.DEFINE_boolean(
+        "audit",
+        False,
+        "Audit the photos instead of training: suspect labels, duplicates and outliers, found "
+        "with the cached bottlenecks; writes CSVs to --audit_dir (needs retrain[audit]).",
+        flag_values=f,
+    )
+    flags.DEFINE_string(
+        "audit_dir", "/tmp/retrain_audit", "Where --audit writes its CSVs.", flag_values=f
+    )
+    flags.DEFINE_integer(
+        "audit_folds", 5, "--audit: folds of the out-of-sample predictions.", flag_values=f
+    )
+    flags.DEFINE_float(
+        "audit_duplicate_similarity",
+        0.95,
+        "--audit: cosine similarity of two photos' vectors from which they are reported as "
+        "near duplicates.",
+        flag_values=f,
+    )
     flags.DEFINE_float(
         "assert_accuracy_at_least",
         None,
@@ -381,9 +401,12 @@ FLAG_FIELDS = {
     "summaries_dir": "outputs.summaries_dir",
     "metrics_json": "outputs.metrics_json",
     "split_manifest": "outputs.split_manifest",
+    "audit_dir": "audit.output_dir",
+    "audit_folds": "audit.folds",
+    "audit_duplicate_similarity": "audit.duplicate_similarity",
 }
 # Flags of the command itself, not of a run: logging and the exit status.
-COMMAND_FLAGS = ("logging_verbosity", "assert_accuracy_at_least")
+COMMAND_FLAGS = ("logging_verbosity", "assert_accuracy_at_least", "audit")
 _FLAG_OF_FIELD = {field: flag for flag, field in FLAG_FIELDS.items()}
 
 
@@ -401,6 +424,8 @@ def config_from_flags(f: flags.FlagValues) -> RetrainConfig:
     for flag, field in FLAG_FIELDS.items():
         value = f[flag].value
         values[field] = None if value == "" and field != "image_dir" else value
+    if not f.audit:
+        values["audit.output_dir"] = None  # a training run writes no audit
     config = _build(RetrainConfig, values)
     try:
         config.validate()

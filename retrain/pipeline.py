@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrain import distort, distribute, export, finetune, module_cache, scan
+from retrain import audit, distort, distribute, export, finetune, module_cache, scan
 from retrain import evaluate as evaluation
 from retrain.atomic import atomic_write_text
+from retrain.audit import AuditReport
 from retrain.bottlenecks import (
     Bottlenecks,
     LazyModule,
@@ -84,6 +85,7 @@ def run(config: RetrainConfig) -> RunResult:
             distortions=config.distortions,
         )
         bottlenecks.check_trainable(image_set.labels)
+        _hint_at_cross_split_duplicates(bottlenecks)
         check_interrupt()
         head = SoftmaxHead(len(image_set.labels))
         trained = _train(config, bottlenecks, head, module, module_object, chief)
@@ -126,6 +128,69 @@ def run(config: RetrainConfig) -> RunResult:
     if cluster is not None:
         distribute.barrier(cluster)  # the others wait for the chief's outputs: all end together
     return result
+
+
+def audit_photos(config: RetrainConfig) -> AuditReport:
+    """The audit (`retrain.audit`): the config's images scanned and their bottlenecks cached
+    (computing only what is missing), then judged for suspect labels, duplicates and outliers;
+    writes the CSVs to `audit.output_dir` and the counts to `outputs.metrics_json` if set.
+    Trains nothing it keeps and exports nothing."""
+    if not isinstance(config, RetrainConfig):
+        raise TypeError(f"audit_photos() takes a RetrainConfig, got {type(config).__name__}")
+    config.validate()
+    image_set = scan_images(config)
+    module = load_module(config.module)
+    with _bottleneck_folder(config.cache.bottleneck_dir) as bottleneck_dir:
+        bottlenecks = compute_bottlenecks(
+            image_set,
+            module,
+            LazyModule(module),
+            bottleneck_dir,
+            config.module,
+            config.data.max_image_pixels,
+        )
+        report = audit.audit_bottlenecks(
+            bottlenecks, image_set.labels, config.audit, config.training
+        )
+    log.info(
+        "Audit of %d images in %.1f s: %d suspect labels, %d duplicate pairs (%d across "
+        "splits), %d outliers%s",
+        report.images,
+        report.seconds,
+        len(report.suspects),
+        len(report.duplicates),
+        len(report.cross_split_duplicates()),
+        len(report.outliers),
+        f"; CSVs in {config.audit.output_dir}" if report.files else "",
+    )
+    for row in report.suspects[:5]:
+        log.info(
+            "Suspect: %s is filed under %s, looks like %s (%.2f vs %.2f)",
+            row["path"],
+            row["label"],
+            row["expected"],
+            row["p_label"],
+            row["p_expected"],
+        )
+    if config.outputs.metrics_json:
+        text = json.dumps({"audit": report.metrics()}, indent=2) + "\n"
+        atomic_write_text(config.outputs.metrics_json, text)
+    return report
+
+
+def _hint_at_cross_split_duplicates(b: Bottlenecks) -> None:
+    """One line when files with the same bytes sit in more than one split."""
+    across = [
+        (i, j)
+        for i, j in audit.identical_pairs(b.locations)
+        if b.split_codes[i] != b.split_codes[j]
+    ]
+    if across:
+        log.info(
+            "%d pair(s) of identical files sit in different splits, which inflates the "
+            "validation and test figures; retrain --audit lists them",
+            len(across),
+        )
 
 
 def scan_images(config: RetrainConfig, write_manifest: bool = True) -> scan.ImageSet:
