@@ -198,7 +198,10 @@ def scan_images(config: RetrainConfig, write_manifest: bool = True) -> scan.Imag
     the split manifest written if the config names one (and `write_manifest`)."""
     data = config.data
     image_set = scan.scan_image_dir(
-        config.image_dir, data.validation_percentage, data.testing_percentage
+        config.image_dir,
+        data.validation_percentage,
+        data.testing_percentage,
+        split_hash=data.split_hash,
     )
     needed = tuple(
         split

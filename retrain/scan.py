@@ -1,9 +1,22 @@
 """Scanning an image folder into classes and a stable train/validation/test split.
 
-Follows retrain.py: every direct subfolder of the image folder is a class (sorted), the label is
-the folder name lower-cased with runs of other characters replaced by a space, and each file's
-split comes from a hash of its base name, so the split survives moving the folder and adding
+As retrain.py: every direct subfolder of the image folder is a class (sorted), the label is the
+folder name lower-cased with runs of other characters replaced by a space, and each file's split
+comes from retrain.py's formula (SHA-1 of a name, anything after `_nohash_` ignored), so adding
 files never moves old ones between splits.
+
+What the formula hashes (`split_hash`) is where we differ by default:
+
+- "basename" (default, ours): the file's base name. The split survives moving or renaming the
+  image folder and does not depend on how the folder is spelled.
+- "path" (retrain.py's): the path as retrain.py's glob spelled it, `os.path.join(image_dir,
+  class_folder, file_name)` with `image_dir` as given, not resolved: a relative one stays
+  relative and only `~` is expanded, as the shell did for retrain.py. So `photos` and `photos/`
+  split alike (os.path.join adds no second slash), while `./photos`, `photos//` or the absolute
+  path each split differently. This reproduces retrain.py's split file for file for the same
+  `--image_dir` string, and changes when the folder moves. Files retrain.py never listed (in
+  nested folders, or with extensions it does not glob) hash the path spelled the same way:
+  `os.path.join(image_dir, class_folder, path_in_class)`.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from typing import overload
 import numpy as np
 
 from retrain.atomic import atomic_write_text
+from retrain.config import SPLIT_HASHES
 from retrain.errors import ConfigError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
@@ -164,12 +178,15 @@ def label_for_folder(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", name.lower())
 
 
-def split_for_file(basename: str, validation_percentage: float, testing_percentage: float) -> str:
-    """retrain.py's split for a file, from a hash of its base name.
+def split_for_file(name: str, validation_percentage: float, testing_percentage: float) -> str:
+    """retrain.py's split for a file from `name`, the string its split is a hash of (see
+    `split_hash_name`: the base name by default, the globbed path for retrain.py's split).
 
-    Anything after `_nohash_` is ignored, so variants of one photo land in the same split.
+    Anything after the first `_nohash_` is ignored, so variants of one photo land in the same
+    split (with a whole path hashed, that holds for `_nohash_` in a folder name too, as in
+    retrain.py).
     """
-    hash_name = re.sub(r"_nohash_.*$", "", basename)
+    hash_name = re.sub(r"_nohash_.*$", "", name)
     # os.fsencode gives the file name's original bytes, also for names that are not UTF-8.
     digest = hashlib.sha1(os.fsencode(hash_name)).hexdigest()
     percentage = (int(digest, 16) % (MAX_NUM_IMAGES_PER_CLASS + 1)) * (
@@ -180,6 +197,28 @@ def split_for_file(basename: str, validation_percentage: float, testing_percenta
     if percentage < validation_percentage + testing_percentage:
         return "testing"
     return "training"
+
+
+def split_hash_name(split_hash: str, image_dir: str, class_folder: str, in_class: str) -> str:
+    """The string whose hash decides a file's split, for `split_hash` (one of SPLIT_HASHES).
+
+    `image_dir` is the image folder as the user spelled it, `class_folder` the class folder's
+    name and `in_class` the file's path inside that folder ("photo.jpg", or "sub/photo.jpg" in a
+    nested folder). "basename" gives the file's base name; "path" gives
+    `os.path.join(image_dir, class_folder, in_class)`, which for a file directly in the class
+    folder is the path retrain.py's `os.path.join(image_dir, dir_name, '*.jpg')` glob returned.
+    """
+    if split_hash == "basename":
+        return os.path.basename(in_class)
+    return os.path.join(image_dir, class_folder, in_class)
+
+
+def _check_split_hash(split_hash: str) -> None:
+    if split_hash not in SPLIT_HASHES:
+        raise ConfigError(
+            f"{{0}} must be one of {', '.join(SPLIT_HASHES)}, got {split_hash!r}",
+            "data.split_hash",
+        )
 
 
 def display_path(path: str | os.PathLike) -> str:
@@ -250,13 +289,21 @@ def scan_image_dir(
     image_dir: str | os.PathLike,
     validation_percentage: float,
     testing_percentage: float,
+    split_hash: str = "basename",
 ) -> ImageSet:
     """Find the classes and images under `image_dir` and assign each image its split.
 
+    `split_hash` (one of SPLIT_HASHES) says what a file's split is a hash of: its base name, or
+    (for retrain.py's split) its path spelled from `image_dir` as given (see `split_hash_name`).
+    The paths found, and so the manifest and the cache keys, do not depend on it.
+
     Raises ConfigError (naming `image_dir`) when the folder is missing or empty, when two
-    class folders map to the same label, or when fewer than two classes hold images.
+    class folders map to the same label, or when fewer than two classes hold images; and
+    (naming `data.split_hash`) for an unknown `split_hash`.
     """
-    root = Path(image_dir).expanduser()
+    _check_split_hash(split_hash)
+    spelled = os.path.expanduser(os.fspath(image_dir))  # as the shell gave it to retrain.py
+    root = Path(spelled)
     if not root.is_dir():
         raise ConfigError(f"{{0}}: folder not found: {display_path(root)}", "image_dir")
     class_dirs = sorted(
@@ -290,8 +337,14 @@ def scan_image_dir(
         label_source[label] = entry.name
         label_indices.append(np.full(len(images), len(labels), dtype=np.int32))
         labels.append(label)
+        # Every path found starts with the class folder's path and a separator.
+        inside = len(entry.path) + 1
         splits = (
-            split_for_file(os.path.basename(path), validation_percentage, testing_percentage)
+            split_for_file(
+                split_hash_name(split_hash, spelled, entry.name, path[inside:]),
+                validation_percentage,
+                testing_percentage,
+            )
             for path in images
         )
         split_codes.append(np.array([SPLITS.index(split) for split in splits], dtype=np.int8))
