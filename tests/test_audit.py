@@ -1,0 +1,139 @@
+"""The audit of the photos (`retrain --audit`): suspect labels, duplicates and outliers found
+on built folders, and none on a clean one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import retrain
+from retrain import cli
+from retrain.config import (
+    AuditConfig,
+    CacheConfig,
+    DataConfig,
+    HeadTrainingConfig,
+    ModuleConfig,
+    RetrainConfig,
+)
+from tests.fault_tools import save_tiny_module
+
+pytest.importorskip("cleanlab")
+pytest.importorskip("faiss")
+
+
+def photo(path: Path, main_channel: int, seed: int) -> Path:
+    """A 224x224 image of 4x4 random cells, bright in `main_channel` (0 red, 1 green, 2 blue)."""
+    rng = np.random.default_rng(seed)
+    cells = rng.uniform(0.0, 0.35, (4, 4, 3))
+    cells[..., main_channel] = rng.uniform(0.5, 1.0, (4, 4))
+    pixels = np.kron(cells, np.ones((56, 56, 1)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_module(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "module"
+    save_tiny_module(path)
+    return path
+
+
+def clean_folder(root: Path, count: int = 20) -> Path:
+    for i in range(count):
+        photo(root / "red" / f"r{i}.png", 0, seed=i)
+        photo(root / "blue" / f"b{i}.png", 2, seed=100 + i)
+    return root
+
+
+def audit_config(image_dir: Path, out: Path, tiny_module: Path) -> RetrainConfig:
+    return RetrainConfig(
+        image_dir=str(image_dir),
+        data=DataConfig(testing_percentage=20, validation_percentage=20),
+        module=ModuleConfig(handle=str(tiny_module), extraction_backend="tensorflow"),
+        cache=CacheConfig(bottleneck_dir=str(out / "bottlenecks")),
+        training=HeadTrainingConfig(how_many_training_steps=200, learning_rate=0.1),
+        audit=AuditConfig(output_dir=str(out / "audit"), duplicate_similarity=0.999),
+    )
+
+
+def test_planted_problems_are_found(tmp_path, tiny_module):
+    root = clean_folder(tmp_path / "images")
+    photo(root / "blue" / "filed_wrong.png", 0, seed=999)  # a red photo under blue
+    shutil.copy(root / "red" / "r3.png", root / "blue" / "copy_of_r3.png")  # two classes
+    photo(root / "red" / "off_topic.png", 1, seed=7)  # green: neither class
+    report = retrain.audit_photos(audit_config(root, tmp_path, tiny_module))
+
+    top = {Path(row["path"]).name for row in report.suspects[:3]}
+    assert "filed_wrong.png" in top
+    wrong = next(r for r in report.suspects if r["path"].endswith("filed_wrong.png"))
+    assert (wrong["label"], wrong["expected"]) == ("blue", "red") and wrong["p_expected"] > 0.5
+    (copy,) = [r for r in report.duplicates if r["finding"] == "identical file"]
+    assert {Path(copy["path_a"]).name, Path(copy["path_b"]).name} == {"r3.png", "copy_of_r3.png"}
+    assert copy["label_a"] != copy["label_b"] and copy["similarity"] == 1.0
+    assert [Path(r["path"]).name for r in report.outliers][:1] == ["off_topic.png"]
+    files = {kind: Path(path) for kind, path in report.files.items()}
+    assert set(files) == {"suspects", "duplicates", "outliers"}
+    assert files["suspects"].read_text().startswith("path,finding,label,expected,p_label")
+    assert len(files["duplicates"].read_text().splitlines()) == 1 + len(report.duplicates)
+
+
+def test_a_clean_folder_gives_no_false_alarms(tmp_path, tiny_module):
+    report = retrain.audit_photos(
+        audit_config(clean_folder(tmp_path / "images"), tmp_path, tiny_module)
+    )
+    assert report.images == 40
+    assert len(report.suspects) <= 2  # at most 5%
+    assert report.duplicates == [] and report.outliers == []
+
+
+def test_command_line_audit_writes_csvs_and_metrics(tmp_path, tiny_module):
+    root = clean_folder(tmp_path / "images", count=10)
+    shutil.copy(root / "red" / "r1.png", root / "red" / "r1_again.png")
+    status = cli.main(
+        [
+            "retrain",
+            "--audit",
+            f"--image_dir={root}",
+            f"--tfhub_module={tiny_module}",
+            "--extraction_backend=tensorflow",
+            f"--bottleneck_dir={tmp_path / 'b'}",
+            f"--audit_dir={tmp_path / 'audit'}",
+            f"--metrics_json={tmp_path / 'metrics.json'}",
+            f"--output_graph={tmp_path / 'graph.pb'}",
+            "--how_many_training_steps=100",
+        ]
+    )
+    assert status == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["audit"]
+    assert metrics["images"] == 21 and metrics["duplicates"] >= 1
+    assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == [
+        "duplicates.csv",
+        "outliers.csv",
+        "suspects.csv",
+    ]
+    assert not (tmp_path / "graph.pb").exists()  # an audit trains and exports nothing
+
+
+def test_a_training_run_hints_at_identical_files_across_splits(tmp_path, tiny_module, caplog):
+    import logging
+
+    from retrain.scan import split_for_file
+
+    root = clean_folder(tmp_path / "images", count=10)
+    source = root / "red" / "r0.png"
+    twin = next(
+        f"twin{i}.png"
+        for i in range(100)
+        if split_for_file(f"twin{i}.png", 20, 20) != split_for_file("r0.png", 20, 20)
+    )
+    shutil.copy(source, root / "red" / twin)
+    caplog.set_level(logging.INFO, logger="retrain")
+    retrain.run(audit_config(root, tmp_path, tiny_module))
+    assert any("identical files sit in different splits" in r.getMessage() for r in caplog.records)
