@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrain import audit, distort, distribute, export, finetune, module_cache, scan
+from retrain import audit, distort, distribute, export, finetune, health, module_cache, scan
 from retrain import evaluate as evaluation
 from retrain.atomic import atomic_write_text
 from retrain.audit import AuditReport
@@ -121,6 +121,15 @@ def run(config: RetrainConfig) -> RunResult:
         cluster=_cluster_metrics(bottlenecks) if cluster is not None else None,
         distortions=_distortion_metrics(config, bottlenecks),
     )
+    result.health = health.diagnose(
+        result,
+        np.bincount(
+            bottlenecks.labels[bottlenecks.in_split("training")], minlength=len(image_set.labels)
+        ),
+        _cross_split_duplicates(bottlenecks),
+        config.training.learning_rate,
+    )
+    _log_health(result.health)
     if config.outputs.metrics_json and chief:
         metrics = result.metrics()
         atomic_write_text(config.outputs.metrics_json, json.dumps(metrics, indent=2) + "\n")
@@ -178,19 +187,28 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
     return report
 
 
+def _cross_split_duplicates(b: Bottlenecks) -> int:
+    """Pairs of files with the same bytes in different splits."""
+    pairs = audit.identical_pairs(b.locations)
+    return sum(b.split_codes[i] != b.split_codes[j] for i, j in pairs)
+
+
 def _hint_at_cross_split_duplicates(b: Bottlenecks) -> None:
     """One line when files with the same bytes sit in more than one split."""
-    across = [
-        (i, j)
-        for i, j in audit.identical_pairs(b.locations)
-        if b.split_codes[i] != b.split_codes[j]
-    ]
-    if across:
+    if across := _cross_split_duplicates(b):
         log.info(
             "%d pair(s) of identical files sit in different splits, which inflates the "
             "validation and test figures; retrain --audit lists them",
-            len(across),
+            across,
         )
+
+
+def _log_health(findings: list[health.Finding]) -> None:
+    for finding in findings:
+        level = logging.WARNING if finding.severity == "warning" else logging.INFO
+        log.log(level, "Health: %s. Suggestion: %s", finding.message, finding.suggestion)
+    if not any(f.severity == "warning" for f in findings):
+        log.info("Health: no problem found")
 
 
 def scan_images(config: RetrainConfig, write_manifest: bool = True) -> scan.ImageSet:

@@ -43,6 +43,8 @@ class RunResult:
     fine_tune: FineTuneResult | None = None
     cluster: dict[str, Any] | None = None  # a multi-worker run: this worker and the cluster
     distortions: dict[str, Any] | None = None  # how training images were distorted, if at all
+    # What the figures say: retrain.health.Finding objects (health reads this module).
+    health: list[Any] = field(default_factory=list)
 
     @property
     def test(self) -> Evaluation | None:
@@ -90,6 +92,7 @@ class RunResult:
             metrics["cluster"] = dict(self.cluster)
         if self.distortions is not None:
             metrics["distortions"] = dict(self.distortions)
+        metrics["health"] = [finding.as_dict() for finding in self.health]
         return metrics
 
 

@@ -39,6 +39,10 @@ TrainingSource = Union[Split, FeatureSplit, "DistortedStream"]
 MAX_STEPS_PER_CALL = 500
 
 
+class TrainingDiverged(RetrainError):
+    """The loss became NaN or infinite: the run stops at once, saying why."""
+
+
 @dataclass
 class TrainResult:
     """The trained layer (its head, weights and biases) and what training measured."""
@@ -134,12 +138,15 @@ class HeadTrainer(tf.Module):
     def run_intervals(self, intervals, steps_per_interval, val_x, val_y, val_size, summaries):
         """Run `intervals` rounds of (train, evaluate, write summaries) in one graph call.
 
-        Returns float32 [intervals, 4]: train accuracy, train cross-entropy, validation
-        accuracy, validation cross-entropy (NaN without a validation split).
+        Returns float32 [intervals, 5]: train accuracy, train cross-entropy, validation
+        accuracy, validation cross-entropy (NaN without a validation split), and the size of
+        one step's update of the weights relative to the weights (see `_update_ratio`).
         """
         records = tf.TensorArray(tf.float32, size=intervals)
         for i in tf.range(intervals):
+            before = tf.identity(self.head.weights)
             train_accuracy, train_entropy = self.run_steps(steps_per_interval)
+            update_ratio = _update_ratio(before, self.head.weights, steps_per_interval)
             val_accuracy, val_entropy = tf.constant(np.nan, tf.float32), tf.constant(np.nan)
             if val_x is not None:
                 val_accuracy, val_entropy = self.evaluate_sample(val_x, val_y, val_size)
@@ -151,6 +158,7 @@ class HeadTrainer(tf.Module):
                     tf.summary.scalar("accuracy", train_accuracy)
                     tf.summary.scalar("cross_entropy", train_entropy)
                     tf.summary.scalar("learning_rate", current_learning_rate(self.optimizer))
+                    tf.summary.scalar("update_to_weight_ratio", update_ratio)
                     tf.summary.histogram("final_weights", self.head.weights)
                     tf.summary.histogram("final_biases", self.head.biases)
                 if val_x is not None:
@@ -158,10 +166,11 @@ class HeadTrainer(tf.Module):
                         tf.summary.scalar("accuracy", val_accuracy)
                         tf.summary.scalar("cross_entropy", val_entropy)
             records = records.write(
-                i, tf.stack([train_accuracy, train_entropy, val_accuracy, val_entropy])
+                i,
+                tf.stack([train_accuracy, train_entropy, val_accuracy, val_entropy, update_ratio]),
             )
         stacked = records.stack()
-        self.last_metrics.assign(stacked[-1])
+        self.last_metrics.assign(stacked[-1, :4])
         return stacked
 
     def evaluate_sample(self, x: tf.Tensor, y: tf.Tensor, size: tf.Tensor):
@@ -253,6 +262,13 @@ def train_head(
             step += count
             history.append(_record(step, row, val_x is not None))
             _log_record(history[-1], validation_n, config.validation_batch_size)
+            if not np.isfinite(row[1]):
+                raise TrainingDiverged(
+                    f"training diverged: the loss became {row[1]} at step {step} with a "
+                    f"learning rate of {config.learning_rate:g}; lower {{0}} (e.g. to "
+                    f"{config.learning_rate / 10:g})",
+                    "training.learning_rate",
+                )
         if on_step is not None:
             on_step(step, trainer.head.weights.numpy(), trainer.head.biases.numpy())
         if manager is not None and (step - last_saved >= config.checkpoint_every or step == total):
@@ -291,12 +307,22 @@ def _streamed_batches(
     ).prefetch(8)
 
 
+def _update_ratio(before: tf.Tensor, after: tf.Tensor, steps: tf.Tensor) -> tf.Tensor:
+    """||after - before|| / ||after|| per step: how far a step moves the weights, relative to
+    their size (about 1e-3 is healthy; far less, they barely move; far more, they thrash)."""
+    moved = tf.norm(after - before) / tf.maximum(tf.norm(after), 1e-12)
+    return moved / tf.cast(steps, tf.float32)
+
+
 def _record(step: int, row: np.ndarray, has_validation: bool) -> dict:
-    """One evaluation round as a dict, from [train acc, train xent, val acc, val xent]."""
+    """One evaluation round as a dict, from [train acc, train xent, val acc, val xent,
+    update ratio] (the last missing for a round restored from a checkpoint)."""
     record = {"step": step, "train_accuracy": float(row[0]), "cross_entropy": float(row[1])}
     if has_validation:
         record["validation_accuracy"] = float(row[2])
         record["validation_cross_entropy"] = float(row[3])
+    if len(row) > 4:
+        record["update_ratio"] = float(row[4])
     return record
 
 

@@ -1,0 +1,263 @@
+"""The training-health report: what a finished run's figures say about why it did or did not
+learn, each finding with its numbers and a suggestion.
+
+Warnings are problems (accuracy near chance, a loss that does not fall or that diverges,
+weights that barely move or thrash, overfitting, too few images, heavy imbalance, identical
+files across splits, fine-tuning that made things worse); notes are for reading (the pairs of
+classes most confused). A healthy run gives no warning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from retrain.results import RunResult
+
+# Per-step update / weight ratio: about 1e-3 is the usual healthy size.
+BARELY_MOVING = 1e-6
+THRASHING = 5e-2
+FEW_IMAGES = 20  # training images of a class
+IMBALANCE = 10.0  # largest / smallest class
+OVERFIT_GAP = 0.25  # training accuracy above validation accuracy
+CONFUSED_SHARE = 0.2  # of a class's test images predicted as one other class
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing the run's figures say."""
+
+    code: str
+    severity: str  # "warning" or "note"
+    message: str
+    suggestion: str
+    numbers: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """The finding for --metrics_json."""
+        return asdict(self)
+
+
+def diagnose(
+    result: RunResult,
+    train_counts: np.ndarray,
+    duplicates_across_splits: int,
+    learning_rate: float,
+) -> list[Finding]:
+    """The findings of a finished run: `train_counts` are the training images per class,
+    `duplicates_across_splits` the pairs of identical files in different splits."""
+    findings: list[Finding] = []
+    history = result.head.history
+    findings += _accuracy(result)
+    findings += _loss(history, learning_rate)
+    findings += _updates(history, learning_rate)
+    findings += _overfitting(history)
+    findings += _data(result.labels, train_counts, duplicates_across_splits)
+    findings += _fine_tuning(result)
+    findings += _confusions(result)
+    return findings
+
+
+def _accuracy(result: RunResult) -> list[Finding]:
+    test = result.test
+    if test is None or not test.count:
+        return []
+    chance = 1.0 / len(result.labels)
+    if test.accuracy >= chance + 0.15:
+        return []
+    return [
+        Finding(
+            "accuracy_near_chance",
+            "warning",
+            f"test accuracy {test.accuracy:.1%} is near chance ({chance:.1%} for "
+            f"{len(result.labels)} classes): the model has learnt next to nothing",
+            "check that each folder holds its class (retrain --audit), and that the loss falls "
+            "(see the other findings)",
+            {"test_accuracy": test.accuracy, "chance": chance, "n": test.count},
+        )
+    ]
+
+
+def _quarters(history: list[dict], key: str) -> tuple[float, float] | None:
+    values = [r[key] for r in history if key in r]
+    if len(values) < 8:
+        return None
+    quarter = len(values) // 4
+    return float(np.mean(values[:quarter])), float(np.mean(values[-quarter:]))
+
+
+def _loss(history: list[dict], learning_rate: float) -> list[Finding]:
+    ends = _quarters(history, "cross_entropy")
+    if ends is None:
+        return []
+    first, last = ends
+    numbers = {"first_quarter_loss": first, "last_quarter_loss": last}
+    if not np.isfinite(last) or last > 2 * first:
+        return [
+            Finding(
+                "loss_diverging",
+                "warning",
+                f"the training loss grew from {first:.3g} to {last:.3g}: training diverges",
+                f"lower the learning rate ({learning_rate:g}), e.g. tenfold",
+                numbers,
+            )
+        ]
+    if last > 0.9 * first:
+        return [
+            Finding(
+                "loss_not_decreasing",
+                "warning",
+                f"the training loss barely fell ({first:.3g} to {last:.3g})",
+                f"the learning rate ({learning_rate:g}) may be too high (it overshoots) or too "
+                "low; or the labels carry no signal (retrain --audit)",
+                numbers,
+            )
+        ]
+    return []
+
+
+def _updates(history: list[dict], learning_rate: float) -> list[Finding]:
+    ratios = [r["update_ratio"] for r in history if "update_ratio" in r]
+    if not ratios:
+        return []
+    ratio = float(np.median(ratios[-max(1, len(ratios) // 4) :]))
+    numbers = {"update_to_weight_ratio": ratio}
+    # A layer that fits its training data (the loss near 0) rests: that is no stall.
+    settled = history[-1].get("cross_entropy", 1.0) < 0.05
+    if ratio < BARELY_MOVING and not settled:
+        return [
+            Finding(
+                "weights_barely_moving",
+                "warning",
+                f"each step moves the weights by {ratio:.1e} of their size: they barely move",
+                f"raise the learning rate ({learning_rate:g})",
+                numbers,
+            )
+        ]
+    if ratio > THRASHING:
+        return [
+            Finding(
+                "weights_moving_too_much",
+                "warning",
+                f"each step moves the weights by {ratio:.1e} of their size (about 1e-3 is "
+                "usual): they thrash instead of settling",
+                f"lower the learning rate ({learning_rate:g})",
+                numbers,
+            )
+        ]
+    return []
+
+
+def _overfitting(history: list[dict]) -> list[Finding]:
+    train = _quarters(history, "train_accuracy")
+    validation = _quarters(history, "validation_accuracy")
+    if train is None or validation is None or train[1] - validation[1] <= OVERFIT_GAP:
+        return []
+    return [
+        Finding(
+            "overfitting",
+            "warning",
+            f"training accuracy {train[1]:.1%} is far above validation accuracy "
+            f"{validation[1]:.1%}: the layer memorises the training images",
+            "add images, distortions (--distorted_copies), --dropout_rate or --weight_decay, "
+            "or train fewer steps",
+            {"train_accuracy": train[1], "validation_accuracy": validation[1]},
+        )
+    ]
+
+
+def _data(labels: list[str], counts: np.ndarray, duplicates: int) -> list[Finding]:
+    findings = []
+    few = {labels[i]: int(n) for i, n in enumerate(counts) if n < FEW_IMAGES}
+    if few:
+        findings.append(
+            Finding(
+                "few_images",
+                "warning",
+                f"{len(few)} class(es) have fewer than {FEW_IMAGES} training images: "
+                + ", ".join(f"{name} ({n})" for name, n in few.items()),
+                "add photos of those classes; their accuracy is measured on very few images",
+                {"training_images": few},
+            )
+        )
+    if counts.min() > 0 and counts.max() / counts.min() >= IMBALANCE:
+        findings.append(
+            Finding(
+                "class_imbalance",
+                "warning",
+                f"the largest class has {counts.max() / counts.min():.0f}x the training images "
+                f"of the smallest ({labels[int(counts.argmax())]} {counts.max()}, "
+                f"{labels[int(counts.argmin())]} {counts.min()})",
+                "try --sampling class_balanced or --class_weights balanced",
+                {"largest": int(counts.max()), "smallest": int(counts.min())},
+            )
+        )
+    if duplicates:
+        findings.append(
+            Finding(
+                "duplicates_across_splits",
+                "warning",
+                f"{duplicates} pair(s) of identical files sit in different splits: validation "
+                "and test accuracy are inflated",
+                "remove the copies (retrain --audit lists them)",
+                {"pairs": duplicates},
+            )
+        )
+    return findings
+
+
+def _fine_tuning(result: RunResult) -> list[Finding]:
+    tuned = result.fine_tune
+    if tuned is None or tuned.before is None or tuned.after is None:
+        return []
+    if tuned.after.accuracy >= tuned.before.accuracy - 0.02:
+        return []
+    return [
+        Finding(
+            "fine_tuning_hurt",
+            "warning",
+            f"fine-tuning lowered test accuracy from {tuned.before.accuracy:.1%} (the new "
+            f"layer alone) to {tuned.after.accuracy:.1%} at a learning rate of "
+            f"{tuned.settings.learning_rate:g}",
+            "lower --fine_tune_learning_rate (e.g. tenfold) or fine-tune fewer steps",
+            {
+                "before": tuned.before.accuracy,
+                "after": tuned.after.accuracy,
+                "learning_rate": tuned.settings.learning_rate,
+            },
+        )
+    ]
+
+
+def _confusions(result: RunResult) -> list[Finding]:
+    test = result.test
+    if test is None or test.labels is None or not test.count:
+        return []
+    confusion = test.confusion_matrix()
+    support = confusion.sum(axis=1)
+    pairs = [
+        (int(confusion[i, j]), result.labels[i], result.labels[j], confusion[i, j] / support[i])
+        for i in range(len(confusion))
+        for j in range(len(confusion))
+        if i != j
+        and support[i]
+        and confusion[i, j] >= 2
+        and confusion[i, j] / support[i] >= CONFUSED_SHARE
+    ]
+    if not pairs:
+        return []
+    pairs.sort(reverse=True)
+    return [
+        Finding(
+            "confused_classes",
+            "note",
+            "most confused: "
+            + "; ".join(
+                f"{a} taken for {b} {n} times ({share:.0%})" for n, a, b, share in pairs[:3]
+            ),
+            "look at those photos (--print_misclassified_test_images); more or clearer "
+            "examples of both classes help",
+            {"pairs": [[a, b, n] for n, a, b, _ in pairs[:3]]},
+        )
+    ]

@@ -1,0 +1,138 @@
+"""The training-health report: each finding on figures built to trigger it, none on a healthy
+run, and a diverging loss that stops training at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrain.config import FineTuningConfig, HeadTrainingConfig
+from retrain.evaluate import evaluate_chunks
+from retrain.features import Split
+from retrain.heads import SoftmaxHead
+from retrain.health import diagnose
+from retrain.results import RunResult, Timings
+from retrain.train import TrainingDiverged, TrainResult, train_head
+
+LABELS = ["a", "b", "c", "d"]
+
+
+def history(steps=40, loss=(1.4, 0.3), train=(0.5, 0.95), val=(0.5, 0.9), ratio=1e-3):
+    rows = []
+    for i in range(steps):
+        t = i / (steps - 1)
+        rows.append(
+            {
+                "step": 10 * (i + 1),
+                "cross_entropy": loss[0] + t * (loss[1] - loss[0]),
+                "train_accuracy": train[0] + t * (train[1] - train[0]),
+                "validation_accuracy": val[0] + t * (val[1] - val[0]),
+                "update_ratio": ratio,
+            }
+        )
+    return rows
+
+
+def evaluation(accuracy: float, n: int = 200, confuse=None):
+    """An evaluation of `n` images of 4 classes, right on `accuracy` of them (mistakes spread,
+    or all as `confuse` = (true, predicted))."""
+    labels = np.arange(n) % 4
+    predicted = labels.copy()
+    wrong = np.arange(int(round((1 - accuracy) * n)))
+    if confuse:
+        wrong = np.flatnonzero(labels == confuse[0])[: len(wrong)]
+        predicted[wrong] = confuse[1]
+    else:
+        predicted[wrong] = (labels[wrong] + 1) % 4
+    logits = np.eye(4)[predicted] * 5
+    return evaluate_chunks(np.eye(4), np.zeros(4), [(logits, labels)], 4)
+
+
+def result(hist=None, test=None, fine_tune=None) -> RunResult:
+    head = TrainResult(SoftmaxHead(4), np.ones((8, 4)), np.zeros(4), 1.0, hist or history())
+    return RunResult(
+        labels=LABELS,
+        head=head,
+        evaluations={"testing": test or evaluation(0.9)},
+        images={"training": 400, "validation": 50, "testing": 50},
+        skipped=[],
+        module="m",
+        bottlenecks_computed=0,
+        training_steps=400,
+        timings=Timings(1, 1, 1, 1),
+        fine_tune=fine_tune,
+    )
+
+
+HEALTHY_COUNTS = np.array([100, 90, 120, 80])
+
+
+def codes(run: RunResult, counts=HEALTHY_COUNTS, duplicates=0) -> set[str]:
+    return {f.code for f in diagnose(run, counts, duplicates, 0.01) if f.severity == "warning"}
+
+
+def test_a_healthy_run_has_no_warning():
+    assert codes(result()) == set()
+
+
+@pytest.mark.parametrize(
+    ("run", "code"),
+    [
+        (result(test=evaluation(0.3)), "accuracy_near_chance"),
+        (result(history(loss=(1.4, 1.35))), "loss_not_decreasing"),
+        (result(history(loss=(1.4, 9.0))), "loss_diverging"),
+        (result(history(ratio=1e-8)), "weights_barely_moving"),
+        (result(history(ratio=0.5)), "weights_moving_too_much"),
+        (result(history(train=(0.5, 1.0), val=(0.4, 0.5))), "overfitting"),
+    ],
+)
+def test_each_finding_on_figures_built_for_it(run, code):
+    findings = diagnose(run, HEALTHY_COUNTS, 0, 0.01)
+    assert code in {f.code for f in findings}
+    finding = next(f for f in findings if f.code == code)
+    assert finding.suggestion and finding.numbers and finding.as_dict()["code"] == code
+
+
+def test_data_findings():
+    assert "few_images" in codes(result(), counts=np.array([100, 90, 12, 80]))
+    assert "class_imbalance" in codes(result(), counts=np.array([500, 90, 40, 80]))
+    assert "duplicates_across_splits" in codes(result(), duplicates=3)
+
+
+def test_settled_weights_are_not_reported_as_stuck():
+    assert codes(result(history(loss=(1.0, 0.001), ratio=1e-9))) == set()
+
+
+def test_fine_tuning_that_hurt_names_its_rate():
+    from retrain.finetune import FineTuneResult
+
+    tuned = FineTuneResult(
+        module_object=None,
+        weights=np.ones((8, 4)),
+        biases=np.zeros(4),
+        input_size=(8, 8),
+        settings=FineTuningConfig(steps=10, learning_rate=0.5),
+        replicas=1,
+        seconds=1.0,
+        steps_per_second=1.0,
+        before=evaluation(0.9),
+        after=evaluation(0.4),
+    )
+    findings = diagnose(result(fine_tune=tuned), HEALTHY_COUNTS, 0, 0.01)
+    hurt = next(f for f in findings if f.code == "fine_tuning_hurt")
+    assert "0.5" in hurt.message and hurt.numbers["learning_rate"] == 0.5
+
+
+def test_most_confused_pair_is_a_note():
+    findings = diagnose(result(test=evaluation(0.85, confuse=(1, 2))), HEALTHY_COUNTS, 0, 0.01)
+    (note,) = [f for f in findings if f.code == "confused_classes"]
+    assert note.severity == "note" and "b taken for c" in note.message
+
+
+def test_a_diverging_loss_stops_training_at_once():
+    x = np.full((20, 4), 1e30, np.float32)  # logits overflow: the loss becomes NaN
+    y = np.arange(20) % 2
+    settings = HeadTrainingConfig(how_many_training_steps=100, learning_rate=1.0)
+    with pytest.raises(TrainingDiverged, match="training diverged") as info:
+        train_head(Split(x, y), None, SoftmaxHead(2), settings)
+    assert "training.learning_rate" in str(info.value)
