@@ -21,6 +21,7 @@ THRASHING = 5e-2
 FEW_IMAGES = 20  # training images of a class
 IMBALANCE = 10.0  # largest / smallest class
 OVERFIT_GAP = 0.25  # training accuracy above validation accuracy
+OVERCONFIDENT = 5.0  # validation loss over training loss
 CONFUSED_SHARE = 0.2  # of a class's test images predicted as one other class
 
 
@@ -150,6 +151,29 @@ def _updates(history: list[dict], learning_rate: float) -> list[Finding]:
 
 
 def _overfitting(history: list[dict]) -> list[Finding]:
+    return _accuracy_gap(history) + _overconfidence(history)
+
+
+def _overconfidence(history: list[dict]) -> list[Finding]:
+    train = _quarters(history, "cross_entropy")
+    validation = _quarters(history, "validation_cross_entropy")
+    if train is None or validation is None:
+        return []
+    if validation[1] <= OVERCONFIDENT * max(train[1], 0.1) or validation[1] < 2.0:
+        return []
+    return [
+        Finding(
+            "overconfident",
+            "warning",
+            f"the validation loss ({validation[1]:.3g}) is far above the training loss "
+            f"({train[1]:.3g}): the layer is sure of wrong answers, its weights grown too large",
+            "lower the learning rate, or add --weight_decay or --label_smoothing",
+            {"train_loss": train[1], "validation_loss": validation[1]},
+        )
+    ]
+
+
+def _accuracy_gap(history: list[dict]) -> list[Finding]:
     train = _quarters(history, "train_accuracy")
     validation = _quarters(history, "validation_accuracy")
     if train is None or validation is None or train[1] - validation[1] <= OVERFIT_GAP:

@@ -17,7 +17,9 @@ from retrain.train import TrainingDiverged, TrainResult, train_head
 LABELS = ["a", "b", "c", "d"]
 
 
-def history(steps=40, loss=(1.4, 0.3), train=(0.5, 0.95), val=(0.5, 0.9), ratio=1e-3):
+def history(
+    steps=40, loss=(1.4, 0.3), train=(0.5, 0.95), val=(0.5, 0.9), ratio=1e-3, val_loss=(1.4, 0.5)
+):
     rows = []
     for i in range(steps):
         t = i / (steps - 1)
@@ -27,6 +29,7 @@ def history(steps=40, loss=(1.4, 0.3), train=(0.5, 0.95), val=(0.5, 0.9), ratio=
                 "cross_entropy": loss[0] + t * (loss[1] - loss[0]),
                 "train_accuracy": train[0] + t * (train[1] - train[0]),
                 "validation_accuracy": val[0] + t * (val[1] - val[0]),
+                "validation_cross_entropy": val_loss[0] + t * (val_loss[1] - val_loss[0]),
                 "update_ratio": ratio,
             }
         )
@@ -84,6 +87,7 @@ def test_a_healthy_run_has_no_warning():
         (result(history(ratio=1e-8)), "weights_barely_moving"),
         (result(history(ratio=0.5)), "weights_moving_too_much"),
         (result(history(train=(0.5, 1.0), val=(0.4, 0.5))), "overfitting"),
+        (result(history(loss=(1.4, 0.01), val_loss=(1.4, 40.0))), "overconfident"),
     ],
 )
 def test_each_finding_on_figures_built_for_it(run, code):

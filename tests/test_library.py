@@ -33,7 +33,9 @@ from tests.conftest import ROOT, retrain_args, write_image
 from tests.fault_tools import save_tiny_module
 
 PACKAGE = ROOT / "retrain"
-COMMAND_LINE_MODULES = {"retrain.cli", "retrain.flags"}
+# The command lines: retrain's, and retrain-beam-extract's (which reads retrain's flag
+# definitions for the options they share).
+COMMAND_LINE_MODULES = {"retrain.cli", "retrain.flags", "retrain.beam_extract"}
 TIMING_KEYS = re.compile(r"seconds|per_second")
 
 
