@@ -362,3 +362,90 @@ def test_label_image_prints_the_labels_over_their_thresholds(trained, dataset, c
             "".join(f"{t!r}\n" for t in result.head.head.thresholds)
         )
     assert "has 1 thresholds for 3 labels" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trainable_module(tmp_path_factory) -> Path:
+    """A tiny module with trainable variables, for fine-tuning (tests/test_finetune.py's)."""
+    from retrain.models.export import export_image_module
+    from tests.test_finetune import TINY_INPUT, _tiny_network
+
+    path = tmp_path_factory.mktemp("trainable") / "module"
+    export_image_module(_tiny_network(), path, TINY_INPUT)
+    return path
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"distortions": {"flip_left_right": True, "random_crop": 10, "copies": 1}},
+        {"distortions": {"flip_left_right": True}, "checkpoint": True},
+        {"fine_tune_steps": 3},
+    ],
+    ids=["cached_copies", "on_the_fly_and_checkpoints", "fine_tuning"],
+)
+def test_multi_label_runs_with_the_folder_options(
+    dataset, tiny_module, trainable_module, tmp_path, options
+):
+    from dataclasses import replace
+
+    from retrain.config import DistortionConfig, FineTuningConfig
+    from retrain.evaluate import MultiLabelEvaluation
+
+    images, csv_path = dataset
+    config = run_config(images, csv_path, tmp_path, tiny_module)
+    training = replace(config.training, how_many_training_steps=20)
+    if options.get("checkpoint"):
+        training = replace(training, checkpoint_path=str(tmp_path / "checkpoints"))
+    config = replace(
+        config,
+        training=training,
+        distortions=DistortionConfig(**options.get("distortions", {})),
+        export=ExportConfig(output_graph=str(tmp_path / "graph.pb")),
+    )
+    if "fine_tune_steps" in options:
+        config = replace(
+            config,
+            module=replace(config.module, handle=str(trainable_module)),
+            fine_tuning=FineTuningConfig(steps=options["fine_tune_steps"], batch_size=8),
+        )
+    result = retrain.run(config)
+    assert isinstance(result.test, MultiLabelEvaluation)
+    assert result.test.probabilities.shape == (result.images["testing"], 3)
+    if "fine_tune_steps" in options:
+        assert isinstance(result.fine_tune.after, MultiLabelEvaluation)
+    if options.get("checkpoint"):
+        resumed = retrain.run(replace(config, training=replace(training, resume=True)))
+        assert resumed.head.resumed_from_step == 20
+        np.testing.assert_allclose(resumed.head.weights, result.head.weights)
+
+
+def test_beam_extract_takes_the_csv_and_caches_what_retrain_uses(dataset, tiny_module, tmp_path):
+    pytest.importorskip("apache_beam")
+    from retrain import beam_extract
+
+    images, csv_path = dataset
+    shared = [
+        f"--labels_csv={csv_path}",
+        f"--tfhub_module={tiny_module}",
+        "--extraction_backend=tensorflow",
+        "--testing_percentage=20",
+        "--validation_percentage=20",
+        "--flip_left_right",
+        "--distorted_copies=1",
+    ]
+    argv = [
+        beam_extract.PROG,
+        f"--image_dir={images}",
+        f"--bottleneck_dir={tmp_path / 'bottlenecks'}",
+        f"--summary_json={tmp_path / 'summary.json'}",
+        "--runner=DirectRunner",
+        *shared,
+    ]
+    assert beam_extract.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["images"] == 90 and 0 < summary["copies"]["total"] < 90
+    assert cli.main(retrain_args(images, tmp_path, *shared, steps=5)) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["bottlenecks_computed"] == 0
+    assert metrics["distortions"]["computed"] == 0
