@@ -2,6 +2,11 @@
 
 Flags follow TensorFlow's label_image.py example: --graph, --labels, --image, --input_layer,
 --output_layer, --input_height/--input_width, --input_mean, --input_std, plus --top_k.
+
+A multi-label model (trained with --labels_csv) has a thresholds file beside its labels file
+(`L.thresholds` for --labels L, see retrain.thresholds): then every label whose score is at
+least its threshold is printed, best first (`label score`), and with an explicit --top_k also
+the other labels among the k best scores, marked `(below threshold T)`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from retrain.errors import UsageError
 from retrain.resize import resize_bilinear
 from retrain.runtime import import_tensorflow_quietly, usable_cpus
 from retrain.scan import display_path
+from retrain.thresholds import read_thresholds, thresholds_path
 
 PROG = "label-image"
 
@@ -51,7 +57,13 @@ def define_flags(f: flags.FlagValues) -> None:
     flags.DEFINE_float(
         "input_std", 255.0, "Pixel values are divided by this after the mean.", flag_values=f
     )
-    flags.DEFINE_integer("top_k", 5, "How many labels to print per image.", flag_values=f)
+    flags.DEFINE_integer(
+        "top_k",
+        5,
+        "How many labels to print per image (a multi-label model: every label over its "
+        "threshold, and given this flag, also the rest of the k best).",
+        flag_values=f,
+    )
     flags.DEFINE_integer(
         "batch_size",
         32,
@@ -67,6 +79,39 @@ def read_labels(path: str) -> list[str]:
             return [line.rstrip() for line in handle if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"--labels: cannot read {path}: {err}") from None
+
+
+def read_label_thresholds(labels_path: str, count: int) -> np.ndarray | None:
+    """The thresholds beside the labels file (one per label), or None for a single-label
+    model (no thresholds file); a thresholds file that cannot be used is a UsageError."""
+    try:
+        thresholds = read_thresholds(labels_path)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UsageError(f"--labels: {getattr(err, 'strerror', None) or err}") from None
+    if thresholds is not None and len(thresholds) != count:
+        raise UsageError(
+            f"--labels: {thresholds_path(labels_path)} has {len(thresholds)} thresholds for "
+            f"{count} labels"
+        )
+    return None if thresholds is None else np.array(thresholds)
+
+
+def multi_label_lines(
+    scores: np.ndarray, labels: list[str], thresholds: np.ndarray, top_k: int | None
+) -> list[str]:
+    """A multi-label model's lines for one image: `label score` for every label at or over its
+    threshold, best first, then, with `top_k`, the others among the `top_k` best scores,
+    marked `(below threshold T)`."""
+    order = np.argsort(-scores, kind="stable")
+    over = [i for i in order if scores[i] >= thresholds[i]]
+    lines = [f"{labels[i]} {scores[i]:.5f}" for i in over]
+    if top_k:
+        lines += [
+            f"{labels[i]} {scores[i]:.5f} (below threshold {thresholds[i]:.5f})"
+            for i in order[:top_k]
+            if scores[i] < thresholds[i]
+        ]
+    return lines or ["(no label over its threshold)"]
 
 
 def preprocess(pixels: np.ndarray, size: tuple[int, int], mean: float, std: float) -> np.ndarray:
@@ -117,6 +162,7 @@ def prepared_batches(
 def classify(f: flags.FlagValues, images: list[str]) -> int:
     """Classify `images`; print results; return the exit status."""
     labels = read_labels(f.labels)
+    thresholds = read_label_thresholds(f.labels, len(labels))
     model = load_model(f)
     graph_h, graph_w = model.input_size()
     height = f.input_height or graph_h
@@ -148,6 +194,10 @@ def classify(f: flags.FlagValues, images: list[str]) -> int:
             for (path, _), row in zip(kept, scores):
                 if len(images) > 1:
                     print(f"{display_path(path)}:")
+                if thresholds is not None:
+                    top_k = f.top_k if f["top_k"].present else None
+                    print("\n".join(multi_label_lines(row, labels, thresholds, top_k)))
+                    continue
                 for label, score in top_labels(row, labels, f.top_k):
                     print(f"{label} {score:.5f}")
     return status

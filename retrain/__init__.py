@@ -7,9 +7,9 @@
 
 Data flows one way, one module per stage:
 
-    scan (files, labels, split) -> decode (pixels) -> bottlenecks (module features, cached
-    by `cache`; `distort`ed copies) -> train (the new layer: `heads`, `optim`) -> finetune
-    (optional) -> evaluate -> export
+    scan (files, labels, split; `labels_csv` for multi-label data) -> decode (pixels) ->
+    bottlenecks (module features, cached by `cache`; `distort`ed copies) -> train (the new
+    layer: `heads`, `optim`) -> finetune (optional) -> evaluate -> export
 
 `config` holds every setting (`RetrainConfig`), `pipeline.run` runs the stages in order and
 returns a `RunResult` (`results`). The command lines are thin layers over this library: `cli`

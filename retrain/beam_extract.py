@@ -43,6 +43,7 @@ _DEFAULTS, _BEAM_DEFAULTS = RetrainConfig(image_dir=""), BeamSettings()
 RETRAIN_FLAGS = (
     "testing_percentage",
     "validation_percentage",
+    "labels_csv",
     "flip_left_right",
     "random_crop",
     "random_scale",
@@ -174,6 +175,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[RetrainConfig, BeamSet
             testing_percentage=args.testing_percentage,
             validation_percentage=args.validation_percentage,
             max_image_pixels=args.max_image_pixels,
+            labels_csv=args.labels_csv or None,
         ),
         module=ModuleConfig(
             handle=args.tfhub_module,

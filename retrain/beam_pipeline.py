@@ -84,8 +84,9 @@ from retrain.config import DistortionConfig, RetrainConfig, leaf_fields
 from retrain.decode import decode_image, skip_reason
 from retrain.errors import ConfigError, RetrainError, UsageError, first_line
 from retrain.handles import looks_like_url
+from retrain.labels_csv import find_images
 from retrain.runtime import import_tensorflow_quietly
-from retrain.scan import display_path, scan_image_dir, split_mask
+from retrain.scan import display_path, split_mask
 
 if TYPE_CHECKING:
     from retrain.models.loading import ImageModule
@@ -559,9 +560,7 @@ def _plan(config: RetrainConfig, settings: BeamSettings) -> _Plan:
     from retrain.bottlenecks import load_module, open_cache  # imports TensorFlow
 
     data = config.data
-    image_set = scan_image_dir(
-        config.image_dir, data.validation_percentage, data.testing_percentage
-    )
+    image_set = find_images(config.image_dir, data)
     for path, reason in image_set.ignored:
         log.warning("Ignoring %s: %s", path, reason)
     module = load_module(config.module)

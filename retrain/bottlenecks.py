@@ -97,12 +97,17 @@ class Bottlenecks:
         return self.paths.take(self.in_split(name))
 
     def check_trainable(self, labels: list[str]) -> None:
-        """Raise RetrainError naming every class left without a usable training image."""
-        train_labels = set(self.labels[self.in_split("training")].tolist())
-        missing = [labels[i] for i in range(len(labels)) if i not in train_labels]
+        """Raise RetrainError naming every class (multi-label: label) left without a usable
+        training image (multi-label: one where it applies)."""
+        train = self.labels[self.in_split("training")]
+        if train.ndim == 2:
+            present, what = train.any(axis=0), "label"
+        else:
+            present, what = np.bincount(train, minlength=len(labels)) > 0, "class"
+        missing = [label for label, there in zip(labels, present) if not there]
         if missing:
             raise RetrainError(
-                "no usable training images for class "
+                f"no usable training images for {what} "
                 + ", ".join(f"'{m}'" for m in missing)
                 + " (all of them were skipped; see the warnings above)"
             )
@@ -204,7 +209,7 @@ def compute_bottlenecks(
     return Bottlenecks(
         cache=cache,
         locations=found.locations[keep],
-        labels=image_set.label_indices[keep].astype(np.int64),
+        labels=image_set.label_rows()[keep],
         split_codes=image_set.split_codes[keep],
         paths=paths.take(keep),
         skipped=skipped,

@@ -49,6 +49,7 @@ class DataConfig:
     validation_percentage: int = 10
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are skipped (bombs)
     split_hash: str = "basename"  # one of SPLIT_HASHES: what a file's split is a hash of
+    labels_csv: str | None = None  # multi-label: path,label1,... rows instead of class folders
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,22 @@ def _check_audit(c: RetrainConfig) -> None:
         )
 
 
+def _check_labels_csv(c: RetrainConfig) -> None:
+    path = c.data.labels_csv
+    if path is None:
+        return
+    if not os.path.isfile(os.path.expanduser(path)):
+        raise ConfigError("{0}: file not found: " + str(path), "data.labels_csv")
+    if c.training.sampling == "class_balanced":
+        raise ConfigError(
+            "{0}=class_balanced draws one class per image; with {1} an image has several "
+            "labels: use {2}=balanced instead",
+            "training.sampling",
+            "data.labels_csv",
+            "training.class_weights",
+        )
+
+
 def _check_split(c: RetrainConfig) -> None:
     for name in ("testing_percentage", "validation_percentage"):
         value = getattr(c.data, name)
@@ -435,6 +452,7 @@ _CHECKS = (
     _check_training_options,
     _check_audit,
     _check_split,
+    _check_labels_csv,
     _check_distortions,
     _check_choices,
     _check_module_handle,

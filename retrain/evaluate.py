@@ -1,10 +1,17 @@
 """Measuring a trained layer: accuracy with its interval, cross-entropy, per-class precision,
-recall, F1 and ROC AUC, the confusion matrix, and which images it gets wrong."""
+recall, F1 and ROC AUC, the confusion matrix, and which images it gets wrong.
+
+`Evaluation` is a single-label (softmax) layer's; `MultiLabelEvaluation` a multi-label (sigmoid)
+layer's, where each label is a yes/no decision at its own threshold (chosen on the validation
+split by `choose_thresholds`). Both offer `report` (for --metrics_json), `summary_lines` (for the
+log), `mistakes` (for --print_misclassified_test_images) and `scalars` (for TensorBoard).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -78,6 +85,31 @@ class Evaluation:
         if len(names) > 5:
             report["top5_accuracy"] = top_k_accuracy(self.probabilities, self.labels, 5)
         return report
+
+    def summary_lines(self, names: list[str], split: str = "test") -> list[str]:
+        """The log's lines: the accuracy's interval, macro F1 and ROC AUC, the weakest classes."""
+        report = self.report(names)
+        low, high = report["accuracy_interval_95"]
+        auc = report["macro_roc_auc"]
+        recalls = [(v["recall"], name) for name, v in report["per_class"].items() if v["support"]]
+        worst = ", ".join(f"{name} {100 * recall:.0f}%" for recall, name in sorted(recalls)[:3])
+        return [
+            f"{split.capitalize()} accuracy 95% interval {100 * low:.1f}%-{100 * high:.1f}% "
+            f"(N={report['n']}); macro F1 {report['macro_f1'] or 0.0:.3f}, macro ROC AUC "
+            + ("n/a" if auc is None else f"{auc:.3f}"),
+            f"Lowest recall: {worst}",
+        ]
+
+    def mistakes(self, names: list[str]) -> Iterator[tuple[int, str, str, float]]:
+        """(row, predicted class, true class, its probability) of every image predicted wrong."""
+        scores = self.probabilities.max(axis=1)
+        for i in np.flatnonzero(self.predictions != self.labels):
+            yield int(i), names[self.predictions[i]], names[self.labels[i]], float(scores[i])
+
+    def scalars(self, names: list[str]) -> dict[str, float]:
+        """Figures for TensorBoard beyond training's: none, so a single-label run's logs stay
+        retrain.py's."""
+        return {}
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -157,3 +189,219 @@ def evaluate_chunks(
         mask = y_all == label
         per_class.append(float(np.mean(predictions[mask] == label)) if mask.any() else None)
     return Evaluation(accuracy, cross_entropy, predictions, per_class, y_all, p)
+
+
+# ----------------------------------------------------------------------------- multi-label
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Element-wise logistic function, without overflow."""
+    return np.exp(-np.logaddexp(0.0, -logits))
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the precision-recall curve as scikit-learn's average_precision_score sums
+    it: the precision at each distinct score, weighted by the recall it adds (tied scores are
+    one step); None without a positive."""
+    positives = int(np.count_nonzero(positive))
+    if positives == 0:
+        return None
+    hits, ranks = _cumulative_hits(scores, positive)
+    precision, recall = hits / ranks, hits / positives
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def best_f1_threshold(scores: np.ndarray, positive: np.ndarray) -> float:
+    """The threshold t (scores >= t are positive) with the highest F1 on (scores, positive),
+    halfway between the last score taken and the next; 0.5 without a positive. Of equal F1s,
+    the highest threshold wins."""
+    positives = int(np.count_nonzero(positive))
+    if positives == 0:
+        return 0.5
+    hits, ranks = _cumulative_hits(scores, positive)
+    best = int(np.argmax(2 * hits / (ranks + positives)))
+    ordered = np.sort(np.asarray(scores, np.float64))[::-1]
+    taken = int(ranks[best])
+    if taken == len(ordered):
+        return float(ordered[-1])
+    return float((ordered[taken - 1] + ordered[taken]) / 2)
+
+
+def choose_thresholds(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """float64 [labels]: each label's `best_f1_threshold` on (probabilities, labels) [n, labels]."""
+    return np.array(
+        [best_f1_threshold(probabilities[:, j], labels[:, j] > 0) for j in range(labels.shape[1])]
+    )
+
+
+def _cumulative_hits(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each distinct score, highest first: positives and images at or above it."""
+    order = np.argsort(-np.asarray(scores, np.float64), kind="mergesort")
+    ordered = np.asarray(scores)[order]
+    hits = np.cumsum(np.asarray(positive, bool)[order])
+    last_of_tie = np.r_[ordered[1:] != ordered[:-1], True]
+    return hits[last_of_tie].astype(np.float64), np.flatnonzero(last_of_tie) + 1.0
+
+
+def _tag(name: str) -> str:
+    """A label as a TensorBoard tag part."""
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name)
+
+
+@dataclass
+class MultiLabelEvaluation:
+    """One split's evaluation of a multi-label layer: every image's label probabilities and
+    true 0/1 labels, and the thresholds that turn the probabilities into decisions.
+
+    `accuracy` is the exact-match ratio (images whose every label is decided right), which is
+    what `test_accuracy` and --assert_accuracy_at_least mean for a multi-label run;
+    `per_class_accuracy` is each label's share of right decisions; `cross_entropy` the mean
+    over images of the summed sigmoid cross-entropy of their labels.
+    """
+
+    cross_entropy: float
+    probabilities: np.ndarray  # float32 [n, labels]
+    labels: np.ndarray  # uint8 [n, labels], 1 where the label applies
+    thresholds: np.ndarray = field(default=None)  # float64 [labels]; None: 0.5 each
+
+    def __post_init__(self):
+        if self.thresholds is None:
+            self.thresholds = np.full(self.labels.shape[1], 0.5)
+        self.thresholds = np.asarray(self.thresholds, np.float64)
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """bool [n, labels]: probability >= the label's threshold."""
+        return self.probabilities >= self.thresholds
+
+    @property
+    def accuracy(self) -> float:
+        """The exact-match ratio."""
+        return float(np.mean(self._right().all(axis=1))) if self.count else 0.0
+
+    @property
+    def per_class_accuracy(self) -> list[float | None]:
+        """Per label, the share of images whose decision for it is right (None: no images)."""
+        if not self.count:
+            return [None] * self.labels.shape[1]
+        return [float(v) for v in self._right().mean(axis=0)]
+
+    def _right(self) -> np.ndarray:
+        return self.predictions == (self.labels > 0)
+
+    def report(self, names: list[str]) -> dict:
+        """The split's figures for --metrics_json: N, the exact-match ratio (also as `accuracy`,
+        with its 95% Wilson interval), per label precision, recall, F1 (at its threshold),
+        support, ROC AUC and average precision, and macro F1, micro F1, mean ROC AUC and mean
+        average precision."""
+        truth, predicted = self.labels > 0, self.predictions
+        tp = (truth & predicted).sum(axis=0)
+        fp = (~truth & predicted).sum(axis=0)
+        fn = (truth & ~predicted).sum(axis=0)
+        per_label = {}
+        for j, name in enumerate(names):
+            precision = float(tp[j] / (tp[j] + fp[j])) if tp[j] + fp[j] else 0.0
+            recall = float(tp[j] / (tp[j] + fn[j])) if tp[j] + fn[j] else None
+            f1 = None
+            if recall is not None:
+                f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            per_label[name] = {
+                "threshold": float(self.thresholds[j]),
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "support": int(tp[j] + fn[j]),
+                "roc_auc": roc_auc(self.probabilities[:, j], truth[:, j]),
+                "average_precision": average_precision(self.probabilities[:, j], truth[:, j]),
+            }
+        errors = int(fp.sum() + fn.sum())
+        exact = int(self._right().all(axis=1).sum())
+        return {
+            "n": self.count,
+            "exact_match": self.accuracy,
+            "accuracy": self.accuracy,
+            "accuracy_interval_95": list(wilson_interval(exact, self.count)),
+            "cross_entropy": self.cross_entropy,
+            "per_label": per_label,
+            "macro_f1": _mean(v["f1"] for v in per_label.values()),
+            "micro_f1": float(2 * tp.sum() / (2 * tp.sum() + errors)) if tp.sum() else 0.0,
+            "mean_roc_auc": _mean(v["roc_auc"] for v in per_label.values()),
+            "mean_average_precision": _mean(v["average_precision"] for v in per_label.values()),
+        }
+
+    def summary_lines(self, names: list[str], split: str = "test") -> list[str]:
+        """The log's lines: exact match with its interval, the F1s and mean ROC AUC, then one
+        line per label."""
+        report = self.report(names)
+        low, high = report["accuracy_interval_95"]
+        lines = [
+            f"{split.capitalize()} exact match {100 * report['exact_match']:.1f}% "
+            f"(95% interval {100 * low:.1f}%-{100 * high:.1f}%, N={report['n']}); "
+            f"macro F1 {_show(report['macro_f1'])}, micro F1 {_show(report['micro_f1'])}, "
+            f"mean ROC AUC {_show(report['mean_roc_auc'])}"
+        ]
+        for name, v in report["per_label"].items():
+            lines.append(
+                f"  {name}: threshold {v['threshold']:.3f}, precision {_show(v['precision'])}, "
+                f"recall {_show(v['recall'])}, F1 {_show(v['f1'])}, ROC AUC "
+                f"{_show(v['roc_auc'])}, AP {_show(v['average_precision'])} (N+={v['support']})"
+            )
+        return lines
+
+    def mistakes(self, names: list[str]) -> Iterator[tuple[int, str, str, float]]:
+        """(row, labels predicted, true labels, highest probability) of every image with a
+        wrong decision; labels joined by ';', '(none)' for none."""
+        predicted, truth = self.predictions, self.labels > 0
+        scores = self.probabilities.max(axis=1)
+        for i in np.flatnonzero(~self._right().all(axis=1)):
+            yield int(i), _joined(names, predicted[i]), _joined(names, truth[i]), float(scores[i])
+
+    def scalars(self, names: list[str]) -> dict[str, float]:
+        """The report's figures as TensorBoard tags: exact_match, macro_f1, micro_f1,
+        mean_roc_auc, mean_average_precision, and per label f1/, roc_auc/,
+        average_precision/ and threshold/<label>."""
+        report = self.report(names)
+        keys = ("exact_match", "macro_f1", "micro_f1", "mean_roc_auc", "mean_average_precision")
+        scalars = {key: report[key] for key in keys}
+        for name, v in report["per_label"].items():
+            for key in ("f1", "roc_auc", "average_precision", "threshold"):
+                scalars[f"{key}/{_tag(name)}"] = v[key]
+        return {tag: float(value) for tag, value in scalars.items() if value is not None}
+
+
+def _show(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _joined(names: list[str], on: np.ndarray) -> str:
+    return ";".join(name for name, yes in zip(names, on) if yes) or "(none)"
+
+
+def evaluate_multilabel_chunks(
+    weights: np.ndarray,
+    biases: np.ndarray,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    num_labels: int,
+    thresholds: np.ndarray | None = None,
+) -> MultiLabelEvaluation:
+    """Evaluate a sigmoid layer on a split given as consecutive (x, 0/1 labels [n, labels])
+    pieces, deciding at `thresholds` (None: 0.5 for every label)."""
+    empty = np.zeros((0, num_labels))
+    probabilities, labels, losses = [empty.astype(np.float32)], [empty.astype(np.uint8)], [empty]
+    for x, y in chunks:
+        logits = x.astype(np.float64) @ weights + biases
+        y = np.asarray(y).astype(np.uint8)
+        probabilities.append(sigmoid(logits).astype(np.float32))
+        labels.append(y)
+        losses.append(np.logaddexp(0.0, logits) - y * logits)
+    loss = np.concatenate(losses).sum(axis=1)
+    return MultiLabelEvaluation(
+        float(loss.mean()) if len(loss) else 0.0,
+        np.concatenate(probabilities),
+        np.concatenate(labels),
+        thresholds,
+    )

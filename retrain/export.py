@@ -26,6 +26,7 @@ from tensorflow.python.framework.convert_to_constants import (
 from retrain.atomic import atomic_write_bytes, atomic_write_text
 from retrain.config import ExportConfig
 from retrain.heads import Head
+from retrain.thresholds import write_thresholds
 
 log = logging.getLogger("retrain")
 
@@ -128,7 +129,8 @@ def write_labels(labels: list[str], path: str | os.PathLike) -> None:
 def write_saved_model(classifier: Classifier, labels: list[str], path: str | os.PathLike) -> None:
     """Write a SavedModel whose serving signature maps `images` to class probabilities.
 
-    The labels go into the model's assets (assets/labels.txt). The folder is written under a
+    The labels go into the model's assets (assets/labels.txt), and a multi-label head's
+    thresholds beside them (assets/labels.txt.thresholds). The folder is written under a
     temporary name and swapped in, so a killed run never leaves half a model.
     """
     target = Path(path).expanduser()
@@ -139,6 +141,9 @@ def write_saved_model(classifier: Classifier, labels: list[str], path: str | os.
         labels_file = assets / "labels.txt"
         write_labels(labels, labels_file)
         classifier.labels_file = tf.saved_model.Asset(str(labels_file))
+        if classifier.head.thresholds is not None:
+            path = write_thresholds(classifier.head.thresholds, labels_file)
+            classifier.thresholds_file = tf.saved_model.Asset(path)
 
         @tf.function(input_signature=[classifier.input_spec])
         def serve(images):
@@ -190,8 +195,10 @@ def export_classifier(
 ) -> dict[str, str]:
     """Write the files `settings` names (frozen graph, labels, TFLite, SavedModel) for the
     module followed by the layer (`weights`, `biases`) and `head`'s output; returns
-    {setting: path} of each one written. `module_graph_def()` gives the frozen module and
-    `module_object()` the loaded one: each is asked for only if a file needs it."""
+    {setting: path} of each one written (and "thresholds": the thresholds file a head with
+    thresholds writes beside the labels, see retrain.thresholds). `module_graph_def()` gives
+    the frozen module and `module_object()` the loaded one: each is asked for only if a file
+    needs it."""
     written = {}
     if settings.output_graph:
         graph = classifier_graph_def(
@@ -202,6 +209,9 @@ def export_classifier(
     if settings.output_labels:
         write_labels(labels, settings.output_labels)
         written["output_labels"] = settings.output_labels
+        if head.thresholds is not None:
+            written["thresholds"] = write_thresholds(head.thresholds, settings.output_labels)
+            log.info("Saved the labels' thresholds to %s", written["thresholds"])
     if settings.output_graph and settings.output_labels:
         log.info(
             "Saved the frozen graph to %s and labels to %s",
@@ -209,7 +219,7 @@ def export_classifier(
             settings.output_labels,
         )
     else:
-        for name in written:
+        for name in [name for name in written if name != "thresholds"]:
             log.info(
                 "Saved %s to %s", name.removeprefix("output_").replace("_", " "), written[name]
             )

@@ -90,6 +90,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "split exactly, for the same --image_dir string).",
         flag_values=f,
     )
+    flags.DEFINE_string(
+        "labels_csv",
+        "",
+        "Multi-label data: a CSV with the header path,label1,label2,... and per image its path "
+        "relative to --image_dir and 0 or 1 per label, used instead of class folders; trains "
+        "a sigmoid output per label (empty: class folders).",
+        flag_values=f,
+    )
     flags.DEFINE_integer(
         "eval_step_interval", 10, "How often to evaluate the training results.", flag_values=f
     )
@@ -197,14 +205,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "uniform",
         list(SAMPLINGS),
         "How training batches draw images: uniform (every image equally often) or "
-        "class_balanced (retrain.py's: a class uniformly, then one of its images).",
+        "class_balanced (retrain.py's: a class uniformly, then one of its images; not with "
+        "--labels_csv).",
         flag_values=f,
     )
     flags.DEFINE_enum(
         "class_weights",
         "none",
         list(CLASS_WEIGHTS),
-        "Weight of each class in the loss: none, or balanced (n / (classes * n_class)).",
+        "Weight of each class in the loss: none, or balanced (n / (classes * n_class); with "
+        "--labels_csv, each label's positives weigh n_negative / n_positive).",
         flag_values=f,
     )
     flags.DEFINE_integer(
@@ -357,6 +367,7 @@ FLAG_FIELDS = {
     "validation_percentage": "data.validation_percentage",
     "max_image_pixels": "data.max_image_pixels",
     "split_hash": "data.split_hash",
+    "labels_csv": "data.labels_csv",
     "tfhub_module": "module.handle",
     "module_cache_dir": "module.cache_dir",
     "extraction_backend": "module.extraction_backend",

@@ -7,19 +7,32 @@ new Head, not a change to those stages. The layer itself is dense, `logits = x @
 parameters travel as NumPy arrays (`weights` [dim, outputs], `biases` [outputs]).
 
 Labels are arrays whose form the head defines (`label_array`, `label_spec`): class indices for
-the softmax head. Stages pass them through untouched.
+the softmax head, 0/1 rows [n, labels] for the sigmoid head. Stages pass them through untouched.
+After training, `calibrate` lets a head tune its decisions on the validation split (the sigmoid
+head's per-label thresholds, which `thresholds` then gives to the exports).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
 
-from retrain.evaluate import Evaluation, evaluate_chunks
+from retrain import sampling
+from retrain.evaluate import (
+    Evaluation,
+    MultiLabelEvaluation,
+    choose_thresholds,
+    evaluate_chunks,
+    evaluate_multilabel_chunks,
+)
+
+# What a head's `evaluate` gives.
+AnyEvaluation = Evaluation | MultiLabelEvaluation
+Chunks = Iterable[tuple[np.ndarray, np.ndarray]]
 
 
 class Head(Protocol):
@@ -51,13 +64,27 @@ class Head(Protocol):
     def output(self, logits: tf.Tensor, name: str) -> tf.Tensor:
         """The exported graph's output op, named `name`."""
 
-    def evaluate(
-        self,
-        weights: np.ndarray,
-        biases: np.ndarray,
-        chunks: Iterable[tuple[np.ndarray, np.ndarray]],
-    ) -> Evaluation:
+    def evaluate(self, weights: np.ndarray, biases: np.ndarray, chunks: Chunks) -> AnyEvaluation:
         """The layer's evaluation on a split given as consecutive (features, labels) pieces."""
+
+    def class_weights(self, labels: np.ndarray, mode: str) -> np.ndarray | None:
+        """float32 loss weights for `mode` (config.CLASS_WEIGHTS) computed from the training
+        labels, in the form `example_weights` takes; None for "none"."""
+
+    def example_weights(self, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        """Each example's (or each output's) weight in the loss, [n, 1] or [n, outputs], from
+        `class_weights`' array: the trainer multiplies the loss gradient by it."""
+
+    @property
+    def thresholds(self) -> tuple[float, ...] | None:
+        """Per output, the score from which it counts as predicted, if the head decides so (the
+        exports write them beside the labels); None for the softmax head's argmax."""
+
+    def calibrate(
+        self, weights: np.ndarray, biases: np.ndarray, validation: Chunks
+    ) -> tuple[Head, AnyEvaluation | None]:
+        """The head with its decisions tuned on the validation split, and the evaluation it
+        was tuned on; a head with nothing to tune returns itself and None, reading nothing."""
 
 
 @dataclass(frozen=True)
@@ -95,13 +122,109 @@ class SoftmaxHead:
     def output(self, logits: tf.Tensor, name: str) -> tf.Tensor:
         return tf.nn.softmax(logits, name=name)
 
-    def evaluate(
-        self,
-        weights: np.ndarray,
-        biases: np.ndarray,
-        chunks: Iterable[tuple[np.ndarray, np.ndarray]],
-    ) -> Evaluation:
+    def evaluate(self, weights: np.ndarray, biases: np.ndarray, chunks: Chunks) -> Evaluation:
         return evaluate_chunks(weights, biases, chunks, self.num_classes)
+
+    def class_weights(self, labels: np.ndarray, mode: str) -> np.ndarray | None:
+        """[classes]: see sampling.class_weights."""
+        return sampling.class_weights(labels, self.num_classes, mode)
+
+    def example_weights(self, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        return tf.gather(weights, labels)[:, None]
+
+    @property
+    def thresholds(self) -> None:
+        return None
+
+    def calibrate(
+        self, weights: np.ndarray, biases: np.ndarray, validation: Chunks
+    ) -> tuple[SoftmaxHead, None]:
+        return self, None
+
+
+@dataclass(frozen=True)
+class SigmoidHead:
+    """Multi-label: each image has 0/1 per label, each output is an independent probability
+    (a sigmoid), and the loss is the sigmoid cross-entropy summed over the labels.
+
+    `hits` (training's accuracy) is the exact match at 0.5: every label right. A label is
+    predicted from its threshold on (`thresholds`, chosen by `calibrate` on the validation
+    split to maximise that label's F1; 0.5 before that or without a validation positive).
+    """
+
+    num_labels: int
+    label_thresholds: tuple[float, ...] | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        return self.num_labels
+
+    def label_array(self, labels: np.ndarray) -> np.ndarray:
+        return np.asarray(labels).astype(np.float32).reshape(-1, self.num_labels)
+
+    def label_spec(self, batch: int | None) -> tf.TensorSpec:
+        return tf.TensorSpec([batch, self.num_labels], tf.float32)
+
+    def probabilities(self, logits: tf.Tensor) -> tf.Tensor:
+        return tf.nn.sigmoid(logits)
+
+    def targets(self, labels: tf.Tensor, smoothing: float = 0.0) -> tf.Tensor:
+        """Labels moved `smoothing` of the way towards 0.5: y * (1 - s) + s / 2."""
+        if not smoothing:
+            return labels
+        return labels * (1.0 - smoothing) + smoothing / 2
+
+    def losses(self, logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        entropy = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
+        return tf.reduce_sum(entropy, axis=1)
+
+    def hits(self, logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        right = tf.equal(logits >= 0, labels >= 0.5)
+        return tf.cast(tf.reduce_all(right, axis=1), tf.float32)
+
+    def output(self, logits: tf.Tensor, name: str) -> tf.Tensor:
+        return tf.nn.sigmoid(logits, name=name)
+
+    def evaluate(
+        self, weights: np.ndarray, biases: np.ndarray, chunks: Chunks
+    ) -> MultiLabelEvaluation:
+        thresholds = None if self.label_thresholds is None else np.array(self.label_thresholds)
+        return evaluate_multilabel_chunks(weights, biases, chunks, self.num_labels, thresholds)
+
+    def class_weights(self, labels: np.ndarray, mode: str) -> np.ndarray | None:
+        """ "balanced": [labels] weights of each label's positives, n_negative / n_positive
+        (TensorFlow's and PyTorch's pos_weight; a label's negatives weigh 1, and its positives
+        then weigh as much in total). A label without positives or negatives weighs 1."""
+        if mode == "none":
+            return None
+        labels = np.asarray(labels).reshape(-1, self.num_labels)
+        positives = labels.sum(axis=0, dtype=np.float64)
+        negatives = len(labels) - positives
+        with np.errstate(divide="ignore", invalid="ignore"):
+            weights = np.where((positives > 0) & (negatives > 0), negatives / positives, 1.0)
+        return weights.astype(np.float32)
+
+    def example_weights(self, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        """[n, labels]: a positive's label weight, 1 for a negative."""
+        return 1.0 + (weights - 1.0) * labels
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        return self.label_thresholds or (0.5,) * self.num_labels
+
+    def calibrate(
+        self, weights: np.ndarray, biases: np.ndarray, validation: Chunks
+    ) -> tuple[SigmoidHead, MultiLabelEvaluation | None]:
+        """Thresholds that maximise each label's F1 on `validation` (see
+        evaluate.best_f1_threshold), and the validation evaluation at them (None: no
+        validation images, and 0.5 for every label)."""
+        untuned = replace(self, label_thresholds=None).evaluate(weights, biases, validation)
+        if not untuned.count:
+            return replace(self, label_thresholds=None), None
+        chosen = choose_thresholds(untuned.probabilities, untuned.labels)
+        tuned = replace(self, label_thresholds=tuple(float(t) for t in chosen))
+        untuned.thresholds = chosen
+        return tuned, untuned
 
 
 def metrics(head: Head, logits: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

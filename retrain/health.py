@@ -47,7 +47,9 @@ def diagnose(
     learning_rate: float,
 ) -> list[Finding]:
     """The findings of a finished run: `train_counts` are the training images per class,
-    `duplicates_across_splits` the pairs of identical files in different splits."""
+    `duplicates_across_splits` the pairs of identical files in different splits. For
+    multi-label runs, the counts are positives per label, and the single-label findings
+    (chance, confusions) are left out."""
     findings: list[Finding] = []
     history = result.head.history
     findings += _accuracy(result)
@@ -62,8 +64,8 @@ def diagnose(
 
 def _accuracy(result: RunResult) -> list[Finding]:
     test = result.test
-    if test is None or not test.count:
-        return []
+    if test is None or not test.count or not hasattr(test, "confusion_matrix"):
+        return []  # chance is a single-label notion
     chance = 1.0 / len(result.labels)
     if test.accuracy >= chance + 0.15:
         return []
@@ -256,7 +258,7 @@ def _fine_tuning(result: RunResult) -> list[Finding]:
 
 def _confusions(result: RunResult) -> list[Finding]:
     test = result.test
-    if test is None or test.labels is None or not test.count:
+    if test is None or not test.count or not hasattr(test, "confusion_matrix"):
         return []
     confusion = test.confusion_matrix()
     support = confusion.sum(axis=1)

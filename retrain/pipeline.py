@@ -20,8 +20,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrain import audit, distort, distribute, export, finetune, health, module_cache, scan
-from retrain import evaluate as evaluation
+from retrain import (
+    audit,
+    distort,
+    distribute,
+    export,
+    finetune,
+    health,
+    labels_csv,
+    module_cache,
+    scan,
+)
 from retrain.atomic import atomic_write_text
 from retrain.audit import AuditReport
 from retrain.bottlenecks import (
@@ -33,7 +42,7 @@ from retrain.bottlenecks import (
 )
 from retrain.config import RetrainConfig
 from retrain.features import Split
-from retrain.heads import Head, SoftmaxHead
+from retrain.heads import AnyEvaluation, Head, SigmoidHead, SoftmaxHead
 from retrain.interrupt import check as check_interrupt
 from retrain.models.loading import ImageModule
 from retrain.results import RunResult, Timings
@@ -87,9 +96,10 @@ def run(config: RetrainConfig) -> RunResult:
         bottlenecks.check_trainable(image_set.labels)
         _hint_at_cross_split_duplicates(bottlenecks)
         check_interrupt()
-        head = SoftmaxHead(len(image_set.labels))
+        head = make_head(image_set)
         trained = _train(config, bottlenecks, head, module, module_object, chief)
-        evaluations = _evaluate_test(config, bottlenecks, trained, image_set.labels)
+        evaluations = _calibrate(bottlenecks, trained, image_set.labels)
+        evaluations.update(_evaluate_test(config, bottlenecks, trained, image_set.labels))
 
         # Fine-tuning: the whole network, exported instead of the pretrained module + layer.
         tuned = None
@@ -120,16 +130,17 @@ def run(config: RetrainConfig) -> RunResult:
         fine_tune=tuned,
         cluster=_cluster_metrics(bottlenecks) if cluster is not None else None,
         distortions=_distortion_metrics(config, bottlenecks),
+        unlisted_images=image_set.unlisted,
     )
     result.health = health.diagnose(
         result,
-        np.bincount(
-            bottlenecks.labels[bottlenecks.in_split("training")], minlength=len(image_set.labels)
-        ),
+        _training_counts(bottlenecks, len(image_set.labels)),
         _cross_split_duplicates(bottlenecks),
         config.training.learning_rate,
     )
     _log_health(result.health)
+    if chief and config.outputs.summaries_dir:
+        _write_evaluation_summaries(config.outputs.summaries_dir, result)
     if config.outputs.metrics_json and chief:
         metrics = result.metrics()
         atomic_write_text(config.outputs.metrics_json, json.dumps(metrics, indent=2) + "\n")
@@ -187,6 +198,14 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
     return report
 
 
+def _training_counts(b: Bottlenecks, outputs: int) -> np.ndarray:
+    """Training images per class (positives per label, for 0/1 label rows)."""
+    labels = b.labels[b.in_split("training")]
+    if labels.ndim == 2:
+        return labels.sum(axis=0).astype(np.int64)
+    return np.bincount(labels, minlength=outputs)
+
+
 def _cross_split_duplicates(b: Bottlenecks) -> int:
     """Pairs of files with the same bytes in different splits."""
     pairs = audit.identical_pairs(b.locations)
@@ -215,12 +234,7 @@ def scan_images(config: RetrainConfig, write_manifest: bool = True) -> scan.Imag
     """The scan-and-split stage: classes, images and their splits, with warnings logged and
     the split manifest written if the config names one (and `write_manifest`)."""
     data = config.data
-    image_set = scan.scan_image_dir(
-        config.image_dir,
-        data.validation_percentage,
-        data.testing_percentage,
-        split_hash=data.split_hash,
-    )
+    image_set = labels_csv.find_images(config.image_dir, data)
     needed = tuple(
         split
         for split, pct in (
@@ -233,10 +247,18 @@ def scan_images(config: RetrainConfig, write_manifest: bool = True) -> scan.Imag
         log.warning(warning)
     for path, reason in image_set.ignored:
         log.warning("Ignoring %s: %s", path, reason)
+    if image_set.unlisted:
+        log.warning(
+            "Ignoring %d image files under %s that %s does not list",
+            image_set.unlisted,
+            config.image_dir,
+            data.labels_csv,
+        )
     counts = image_set.split_counts()
     log.info(
-        "Found %d classes, %d images (training %d, validation %d, testing %d)",
+        "Found %d %s, %d images (training %d, validation %d, testing %d)",
         len(image_set.labels),
+        "labels" if image_set.multi_label else "classes",
         len(image_set),
         counts["training"],
         counts["validation"],
@@ -245,6 +267,14 @@ def scan_images(config: RetrainConfig, write_manifest: bool = True) -> scan.Imag
     if config.outputs.split_manifest and write_manifest:
         scan.write_split_manifest(image_set, config.outputs.split_manifest)
     return image_set
+
+
+def make_head(image_set: scan.ImageSet) -> Head:
+    """The output layer's head for the data: a sigmoid per label for multi-label data (labels
+    from a CSV), else retrain.py's softmax over the classes."""
+    if image_set.multi_label:
+        return SigmoidHead(len(image_set.labels))
+    return SoftmaxHead(len(image_set.labels))
 
 
 @contextlib.contextmanager
@@ -379,7 +409,7 @@ def _train(
 
 def _evaluate_test(
     config: RetrainConfig, b: Bottlenecks, trained: TrainResult, labels: list[str]
-) -> dict[str, evaluation.Evaluation]:
+) -> dict[str, AnyEvaluation]:
     """The evaluation stage on cached bottlenecks: the test split (or its configured random
     subset), logged as retrain.py did."""
     test = b.split("testing")
@@ -398,22 +428,39 @@ def _evaluate_test(
     return {"testing": result}
 
 
-def _log_evaluation(result: evaluation.Evaluation, labels: list[str]) -> None:
-    """The evaluation's interval, macro F1 and ROC AUC, and its weakest classes."""
-    report = result.report(labels)
-    low, high = report["accuracy_interval_95"]
-    auc = report["macro_roc_auc"]
-    log.info(
-        "Test accuracy 95%% interval %.1f%%-%.1f%% (N=%d); macro F1 %.3f, macro ROC AUC %s",
-        100 * low,
-        100 * high,
-        report["n"],
-        report["macro_f1"] or 0.0,
-        "n/a" if auc is None else f"{auc:.3f}",
-    )
-    recalls = [(v["recall"], name) for name, v in report["per_class"].items() if v["support"]]
-    worst = ", ".join(f"{name} {100 * recall:.0f}%" for recall, name in sorted(recalls)[:3])
-    log.info("Lowest recall: %s", worst)
+def _log_evaluation(result: AnyEvaluation, labels: list[str], split: str = "test") -> None:
+    """The evaluation's summary (see evaluate.Evaluation.summary_lines)."""
+    for line in result.summary_lines(labels, split):
+        log.info("%s", line)
+
+
+def _calibrate(b: Bottlenecks, trained: TrainResult, labels: list[str]) -> dict[str, AnyEvaluation]:
+    """Let the trained head tune its decisions on the validation split (a sigmoid head's
+    thresholds; `trained.head` becomes the tuned head). Returns {"validation": the evaluation
+    it was tuned on}, logged, or {} for a head with nothing to tune."""
+    chunks = ((c.x, c.y) for c in b.split("validation").chunks())
+    trained.head, validated = trained.head.calibrate(trained.weights, trained.biases, chunks)
+    if validated is None:
+        return {}
+    _log_evaluation(validated, labels, "validation")
+    return {"validation": validated}
+
+
+def _write_evaluation_summaries(summaries_dir: str, result: RunResult) -> None:
+    """Each evaluation's figures for TensorBoard (`scalars`), at the last training step, in
+    the run of its split (validation/, test/); nothing for evaluations without any."""
+    import tensorflow as tf
+
+    root = Path(summaries_dir).expanduser()
+    for split, evaluated in result.evaluations.items():
+        scalars = evaluated.scalars(result.labels)
+        if not scalars:
+            continue
+        writer = tf.summary.create_file_writer(str(root / split.removesuffix("ing")))
+        with writer.as_default(step=result.training_steps):
+            for tag, value in scalars.items():
+                tf.summary.scalar(tag, value)
+        writer.close()
 
 
 def _fine_tune(
@@ -480,23 +527,18 @@ def _export(
     )
 
 
-def _print_misclassified(
-    b: Bottlenecks, test_eval: evaluation.Evaluation, labels: list[str]
-) -> None:
+def _print_misclassified(b: Bottlenecks, test_eval: AnyEvaluation, labels: list[str]) -> None:
     log.info("=== MISCLASSIFIED TEST IMAGES ===")
     test_paths = b.paths_of("testing")
-    truth = b.labels[b.in_split("testing")]
-    scores = test_eval.probabilities.max(axis=1)
-    for path, predicted, actual, score in zip(test_paths, test_eval.predictions, truth, scores):
-        if predicted != actual:
-            # retrain.py's two columns first (file, predicted label), for scripts that read them.
-            log.info(
-                "%70s  %s  (true: %s, score %.3f)",
-                scan.display_path(path),
-                labels[predicted],
-                labels[actual],
-                score,
-            )
+    for row, predicted, actual, score in test_eval.mistakes(labels):
+        # retrain.py's two columns first (file, predicted label), for scripts that read them.
+        log.info(
+            "%70s  %s  (true: %s, score %.3f)",
+            scan.display_path(test_paths[row]),
+            predicted,
+            actual,
+            score,
+        )
 
 
 def _frozen_module(config: RetrainConfig, module: ImageModule, module_object: LazyModule):

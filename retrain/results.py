@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from retrain.evaluate import Evaluation
+    from retrain.evaluate import Evaluation, MultiLabelEvaluation
     from retrain.finetune import FineTuneResult
     from retrain.train import TrainResult
 
@@ -28,11 +28,13 @@ class Timings:
 @dataclass
 class RunResult:
     """One run's outcome. `evaluations` maps a split ("testing") to the evaluation of the
-    model that was exported: the fine-tuned network when fine-tuning ran."""
+    model that was exported: the fine-tuned network when fine-tuning ran. A multi-label run
+    also has "validation", where its thresholds were chosen (evaluate.MultiLabelEvaluation:
+    its `accuracy`, the exact-match ratio, is the metrics' test_accuracy)."""
 
     labels: list[str]
     head: TrainResult  # the new layer as trained on bottlenecks, with its history
-    evaluations: dict[str, Evaluation]
+    evaluations: dict[str, Evaluation | MultiLabelEvaluation]
     images: dict[str, int]  # usable images per split
     skipped: list[dict]  # {"file", "reason"} of every image left out
     module: str  # the module handle
@@ -45,9 +47,10 @@ class RunResult:
     distortions: dict[str, Any] | None = None  # how training images were distorted, if at all
     # What the figures say: retrain.health.Finding objects (health reads this module).
     health: list[Any] = field(default_factory=list)
+    unlisted_images: int | None = None  # multi-label: image files the labels CSV does not list
 
     @property
-    def test(self) -> Evaluation | None:
+    def test(self) -> Evaluation | MultiLabelEvaluation | None:
         """The test split's evaluation, if there was a test split."""
         return self.evaluations.get("testing")
 
@@ -86,6 +89,10 @@ class RunResult:
         }
         if test is not None:
             metrics["test_evaluation"] = test.report(self.labels)
+        if "validation" in self.evaluations:
+            metrics["validation_evaluation"] = self.evaluations["validation"].report(self.labels)
+        if self.unlisted_images is not None:
+            metrics["unlisted_images"] = self.unlisted_images
         if self.fine_tune is not None:
             metrics["fine_tune"] = self.fine_tune.metrics()
         if self.cluster is not None:

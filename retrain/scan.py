@@ -147,12 +147,32 @@ class ImageSet:
     image_dir: Path
     labels: list[str]  # class names; an image's label index points here
     paths: PathList
-    label_indices: np.ndarray  # int32
+    label_indices: np.ndarray  # int32 (-1 in a multi-label set: see `targets`)
     split_codes: np.ndarray  # int8, an index into SPLITS
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    targets: np.ndarray | None = None  # multi-label sets: uint8 [n, labels], 1 = label applies
+    unlisted: int | None = None  # multi-label sets: image files the labels CSV does not name
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether each image has a 0/1 vector of labels (`targets`) instead of one class."""
+        return self.targets is not None
+
+    def label_rows(self) -> np.ndarray:
+        """Every image's label as training takes it: int64 class indices [n], or the 0/1
+        matrix [n, labels] of a multi-label set."""
+        if self.targets is not None:
+            return self.targets
+        return self.label_indices.astype(np.int64)
+
+    def label_text(self, i: int) -> str:
+        """Image i's label for people: its class, or its labels joined by ';'."""
+        if self.targets is None:
+            return self.labels[self.label_indices[i]]
+        return ";".join(label for label, on in zip(self.labels, self.targets[i]) if on)
 
     def split_of(self, i: int) -> str:
         """The split of image i."""
@@ -167,7 +187,12 @@ class ImageSet:
         return count_splits(self.split_codes)
 
     def class_split_counts(self) -> list[dict[str, int]]:
-        """Per class, the number of images per split."""
+        """Per class, the number of images per split (multi-label: images where it applies)."""
+        if self.targets is not None:
+            counts = np.stack(
+                [self.targets[self.split_codes == s].sum(axis=0) for s in range(len(SPLITS))], 1
+            )
+            return [dict(zip(SPLITS, row.tolist())) for row in counts]
         cells = self.label_indices.astype(np.int64) * len(SPLITS) + self.split_codes
         counts = np.bincount(cells, minlength=len(self.labels) * len(SPLITS))
         return [dict(zip(SPLITS, row.tolist())) for row in counts.reshape(-1, len(SPLITS))]
@@ -402,11 +427,11 @@ def check_splits_populated(image_set: ImageSet, needed_overall: tuple[str, ...])
 
 
 def write_split_manifest(image_set: ImageSet, path: str | os.PathLike) -> None:
-    """Write a CSV `path,label,split` of every image used, atomically."""
+    """Write a CSV `path,label,split` of every image used, atomically (multi-label: the
+    labels that apply, joined by ';')."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["path", "label", "split"])
     for i, image_path in enumerate(image_set.paths):
-        label = image_set.labels[image_set.label_indices[i]]
-        writer.writerow([display_path(image_path), label, image_set.split_of(i)])
+        writer.writerow([display_path(image_path), image_set.label_text(i), image_set.split_of(i)])
     atomic_write_text(path, out.getvalue())

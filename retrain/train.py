@@ -1,4 +1,4 @@
-"""Training the new softmax layer on cached bottleneck vectors.
+"""Training the new layer (its Head: softmax, or sigmoid) on cached bottleneck vectors.
 
 Mirrors retrain.py: plain gradient descent on mini-batches drawn at random (with replacement)
 from the training split, evaluated every `eval_step_interval` steps on that batch and on a random
@@ -82,7 +82,7 @@ class HeadTrainer(tf.Module):
             self.plateau = Plateau(self.optimizer, config.plateau_factor, config.plateau_patience)
         self._n = len(train)
         cdf = sampling.draw_cdf(train.y, head.num_outputs, config.sampling)
-        weights = sampling.class_weights(train.y, head.num_outputs, config.class_weights)
+        weights = head.class_weights(train.y, config.class_weights)
         self._class_weights = None if weights is None else tf.constant(weights)
         self._streamed = not isinstance(train, Split)
         if self._streamed:
@@ -128,7 +128,7 @@ class HeadTrainer(tf.Module):
             targets = self.spec.targets(y, config.label_smoothing)
             error = (self.spec.probabilities(self.head(inputs)) - targets) / size
             if self._class_weights is not None:
-                error *= tf.gather(self._class_weights, y)[:, None]
+                error *= self.spec.example_weights(y, self._class_weights)
             gradients = [tf.matmul(inputs, error, transpose_a=True), tf.reduce_sum(error, 0)]
             self.optimizer.apply_gradients(zip(gradients, [self.head.weights, self.head.biases]))
         self.step.assign_add(tf.cast(count, tf.int64))
