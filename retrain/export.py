@@ -212,17 +212,16 @@ def export_classifier(
         if head.thresholds is not None:
             written["thresholds"] = write_thresholds(head.thresholds, settings.output_labels)
             log.info("Saved the labels' thresholds to %s", written["thresholds"])
-    if settings.output_graph and settings.output_labels:
+    if settings.output_graph and settings.output_labels:  # retrain.py's line, for scripts
         log.info(
             "Saved the frozen graph to %s and labels to %s",
             settings.output_graph,
             settings.output_labels,
         )
-    else:
-        for name in [name for name in written if name != "thresholds"]:
-            log.info(
-                "Saved %s to %s", name.removeprefix("output_").replace("_", " "), written[name]
-            )
+    elif settings.output_graph:
+        log.info("Saved the frozen graph to %s", settings.output_graph)
+    elif settings.output_labels:
+        log.info("Saved the labels to %s", settings.output_labels)
     if not (settings.output_tflite or settings.saved_model_dir):
         return written
     classifier = Classifier(
