@@ -144,7 +144,9 @@ def distorted_batches(
 class DistortedStream:
     """A training split whose features are computed afresh at every step, from images
     distorted anew (retrain.py's way of distorting): random batches drawn with replacement,
-    decoded in parallel, distorted as a batch, and run through the module by `extractor`."""
+    decoded in parallel, distorted as a batch and run through the module by `extractor`, all
+    in one tf.data pipeline (no TensorFlow runs inside a Python generator, which would hang
+    the process's exit)."""
 
     paths: Sequence[str | Path]
     y: np.ndarray
@@ -153,48 +155,47 @@ class DistortedStream:
     input_size: tuple[int, int]
     feature_dim: int
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    chunk_batches: int = 50  # batches drawn per decoding pipeline
 
     def __len__(self) -> int:
         return len(self.y)
 
     def dataset(
-        self, batch_size: int, seed: int, head: Head, cdf: np.ndarray | None = None
+        self,
+        batch_size: int,
+        seed: int,
+        head: Head,
+        cdf: np.ndarray | None = None,
+        batches: int | None = None,
     ) -> tf.data.Dataset:
-        """An endless dataset of (features [batch, dim], labels in `head`'s form), drawn
-        uniformly or by the cumulative probabilities `cdf` (see retrain.sampling)."""
-        spec = (
-            tf.TensorSpec([batch_size, self.feature_dim], tf.float32),
-            head.label_spec(batch_size),
+        """`batches` (None: endless) batches of (features [batch, dim], labels in `head`'s
+        form), drawn uniformly or by the cumulative probabilities `cdf` (see
+        retrain.sampling). Give the number a trainer takes: a stream still running after it
+        keeps the module busy in tf.data's threads, which hangs the process's exit."""
+        labels = tf.constant(head.label_array(self.y))
+        params = tf.random.Generator.from_seed(seed + 1)
+        picks = tf.data.Dataset.from_generator(
+            lambda: self._picks(seed, cdf), output_signature=tf.TensorSpec([], tf.int64)
         )
-        return tf.data.Dataset.from_generator(
-            lambda: self._batches(batch_size, seed, head, cdf), output_signature=spec
-        ).prefetch(2)
+        if batches is not None:
+            picks = picks.take(batches * batch_size)
+        errors: dict[int, str] = {}
+        source = source_size(self.settings, self.input_size)
+        decoded = decoded_batches(
+            self.paths, source, batch_size, errors, self.max_pixels, positions=picks
+        )
 
-    def _batches(
-        self, batch_size: int, seed: int, head: Head, cdf: np.ndarray | None
-    ) -> Iterator[tuple]:
+        def features(positions: tf.Tensor, images: tf.Tensor, ok: tf.Tensor):
+            drawn = params.uniform([batch_size, PARAMS])
+            distorted = distort_batch(images, drawn, self.settings, self.input_size)
+            vectors = tf.numpy_function(self.extractor, [distorted], tf.float32)
+            vectors.set_shape([batch_size, self.feature_dim])
+            batch_labels = tf.gather(labels, positions)
+            batch_labels.set_shape([batch_size, *labels.shape[1:]])
+            return vectors, batch_labels
+
+        return decoded.map(features).prefetch(2)
+
+    def _picks(self, seed: int, cdf: np.ndarray | None) -> Iterator[int]:
         rng = np.random.default_rng(seed)
-        labels = head.label_array(self.y)
         while True:
-            picks = draw(rng, len(self), batch_size * self.chunk_batches, cdf)
-            params = rng.random((len(picks), PARAMS), dtype=np.float32)
-            errors: dict[int, str] = {}
-            batches = distorted_batches(
-                [self.paths[i] for i in picks],
-                params,
-                self.settings,
-                self.input_size,
-                batch_size,
-                errors,
-                self.max_pixels,
-            )
-            for positions, images, ok in batches:
-                rows = picks[positions.numpy()]
-                ok = ok.numpy()
-                if not ok.any():
-                    continue
-                # A photo that no longer decodes is replaced by one that did.
-                keep = np.where(ok, np.arange(len(ok)), np.flatnonzero(ok)[0])
-                features = self.extractor(tf.gather(images, keep))
-                yield features, labels[rows[keep]]
+            yield from draw(rng, len(self), 1024, cdf).tolist()

@@ -150,8 +150,10 @@ def decoded_batches(
     batch_size: int,
     errors: dict[int, str],
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    positions: tf.data.Dataset | None = None,
 ) -> tf.data.Dataset:
-    """A dataset of (positions, images [b, h, w, 3] float32 in [0, 1], ok) batches.
+    """A dataset of (positions, images [b, h, w, 3] float32 in [0, 1], ok) batches of the
+    images at `positions` (a dataset of int64 indices into `paths`; default: each in order).
 
     Images that fail to decode come through as blank with ok=False, and their reason lands in
     `errors` keyed by position in `paths`.
@@ -177,9 +179,10 @@ def decoded_batches(
     # Autotuning would pick about the same parallelism, but its model thread can hold up the
     # iterator's teardown for seconds at the end of a pass.
     options.autotune.enabled = False
+    if positions is None:
+        positions = tf.data.Dataset.range(len(paths))
     return (
-        tf.data.Dataset.range(len(paths))
-        .map(load_and_resize, num_parallel_calls=usable_cpus())
+        positions.map(load_and_resize, num_parallel_calls=usable_cpus())
         .batch(batch_size)
         .prefetch(2)
         .with_options(options)

@@ -143,7 +143,8 @@ def run(config: RetrainConfig) -> RunResult:
         _write_evaluation_summaries(config.outputs.summaries_dir, result)
     if config.outputs.metrics_json and chief:
         metrics = result.metrics()
-        atomic_write_text(config.outputs.metrics_json, json.dumps(metrics, indent=2) + "\n")
+        text = json.dumps(metrics, indent=2, default=_plain) + "\n"
+        atomic_write_text(config.outputs.metrics_json, text)
         result.outputs["metrics_json"] = config.outputs.metrics_json
     if cluster is not None:
         distribute.barrier(cluster)  # the others wait for the chief's outputs: all end together
@@ -198,6 +199,13 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
     return report
 
 
+def _plain(value):
+    """A NumPy scalar or array as the Python value json can write."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def _training_counts(b: Bottlenecks, outputs: int) -> np.ndarray:
     """Training images per class (positives per label, for 0/1 label rows)."""
     labels = b.labels[b.in_split("training")]
@@ -209,7 +217,7 @@ def _training_counts(b: Bottlenecks, outputs: int) -> np.ndarray:
 def _cross_split_duplicates(b: Bottlenecks) -> int:
     """Pairs of files with the same bytes in different splits."""
     pairs = audit.identical_pairs(b.locations)
-    return sum(b.split_codes[i] != b.split_codes[j] for i, j in pairs)
+    return int(sum(b.split_codes[i] != b.split_codes[j] for i, j in pairs))
 
 
 def _hint_at_cross_split_duplicates(b: Bottlenecks) -> None:

@@ -297,7 +297,7 @@ def _streamed_batches(
     distorted images."""
     size, seed = config.train_batch_size, config.random_seed
     if not isinstance(train, FeatureSplit):
-        return train.dataset(size, seed, head, cdf)
+        return train.dataset(size, seed, head, cdf, batches=config.how_many_training_steps)
     return tf.data.Dataset.from_generator(
         lambda: ((x, head.label_array(y)) for x, y in train.random_batches(size, seed, cdf)),
         output_signature=(
