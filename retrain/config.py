@@ -37,7 +37,9 @@ SCHEDULES = ("constant", "cosine", "plateau")
 # "basename": the file's name, stable when the folder moves (ours); "path": the path as
 # retrain.py globbed it from --image_dir, to reproduce retrain.py's split exactly.
 SPLIT_HASHES = ("basename", "path")
-SAMPLINGS = ("class_balanced", "uniform")
+# "auto": class_balanced for class folders (retrain.py's, and what measured best on an
+# imbalanced folder), uniform for multi-label data (an image has several classes).
+SAMPLINGS = ("auto", "class_balanced", "uniform")
 CLASS_WEIGHTS = ("none", "balanced")
 
 
@@ -89,7 +91,7 @@ class HeadTrainingConfig:
     label_smoothing: float = 0.0
     dropout_rate: float = 0.0  # of the bottleneck's values, while training
     weight_decay: float = 0.0  # decoupled: each step, weights -= rate * decay * weights
-    sampling: str = "uniform"  # one of SAMPLINGS: how batches draw examples
+    sampling: str = "auto"  # one of SAMPLINGS: how batches draw examples
     class_weights: str = "none"  # one of CLASS_WEIGHTS: each class's weight in the loss
 
 

@@ -202,11 +202,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
     flags.DEFINE_enum(
         "sampling",
-        "uniform",
+        "auto",
         list(SAMPLINGS),
-        "How training batches draw images: uniform (every image equally often) or "
-        "class_balanced (retrain.py's: a class uniformly, then one of its images; not with "
-        "--labels_csv).",
+        "How training batches draw images: class_balanced (retrain.py's: a class uniformly, "
+        "then one of its images, so every class is seen equally often; not with "
+        "--labels_csv), uniform (every image equally often: a small class is seen rarely), "
+        "or auto (class_balanced for class folders, uniform with --labels_csv).",
         flag_values=f,
     )
     flags.DEFINE_enum(

@@ -39,7 +39,14 @@ def imbalanced(rng, n_major=400, n_minor=20):
     return x, y
 
 
-@pytest.mark.parametrize("options", [{"sampling": "class_balanced"}, {"class_weights": "balanced"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sampling": "class_balanced"},
+        {},  # auto: class_balanced for class indices
+        {"sampling": "uniform", "class_weights": "balanced"},
+    ],
+)
 def test_minority_recall_rises(options):
     rng = np.random.default_rng(0)
     x, y = imbalanced(rng)
@@ -52,4 +59,4 @@ def test_minority_recall_rises(options):
         evaluation = head.evaluate(result.weights, result.biases, [(test_x, test_y)])
         return evaluation.per_class_accuracy[1]
 
-    assert minority_recall(**options) > minority_recall() + 0.3
+    assert minority_recall(**options) > minority_recall(sampling="uniform") + 0.3
