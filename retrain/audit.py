@@ -33,7 +33,7 @@ from retrain.bottlenecks import Bottlenecks
 from retrain.config import AuditConfig, HeadTrainingConfig
 from retrain.errors import RetrainError
 from retrain.evaluate import predict_probabilities
-from retrain.features import Split
+from retrain.features import FeatureSplit, Split
 from retrain.heads import SoftmaxHead
 
 log = logging.getLogger("retrain")
@@ -78,7 +78,7 @@ def audit_bottlenecks(
     """Audit the usable images of `b` (every split) with class names `labels`; the folds'
     layers are trained with `training`'s settings. Writes the CSVs if `settings.output_dir`."""
     start = time.perf_counter()
-    vectors = _all_vectors(b)
+    vectors = FeatureSplit(b.cache, b.locations, b.labels).load().x
     paths, splits = b.paths, [scan.SPLITS[code] for code in b.split_codes]
     report = AuditReport(images=len(vectors))
     probabilities = out_of_sample_probabilities(vectors, b.labels, len(labels), settings, training)
@@ -163,16 +163,16 @@ def _duplicates(vectors: np.ndarray, b: Bottlenecks, labels, threshold: float) -
 
 
 def identical_pairs(locations: np.ndarray) -> set[tuple[int, int]]:
-    """Pairs of images that share one cached vector: the same bytes (same content key)."""
+    """Pairs of images that share one cached vector: the same bytes (same content key).
+    Vectorised but for the groups of duplicates, so a training run can afford it."""
     keys = locations["shard"].astype(np.int64) << 32 | locations["row"].astype(np.int64)
     order = np.argsort(keys, kind="stable")
+    starts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
     pairs = set()
-    start = 0
-    for end in range(1, len(order) + 1):
-        if end == len(order) or keys[order[end]] != keys[order[start]]:
-            group = sorted(order[start:end].tolist())
-            pairs.update((a, c) for k, a in enumerate(group) for c in group[k + 1 :])
-            start = end
+    for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+        group = sorted(order[start : start + size].tolist())
+        pairs.update((a, c) for k, a in enumerate(group) for c in group[k + 1 :])
     return pairs
 
 
@@ -270,16 +270,6 @@ def _csv(rows: list[dict], kind: str) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
-
-
-def _all_vectors(b: Bottlenecks) -> np.ndarray:
-    vectors = np.empty((len(b.labels), b.cache.feature_dim), np.float32)
-    for rows in _chunks(np.arange(len(b.labels))):
-        x, ok = b.cache.read(b.locations[rows])
-        if not ok.all():
-            raise RetrainError("bottleneck cache: an entry changed on disk during the audit")
-        vectors[rows] = x
-    return vectors
 
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:

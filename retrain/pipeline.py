@@ -29,6 +29,7 @@ from retrain import (
     health,
     labels_csv,
     module_cache,
+    sampling,
     scan,
 )
 from retrain.atomic import atomic_write_text
@@ -94,7 +95,6 @@ def run(config: RetrainConfig) -> RunResult:
             distortions=config.distortions,
         )
         bottlenecks.check_trainable(image_set.labels)
-        _hint_at_cross_split_duplicates(bottlenecks)
         check_interrupt()
         head = make_head(image_set)
         trained = _train(config, bottlenecks, head, module, module_object, chief)
@@ -211,23 +211,14 @@ def _training_counts(b: Bottlenecks, outputs: int) -> np.ndarray:
     labels = b.labels[b.in_split("training")]
     if labels.ndim == 2:
         return labels.sum(axis=0).astype(np.int64)
-    return np.bincount(labels, minlength=outputs)
+    return sampling.class_counts(labels, outputs)
 
 
 def _cross_split_duplicates(b: Bottlenecks) -> int:
-    """Pairs of files with the same bytes in different splits."""
+    """Pairs of files with the same bytes in different splits (the health report's
+    `duplicates_across_splits` warning is the run's hint at them)."""
     pairs = audit.identical_pairs(b.locations)
     return int(sum(b.split_codes[i] != b.split_codes[j] for i, j in pairs))
-
-
-def _hint_at_cross_split_duplicates(b: Bottlenecks) -> None:
-    """One line when files with the same bytes sit in more than one split."""
-    if across := _cross_split_duplicates(b):
-        log.info(
-            "%d pair(s) of identical files sit in different splits, which inflates the "
-            "validation and test figures; retrain --audit lists them",
-            across,
-        )
 
 
 def _log_health(findings: list[health.Finding]) -> None:
