@@ -71,6 +71,10 @@ class Head(Protocol):
         """float32 loss weights for `mode` (config.CLASS_WEIGHTS) computed from the training
         labels, in the form `example_weights` takes; None for "none"."""
 
+    def draw_cdf(self, labels: np.ndarray, mode: str) -> np.ndarray | None:
+        """The cumulative probability with which batches draw each training example for
+        `mode` (config.SAMPLINGS), or None for uniform draws."""
+
     def example_weights(self, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
         """Each example's (or each output's) weight in the loss, [n, 1] or [n, outputs], from
         `class_weights`' array: the trainer multiplies the loss gradient by it."""
@@ -128,6 +132,12 @@ class SoftmaxHead:
     def class_weights(self, labels: np.ndarray, mode: str) -> np.ndarray | None:
         """[classes]: see sampling.class_weights."""
         return sampling.class_weights(labels, self.num_classes, mode)
+
+    def draw_cdf(self, labels: np.ndarray, mode: str) -> np.ndarray | None:
+        """How batches draw examples (config.SAMPLINGS; "auto" is retrain.py's
+        class_balanced): see sampling.draw_cdf."""
+        mode = "class_balanced" if mode == "auto" else mode
+        return sampling.draw_cdf(labels, self.num_classes, mode)
 
     def example_weights(self, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
         return tf.gather(weights, labels)[:, None]
@@ -203,6 +213,11 @@ class SigmoidHead:
         with np.errstate(divide="ignore", invalid="ignore"):
             weights = np.where((positives > 0) & (negatives > 0), negatives / positives, 1.0)
         return weights.astype(np.float32)
+
+    def draw_cdf(self, labels: np.ndarray, mode: str) -> None:
+        """Uniform draws ("auto"): an image has several labels, so there is no class to
+        balance (config validation refuses "class_balanced" with a labels CSV)."""
+        return None
 
     def example_weights(self, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
         """[n, labels]: a positive's label weight, 1 for a negative."""

@@ -19,11 +19,7 @@ def class_counts(classes: np.ndarray, num_classes: int) -> np.ndarray:
 
 def draw_cdf(classes: np.ndarray, num_classes: int, sampling: str) -> np.ndarray | None:
     """The cumulative drawing probability of each example (float64 [n], ending at 1) for
-    `sampling` (config.SAMPLINGS), or None for uniform draws. "auto" is class_balanced for
-    class indices and uniform for 0/1 label rows (multi-label)."""
-    classes = np.asarray(classes)
-    if sampling == "auto":
-        sampling = "class_balanced" if classes.ndim == 1 else "uniform"
+    `sampling` ("class_balanced" or "uniform"), or None for uniform draws."""
     if sampling == "uniform":
         return None
     counts = class_counts(classes, num_classes)

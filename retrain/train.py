@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import tensorflow as tf
 
-from retrain import sampling
 from retrain.config import HeadTrainingConfig
 from retrain.errors import RetrainError, first_line
 from retrain.features import FeatureSplit, Split
@@ -81,7 +80,7 @@ class HeadTrainer(tf.Module):
         if config.lr_schedule == "plateau":
             self.plateau = Plateau(self.optimizer, config.plateau_factor, config.plateau_patience)
         self._n = len(train)
-        cdf = sampling.draw_cdf(train.y, head.num_outputs, config.sampling)
+        cdf = head.draw_cdf(train.y, config.sampling)
         weights = head.class_weights(train.y, config.class_weights)
         self._class_weights = None if weights is None else tf.constant(weights)
         self._streamed = not isinstance(train, Split)
