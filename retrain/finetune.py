@@ -25,6 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from retrain import distort, distribute, extract
+from retrain.activity import PROBE_IMAGES, ActivityProbe, write_activity
+from retrain.activity import summary as summarize_activity
 from retrain.config import DistortionConfig, FineTuningConfig
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
 from retrain.errors import ConfigError, RetrainError
@@ -310,10 +312,15 @@ def fine_tune(
         )
     )
     writer = _summary_writer(active, summaries_dir)
+    probe = None
+    if writer is not None:
+        probe = ActivityProbe.for_module(
+            module, module_object, _probe_images(train, module.input_size, max_pixels)
+        )
     try:
         step = make_train_step(active, model, head, optimizer, settings.batch_size)
         history, seconds, rate = _train(
-            step, iter(dataset), settings.steps, log_every, writer, optimizer, plateau
+            step, iter(dataset), settings.steps, log_every, writer, optimizer, plateau, probe
         )
     finally:
         if writer is not None:
@@ -383,9 +390,11 @@ def _train(
     writer: Any,
     optimizer: Any,
     plateau: Plateau | None,
+    probe: ActivityProbe | None = None,
 ) -> tuple[list[dict], float, float]:
     """Run the steps, logging and writing scalars; returns (history, seconds, steps/s).
-    `plateau`, if given, watches the mean training loss of each `log_every` steps.
+    `plateau`, if given, watches the mean training loss of each `log_every` steps; `probe`,
+    if given, measures the network's sparsity every `log_every` steps (for TensorBoard).
 
     Steps/s leaves out the first step, which traces and compiles the step function.
     """
@@ -413,6 +422,11 @@ def _train(
             if plateau is not None:
                 plateau.update(sum(interval_losses) / len(interval_losses))
             interval_losses.clear()
+            if probe is not None:
+                activity = probe.measure()
+                record.update(summarize_activity(activity))
+                with writer.as_default(step=step):
+                    write_activity(activity)
             history.append(record)
             log.info(
                 "Fine-tune step %d: loss = %f, train accuracy = %.1f%%",
@@ -425,6 +439,14 @@ def _train(
     rate = timed / (end - warm) if timed and end > warm else steps / (end - start)
     log.info("Fine-tuned %d steps in %.1f s (%.2f steps/s)", steps, end - start, rate)
     return history, end - start, rate
+
+
+def _probe_images(train: LabeledImages, input_size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """The first PROBE_IMAGES training images that decode, as the module takes them."""
+    paths = list(train.paths[:PROBE_IMAGES])
+    for _, pixels, ok in extract.decoded_batches(paths, input_size, len(paths), {}, max_pixels):
+        return pixels.numpy()[ok.numpy()]
+    return np.zeros([0, *input_size, 3], np.float32)
 
 
 def _exportable(module: ImageModule, module_object: Any, strategy: Any) -> Any:

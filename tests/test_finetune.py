@@ -507,3 +507,38 @@ def test_frozen_graph_of_fine_tuned_bundled_module(flower_run):
         _memory_scores(result.module_object, result, pixels),
         atol=1e-4,
     )
+
+
+def test_fine_tuning_shows_sparsity_per_block_in_tensorboard(flower_run):
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, _ = flower_run
+    events = EventAccumulator(str(out / "logs" / "fine_tune"), size_guidance={"tensors": 0})
+    events.Reload()
+    tags = events.Tags()["tensors"]
+    units = ["stem", *(f"block{i:02d}" for i in range(16)), "head"]  # EfficientNet-Lite0
+    for kind in ("sparsity", "dead_units"):
+        assert sorted(t for t in tags if t.startswith(kind + "/")) == sorted(
+            f"{kind}/{u}" for u in units
+        )
+        for unit in units:
+            (event,) = events.Tensors(f"{kind}/{unit}")  # 4 steps: measured once, at the end
+            assert 0 <= float(tf.make_ndarray(event.tensor_proto)) <= 1
+    zeros = [tf.make_ndarray(events.Tensors(f"sparsity/{u}")[0].tensor_proto) for u in units]
+    assert 0.05 < np.mean(zeros) < 0.95  # ReLU6 networks are partly, not wholly, sparse
+
+
+def test_activity_probe_measures_the_fine_tuned_weights(flower_run):
+    from retrain.activity import ActivityProbe
+    from retrain.models.loading import resolve_module
+
+    _, result, _ = flower_run
+    module = resolve_module("efficientnet_lite0")
+    pixels = _pixels(next((EXAMPLE_DIR / "tulips").glob("*.jpg")), result.input_size)
+    probe = ActivityProbe.for_module(module, result.module_object, pixels)
+    activity = probe.measure()
+    assert len(activity) == 18
+    np.testing.assert_allclose(
+        probe.net.features(pixels).numpy(), result.module_object(pixels).numpy(), atol=1e-4
+    )
