@@ -129,7 +129,7 @@ def line_chart(
     x_label: str,
     log_x: bool = False,
     marker: float | None = None,
-    size: tuple[int, int] = (560, 300),
+    size: tuple[int, int] = (520, 280),
 ) -> Image.Image:
     """A line chart of named (x, y) series, with axes, ticks and a legend; non-finite points
     are left out. `marker` draws a vertical line at that x (e.g. a suggested rate)."""

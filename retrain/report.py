@@ -191,7 +191,7 @@ def _mistakes(result: RunResult) -> str:
     if not mistakes:
         return ""
     figures = [
-        _figure(m.path, [f"true: {m.actual}", (f"{m.predicted} {m.score:.2f}", "wrong"), m.path])
+        _figure(m.path, [f"true: {m.actual}", (f"{m.predicted} {m.score:.2f}", "wrong")])
         for m in mistakes
     ]
     total = len(result.misclassified())
@@ -212,7 +212,6 @@ def _audit(audit: AuditReport) -> str:
             [
                 f"filed under {row['label']} ({row['p_label']:.2f})",
                 (f"looks like {row['expected']} ({row['p_expected']:.2f})", "wrong"),
-                row["path"],
             ],
         )
         for row in audit.suspects[:AUDIT_ROWS_SHOWN]
@@ -220,15 +219,15 @@ def _audit(audit: AuditReport) -> str:
     parts.append(_gallery("Suspect labels", suspects, len(audit.suspects)))
     pairs = [
         "<figure class='pair'>"
-        + _figure(row["path_a"], [f"{row['label_a']} ({row['split_a']})", row["path_a"]])
-        + _figure(row["path_b"], [f"{row['label_b']} ({row['split_b']})", row["path_b"]])
+        + _figure(row["path_a"], [f"{row['label_a']} ({row['split_a']})"])
+        + _figure(row["path_b"], [f"{row['label_b']} ({row['split_b']})"])
         + f"<figcaption>{_e(row['finding'])}, similarity {row['similarity']:.3f}</figcaption>"
         "</figure>"
         for row in _duplicates_first_across(audit.duplicates)[:AUDIT_ROWS_SHOWN]
     ]
     parts.append(_gallery("Duplicates", pairs, len(audit.duplicates)))
     outliers = [
-        _figure(row["path"], [f"{row['label']}, score {row['score']:.2f}", row["path"]])
+        _figure(row["path"], [f"{row['label']}, score {row['score']:.2f}"])
         for row in audit.outliers[:AUDIT_ROWS_SHOWN]
     ]
     parts.append(_gallery("Outliers", outliers, len(audit.outliers)))
@@ -272,13 +271,15 @@ def _what_was_run(config: RetrainConfig, result: RunResult | None) -> str:
 
 
 def _figure(path: str, caption: Sequence[str | tuple[str, str]]) -> str:
+    """A thumbnail of the image file, captioned with `caption`'s lines (text, or (text, CSS
+    class)) and its file name; the whole path shows on hovering."""
     thumb = pictures.thumbnail(path)
     image = _photo(thumb, Path(path).name) if thumb is not None else "<p>(unreadable)</p>"
     lines = []
-    for line in caption:
+    for line in [*caption, (Path(path).name, "muted")]:
         text, css = (line, "") if isinstance(line, str) else line
         lines.append(f"<div class='{css}'>{_e(text)}</div>")
-    return f"<figure>{image}<figcaption>{''.join(lines)}</figcaption></figure>"
+    return f"<figure title='{_e(path)}'>{image}<figcaption>{''.join(lines)}</figcaption></figure>"
 
 
 def _img(image: Image.Image, alt: str, css: str = "") -> str:

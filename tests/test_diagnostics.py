@@ -4,6 +4,7 @@ projector, the HTML report, the learning-rate finder and the end-of-run summary.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import fcntl
 import io
 import json
@@ -64,7 +65,7 @@ def test_mistakes_grid_captions_every_image_even_unreadable_ones(tmp_path):
 
 def test_line_chart_needs_a_finite_point():
     chart = pictures.line_chart({"loss": ([1, 2, 3], [0.5, float("nan"), 0.2])}, "t", "step")
-    assert chart.size == (560, 300)
+    assert chart.size == (520, 280)
     with pytest.raises(RetrainError, match="no finite value"):
         pictures.line_chart({"loss": ([1], [float("inf")])}, "t", "step")
 
@@ -238,6 +239,32 @@ def _run_on_terminal(command: list[str], env: dict) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+def test_audit_report_shows_each_finding_with_thumbnails(tmp_path):
+    pytest.importorskip("cleanlab")
+    pytest.importorskip("faiss")
+    import retrain
+    from tests.fault_tools import save_tiny_module
+    from tests.test_audit import audit_config, clean_folder, photo
+
+    save_tiny_module(tmp_path / "module")
+    root = clean_folder(tmp_path / "images")
+    photo(root / "blue" / "filed_wrong.png", 0, seed=999)
+    shutil.copy(root / "red" / "r3.png", root / "blue" / "copy_of_r3.png")
+    config = audit_config(root, tmp_path, tmp_path / "module")
+    outputs = retrain.OutputsConfig(report_html=str(tmp_path / "audit.html"))
+    report = retrain.audit_photos(dataclasses.replace(config, outputs=outputs))
+    page = (tmp_path / "audit.html").read_text()
+    assert f"Audit of {report.images} images" in page
+    for title in ("Suspect labels", "Duplicates", "Outliers"):
+        assert f"<h3>{title}" in page
+    suspects = page[page.index("<h3>Suspect labels") : page.index("<h3>Duplicates")]
+    assert "filed_wrong.png" in suspects and "looks like red" in suspects
+    assert suspects.count("data:image/jpeg") == min(len(report.suspects), 30)
+    duplicates = page[page.index("<h3>Duplicates") : page.index("<h3>Outliers")]
+    assert "copy_of_r3.png" in duplicates and "identical file" in duplicates
+    assert "<h2>Training" not in page  # an audit trains nothing it reports
+
+
 # ----------------------------------------------------------------------------- lr finder
 
 
@@ -254,7 +281,7 @@ def test_lr_find_suggests_a_rate_and_writes_its_plot(diagnosed, tmp_path, capfd)
     assert "<- lowest; suggested" in err
     assert not (tmp_path / "graph.pb").exists()  # it trains nothing it keeps
     chart = _png(_tensorboard(tmp_path / "logs" / "lr_find")["loss_against_rate"][0])
-    assert chart.size == (560, 300)
+    assert chart.size == (520, 280)
 
 
 def test_learning_rate_auto_trains_at_the_suggested_rate(diagnosed, tmp_path):
