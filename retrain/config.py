@@ -135,7 +135,7 @@ class FineTuningConfig:
     """Fine-tuning the whole network after the new layer (0 steps: off)."""
 
     steps: int = 0
-    learning_rate: float = 1e-3
+    learning_rate: float | str = 1e-3  # or AUTO: the learning-rate finder's suggestion
     batch_size: int = 32  # the global batch, split over the replicas
     lr_schedule: str = "constant"  # one of SCHEDULES ("plateau" watches the training loss)
 
@@ -258,10 +258,19 @@ def _check_counts(c: RetrainConfig) -> None:
         raise ConfigError(
             "{0} must be 0 (off) or positive, got " + str(c.fine_tuning.steps), "fine_tuning.steps"
         )
-    rates = [("fine_tuning.learning_rate", c.fine_tuning.learning_rate)]
-    if c.training.learning_rate != AUTO:
-        rates.insert(0, ("training.learning_rate", c.training.learning_rate))
+    rates = [
+        ("training.learning_rate", c.training.learning_rate),
+        ("fine_tuning.learning_rate", c.fine_tuning.learning_rate),
+    ]
     for name, value in rates:
+        if value == AUTO and c.distribution.strategy == "multi_worker_mirrored":
+            raise ConfigError(
+                "{0} 'auto' is for one machine: set the rate the finder suggested there "
+                "(retrain --lr_find) for a multi-worker run",
+                name,
+            )
+        if value == AUTO:
+            continue
         if isinstance(value, str) or not value > 0 or math.isinf(value):
             raise ConfigError("{0} must be positive, got " + str(value), name)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ from retrain.evaluate import Evaluation
 from retrain.features import random_picks
 from retrain.heads import Head
 from retrain.interrupt import check as check_interrupt
+from retrain.lr_find import RateSearch, range_test
 from retrain.models.loading import ImageModule
 from retrain.optim import Plateau, current_learning_rate, make_optimizer
 
@@ -47,6 +48,11 @@ PLATEAU_FACTOR = 0.1
 PLATEAU_PATIENCE = 10
 # TensorBoard run (under --summaries_dir) of the fine-tuning scalars.
 SUMMARIES_RUN = "fine_tune"
+# The learning-rate finder for fine-tuning: a few hundred images, a range test of few steps.
+FIND_IMAGES = 300
+FIND_STEPS = 60
+FIND_MIN_RATE = 1e-7
+FIND_MAX_RATE = 0.1
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class FineTuneResult:
     history: list[dict] = field(default_factory=list)
     before: Evaluation | None = None
     after: Evaluation | None = None
+    rate_search: RateSearch | None = None  # the finder's, when the rate was 'auto'
 
     def metrics(self) -> dict:
         """The run's figures for --metrics_json."""
@@ -92,6 +99,7 @@ class FineTuneResult:
             "test_images": self.after.count if self.after else 0,
             "test_accuracy_before": self.before.accuracy if self.before else None,
             "test_accuracy_after": self.after.accuracy if self.after else None,
+            "lr_find": self.rate_search.metrics() if self.rate_search else None,
         }
 
 
@@ -279,11 +287,7 @@ def fine_tune(
         )
     module_object = distribute.load_module(module, strategy)
     with active.scope():
-        model = FineTuneModel(module_object, *layer)
-        optimizer = make_optimizer(
-            "momentum", settings.learning_rate, settings.lr_schedule, settings.steps
-        )
-        optimizer.build(model.trainable)
+        model, optimizer = _model_and_optimizer(module_object, layer, settings)
     plateau = None
     if settings.lr_schedule == "plateau":
         plateau = Plateau(optimizer, PLATEAU_FACTOR, PLATEAU_PATIENCE)
@@ -340,6 +344,61 @@ def fine_tune(
         history=history,
         before=before,
         after=after,
+    )
+
+
+def _model_and_optimizer(
+    module_object: Any, layer: tuple[np.ndarray, np.ndarray], settings: FineTuningConfig
+) -> tuple[FineTuneModel, Any]:
+    """The network with the trained layer on top, and its optimizer (momentum), built."""
+    model = FineTuneModel(module_object, *layer)
+    optimizer = make_optimizer(
+        "momentum", settings.learning_rate, settings.lr_schedule, settings.steps
+    )
+    optimizer.build(model.trainable)
+    return model, optimizer
+
+
+def search_rate(
+    module: ImageModule,
+    head: Head,
+    layer: tuple[np.ndarray, np.ndarray],
+    train: LabeledImages,
+    settings: FineTuningConfig,
+    *,
+    seed: int = 0,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    distortions: DistortionConfig | None = None,
+) -> RateSearch:
+    """The learning-rate finder for fine-tuning (see retrain.lr_find): the module with the
+    trained `layer` on top, trained on a seeded FIND_IMAGES of `train` in batches of
+    `settings.batch_size` while the rate grows from FIND_MIN_RATE to FIND_MAX_RATE over at
+    most FIND_STEPS steps. Nothing it trains is kept."""
+    search_settings = replace(
+        settings, steps=FIND_STEPS, learning_rate=FIND_MIN_RATE, lr_schedule="constant"
+    )
+    strategy = tf.distribute.get_strategy()
+    model, optimizer = _model_and_optimizer(module.load(), layer, search_settings)
+    images = subset(train, FIND_IMAGES, seed)
+    batches = training_dataset(
+        images, module.input_size, head, search_settings, seed, max_pixels, {}, distortions
+    )
+    iterator = iter(strategy.experimental_distribute_dataset(batches))
+    step = make_train_step(strategy, model, head, optimizer, settings.batch_size)
+    log.info(
+        "Fine-tuning's learning-rate finder: up to %d steps of %d of %d training images",
+        FIND_STEPS,
+        settings.batch_size,
+        len(images),
+    )
+
+    def step_at(rate: float) -> float:
+        optimizer.learning_rate.assign(rate)
+        loss_sum, _, count = step(iterator).numpy()
+        return float(loss_sum / max(count, 1))
+
+    return range_test(
+        step_at, FIND_STEPS, FIND_MIN_RATE, FIND_MAX_RATE, "fine_tuning.learning_rate"
     )
 
 

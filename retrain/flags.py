@@ -357,12 +357,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "0 (default) is off.",
         flag_values=f,
     )
-    flags.DEFINE_float(
+    flags.DEFINE(
+        _RateParser(),
         "fine_tune_learning_rate",
         1e-3,
         "Learning rate of fine-tuning (SGD with momentum 0.9). Keep it small, about a tenth of "
         "--learning_rate: a large one overwrites the pretrained weights instead of adjusting "
-        "them, and the features the new layer was trained on are lost.",
+        "them, and the features the new layer was trained on are lost. 'auto': the suggestion "
+        "of a learning-rate finder run on a few hundred training images first.",
         flag_values=f,
     )
     flags.DEFINE_enum(

@@ -227,33 +227,73 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
     return findings
 
 
-def find_learning_rate(config: RetrainConfig) -> lr_find.RateSearch:
+def find_learning_rate(config: RetrainConfig) -> dict[str, lr_find.RateSearch]:
     """The learning-rate finder (`retrain --lr_find`): the config's images scanned and their
     bottlenecks cached (computing only what is missing), then the new layer's range test on
-    the training split (see retrain.lr_find). Logs loss against rate and the suggestion,
-    writes the plot to TensorBoard if `outputs.summaries_dir`; trains nothing it keeps."""
+    the training split (see retrain.lr_find); with fine-tuning steps configured, the layer is
+    then trained (at the configured rate, or the suggestion if that is 'auto') and fine-tuning
+    range-tested too. Returns {"training": search[, "fine_tuning": search]}; logs loss against
+    rate and the suggestions, writes the plots to TensorBoard if `outputs.summaries_dir` and
+    the figures to `outputs.metrics_json`; keeps nothing it trains."""
     config.validate()
     image_set = scan_images(config)
     module = load_module(config.module)
+    module_object = LazyModule(module)
     with _bottleneck_folder(config.cache.bottleneck_dir) as bottleneck_dir:
         bottlenecks = compute_bottlenecks(
             image_set,
             module,
-            LazyModule(module),
+            module_object,
             bottleneck_dir,
             config.module,
             config.data.max_image_pixels,
         )
-        search = _search_rate(config, bottlenecks, make_head(image_set))
-    for line in search.text_plot():
-        log.info("%s", line)
+        head = make_head(image_set)
+        searches = {"training": _search_rate(config, bottlenecks, head)}
+        if config.fine_tuning.steps:
+            if config.training.learning_rate == AUTO:
+                rate = searches["training"].suggestion
+                config = replace(config, training=replace(config.training, learning_rate=rate))
+            train, validation = _training_inputs(config, bottlenecks, module, module_object)
+            trained = train_head(train, validation, head, config.training)
+            searches["fine_tuning"] = _search_fine_tuning_rate(config, module, bottlenecks, trained)
+    for name, search in searches.items():
+        log.info("Learning-rate finder for %s:", name.replace("_", "-"))
+        for line in search.text_plot():
+            log.info("%s", line)
     if config.outputs.summaries_dir:
         from retrain import summaries
 
-        summaries.write_rate_search(config.outputs.summaries_dir, search)
+        for name, search in searches.items():
+            summaries.write_rate_search(config.outputs.summaries_dir, search, name)
     if config.outputs.metrics_json:
-        text = json.dumps({"lr_find": search.metrics()}, indent=2) + "\n"
+        figures = {name: search.metrics() for name, search in searches.items()}
+        text = json.dumps({"lr_find": figures}, indent=2) + "\n"
         atomic_write_text(config.outputs.metrics_json, text)
+    return searches
+
+
+def _search_fine_tuning_rate(
+    config: RetrainConfig, module: ImageModule, b: Bottlenecks, trained: TrainResult
+) -> lr_find.RateSearch:
+    search = finetune.search_rate(
+        module,
+        trained.head,
+        (trained.weights, trained.biases),
+        finetune.split_images(b, "training"),
+        config.fine_tuning,
+        seed=config.training.random_seed,
+        max_pixels=config.data.max_image_pixels,
+        distortions=config.distortions,
+    )
+    log.info(
+        "Fine-tuning's learning-rate finder: %d steps in %.1f s; the loss was lowest at %.2g, "
+        "suggested fine-tuning learning rate %g",
+        len(search.rates),
+        search.seconds,
+        search.best_rate,
+        search.suggestion,
+    )
     return search
 
 
@@ -579,7 +619,11 @@ def _fine_tune(
     if strategy is None:
         strategy = distribute.make_strategy(config.distribution.strategy, log)
     seed = config.training.random_seed
-    return finetune.fine_tune(
+    settings, search = config.fine_tuning, None
+    if settings.learning_rate == AUTO:
+        search = _search_fine_tuning_rate(config, module, b, trained)
+        settings = replace(settings, learning_rate=search.suggestion)
+    tuned = finetune.fine_tune(
         module,
         trained.head,
         (trained.weights, trained.biases),
@@ -587,7 +631,7 @@ def _fine_tune(
         finetune.subset(
             finetune.split_images(b, "testing"), config.evaluation.test_batch_size, seed
         ),
-        config.fine_tuning,
+        settings,
         strategy,
         config.outputs.summaries_dir,
         seed=seed,
@@ -595,6 +639,8 @@ def _fine_tune(
         max_pixels=config.data.max_image_pixels,
         distortions=config.distortions,
     )
+    tuned.rate_search = search
+    return tuned
 
 
 def _export(

@@ -117,7 +117,7 @@ class RunResult:
         if self.distortions is not None:
             metrics["distortions"] = dict(self.distortions)
         if self.rate_search is not None:
-            metrics["lr_find"] = self.rate_search.metrics()
+            metrics["lr_find"] = {"training": self.rate_search.metrics()}
         metrics["health"] = [finding.as_dict() for finding in self.health]
         return metrics
 

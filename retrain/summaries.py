@@ -92,16 +92,17 @@ def _image(tag: str, image, description: str) -> None:
     tf.summary.image(tag, pictures.as_array(image)[np.newaxis], description=description)
 
 
-def write_rate_search(summaries_dir: str | Path, search: RateSearch) -> None:
-    """The learning-rate finder's loss against rate, as a picture in the lr_find/ run."""
+def write_rate_search(summaries_dir: str | Path, search: RateSearch, name: str) -> None:
+    """The learning-rate finder's loss against rate for `name` ("training": the new layer,
+    or "fine_tuning"), as the picture `loss_against_rate/NAME` in the lr_find/ run."""
     chart = pictures.line_chart(
         {"smoothed loss": (search.rates, search.smoothed)},
-        f"learning-rate finder: suggested {search.suggestion:g}",
+        f"{name.replace('_', '-')} rate finder: suggested {search.suggestion:g}",
         "learning rate",
         log_x=True,
         marker=search.suggestion,
     )
     writer = tf.summary.create_file_writer(str(Path(summaries_dir).expanduser() / "lr_find"))
     with writer.as_default(step=0):
-        _image("loss_against_rate", chart, "the red line marks the suggested rate")
+        _image(f"loss_against_rate/{name}", chart, "the red line marks the suggested rate")
     writer.close()
