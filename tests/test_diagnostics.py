@@ -351,3 +351,13 @@ def test_report_renders_in_headless_chromium(diagnosed, tmp_path):
     assert pixels.shape[:2] == (2400, 1200)
     blue_lines = ((pixels[..., 2] > 150) & (pixels[..., 0] < 60)).sum()  # chart lines, cells
     assert pixels.std() > 20 and blue_lines > 500
+
+
+def test_suggestion_is_a_tenth_of_the_lowest_or_the_steepest_fall_if_smaller():
+    from retrain.lr_find import suggest
+
+    rates = [10.0**e for e in range(-6, 2)]  # 1e-6 ... 10
+    turned_up = [2.3, 2.3, 2.3, 2.25, 2.2, 1.9, 0.4, 3.0]  # lowest at 1: a tenth is 0.1
+    assert suggest(rates, turned_up) == pytest.approx(0.1)
+    memorised = [2.3, 2.3, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1]  # never turns up; steepest at 1e-3
+    assert suggest(rates, memorised) == pytest.approx(1e-3)

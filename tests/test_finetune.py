@@ -542,3 +542,34 @@ def test_activity_probe_measures_the_fine_tuned_weights(flower_run):
     np.testing.assert_allclose(
         probe.net.features(pixels).numpy(), result.module_object(pixels).numpy(), atol=1e-4
     )
+
+
+def test_fine_tune_learning_rate_auto_uses_the_finders_suggestion(tiny_run, tmp_path):
+    out = tiny_run["out"]
+    argv = retrain_args(
+        out / "images",
+        tmp_path,
+        f"--tfhub_module={tiny_run['module'].path}",
+        "--extraction_backend=tensorflow",
+        "--testing_percentage=30",
+        "--fine_tune_steps=2",
+        "--fine_tune_batch_size=4",
+        "--fine_tune_learning_rate=auto",
+        steps=50,
+    )
+    assert cli.main(argv) == 0
+    tuned = json.loads((tmp_path / "metrics.json").read_text())["fine_tune"]
+    found = tuned["lr_find"]
+    assert tuned["learning_rate"] == found["suggested_learning_rate"]
+    assert 1e-7 <= found["suggested_learning_rate"] <= 0.1 * 1.05
+    assert found["steps"] <= 60 and found["rates"][0] == pytest.approx(1e-7)
+
+
+def test_auto_rates_are_refused_for_multi_worker_runs(tmp_path, capfd):
+    for flag in ("--learning_rate=auto", "--fine_tune_learning_rate=auto"):
+        argv = retrain_args(
+            EXAMPLE_DIR, tmp_path, flag, "--distribution_strategy=multi_worker_mirrored"
+        )
+        assert cli.main(argv) == 2
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and flag.split("=")[0] in err and "'auto'" in err
