@@ -403,7 +403,7 @@ def _check_choices(c: RetrainConfig) -> None:
 
 
 def _check_module_handle(c: RetrainConfig) -> None:
-    from retrain.models.registry import list_bundled_models
+    from retrain.models.registry import get_bundled_model, list_bundled_models
 
     handle = c.module.handle
     if not handle:
@@ -411,6 +411,10 @@ def _check_module_handle(c: RetrainConfig) -> None:
     if looks_like_url(handle) or os.path.isdir(os.path.expanduser(handle)):
         return
     if handle in list_bundled_models():
+        try:
+            get_bundled_model(handle).weights_path()
+        except FileNotFoundError as err:
+            raise ConfigError("{0}: " + str(err), "module.handle") from None
         return
     if os.path.sep in handle or handle.startswith("."):
         raise ConfigError("{0}: folder not found: " + handle, "module.handle")

