@@ -137,7 +137,10 @@ class FineTuningConfig:
     steps: int = 0
     learning_rate: float | str = 1e-3  # or AUTO: the learning-rate finder's suggestion
     batch_size: int = 32  # the global batch, split over the replicas
-    lr_schedule: str = "constant"  # one of SCHEDULES ("plateau" watches the training loss)
+    # One of SCHEDULES; "plateau" watches the validation loss (the training loss if there are no
+    # validation images).
+    lr_schedule: str = "plateau"
+    patience: int = 6  # stop after this many validation evaluations without a better one; 0: never
 
 
 @dataclass(frozen=True)
@@ -254,10 +257,12 @@ def _check_counts(c: RetrainConfig) -> None:
             "{0} must be 0 (off) or positive, got " + str(frequency),
             "export.intermediate_store_frequency",
         )
-    if c.fine_tuning.steps < 0:
-        raise ConfigError(
-            "{0} must be 0 (off) or positive, got " + str(c.fine_tuning.steps), "fine_tuning.steps"
-        )
+    for name, value in (
+        ("fine_tuning.steps", c.fine_tuning.steps),
+        ("fine_tuning.patience", c.fine_tuning.patience),
+    ):
+        if value < 0:
+            raise ConfigError("{0} must be 0 (off) or positive, got " + str(value), name)
     rates = [
         ("training.learning_rate", c.training.learning_rate),
         ("fine_tuning.learning_rate", c.fine_tuning.learning_rate),

@@ -9,6 +9,11 @@ Training is data-parallel over any ``tf.distribute`` strategy (None: TensorFlow'
 each global batch is split over the replicas, the loss is summed over the replicas and divided
 by the global batch size, and the optimizer all-reduces the gradients. Once the module is
 fine-tuned, cached bottlenecks no longer describe it, so the test split is evaluated on images.
+
+With validation images, fine-tuning is safe (`retrain.early_stopping`): the network is evaluated
+on them every `log_every` steps, the rate is lowered on a plateau of their loss, fine-tuning
+stops early when they stop improving, and the best network seen is kept, the head alone (step 0)
+included.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ from retrain.activity import PROBE_IMAGES, ActivityProbe, write_activity
 from retrain.activity import summary as summarize_activity
 from retrain.config import DistortionConfig, FineTuningConfig
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
+from retrain.early_stopping import (
+    VALIDATION_IMAGES,
+    VALIDATION_PLATEAU_PATIENCE,
+    DecodedImages,
+    KeepBest,
+)
 from retrain.errors import ConfigError, RetrainError
 from retrain.evaluate import Evaluation
 from retrain.features import random_picks
@@ -82,10 +93,22 @@ class FineTuneResult:
     before: Evaluation | None = None
     after: Evaluation | None = None
     rate_search: RateSearch | None = None  # the finder's, when the rate was 'auto'
+    steps_run: int = 0  # fewer than settings.steps when it stopped early
+    best_step: int | None = None  # the step kept (0: the head alone); None: no validation
+    validation_before: Evaluation | None = None  # the head alone's, on the validation images
+    validation_best: Evaluation | None = None  # the kept network's
+    validation_seconds: float = 0.0
+
+    @property
+    def head_alone(self) -> bool:
+        """Whether the kept network is the pretrained module with the trained layer, unchanged:
+        export it as such."""
+        return self.best_step == 0
 
     def metrics(self) -> dict:
         """The run's figures for --metrics_json."""
         last = self.history[-1] if self.history else {}
+        before, best = self.validation_before, self.validation_best
         return {
             "steps": self.settings.steps,
             "learning_rate": self.settings.learning_rate,
@@ -100,7 +123,24 @@ class FineTuneResult:
             "test_accuracy_before": self.before.accuracy if self.before else None,
             "test_accuracy_after": self.after.accuracy if self.after else None,
             "lr_find": self.rate_search.metrics() if self.rate_search else None,
+            "steps_run": self.steps_run,
+            "stopped_early": self.steps_run < self.settings.steps,
+            "patience": self.settings.patience,
+            "best_step": self.best_step,
+            "kept": _kept(self.best_step),
+            "validation_images": before.count if before else 0,
+            "validation_accuracy_before": before.accuracy if before else None,
+            "validation_cross_entropy_before": before.cross_entropy if before else None,
+            "validation_accuracy_best": best.accuracy if best else None,
+            "validation_cross_entropy_best": best.cross_entropy if best else None,
+            "validation_seconds": round(self.validation_seconds, 3),
         }
+
+
+def _kept(best_step: int | None) -> str:
+    if best_step is None:
+        return "last step (no validation images)"
+    return "head alone" if best_step == 0 else "fine-tuned"
 
 
 class FineTuneModel(tf.Module):
@@ -265,10 +305,17 @@ def fine_tune(
     log_every: int = 10,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     distortions: DistortionConfig | None = None,
+    validation: LabeledImages | None = None,
 ) -> FineTuneResult:
     """Fine-tune `module` and the trained `layer` (weights, biases) of `head` on `train`'s
     images (distorted afresh if `distortions` are active) for `settings.steps` steps of
     `settings.batch_size`, logging every `log_every` steps.
+
+    With `validation` images (a seeded VALIDATION_IMAGES of them, decoded once), the network is
+    evaluated on them before the first step and every `log_every` steps; the "plateau" schedule
+    watches their cross-entropy; fine-tuning stops after `settings.patience` evaluations
+    without a better one; and the result holds the best network seen (`best_step`; 0 is the
+    head alone, see `FineTuneResult.head_alone`). Without, the last step's network.
 
     The module is loaded afresh under `strategy`'s scope. `test` is evaluated before and after.
     Every worker of a multi-worker strategy must call this with the same arguments; only the
@@ -288,9 +335,6 @@ def fine_tune(
     module_object = distribute.load_module(module, strategy)
     with active.scope():
         model, optimizer = _model_and_optimizer(module_object, layer, settings)
-    plateau = None
-    if settings.lr_schedule == "plateau":
-        plateau = Plateau(optimizer, PLATEAU_FACTOR, PLATEAU_PATIENCE)
     log.info(
         "Fine-tuning the whole network: %d steps of %d images, learning rate %g, %d replica(s)",
         settings.steps,
@@ -298,9 +342,10 @@ def fine_tune(
         settings.learning_rate,
         active.num_replicas_in_sync,
     )
+    extractor = distribute.mirrored_backend(module_object, strategy)
     evaluate = partial(
         _evaluate,
-        distribute.mirrored_backend(module_object, strategy),
+        extractor,
         model,
         head,
         test,
@@ -309,6 +354,13 @@ def fine_tune(
         max_pixels,
     )
     before = _log_test("before", evaluate())
+    decoded = None
+    if validation is not None and len(validation):
+        validation = subset(validation, VALIDATION_IMAGES, seed)
+        decoded = DecodedImages.decode(
+            validation.paths, validation.labels, module.input_size, max_pixels
+        )
+    watch, plateau = _watch(decoded, extractor, model, head, optimizer, settings)
     errors: dict[int, str] = {}
     dataset = active.experimental_distribute_dataset(
         training_dataset(
@@ -324,14 +376,19 @@ def fine_tune(
     try:
         step = make_train_step(active, model, head, optimizer, settings.batch_size)
         history, seconds, rate = _train(
-            step, iter(dataset), settings.steps, log_every, writer, optimizer, plateau, probe
+            step, iter(dataset), settings.steps, log_every, writer, optimizer, plateau, probe, watch
         )
     finally:
         if writer is not None:
             writer.close()
     if errors:
         log.warning("Fine-tuning: %d training image(s) no longer decode; left out", len(errors))
-    after = _log_test("after", evaluate())
+    steps_run = history[-1]["step"] if history else 0
+    if watch is not None:
+        watch.restore()
+        log.info("Fine-tuning: %s", watch.explain(steps_run))
+    after = before if watch is not None and watch.best_step == 0 else evaluate()
+    _log_test("after", after)
     return FineTuneResult(
         module_object=_exportable(module, module_object, strategy),
         weights=model.final_weights.numpy(),
@@ -344,7 +401,50 @@ def fine_tune(
         history=history,
         before=before,
         after=after,
+        steps_run=steps_run,
+        best_step=watch.best_step if watch else None,
+        validation_before=watch.head_alone if watch else None,
+        validation_best=watch.best if watch else None,
+        validation_seconds=watch.seconds if watch else 0.0,
     )
+
+
+def _watch(
+    validation: DecodedImages | None,
+    extractor: Any,
+    model: FineTuneModel,
+    head: Head,
+    optimizer: Any,
+    settings: FineTuningConfig,
+) -> tuple[KeepBest | None, Plateau | None]:
+    """The validation watch (None without validation images) and the plateau of the "plateau"
+    schedule: on validation cross-entropy if there is a watch (which feeds it), else on the
+    training loss (which `_train` feeds)."""
+    plateau = None
+    if validation is None or not len(validation):
+        log.warning(
+            "Fine-tuning: no validation images, so nothing guards it: the last step's network "
+            "is exported, even if worse than the new layer alone"
+        )
+        if settings.lr_schedule == "plateau":
+            plateau = Plateau(optimizer, PLATEAU_FACTOR, PLATEAU_PATIENCE)
+        return None, plateau
+    if settings.lr_schedule == "plateau":
+        plateau = Plateau(optimizer, PLATEAU_FACTOR, VALIDATION_PLATEAU_PATIENCE)
+
+    def evaluate() -> Evaluation:
+        weights, biases = model.final_weights.numpy(), model.final_biases.numpy()
+        return validation.evaluate(extractor, head, weights, biases, settings.batch_size)
+
+    watch = KeepBest(evaluate, model.trainable, settings.patience, plateau)
+    log.info(
+        "Fine-tuning: validation before (the head alone): accuracy = %.1f%%, cross-entropy = "
+        "%f (N=%d)",
+        100 * watch.head_alone.accuracy,
+        watch.head_alone.cross_entropy,
+        watch.head_alone.count,
+    )
+    return watch, None
 
 
 def _model_and_optimizer(
@@ -450,17 +550,22 @@ def _train(
     optimizer: Any,
     plateau: Plateau | None,
     probe: ActivityProbe | None = None,
+    watch: KeepBest | None = None,
 ) -> tuple[list[dict], float, float]:
     """Run the steps, logging and writing scalars; returns (history, seconds, steps/s).
     `plateau`, if given, watches the mean training loss of each `log_every` steps; `probe`,
-    if given, measures the network's sparsity every `log_every` steps (for TensorBoard).
+    if given, measures the network's sparsity every `log_every` steps (for TensorBoard);
+    `watch`, if given, evaluates validation every `log_every` steps and stops the steps early
+    when its patience runs out.
 
-    Steps/s leaves out the first step, which traces and compiles the step function.
+    Steps/s leaves out the first step, which traces and compiles the step function, and the
+    time spent evaluating validation.
     """
     history = []
     interval_losses = []
     start = time.perf_counter()
     warm = start
+    validated_before = watch.seconds if watch else 0.0  # step 0's evaluation
     for step in range(1, steps + 1):
         check_interrupt()
         loss_sum, correct, count = train_step(iterator).numpy()
@@ -481,6 +586,8 @@ def _train(
             if plateau is not None:
                 plateau.update(sum(interval_losses) / len(interval_losses))
             interval_losses.clear()
+            if watch is not None:
+                _note_validation(record, watch.check(step), writer)
             if probe is not None:
                 activity = probe.measure()
                 record.update(summarize_activity(activity))
@@ -493,11 +600,37 @@ def _train(
                 record["loss"],
                 100 * record["accuracy"],
             )
+            if watch is not None and watch.stop:
+                log.info(
+                    "Fine-tuning stopped early at step %d of %d: validation did not improve in "
+                    "%d evaluations",
+                    step,
+                    steps,
+                    watch.waited,
+                )
+                break
     end = time.perf_counter()
-    timed = steps - 1
-    rate = timed / (end - warm) if timed and end > warm else steps / (end - start)
-    log.info("Fine-tuned %d steps in %.1f s (%.2f steps/s)", steps, end - start, rate)
+    run = history[-1]["step"] if history else steps
+    timed, busy = run - 1, end - warm - ((watch.seconds if watch else 0.0) - validated_before)
+    rate = timed / busy if timed and busy > 0 else run / (end - start)
+    log.info("Fine-tuned %d steps in %.1f s (%.2f steps/s)", run, end - start, rate)
     return history, end - start, rate
+
+
+def _note_validation(record: dict, evaluation: Evaluation, writer: Any) -> None:
+    """Add a validation evaluation to a history record (and to TensorBoard), and log it."""
+    record["validation_loss"] = evaluation.cross_entropy
+    record["validation_accuracy"] = evaluation.accuracy
+    if writer is not None:
+        with writer.as_default(step=record["step"]):
+            tf.summary.scalar("validation_cross_entropy", evaluation.cross_entropy)
+            tf.summary.scalar("validation_accuracy", evaluation.accuracy)
+    log.info(
+        "Fine-tune step %d: validation accuracy = %.1f%%, cross-entropy = %f",
+        record["step"],
+        100 * evaluation.accuracy,
+        evaluation.cross_entropy,
+    )
 
 
 def _probe_images(train: LabeledImages, input_size: tuple[int, int], max_pixels: int) -> np.ndarray:

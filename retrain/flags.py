@@ -369,16 +369,26 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
     flags.DEFINE_enum(
         "fine_tune_lr_schedule",
-        "constant",
+        "plateau",
         list(SCHEDULES),
-        "Learning rate over fine-tuning: constant, cosine, or plateau (watching the training "
-        "loss of each --eval_step_interval steps).",
+        "Learning rate over fine-tuning: constant, cosine, or plateau (default: a tenth after 3 "
+        "evaluations of the validation images without a better loss; without validation "
+        "images, after 10 intervals of --eval_step_interval steps without a lower training "
+        "loss).",
         flag_values=f,
     )
     flags.DEFINE_integer(
         "fine_tune_batch_size",
         32,
         "Images per fine-tuning step (the global batch, split over the replicas).",
+        flag_values=f,
+    )
+    flags.DEFINE_integer(
+        "fine_tune_patience",
+        6,
+        "Fine-tuning evaluates up to 256 validation images every --eval_step_interval steps, "
+        "keeps the best network seen (the new layer alone included) and stops after this many "
+        "evaluations without a better one; 0: runs every step (still keeping the best).",
         flag_values=f,
     )
 
@@ -424,6 +434,7 @@ FLAG_FIELDS = {
     "fine_tune_learning_rate": "fine_tuning.learning_rate",
     "fine_tune_batch_size": "fine_tuning.batch_size",
     "fine_tune_lr_schedule": "fine_tuning.lr_schedule",
+    "fine_tune_patience": "fine_tuning.patience",
     "output_graph": "export.output_graph",
     "output_labels": "export.output_labels",
     "output_tflite": "export.output_tflite",

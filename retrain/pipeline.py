@@ -120,7 +120,7 @@ def run(config: RetrainConfig) -> RunResult:
         tuned = None
         if config.fine_tuning.steps:
             tuned = _fine_tune(config, module, bottlenecks, trained, cluster)
-            if tuned.after is not None:
+            if tuned.after is not None and not tuned.head_alone:
                 evaluations["testing"] = tuned.after  # cached bottlenecks no longer fit it
                 evaluations.pop("validation", None)  # it measured the head before tuning
     check_interrupt()  # a run stopped before here writes no outputs
@@ -613,8 +613,9 @@ def _fine_tune(
     trained: TrainResult,
     cluster: tf.distribute.Strategy | None,
 ) -> finetune.FineTuneResult:
-    """Fine-tune the network on the training split's images, evaluated on the test split's
-    (the configured subset of it). Under `cluster` if given, else the configured strategy."""
+    """Fine-tune the network on the training split's images, guarded by the validation split's
+    and evaluated on the test split's (the configured subset of it). Under `cluster` if given,
+    else the configured strategy."""
     strategy = cluster
     if strategy is None:
         strategy = distribute.make_strategy(config.distribution.strategy, log)
@@ -638,6 +639,7 @@ def _fine_tune(
         log_every=max(1, config.training.eval_step_interval),
         max_pixels=config.data.max_image_pixels,
         distortions=config.distortions,
+        validation=finetune.split_images(b, "validation"),
     )
     tuned.rate_search = search
     return tuned
@@ -651,9 +653,9 @@ def _export(
     trained: TrainResult,
     tuned: finetune.FineTuneResult | None,
 ) -> dict[str, str]:
-    """The export stage: the fine-tuned network if `tuned`, else the pretrained module with
-    the trained layer. Returns {setting: path} of the files written."""
-    if tuned is not None:
+    """The export stage: the fine-tuned network if `tuned` kept one, else the pretrained module
+    with the trained layer. Returns {setting: path} of the files written."""
+    if tuned is not None and not tuned.head_alone:
         return export.export_classifier(
             config.export,
             labels,

@@ -285,7 +285,8 @@ def test_module_without_trainable_variables_is_one_clear_error():
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_module, tmp_path_factory):
-    """A CLI run with --fine_tune_steps=3 on the tiny module, with every export.
+    """A CLI run with --fine_tune_steps=3 on the tiny module, with every export, and no
+    validation images: nothing guards the fine-tuning, whose last step is exported.
 
     Its frozen-module cache entry is made (pretrained) before the run, which must not touch it.
     """
@@ -310,6 +311,7 @@ def tiny_run(tiny_module, tmp_path_factory):
                 f"--module_cache_dir={out / 'cache'}",
                 "--extraction_backend=tensorflow",
                 "--testing_percentage=30",
+                "--validation_percentage=0",
                 "--fine_tune_steps=3",
                 "--fine_tune_batch_size=2",
                 "--fine_tune_learning_rate=0.05",
@@ -375,6 +377,9 @@ def test_metrics_and_summaries(tiny_run):
     assert tuned["seconds"] > 0 and tuned["steps_per_second"] > 0
     assert tuned["test_images"] == metrics["images"]["testing"] > 0
     assert 0 <= tuned["test_accuracy_before"] <= 1
+    # No validation images: nothing to choose from, the last step is kept.
+    assert tuned["best_step"] is None and tuned["kept"] == "last step (no validation images)"
+    assert tuned["steps_run"] == 3 and not tuned["stopped_early"]
     # The top-level test figures describe the exported (fine-tuned) model.
     assert metrics["test_accuracy"] == tuned["test_accuracy_after"]
     tags = set()
@@ -573,3 +578,116 @@ def test_auto_rates_are_refused_for_multi_worker_runs(tmp_path, capfd):
         assert cli.main(argv) == 2
         err = capfd.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and flag.split("=")[0] in err and "'auto'" in err
+
+
+# ----------------------------------------------------------------------------- safe by default
+
+
+def test_keep_best_keeps_step_zero_until_beaten_and_stops_on_patience():
+    import tensorflow as tf
+
+    from retrain.early_stopping import KeepBest
+    from retrain.evaluate import Evaluation
+
+    def evaluation(accuracy, loss):
+        return Evaluation(accuracy, loss, np.zeros(4, np.int64), [accuracy])
+
+    variable = tf.Variable(0.0)
+    figures = iter([(0.5, 0.7), (0.5, 0.69995), (0.5, 0.9), (0.75, 1.2), (0.75, float("nan"))])
+    figures = [*figures, (1.0, float("inf")), (0.5, 0.1)]
+    queue = iter(figures)
+    watch = KeepBest(lambda: evaluation(*next(queue)), [variable], patience=3)
+    assert watch.best_step == 0 and not watch.stop
+    for step in (1, 2, 3):  # a smaller loss than MIN_DELTA, a worse loss, a better accuracy
+        variable.assign(float(step))
+        watch.check(step)
+    assert watch.best_step == 3 and watch.waited == 0
+    for step in (4, 5, 6):  # diverged (NaN, inf), then a lower accuracy with a lower loss
+        variable.assign(float(step))
+        watch.check(step)
+    assert watch.best_step == 3 and watch.waited == 3 and watch.stop
+    watch.restore()
+    assert float(variable.numpy()) == 3.0
+    assert "kept step 3 of 6" in watch.explain(6) and "accuracy 75.0%" in watch.explain(6)
+    assert not KeepBest(lambda: evaluation(0.5, 0.5), [variable], patience=0).stop
+
+
+@pytest.fixture(scope="module")
+def guarded_runs(tiny_module, tmp_path_factory):
+    """CLI runs on the tiny module with validation images (evaluated every step, patience 2):
+    the new layer alone; fine-tuning at a rate so large that every step only hurts; and
+    fine-tuning a barely trained layer, which helps. {name: (folder, metrics, FineTuneResult)}."""
+    root = tmp_path_factory.mktemp("guarded")
+    for label, (r, g, b) in (("red", (200, 30, 30)), ("blue", (20, 40, 220))):
+        for i in range(12):
+            write_image(root / "images" / label / f"{label}{i}.jpg", color=(r, g + 7 * i, b))
+    runs = {}
+    for name, steps, flags in (
+        ("head", 100, ["--fine_tune_steps=0"]),
+        ("hurt", 100, ["--fine_tune_steps=30", "--fine_tune_learning_rate=1000"]),
+        ("helps", 2, ["--fine_tune_steps=8", "--fine_tune_learning_rate=0.05"]),
+    ):
+        out = root / name
+        argv = retrain_args(
+            root / "images",
+            out,
+            f"--bottleneck_dir={root / 'bottlenecks'}",
+            f"--tfhub_module={tiny_module}",
+            f"--module_cache_dir={root / 'cache'}",
+            "--extraction_backend=tensorflow",
+            "--testing_percentage=20",
+            "--validation_percentage=30",
+            "--learning_rate=0.5",
+            "--eval_step_interval=1",
+            "--fine_tune_patience=2",
+            "--fine_tune_batch_size=4",
+            *flags,
+            steps=steps,
+        )
+        result = None
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            if name == "head":
+                status = cli.main(argv)
+            else:
+                status, result = _run_capturing(monkeypatch, argv)
+        assert status == 0
+        runs[name] = (out, json.loads((out / "metrics.json").read_text()), result)
+    return runs
+
+
+def _guarded_pixels(runs) -> np.ndarray:
+    images = runs["head"][0].parent / "images"
+    return np.concatenate([_pixels(p, TINY_INPUT) for p in sorted(images.glob("*/*.jpg"))])
+
+
+def test_fine_tuning_that_only_hurts_stops_early_and_exports_the_head_alone(guarded_runs):
+    head_out, head, _ = guarded_runs["head"]
+    hurt_out, hurt, _ = guarded_runs["hurt"]
+    tuned = hurt["fine_tune"]
+    assert tuned["stopped_early"] and tuned["steps_run"] == 2 < tuned["steps"] == 30
+    assert tuned["best_step"] == 0 and tuned["kept"] == "head alone"
+    assert tuned["validation_images"] > 0 and tuned["validation_accuracy_before"] == 1.0
+    assert tuned["validation_cross_entropy_best"] == tuned["validation_cross_entropy_before"]
+    assert hurt["test_accuracy"] == head["test_accuracy"]  # the head's, on the bottlenecks
+    pixels = _guarded_pixels(guarded_runs)
+    np.testing.assert_array_equal(
+        _frozen_scores(hurt_out / "graph.pb", pixels), _frozen_scores(head_out / "graph.pb", pixels)
+    )
+
+
+def test_fine_tuning_that_helps_exports_its_best_step(guarded_runs, tiny_module):
+    from retrain.models.loading import resolve_module
+
+    out, metrics, result = guarded_runs["helps"]
+    tuned = metrics["fine_tune"]
+    assert tuned["kept"] == "fine-tuned" and tuned["best_step"] == result.best_step > 0
+    assert tuned["validation_accuracy_best"] > tuned["validation_accuracy_before"]
+    history = {record["step"]: record for record in result.history}
+    assert history[result.best_step]["validation_accuracy"] == tuned["validation_accuracy_best"]
+    assert metrics["test_accuracy"] == tuned["test_accuracy_after"]
+    pixels = _guarded_pixels(guarded_runs)
+    expected = _memory_scores(result.module_object, result, pixels)
+    np.testing.assert_allclose(_frozen_scores(out / "graph.pb", pixels), expected, atol=1e-5)
+    # ... which is the fine-tuned network, not the pretrained one with the same layer.
+    pretrained = resolve_module(str(tiny_module)).load()
+    assert np.abs(_memory_scores(pretrained, result, pixels) - expected).max() > 1e-4

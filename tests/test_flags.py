@@ -59,6 +59,7 @@ def run_cli(capsys, *args):
         (["--fine_tune_learning_rate=nan"], "--fine_tune_learning_rate"),
         (["--fine_tune_batch_size=0"], "--fine_tune_batch_size"),
         (["--fine_tune_batch_size=-4"], "--fine_tune_batch_size"),
+        (["--fine_tune_patience=-1"], "--fine_tune_patience"),
     ],
 )
 def test_bad_flag_values(capsys, image_dir, tmp_path, args, flag):
