@@ -346,7 +346,8 @@ def test_every_bundled_module_converts_to_a_savedmodel(name, tmp_path):
     spec = _installed_spec(name)
     module = resolve_module(name, cache_dir=tmp_path)
     assert module.input_size == spec.input_size and module.feature_dim == spec.feature_dim
-    _assert_reference_classes(module.load().imagenet_logits(_reference_images(spec.input_size)))
+    loaded = module.load()  # kept: its functions need its variables alive
+    _assert_reference_classes(loaded.imagenet_logits(_reference_images(spec.input_size)))
 
 
 def test_features_shape_and_reusable_savedmodel_api(bundled, loaded):
