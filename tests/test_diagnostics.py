@@ -150,6 +150,7 @@ def test_projector_shows_every_vector_with_its_file_label_and_split(diagnosed):
     assert len(rows) - 1 == sum(metrics["images"].values())
     file, label, split = rows[1].split("\t")
     assert Path(file).parent.name == label and split in ("training", "validation", "testing")
+    assert list(folder.glob("events.out.tfevents.*"))  # else TensorBoard lists no such run
     config = (folder / "projector_config.pbtxt").read_text()
     assert "metadata.tsv" in config and "bottlenecks/.ATTRIBUTES/VARIABLE_VALUE" in config
     import tensorflow as tf
