@@ -29,6 +29,7 @@ from retrain import (
     health,
     labels_csv,
     module_cache,
+    quantize,
     sampling,
     scan,
 )
@@ -107,9 +108,12 @@ def run(config: RetrainConfig) -> RunResult:
             tuned = _fine_tune(config, module, bottlenecks, trained, cluster)
             if tuned.after is not None:
                 evaluations["testing"] = tuned.after  # cached bottlenecks no longer fit it
+        training_paths = bottlenecks.paths_of("training")
     check_interrupt()  # a run stopped before here writes no outputs
     outputs = (
-        _export(config, image_set.labels, module, module_object, trained, tuned) if chief else {}
+        _export(config, image_set.labels, module, module_object, trained, tuned, training_paths)
+        if chief
+        else {}
     )
     result = RunResult(
         labels=image_set.labels,
@@ -500,9 +504,17 @@ def _export(
     module_object: LazyModule,
     trained: TrainResult,
     tuned: finetune.FineTuneResult | None,
+    training_paths: scan.PathList,
 ) -> dict[str, str]:
     """The export stage: the fine-tuned network if `tuned`, else the pretrained module with
-    the trained layer. Returns {setting: path} of the files written."""
+    the trained layer; int8 quantization is calibrated on a seeded pick of `training_paths`.
+    Returns {setting: path} of the files written."""
+    input_size = tuned.input_size if tuned is not None else module.input_size
+    representative = quantize.representative_dataset(
+        quantize.calibration_paths(training_paths, seed=config.training.random_seed),
+        input_size,
+        config.data.max_image_pixels,
+    )
     if tuned is not None:
         return export.export_classifier(
             config.export,
@@ -513,6 +525,7 @@ def _export(
             tuned.input_size,
             tuned.weights,
             tuned.biases,
+            representative,
         )
     return export.export_classifier(
         config.export,
@@ -523,6 +536,7 @@ def _export(
         module.input_size,
         trained.weights,
         trained.biases,
+        representative,
     )
 
 

@@ -413,7 +413,7 @@ def suite_scale(args) -> dict:
 
 
 def suite_label_image(args) -> dict:
-    from label_image.tflite import TFLiteClassifier
+    from retrain.exported import TFLiteClassifier
 
     label_image = shutil.which("label-image") or str(Path(sys.executable).with_name("label-image"))
     images = _images_in(args.image_dir)

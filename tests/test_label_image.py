@@ -43,7 +43,8 @@ def test_a_file_that_is_not_a_model_is_a_usage_error(tmp_path, capsys):
         label_cli.main(["label-image", f"--graph={graph}", f"--labels={labels}", str(image)]) == 2
     )
     assert capsys.readouterr().err == (
-        f"label-image: error: --graph: {graph} is not a TFLite (.tflite) model file\n"
+        f"label-image: error: --graph: {graph} is not a model: neither a TensorFlow GraphDef "
+        "(.pb) nor a .tflite, or a damaged one\n"
     )
 
 
