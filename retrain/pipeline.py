@@ -25,6 +25,7 @@ from retrain import (
     distort,
     distribute,
     export,
+    export_check,
     finetune,
     health,
     labels_csv,
@@ -109,11 +110,24 @@ def run(config: RetrainConfig) -> RunResult:
             if tuned.after is not None:
                 evaluations["testing"] = tuned.after  # cached bottlenecks no longer fit it
         training_paths = bottlenecks.paths_of("training")
+        test_images = finetune.subset(
+            finetune.split_images(bottlenecks, "testing"),
+            config.evaluation.test_batch_size,
+            config.training.random_seed,
+        )
     check_interrupt()  # a run stopped before here writes no outputs
     outputs = (
         _export(config, image_set.labels, module, module_object, trained, tuned, training_paths)
         if chief
         else {}
+    )
+    export_checks = export_check.check_exports(
+        outputs,
+        test_images.paths,
+        evaluations.get("testing"),
+        tuned.input_size if tuned is not None else module.input_size,
+        config.data.max_image_pixels,
+        config.export.quantize,
     )
     result = RunResult(
         labels=image_set.labels,
@@ -135,6 +149,7 @@ def run(config: RetrainConfig) -> RunResult:
         cluster=_cluster_metrics(bottlenecks) if cluster is not None else None,
         distortions=_distortion_metrics(config, bottlenecks),
         unlisted_images=image_set.unlisted,
+        export_checks=export_checks,
     )
     result.health = health.diagnose(
         result,

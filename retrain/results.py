@@ -48,6 +48,8 @@ class RunResult:
     # What the figures say: retrain.health.Finding objects (health reads this module).
     health: list[Any] = field(default_factory=list)
     unlisted_images: int | None = None  # multi-label: image files the labels CSV does not list
+    # Each exported model run on the test split: retrain.export_check.ExportCheck objects.
+    export_checks: list[Any] = field(default_factory=list)
 
     @property
     def test(self) -> Evaluation | MultiLabelEvaluation | None:
@@ -99,6 +101,8 @@ class RunResult:
             metrics["cluster"] = dict(self.cluster)
         if self.distortions is not None:
             metrics["distortions"] = dict(self.distortions)
+        if self.export_checks:
+            metrics["export_checks"] = [check.as_dict() for check in self.export_checks]
         metrics["health"] = [finding.as_dict() for finding in self.health]
         return metrics
 

@@ -57,6 +57,23 @@ def test_metrics_json(trained):
     assert metrics["extraction_images_per_second"] >= metrics["bottleneck_images_per_second"] > 0
 
 
+def test_every_exported_model_is_checked_on_the_test_split(trained):
+    _, _, metrics = trained
+    checks = {check["format"]: check for check in metrics["export_checks"]}
+    assert set(checks) == {"frozen_graph", "saved_model", "tflite"}
+    for check in checks.values():  # all float: each reproduces retrain's own evaluation
+        assert check["images"] == metrics["images"]["testing"]
+        assert check["agreement"] == 1.0 and check["max_score_difference"] < 1e-4
+        assert check["accuracy"] == pytest.approx(metrics["test_accuracy"])
+        assert check["quantization"] == "none" and check["seconds"] > 0
+
+
+def test_an_export_below_the_accuracy_bar_fails_the_run():
+    cli.check_accuracy(0.9, 0.8, "tflite m.tflite")
+    with pytest.raises(cli.AccuracyBelowThreshold, match="accuracy of tflite m.tflite 0.5 is"):
+        cli.check_accuracy(0.5, 0.8, "tflite m.tflite")
+
+
 def test_bad_files_skipped_and_reported(trained):
     _, _, metrics = trained
     skipped = {entry["file"].rsplit("/", 1)[-1]: entry["reason"] for entry in metrics["skipped"]}
