@@ -246,6 +246,8 @@ def classify(f: flags.FlagValues, args: list[str]) -> int:
     def prepare(path: str) -> np.ndarray | str:
         """The model's input for one image, or why it cannot be read."""
         try:
+            with open(path, "rb"):  # decode_image words a file it cannot open as undecodable
+                pass
             pixels = decode_image(path, (height, width), DEFAULT_MAX_IMAGE_PIXELS)
         except (ImageDecodeError, OSError) as err:
             return skip_reason(err)
