@@ -23,7 +23,7 @@ from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
 
-from retrain import quantize
+from retrain import graph_decode, quantize
 from retrain.atomic import atomic_write_bytes, atomic_write_text
 from retrain.config import ExportConfig
 from retrain.heads import Head
@@ -128,8 +128,16 @@ def write_labels(labels: list[str], path: str | os.PathLike) -> None:
     atomic_write_text(path, "".join(f"{label}\n" for label in labels))
 
 
+BYTES_SIGNATURE = "serving_bytes"  # the SavedModel signature taking encoded image files
+BYTES_INPUT = "image_bytes"  # its input; "_bytes" lets TF Serving's REST API take base64
+
+
 def write_saved_model(classifier: Classifier, labels: list[str], path: str | os.PathLike) -> None:
-    """Write a SavedModel whose serving signature maps `images` to class probabilities.
+    """Write a SavedModel with two signatures: `serving_default` maps `images` (float32
+    [n, h, w, 3] in [0, 1]) to class probabilities (named by --final_tensor_name), and
+    `serving_bytes` maps `image_bytes` (string [n], each a JPEG, PNG, GIF or BMP file's bytes,
+    decoded and resized in the graph, see retrain.graph_decode) to `scores` and `label`, the
+    top label's name.
 
     The labels go into the model's assets (assets/labels.txt), and a multi-label head's
     thresholds beside them (assets/labels.txt.thresholds). The folder is written under a
@@ -146,20 +154,45 @@ def write_saved_model(classifier: Classifier, labels: list[str], path: str | os.
         if classifier.head.thresholds is not None:
             path = write_thresholds(classifier.head.thresholds, labels_file)
             classifier.thresholds_file = tf.saved_model.Asset(path)
-
-        @tf.function(input_signature=[classifier.input_spec])
-        def serve(images):
-            return {classifier.final_tensor_name: classifier.classify(images)}
-
-        classifier.serve = serve
-        tf.saved_model.save(
-            classifier, str(staging), signatures={"serving_default": serve.get_concrete_function()}
-        )
+        classifier.serve = _float_signature(classifier)
+        classifier.serve_bytes = _bytes_signature(classifier, labels)
+        signatures = {
+            "serving_default": classifier.serve.get_concrete_function(),
+            BYTES_SIGNATURE: classifier.serve_bytes.get_concrete_function(),
+        }
+        tf.saved_model.save(classifier, str(staging), signatures=signatures)
         _swap_in(staging, target)
     finally:
         shutil.rmtree(assets, ignore_errors=True)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _float_signature(classifier: Classifier) -> tf.types.experimental.PolymorphicFunction:
+    @tf.function(input_signature=[classifier.input_spec])
+    def serve(images):
+        return {classifier.final_tensor_name: classifier.classify(images)}
+
+    return serve
+
+
+def _bytes_signature(
+    classifier: Classifier, labels: list[str]
+) -> tf.types.experimental.PolymorphicFunction:
+    size = tuple(classifier.input_spec.shape[1:3])
+    names = tf.constant(labels)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
+    def serve_bytes(image_bytes):
+        images = tf.map_fn(
+            lambda data: graph_decode.decode_to_input(data, size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([*size, 3], tf.float32),
+        )
+        scores = classifier.classify(images)
+        return {"scores": scores, "label": tf.gather(names, tf.argmax(scores, axis=1))}
+
+    return serve_bytes
 
 
 def _swap_in(staging: Path, target: Path) -> None:
