@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import tensorflow as tf
 
 from retrain import extract
 from retrain.errors import RetrainError
@@ -122,10 +123,13 @@ def _run_checks(
         seconds[setting] += time.perf_counter() - start
     subset = np.zeros(len(paths), bool)
     subset[random_picks(len(paths), FLOAT_CHECK_IMAGES, seed=0)] = True
+    # Only the subset is decoded when no .tflite needs the rest.
+    wanted = subset | any(model.format == TFLITE for model in loaded.values())
     scores: dict[str, list[np.ndarray]] = {setting: [] for setting in models}
     rows: dict[str, list[np.ndarray]] = {setting: [] for setting in models}
+    to_decode = tf.data.Dataset.from_tensor_slices(np.flatnonzero(wanted).astype(np.int64))
     for positions, images, ok in extract.decoded_batches(
-        list(paths), input_size, BATCH_SIZE, {}, max_pixels
+        list(paths), input_size, BATCH_SIZE, {}, max_pixels, to_decode
     ):
         check_interrupt()
         ok, positions, images = ok.numpy(), positions.numpy(), images.numpy()

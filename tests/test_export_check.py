@@ -103,6 +103,16 @@ def test_float_formats_run_on_a_subset_of_large_splits(models, monkeypatch):
     monkeypatch.setattr(export_check, "FLOAT_CHECK_IMAGES", 4)
     checks = export_check.check_exports(outputs, paths, evaluation, (12, 10), 10**8)
     assert [c.images for c in checks] == [4, 4, len(paths)]
+    graph_only = {"output_graph": outputs["output_graph"]}  # only those 4 are decoded
+    decoded = []
+    real = export_check.extract.decoded_batches
+    monkeypatch.setattr(
+        export_check.extract,
+        "decoded_batches",
+        lambda *a: [decoded.append(len(b[0])) or b for b in real(*a)],
+    )
+    (check,) = export_check.check_exports(graph_only, paths, evaluation, (12, 10), 10**8)
+    assert check.images == 4 == sum(decoded) and check.agreement == 1.0
 
 
 def test_multi_label_accuracy_is_the_exact_match_at_thresholds():
