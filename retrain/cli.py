@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("--- Summary ---")
             for line in closing_lines(config, result):
                 logger.info("%s", line)
-        check_accuracy(
-            result.test.accuracy if result.test else None, flag_values.assert_accuracy_at_least
-        )
+        threshold = flag_values.assert_accuracy_at_least
+        check_accuracy(result.test.accuracy if result.test else None, threshold)
+        for exported in result.export_checks:
+            check_accuracy(exported.accuracy, threshold, f"{exported.format} {exported.path}")
         return 0
     except RetrainError as err:
         from retrain.flags import flag_for_field
@@ -92,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def check_accuracy(accuracy: float | None, threshold: float | None) -> None:
-    """Raise AccuracyBelowThreshold (exit 3) if `threshold` is set and the test accuracy is
-    missing or below it."""
+def check_accuracy(accuracy: float | None, threshold: float | None, model: str = "") -> None:
+    """Raise AccuracyBelowThreshold (exit 3) if `threshold` is set and the test accuracy (of
+    the exported `model`, if named) is missing or below it."""
     if threshold is not None and (accuracy is None or accuracy < threshold):
+        of = f" of {model}" if model else ""
         raise AccuracyBelowThreshold(
-            f"--assert_accuracy_at_least: test accuracy {accuracy} is below {threshold}"
+            f"--assert_accuracy_at_least: test accuracy{of} {accuracy} is below {threshold}"
         )
 
 

@@ -26,11 +26,13 @@ from retrain import (
     distort,
     distribute,
     export,
+    export_check,
     finetune,
     health,
     labels_csv,
     lr_find,
     module_cache,
+    quantize,
     report,
     sampling,
     scan,
@@ -123,9 +125,20 @@ def run(config: RetrainConfig) -> RunResult:
             if tuned.after is not None:
                 evaluations["testing"] = tuned.after  # cached bottlenecks no longer fit it
                 evaluations.pop("validation", None)  # it measured the head before tuning
+        training_paths = bottlenecks.paths_of("training")
     check_interrupt()  # a run stopped before here writes no outputs
     outputs = (
-        _export(config, image_set.labels, module, module_object, trained, tuned) if chief else {}
+        _export(config, image_set.labels, module, module_object, trained, tuned, training_paths)
+        if chief
+        else {}
+    )
+    export_checks = export_check.check_exports(
+        outputs,
+        test_paths,
+        evaluations.get("testing"),
+        tuned.input_size if tuned is not None else module.input_size,
+        config.data.max_image_pixels,
+        config.export.quantize,
     )
     result = RunResult(
         labels=image_set.labels,
@@ -149,6 +162,7 @@ def run(config: RetrainConfig) -> RunResult:
         unlisted_images=image_set.unlisted,
         test_paths=test_paths,
         rate_search=rate_search,
+        export_checks=export_checks,
     )
     if config.evaluation.print_misclassified_test_images:
         _print_misclassified(result)
@@ -650,9 +664,17 @@ def _export(
     module_object: LazyModule,
     trained: TrainResult,
     tuned: finetune.FineTuneResult | None,
+    training_paths: scan.PathList,
 ) -> dict[str, str]:
     """The export stage: the fine-tuned network if `tuned`, else the pretrained module with
-    the trained layer. Returns {setting: path} of the files written."""
+    the trained layer; int8 quantization is calibrated on a seeded pick of `training_paths`.
+    Returns {setting: path} of the files written."""
+    input_size = tuned.input_size if tuned is not None else module.input_size
+    representative = quantize.representative_dataset(
+        quantize.calibration_paths(training_paths, seed=config.training.random_seed),
+        input_size,
+        config.data.max_image_pixels,
+    )
     if tuned is not None:
         return export.export_classifier(
             config.export,
@@ -663,6 +685,7 @@ def _export(
             tuned.input_size,
             tuned.weights,
             tuned.biases,
+            representative,
         )
     return export.export_classifier(
         config.export,
@@ -673,6 +696,7 @@ def _export(
         module.input_size,
         trained.weights,
         trained.biases,
+        representative,
     )
 
 

@@ -18,6 +18,10 @@ Suites:
   distortions distorting decoded batches + the module next to the module alone (images/s);
               seconds per 100 training images undistorted, with cached copies (computing and
               reusing them) and on the fly
+  export      per exported format and --quantizations: file size (MB), the run's own check
+              (accuracy, agreement with the float model), label-image's cold start for one
+              image (s), its images/s over a folder and its accuracy there (--eval_dir, a folder
+              of class folders; default: the run's test split)
 """
 
 from __future__ import annotations
@@ -413,7 +417,7 @@ def suite_scale(args) -> dict:
 
 
 def suite_label_image(args) -> dict:
-    from label_image.tflite import TFLiteClassifier
+    from retrain.exported import TFLiteClassifier
 
     label_image = shutil.which("label-image") or str(Path(sys.executable).with_name("label-image"))
     images = _images_in(args.image_dir)
@@ -442,6 +446,82 @@ def suite_label_image(args) -> dict:
     }
 
 
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return round(sum(p.stat().st_size for p in files) / 2**20, 2)
+
+
+def _test_split_folder(manifest: Path, skipped: set[str], folder: Path) -> Path:
+    """A folder of class folders linking to the test images of a run's split manifest."""
+    import csv
+
+    with open(manifest, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["split"] == "testing" and row["path"] not in skipped:
+                link = folder / row["label"] / Path(row["path"]).name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(Path(row["path"]).resolve())
+    return folder
+
+
+def _label_image_figures(label_image: list[str], eval_dir: Path, one_image: str) -> dict:
+    """label-image on one model: cold start for one image, then every image of `eval_dir`
+    (class folders) in one call: images/s (start-up counted once) and top-1 accuracy."""
+    cold = min(timed_run([*label_image, one_image])["seconds"] for _ in range(2))
+    start = time.perf_counter()
+    done = subprocess.run(
+        [*label_image, "--json", "--top_k=1", str(eval_dir)], capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - start
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    right = [Path(r["file"]).parent.name == r["labels"][0] for r in rows if "labels" in r]
+    return {
+        "cold_start_one_image_seconds": round(cold, 2),
+        "images": len(right),
+        "images_per_second": round(len(right) / max(seconds - cold, 1e-9), 1),
+        "accuracy": round(float(np.mean(right)), 4) if right else None,
+    }
+
+
+def suite_export(args) -> dict:
+    label_image = shutil.which("label-image") or str(Path(sys.executable).with_name("label-image"))
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        eval_dir = args.eval_dir
+        for quantization in args.quantizations.split(","):
+            work = tmp / quantization
+            models = {f"tflite_{quantization}": work / "model.tflite"}
+            extra = [
+                f"--output_tflite={models[f'tflite_{quantization}']}",
+                f"--quantize={quantization}",
+                f"--split_manifest={work / 'manifest.csv'}",
+            ]
+            if quantization == "none":
+                models["frozen_graph"] = work / "graph.pb"
+                models["saved_model"] = work / "saved_model"
+                extra.append(f"--saved_model_dir={models['saved_model']}")
+            cmd = retrain_command(args.image_dir, work, args.tfhub_module, args.retrain_flag)
+            run = timed_run([*cmd, *extra])
+            metrics = json.loads((work / "metrics.json").read_text())
+            if eval_dir is None:
+                skipped = {entry["file"] for entry in metrics["skipped"]}
+                eval_dir = _test_split_folder(work / "manifest.csv", skipped, tmp / "test_split")
+            one_image = str(next(p for p in sorted(eval_dir.rglob("*")) if p.is_file()))
+            checks = {c["format"]: c for c in metrics.get("export_checks", [])}
+            for name, path in models.items():
+                base = [label_image, f"--graph={path}", f"--labels={work / 'labels.txt'}"]
+                check = checks.get("tflite" if name.startswith("tflite") else name, {})
+                out[name] = {
+                    "size_mb": _size_mb(path),
+                    "retrain_run_seconds": run["seconds"],
+                    "check": {k: check.get(k) for k in ("images", "accuracy", "agreement")},
+                    "test_accuracy_float": metrics["test_accuracy"],
+                    **_label_image_figures(base, eval_dir, one_image),
+                }
+    return out
+
+
 SUITES = {
     "module": suite_module,
     "extraction": suite_extraction,
@@ -451,6 +531,7 @@ SUITES = {
     "scale": suite_scale,
     "label_image": suite_label_image,
     "distortions": suite_distortions,
+    "export": suite_export,
 }
 
 
@@ -479,6 +560,13 @@ def main() -> None:
     parser.add_argument("--distorted_copies", type=int, default=5)
     parser.add_argument("--distortion_steps", type=int, default=1000)
     parser.add_argument("--on_the_fly_steps", type=int, default=50)
+    parser.add_argument("--quantizations", default="none,dynamic,float16,int8")
+    parser.add_argument(
+        "--eval_dir",
+        type=Path,
+        default=None,
+        help="export suite: class folders to measure accuracy on (default: the test split)",
+    )
     parser.add_argument(
         "--retrain_flag",
         action="append",

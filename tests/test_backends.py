@@ -1,4 +1,4 @@
-"""Tests of retrain.backends (TensorFlow vs TFLite extraction) and label_image.tflite."""
+"""Tests of retrain.backends (TensorFlow vs TFLite extraction) and retrain.exported."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from label_image.models import ModelLoadError
-from label_image.tflite import TFLiteClassifier
 from retrain import backends
 from retrain.backends import (
     BackendError,
@@ -26,6 +24,7 @@ from retrain.backends import (
 )
 from retrain.decode import decode_image
 from retrain.errors import RetrainError
+from retrain.exported import ModelLoadError, TFLiteClassifier
 from retrain.models.loading import resolve_module
 from retrain.module_cache import tflite_model_path, tflite_verified_path
 from retrain.preprocess import to_module_input
@@ -249,7 +248,7 @@ def test_auto_on_gpu_and_explicit_choices(module, module_object, cache_dir, monk
         choose_backend("onnx", module, module_object, None, LOG)
 
 
-# ----------------------------------------------------------------------------- label_image.tflite
+# ----------------------------------------------------------------------------- retrain.exported
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +276,7 @@ def test_tflite_paths_do_not_import_tensorflow(classifier, tflite_path):
         f"""
         import sys
         import numpy as np
-        from label_image.tflite import TFLiteClassifier
+        from retrain.exported import TFLiteClassifier
         from retrain.resize import resize_bilinear
         assert "tensorflow" not in sys.modules, "import"
         scores = TFLiteClassifier({str(classifier[0])!r}).predict(np.zeros((2, 12, 10, 3)))
