@@ -32,6 +32,7 @@ MAX_RATE = 10.0
 STEPS = 200
 SMOOTHING = 0.9  # of the loss's exponential moving average (debiased, as fastai does)
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
+RISEN = 1.1  # a loss that never fell: the rates before it rose 10% above its start are safe
 
 
 @dataclass(frozen=True)
@@ -131,11 +132,10 @@ def range_test(
         best = min(best, debiased)
         if step > 10 and debiased > DIVERGED * best:
             break
-    lowest = int(np.argmin(smoothed)) if smoothed else 0
-    if not smoothed or lowest == 0:
+    if not smoothed:
         raise RetrainError(
-            "the learning-rate finder saw the loss fall at no rate between "
-            f"{min_rate:g} and {max_rate:g}; check the data (retrain --audit) or set {{0}}",
+            f"the learning-rate finder's first step, at {min_rate:g}, gave a loss that is not "
+            "a number; check the data (retrain --audit) or set {0}",
             rate_field,
         )
     return RateSearch(
@@ -151,8 +151,15 @@ def suggest(rates: list[float], smoothed: list[float]) -> float:
     """The smaller of a tenth of the lowest loss's rate and the rate where the loss fell
     fastest (per decade of rate). The first is fastai's rule when the loss turned up within
     the range; the second guards the case where it never did (a small set the layer can
-    memorise), where the lowest loss sits at the largest rate tried."""
+    memorise), where the lowest loss sits at the largest rate tried. When the loss never fell
+    at all, a tenth of the largest rate that did not raise it by more than RISEN."""
     lowest = int(np.argmin(smoothed))
+    if lowest == 0:
+        # The loss never fell (fine-tuning a layer that already fits its training images):
+        # a tenth of the largest rate before it rose clearly above where it started.
+        rising = [i for i, loss in enumerate(smoothed) if loss > RISEN * smoothed[0]]
+        edge = rising[0] - 1 if rising else len(rates) - 1
+        return rates[max(edge, 0)] / 10
     slopes = np.diff(smoothed[: lowest + 1]) / np.diff(np.log10(rates[: lowest + 1]))
     steepest = rates[int(np.argmin(slopes)) + 1]
     return min(rates[lowest] / 10, steepest)

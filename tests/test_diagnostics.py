@@ -362,3 +362,5 @@ def test_suggestion_is_a_tenth_of_the_lowest_or_the_steepest_fall_if_smaller():
     assert suggest(rates, turned_up) == pytest.approx(0.1)
     memorised = [2.3, 2.3, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1]  # never turns up; steepest at 1e-3
     assert suggest(rates, memorised) == pytest.approx(1e-3)
+    already_fit = [0.2, 0.21, 0.2, 0.21, 0.21, 0.9, 3.0, 9.0]  # never falls; rises after 1e-2
+    assert suggest(rates, already_fit) == pytest.approx(1e-3)
