@@ -32,7 +32,8 @@ MAX_RATE = 10.0
 STEPS = 200
 SMOOTHING = 0.9  # of the loss's exponential moving average (debiased, as fastai does)
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
-RISEN = 1.1  # a loss that never fell: the rates before it rose 10% above its start are safe
+RISEN = 1.1  # "edge" rule: the rates before the loss rose 10% above its start are safe
+SKIP_START = 10  # points of warm-up that never count as the lowest loss (fastai's skip_start)
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,13 @@ def range_test(
     min_rate: float,
     max_rate: float,
     rate_field: str,
+    rule: str = "valley",
 ) -> RateSearch:
     """The range test around any training: `step_at(rate)` takes one step at `rate` and
     returns its batch's loss; the rate grows geometrically from `min_rate` to `max_rate` over
-    `steps` steps, stopping early once the loss has clearly diverged. Raises RetrainError
-    (naming config field `rate_field`) if the loss never falls."""
+    `steps` steps, stopping early once the loss has clearly diverged; `rule` says how the
+    suggestion is read off (see `suggest`). Raises RetrainError (naming config field
+    `rate_field`) if the first step's loss is not a number."""
     growth = (max_rate / min_rate) ** (1 / max(1, steps - 1))
     rates, losses, smoothed = [], [], []
     average, best = 0.0, math.inf
@@ -142,24 +145,31 @@ def range_test(
         rates=rates,
         losses=losses,
         smoothed=smoothed,
-        suggestion=float(f"{suggest(rates, smoothed):.2g}"),
+        suggestion=float(f"{suggest(rates, smoothed, rule):.2g}"),
         seconds=time.perf_counter() - start,
     )
 
 
-def suggest(rates: list[float], smoothed: list[float]) -> float:
-    """The smaller of a tenth of the lowest loss's rate and the rate where the loss fell
-    fastest (per decade of rate). The first is fastai's rule when the loss turned up within
-    the range; the second guards the case where it never did (a small set the layer can
-    memorise), where the lowest loss sits at the largest rate tried. When the loss never fell
-    at all, a tenth of the largest rate that did not raise it by more than RISEN."""
-    lowest = int(np.argmin(smoothed))
-    if lowest == 0:
-        # The loss never fell (fine-tuning a layer that already fits its training images):
-        # a tenth of the largest rate before it rose clearly above where it started.
-        rising = [i for i, loss in enumerate(smoothed) if loss > RISEN * smoothed[0]]
+def suggest(rates: list[float], smoothed: list[float], rule: str = "valley") -> float:
+    """The suggested rate of a range test (the first SKIP_START points, still warming the
+    average up, never count as the lowest).
+
+    "valley" (the new layer, trained from scratch): the smaller of a tenth of the lowest
+    loss's rate and the rate where the loss fell fastest per decade. The first is fastai's
+    rule when the loss turned up within the range; the second guards a small set the layer
+    memorises, whose loss never turns up. "edge" (fine-tuning a layer that already fits its
+    images, whose loss hardly falls): a tenth of the largest rate before the loss rose RISEN
+    times above where it started (its median over the first quarter of the rates).
+    """
+    skip = min(SKIP_START, len(smoothed) // 10)
+    if rule == "edge":
+        start = float(np.median(smoothed[: max(1, len(smoothed) // 4)]))  # robust to noise
+        rising = [i for i in range(skip, len(smoothed)) if smoothed[i] > RISEN * start]
         edge = rising[0] - 1 if rising else len(rates) - 1
         return rates[max(edge, 0)] / 10
+    lowest = skip + int(np.argmin(smoothed[skip:]))
+    if lowest == 0:
+        return rates[0] / 10
     slopes = np.diff(smoothed[: lowest + 1]) / np.diff(np.log10(rates[: lowest + 1]))
     steepest = rates[int(np.argmin(slopes)) + 1]
     return min(rates[lowest] / 10, steepest)
