@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from retrain.atomic import atomic_open, atomic_write_text
-from retrain.errors import RetrainError, first_line
+from retrain.errors import RetrainError, StorageError, first_line
 from retrain.models.loading import ImageModule
 from retrain.module_cache import tflite_model_path, tflite_verified_path
 from retrain.runtime import quiet_stderr
@@ -130,7 +130,7 @@ def convert_to_tflite(
             f"cannot convert module {module.handle!r} to TFLite: {first_line(exc)}"
         ) from exc
     try:
-        with atomic_open(path, "wb") as handle:
+        with atomic_open(path, "wb", "TFLite conversion", len(data)) as handle:
             os.fchmod(handle.fileno(), 0o644)  # shareable like the module cache
             handle.write(data)
     except OSError as exc:
@@ -267,7 +267,7 @@ def choose_backend(
             if ok:
                 with contextlib.suppress(OSError):
                     atomic_write_text(marker, reason.removeprefix("CPU; "))
-    except BackendError as exc:
+    except (BackendError, StorageError) as exc:
         reason = f"tflite unavailable: {exc}"
     except Exception as exc:  # the interpreter failing on real images: fall back, say why
         reason = f"tflite failed on the sample images: {first_line(exc)}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -39,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.atomic import atomic_open, atomic_write_text
+from retrain.atomic import atomic_write_bytes, atomic_write_text
+from retrain.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -414,12 +416,17 @@ class ShardWriter:
         if not self._rows:
             return
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"
-        vectors = np.stack(self._rows)
-        index = np.array(self._index, dtype=INDEX_DTYPE)
-        with atomic_open(self.cache.folder / f"{name}.vec.npy") as handle:
-            np.save(handle, vectors, allow_pickle=False)
-        with atomic_open(self.cache.folder / f"{name}.idx.npy") as handle:
-            np.save(handle, index, allow_pickle=False)
+        vector_path = self.cache.folder / f"{name}.vec.npy"
+        atomic_write_bytes(vector_path, _npy_bytes(np.stack(self._rows)), "bottleneck vectors")
+        try:
+            index = np.array(self._index, dtype=INDEX_DTYPE)
+            atomic_write_bytes(
+                self.cache.folder / f"{name}.idx.npy", _npy_bytes(index), "bottleneck index"
+            )
+        except BaseException:
+            with contextlib.suppress(OSError):  # no orphan left waiting for its hour
+                vector_path.unlink()
+            raise
         self._rows.clear()
         self._index.clear()
         self.cache.refresh()
@@ -427,6 +434,16 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        # Also on KeyboardInterrupt: what was computed is kept.
-        self.flush()
+    def __exit__(self, exc_type, *exc) -> None:
+        # Also on KeyboardInterrupt: what was computed is kept. Not after a failed write: the
+        # same rows would fail the same way.
+        if exc_type is None or not issubclass(exc_type, StorageError):
+            self.flush()
+
+
+def _npy_bytes(array: np.ndarray) -> memoryview:
+    """`array` in .npy format, in memory: written with one write() call, whose failure is
+    a proper OSError (np.save to a file reports a full disk without an errno)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getbuffer()

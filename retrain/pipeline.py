@@ -32,7 +32,7 @@ from retrain import (
     sampling,
     scan,
 )
-from retrain.atomic import atomic_write_text
+from retrain.atomic import atomic_write_text, writing
 from retrain.audit import AuditReport
 from retrain.bottlenecks import (
     Bottlenecks,
@@ -144,7 +144,7 @@ def run(config: RetrainConfig) -> RunResult:
     if config.outputs.metrics_json and chief:
         metrics = result.metrics()
         text = json.dumps(metrics, indent=2, default=_plain) + "\n"
-        atomic_write_text(config.outputs.metrics_json, text)
+        atomic_write_text(config.outputs.metrics_json, text, "metrics")
         result.outputs["metrics_json"] = config.outputs.metrics_json
     if cluster is not None:
         distribute.barrier(cluster)  # the others wait for the chief's outputs: all end together
@@ -455,11 +455,12 @@ def _write_evaluation_summaries(summaries_dir: str, result: RunResult) -> None:
         scalars = evaluated.scalars(result.labels)
         if not scalars:
             continue
-        writer = tf.summary.create_file_writer(str(root / split.removesuffix("ing")))
-        with writer.as_default(step=result.training_steps):
-            for tag, value in scalars.items():
-                tf.summary.scalar(tag, value)
-        writer.close()
+        with writing(root, "TensorBoard summaries"):
+            writer = tf.summary.create_file_writer(str(root / split.removesuffix("ing")))
+            with writer.as_default(step=result.training_steps):
+                for tag, value in scalars.items():
+                    tf.summary.scalar(tag, value)
+            writer.close()
 
 
 def _fine_tune(

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from retrain.atomic import fsync_path
+from retrain.atomic import fsync_path, writing
 from retrain.errors import RetrainError
 from retrain.handles import looks_like_url
 from retrain.models.registry import BundledModelSpec, get_bundled_model, list_bundled_models
@@ -103,7 +103,9 @@ def _resolve_bundled(
     metadata = _read_metadata(target)
     if metadata is None:
         try:
-            _convert(spec, weights, weights_sha256, target)
+            # About the weights' size: a failure of the storage names it (StorageError).
+            with writing(target, "converted module", weights.stat().st_size):
+                _convert(spec, weights, weights_sha256, target)
         except OSError as exc:
             raise ModuleError(
                 f"cannot convert {spec.name!r} into {target.parent}: {exc.strerror or exc}"
