@@ -265,7 +265,7 @@ def choose_backend(
         else:
             ok, reason = _check(extractor, module_object, sample_images, tolerance)
             if ok:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, StorageError):  # a read-only cache: next time
                     atomic_write_text(marker, reason.removeprefix("CPU; "))
     except (BackendError, StorageError) as exc:
         reason = f"tflite unavailable: {exc}"

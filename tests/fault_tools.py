@@ -611,3 +611,25 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
 def resize_tmpfs(path: Path, size: str) -> None:
     """Give a mounted `small_tmpfs` another size (its files stay)."""
     subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def read_only_view(source: Path, view: Path) -> Iterator[Path]:
+    """`source` seen through a read-only bind mount at `view` for the block, as a cache shared
+    on a read-only mount is (even root cannot write there); pytest.skip where this process may
+    not mount."""
+    import pytest
+
+    view.mkdir(parents=True, exist_ok=True)
+    for command in (
+        ["mount", "--bind", str(source), str(view)],
+        ["mount", "-o", "remount,bind,ro", str(view)],
+    ):
+        done = subprocess.run(command, capture_output=True)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(view)], capture_output=True)
+            pytest.skip(f"cannot mount read-only here: {done.stderr.decode(errors='replace')}")
+    try:
+        yield view
+    finally:
+        subprocess.run(["umount", "-l", str(view)], check=False)

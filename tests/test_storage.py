@@ -4,7 +4,8 @@ finished before stays, so the next run with room goes on from there.
 
 Fault injection (`FailingWrites`: the n-th write or fsync fails with ENOSPC or EIO) covers the
 writers in this process; real runs on a small tmpfs (mounted where the test may) cover the
-command, TensorFlow's own writers included.
+command, TensorFlow's own writers included. Caches that cannot be written (read-only bind
+mounts) are read, and what a run computes meanwhile stays in memory.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tests.fault_tools import (
     TEMP_NAME,
     FailingWrites,
     child_env,
+    read_only_view,
     resize_tmpfs,
     small_tmpfs,
 )
@@ -237,3 +239,84 @@ def test_tensorflow_writers_on_a_full_disk_end_in_one_line(tmp_path, flag, what)
         if flag == "checkpoint_path":
             assert "needs 20.0 KB" in line  # weights and their optimizer slots, 2 classes
             assert list((disk / "target").iterdir()) == []  # no half-written checkpoint
+
+
+# ----------------------------------------------------------------------------- read-only caches
+
+
+def test_a_read_only_cache_is_read_and_new_vectors_stay_in_memory(tmp_path, caplog):
+    source = tmp_path / "cache"
+    with BottleneckCache(source, "m", DIM).writer(shard_rows=4) as writer:
+        for i in range(8):
+            writer.add(*_row(i))
+    files = sorted(p.name for p in (source / "m").iterdir())
+    with read_only_view(source, tmp_path / "view") as view:
+        cache = BottleneckCache(view, "m", DIM, description={"would be": "module.json"})
+        assert cache.read_only and len(cache) == 8 and not cache.warnings
+        with cache.writer(shard_rows=3) as writer:
+            for i in range(8, 12):
+                writer.add(*_row(i))
+        assert len(cache.warnings) == 1 and "kept in memory only" in cache.warnings[0]
+        assert cache.warnings[0].startswith(f"bottleneck cache: cannot write {view / 'm'} (")
+        assert caplog.text.count("kept in memory only") == 1
+        vectors, ok = cache.read([cache.find(_row(i)[1], None) for i in range(12)])
+        assert ok.all()
+        np.testing.assert_array_equal(vectors, np.stack([_row(i)[2] for i in range(12)]))
+        assert len(BottleneckCache(view, "m", DIM)) == 8  # nothing was kept on disk
+        # A module the read-only cache has no folder for: every vector stays in memory.
+        other = BottleneckCache(view, "other", DIM)
+        with other.writer() as writer:
+            writer.add(*_row(0))
+        assert len(other) == 1
+    assert sorted(p.name for p in (source / "m").iterdir()) == files
+
+
+def test_a_read_only_cache_folder_passes_validation(tmp_path):
+    from dataclasses import replace
+
+    from retrain.config import CacheConfig, ModuleConfig, OutputsConfig, RetrainConfig
+    from retrain.errors import ConfigError
+
+    photos = _photos(tmp_path / "photos", per_class=1)
+    (tmp_path / "cache").mkdir()
+    base = RetrainConfig(image_dir=str(photos), cache=CacheConfig(bottleneck_dir=None))
+    with read_only_view(tmp_path / "cache", tmp_path / "view") as view:
+        replace(base, cache=CacheConfig(bottleneck_dir=str(view))).validate()
+        replace(base, module=ModuleConfig(cache_dir=str(view))).validate()
+        # An output can still not go there, nor a cache folder that does not exist yet.
+        for config in (
+            replace(base, outputs=OutputsConfig(summaries_dir=str(view))),
+            replace(base, cache=CacheConfig(bottleneck_dir=str(view / "new"))),
+        ):
+            with pytest.raises(ConfigError, match="cannot write there: Read-only file system"):
+                config.validate()
+
+
+@pytest.mark.slow
+def test_a_run_on_read_only_caches_computes_what_is_missing_in_memory(tmp_path):
+    """A bottleneck cache and a module cache filled by one run, then shared read-only: the
+    next run, with two new photos, reads both and keeps the two new vectors in memory."""
+    from retrain.module_cache import default_cache_dir
+
+    photos = _photos(tmp_path / "photos")
+    first = _run(retrain_args(photos, tmp_path / "first", steps=20))
+    assert first.returncode == 0, first.stderr
+    for label in ("daisy", "roses"):
+        shutil.copy(sorted((EXAMPLE_DIR / label).iterdir())[-1], photos / label)
+    cache = tmp_path / "first" / "bottlenecks"
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    out = tmp_path / "second"
+    with (
+        read_only_view(cache, tmp_path / "cache_view") as cache_view,
+        read_only_view(default_cache_dir(), tmp_path / "module_view") as module_view,
+    ):
+        args = retrain_args(photos, out, steps=20)
+        args = [a for a in args if not a.startswith("--bottleneck_dir")]
+        run = _run([*args, f"--bottleneck_dir={cache_view}", f"--module_cache_dir={module_view}"])
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr and "error" not in run.stderr, run.stderr
+    assert "14 images: 12 bottlenecks cached, 2 to compute" in run.stderr
+    assert run.stderr.count("kept in memory only") == 1, run.stderr
+    assert "Computed 2 bottlenecks" in run.stderr
+    assert (out / "graph.pb").exists()
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before
