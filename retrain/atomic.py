@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import glob
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 from retrain.errors import StorageError
+
+log = logging.getLogger("retrain")
 
 # Failures of the storage itself, not of what the program asked of it.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
@@ -175,3 +181,43 @@ def check_writable_dir(path: str | os.PathLike) -> str | None:
     if path.exists() and not path.is_dir():
         return f"{path} exists and is not a directory"
     return check_writable_file(path / "probe")
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike) -> Iterator[bool]:
+    """Hold an exclusive lock for making `path` (a file or folder) during the block, so that
+    of several processes wanting it, one makes it and the others then find it made. Yields
+    whether the lock is held: False where its lock file (`.<name>.lock` beside `path`) cannot
+    be made, e.g. in a read-only cache, where nothing can be made anyway. The kernel releases
+    the lock of a process that dies, so a killed maker never blocks the next one."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Waiting for another process making %s", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(path: str | os.PathLike) -> None:
+    """Remove what makers of `path` killed midway left beside it: `atomic_open`'s temporary
+    files and temporary folders named `.<name>.*`. Only while holding `exclusive(path)`: no
+    one else is making it then."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if leftover.name == f".{path.name}.lock":
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                leftover.unlink()

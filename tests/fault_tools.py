@@ -199,9 +199,10 @@ def run_retrain(
     timeout: float = 300.0,
     tty: bool = False,
     cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> RunResult:
-    """Run retrain with `args` to the end, injecting `fault` if given."""
-    return watch(start_retrain(args, tty, cwd), fault, timeout)
+    """Run retrain with `args` (and `env` added) to the end, injecting `fault` if given."""
+    return watch(start_retrain(args, tty, cwd, env), fault, timeout)
 
 
 def watch(started: Started, fault: Fault | None = None, timeout: float = 300.0) -> RunResult:

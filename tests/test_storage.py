@@ -22,7 +22,7 @@ import pytest
 from retrain.atomic import atomic_write_bytes, format_bytes, storage_error, writing
 from retrain.cache import BottleneckCache
 from retrain.errors import StorageError
-from tests.conftest import EXAMPLE_DIR, retrain_args
+from tests.conftest import EXAMPLE_DIR, example_subset, retrain_args
 from tests.fault_tools import (
     TEMP_NAME,
     FailingWrites,
@@ -130,22 +130,13 @@ def test_cache_writer_failing_at_the_nth_write_keeps_finished_shards(
 # ----------------------------------------------------------------------------- real file systems
 
 
-def _photos(target: Path, per_class: int = 6) -> Path:
-    """A few of the example photos: two classes, enough for every split."""
-    for label in ("daisy", "roses"):
-        (target / label).mkdir(parents=True)
-        for photo in sorted((EXAMPLE_DIR / label).iterdir())[:per_class]:
-            shutil.copy(photo, target / label)
-    return target
-
-
-def _run(args: list[str]) -> subprocess.CompletedProcess:
+def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "retrain", *args[1:]],
         capture_output=True,
         text=True,
-        env=child_env(),
-        timeout=600,
+        env={**child_env(), **(env or {})},
+        timeout=900,
     )
 
 
@@ -187,7 +178,7 @@ def test_cache_on_a_real_full_disk_keeps_its_shards_and_goes_on_with_room(tmp_pa
 @pytest.mark.slow
 def test_a_full_disk_stops_the_run_in_one_line_and_the_next_run_goes_on(tmp_path):
     """On a real tmpfs: first too small for the bottlenecks, then for the graph, then roomy."""
-    photos = _photos(tmp_path / "photos")
+    photos = example_subset(tmp_path / "photos")
     with small_tmpfs(tmp_path / "disk", "24k") as disk:
         args = retrain_args(photos, disk, steps=20)
         cache = disk / "bottlenecks"
@@ -223,7 +214,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_next_run_goes_on(tmp_path
 )
 def test_tensorflow_writers_on_a_full_disk_end_in_one_line(tmp_path, flag, what):
     """Checkpoints and TensorBoard logs are written by TensorFlow, not by retrain.atomic."""
-    photos = _photos(tmp_path / "photos")
+    photos = example_subset(tmp_path / "photos")
     out = tmp_path / "out"
     with small_tmpfs(tmp_path / "disk", "16k") as disk:
         args = [
@@ -277,7 +268,7 @@ def test_a_read_only_cache_folder_passes_validation(tmp_path):
     from retrain.config import CacheConfig, ModuleConfig, OutputsConfig, RetrainConfig
     from retrain.errors import ConfigError
 
-    photos = _photos(tmp_path / "photos", per_class=1)
+    photos = example_subset(tmp_path / "photos", per_class=1)
     (tmp_path / "cache").mkdir()
     base = RetrainConfig(image_dir=str(photos), cache=CacheConfig(bottleneck_dir=None))
     with read_only_view(tmp_path / "cache", tmp_path / "view") as view:
@@ -298,7 +289,7 @@ def test_a_run_on_read_only_caches_computes_what_is_missing_in_memory(tmp_path):
     next run, with two new photos, reads both and keeps the two new vectors in memory."""
     from retrain.module_cache import default_cache_dir
 
-    photos = _photos(tmp_path / "photos")
+    photos = example_subset(tmp_path / "photos")
     first = _run(retrain_args(photos, tmp_path / "first", steps=20))
     assert first.returncode == 0, first.stderr
     for label in ("daisy", "roses"):
