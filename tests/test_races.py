@@ -16,13 +16,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from retrain.atomic import exclusive, remove_leftovers
-from tests.conftest import example_subset, retrain_args
+from retrain.cache import BottleneckCache, file_content_key
+from tests.conftest import EXAMPLE_DIR, example_subset, retrain_args
 from tests.fault_tools import (
     Fault,
+    all_rows,
     child_env,
+    inspect_cache,
+    module_folders,
     read_metrics,
     read_only_view,
     run_retrain,
@@ -148,3 +153,108 @@ def test_a_conversion_killed_midway_is_redone_by_the_next_run(tmp_path):
         run = run_retrain(args, timeout=900, env=env)
         assert run.returncode == 0, run.summary()
         _cache_holds_every_conversion(tmp_path / f"cache{attempt}")
+
+
+# ------------------------------------------------------------------- one cache, many writers
+
+WRITERS = 8
+
+
+def _beam_args(photos: Path, bottlenecks: Path) -> list[str]:
+    return [
+        "-m",
+        "retrain.beam_extract",
+        f"--image_dir={photos}",
+        f"--bottleneck_dir={bottlenecks}",
+        "--extraction_backend=tflite",
+        "--extraction_batch_size=8",
+        "--runner=DirectRunner",
+    ]
+
+
+def _every_row_matches(folder: Path, reference: dict[bytes, np.ndarray]) -> int:
+    """Check every row of a cache folder, duplicates included, against the reference vectors
+    bit for bit; returns how many rows there are."""
+    state = inspect_cache(folder)
+    assert state.bad_rows == 0 and state.strays == [], state.describe()
+    dim = len(next(iter(reference.values())))
+    rows = 0
+    for location, content, vector, ok in all_rows(BottleneckCache(folder.parent, folder.name, dim)):
+        assert ok and content in reference, location
+        assert np.array_equal(vector, reference[content]), location
+        rows += 1
+    return rows
+
+
+def _tflite_run_args(photos: Path, out: Path, bottlenecks: Path) -> list[str]:
+    """A short run's arguments with its cache at `bottlenecks`, on the TFLite backend (which
+    every writer uses, so vectors compare bit for bit)."""
+    args = retrain_args(photos, out, steps=20)[1:]
+    return [
+        *(a for a in args if not a.startswith("--bottleneck_dir")),
+        f"--bottleneck_dir={bottlenecks}",
+        "--extraction_backend=tflite",
+    ]
+
+
+@pytest.mark.slow
+def test_eight_runs_and_a_beam_extraction_killed_at_random_leave_a_cache_that_is_completed_exactly(
+    tmp_path,
+):
+    """Eight `retrain` runs and one Beam extraction share one --bottleneck_dir; each is
+    SIGKILLed or interrupted (SIGINT) at a random moment, or left to finish. A final run then
+    computes exactly the images no shard holds, and every vector in the cache, whoever wrote
+    it, equals an uninterrupted run's bit for bit (all on the TFLite backend)."""
+    rng = random.Random(SEED)
+    print(f"seed {SEED}")
+    photos = EXAMPLE_DIR  # read only
+    reference_run = run_retrain(
+        _tflite_run_args(photos, tmp_path / "ref", tmp_path / "ref" / "bottlenecks")
+    )
+    assert reference_run.returncode == 0, reference_run.summary()
+    (ref_folder,) = module_folders(tmp_path / "ref" / "bottlenecks")
+    reference = inspect_cache(ref_folder).vectors
+    assert len(reference) == 79
+
+    shared = tmp_path / "shared"
+    processes = []
+    for i in range(WRITERS):
+        processes.append(start_retrain(_tflite_run_args(photos, tmp_path / f"run{i}", shared)))
+    beam = subprocess.Popen(
+        [sys.executable, *_beam_args(photos, shared)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=child_env(),
+    )
+    faults = []
+    for _ in range(WRITERS + 1):
+        roll = rng.random()
+        sig = signal.SIGKILL if roll < 0.5 else signal.SIGINT if roll < 0.8 else None
+        faults.append(None if sig is None else Fault(None, sig, rng.uniform(5.0, 120.0)))
+    print("faults:", [f.describe() if f else "none" for f in faults])
+    timer = None
+    if faults[-1] is not None:
+        timer = threading.Timer(faults[-1].delay, beam.send_signal, (faults[-1].sig,))
+        timer.start()
+    with ThreadPoolExecutor(WRITERS) as pool:
+        runs = list(pool.map(lambda pf: watch(pf[0], pf[1], timeout=1200), zip(processes, faults)))
+    beam_status = beam.wait(timeout=1200)
+    if timer is not None:
+        timer.cancel()
+    print("exits:", [run.returncode for run in runs], "beam:", beam_status)
+    for run, fault in zip(runs, faults):
+        assert run.returncode in ((0,) if fault is None else (0, 130, -signal.SIGKILL)), (
+            run.summary()
+        )
+        assert "Traceback" not in run.stderr, run.summary()
+
+    (folder,) = module_folders(shared)
+    have = set(inspect_cache(folder).vectors)
+    wanted = {file_content_key(p) for p in sorted(photos.glob("*/*.jpg"))}
+    missing = len(wanted - have)
+    final = run_retrain(_tflite_run_args(photos, tmp_path / "final", shared))
+    assert final.returncode == 0, final.summary()
+    assert f"79 images: {79 - missing} bottlenecks cached, {missing} to compute" in final.stderr
+    rows = _every_row_matches(folder, reference)
+    assert set(inspect_cache(folder).vectors) == wanted
+    print(f"{missing} missing before the final run; {rows} rows in the cache")
