@@ -58,6 +58,7 @@ __all__ = [
     "Timings",
     "UsageError",
     "audit_photos",
+    "find_learning_rate",
     "run",
 ]
 
@@ -68,6 +69,14 @@ def audit_photos(config: RetrainConfig):
     from retrain.pipeline import audit_photos as audit_pipeline
 
     return audit_pipeline(config)
+
+
+def find_learning_rate(config: RetrainConfig):
+    """The learning-rate finder on `config`'s photos (an `lr_find.RateSearch`); see
+    `retrain.pipeline.find_learning_rate` (imports TensorFlow on first call)."""
+    from retrain.pipeline import find_learning_rate as find_rate
+
+    return find_rate(config)
 
 
 def run(config: RetrainConfig) -> RunResult:

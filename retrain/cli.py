@@ -68,7 +68,16 @@ def main(argv: list[str] | None = None) -> int:
             if flag_values.audit:
                 pipeline.audit_photos(config)
                 return 0
+            if flag_values.lr_find:
+                pipeline.find_learning_rate(config)
+                return 0
             result = pipeline.run(config)
+            from retrain.report import closing_lines
+
+            logger = logging.getLogger("retrain")
+            logger.info("--- Summary ---")
+            for line in closing_lines(config, result):
+                logger.info("%s", line)
         check_accuracy(
             result.test.accuracy if result.test else None, flag_values.assert_accuracy_at_least
         )

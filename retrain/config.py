@@ -33,6 +33,7 @@ from retrain.handles import looks_like_url
 
 DEFAULT_MODULE = "efficientnet_lite0"
 OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop")
+AUTO = "auto"  # training.learning_rate: the learning-rate finder's suggestion
 SCHEDULES = ("constant", "cosine", "plateau")
 # "basename": the file's name, stable when the folder moves (ours); "path": the path as
 # retrain.py globbed it from --image_dir, to reproduce retrain.py's split exactly.
@@ -76,7 +77,7 @@ class HeadTrainingConfig:
     """Training the new layer on cached bottlenecks (retrain.py's defaults)."""
 
     how_many_training_steps: int = 4000
-    learning_rate: float = 0.01
+    learning_rate: float | str = 0.01  # or AUTO: the learning-rate finder's suggestion
     train_batch_size: int = 100
     eval_step_interval: int = 10
     validation_batch_size: int = 100  # -1: the whole validation split
@@ -134,7 +135,7 @@ class FineTuningConfig:
     """Fine-tuning the whole network after the new layer (0 steps: off)."""
 
     steps: int = 0
-    learning_rate: float = 1e-3
+    learning_rate: float | str = 1e-3  # or AUTO: the learning-rate finder's suggestion
     batch_size: int = 32  # the global batch, split over the replicas
     lr_schedule: str = "constant"  # one of SCHEDULES ("plateau" watches the training loss)
 
@@ -175,6 +176,7 @@ class OutputsConfig:
     summaries_dir: str | None = None  # TensorBoard logs
     metrics_json: str | None = None
     split_manifest: str | None = None  # CSV path,label,split
+    report_html: str | None = None  # one self-contained HTML page: curves, tables, pictures
 
 
 @dataclass(frozen=True)
@@ -256,11 +258,20 @@ def _check_counts(c: RetrainConfig) -> None:
         raise ConfigError(
             "{0} must be 0 (off) or positive, got " + str(c.fine_tuning.steps), "fine_tuning.steps"
         )
-    for name, value in (
+    rates = [
         ("training.learning_rate", c.training.learning_rate),
         ("fine_tuning.learning_rate", c.fine_tuning.learning_rate),
-    ):
-        if not value > 0 or math.isinf(value):
+    ]
+    for name, value in rates:
+        if value == AUTO and c.distribution.strategy == "multi_worker_mirrored":
+            raise ConfigError(
+                "{0} 'auto' is for one machine: set the rate the finder suggested there "
+                "(retrain --lr_find) for a multi-worker run",
+                name,
+            )
+        if value == AUTO:
+            continue
+        if isinstance(value, str) or not value > 0 or math.isinf(value):
             raise ConfigError("{0} must be positive, got " + str(value), name)
 
 
@@ -420,6 +431,7 @@ OUTPUT_FILES = (
     "export.output_tflite",
     "outputs.split_manifest",
     "outputs.metrics_json",
+    "outputs.report_html",
 )
 OUTPUT_DIRS = (
     "cache.bottleneck_dir",

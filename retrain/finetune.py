@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from retrain import distort, distribute, extract
+from retrain.activity import PROBE_IMAGES, ActivityProbe, write_activity
+from retrain.activity import summary as summarize_activity
 from retrain.config import DistortionConfig, FineTuningConfig
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
 from retrain.errors import ConfigError, RetrainError
@@ -32,6 +34,7 @@ from retrain.evaluate import Evaluation
 from retrain.features import random_picks
 from retrain.heads import Head
 from retrain.interrupt import check as check_interrupt
+from retrain.lr_find import RateSearch, range_test
 from retrain.models.loading import ImageModule
 from retrain.optim import Plateau, current_learning_rate, make_optimizer
 
@@ -45,6 +48,11 @@ PLATEAU_FACTOR = 0.1
 PLATEAU_PATIENCE = 10
 # TensorBoard run (under --summaries_dir) of the fine-tuning scalars.
 SUMMARIES_RUN = "fine_tune"
+# The learning-rate finder for fine-tuning: a few hundred images, a range test of few steps.
+FIND_IMAGES = 300
+FIND_STEPS = 60
+FIND_MIN_RATE = 1e-7
+FIND_MAX_RATE = 0.1
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class FineTuneResult:
     history: list[dict] = field(default_factory=list)
     before: Evaluation | None = None
     after: Evaluation | None = None
+    rate_search: RateSearch | None = None  # the finder's, when the rate was 'auto'
 
     def metrics(self) -> dict:
         """The run's figures for --metrics_json."""
@@ -90,6 +99,7 @@ class FineTuneResult:
             "test_images": self.after.count if self.after else 0,
             "test_accuracy_before": self.before.accuracy if self.before else None,
             "test_accuracy_after": self.after.accuracy if self.after else None,
+            "lr_find": self.rate_search.metrics() if self.rate_search else None,
         }
 
 
@@ -277,11 +287,7 @@ def fine_tune(
         )
     module_object = distribute.load_module(module, strategy)
     with active.scope():
-        model = FineTuneModel(module_object, *layer)
-        optimizer = make_optimizer(
-            "momentum", settings.learning_rate, settings.lr_schedule, settings.steps
-        )
-        optimizer.build(model.trainable)
+        model, optimizer = _model_and_optimizer(module_object, layer, settings)
     plateau = None
     if settings.lr_schedule == "plateau":
         plateau = Plateau(optimizer, PLATEAU_FACTOR, PLATEAU_PATIENCE)
@@ -310,10 +316,15 @@ def fine_tune(
         )
     )
     writer = _summary_writer(active, summaries_dir)
+    probe = None
+    if writer is not None:
+        probe = ActivityProbe.for_module(
+            module, module_object, _probe_images(train, module.input_size, max_pixels)
+        )
     try:
         step = make_train_step(active, model, head, optimizer, settings.batch_size)
         history, seconds, rate = _train(
-            step, iter(dataset), settings.steps, log_every, writer, optimizer, plateau
+            step, iter(dataset), settings.steps, log_every, writer, optimizer, plateau, probe
         )
     finally:
         if writer is not None:
@@ -333,6 +344,61 @@ def fine_tune(
         history=history,
         before=before,
         after=after,
+    )
+
+
+def _model_and_optimizer(
+    module_object: Any, layer: tuple[np.ndarray, np.ndarray], settings: FineTuningConfig
+) -> tuple[FineTuneModel, Any]:
+    """The network with the trained layer on top, and its optimizer (momentum), built."""
+    model = FineTuneModel(module_object, *layer)
+    optimizer = make_optimizer(
+        "momentum", settings.learning_rate, settings.lr_schedule, settings.steps
+    )
+    optimizer.build(model.trainable)
+    return model, optimizer
+
+
+def search_rate(
+    module: ImageModule,
+    head: Head,
+    layer: tuple[np.ndarray, np.ndarray],
+    train: LabeledImages,
+    settings: FineTuningConfig,
+    *,
+    seed: int = 0,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    distortions: DistortionConfig | None = None,
+) -> RateSearch:
+    """The learning-rate finder for fine-tuning (see retrain.lr_find): the module with the
+    trained `layer` on top, trained on a seeded FIND_IMAGES of `train` in batches of
+    `settings.batch_size` while the rate grows from FIND_MIN_RATE to FIND_MAX_RATE over at
+    most FIND_STEPS steps. Nothing it trains is kept."""
+    search_settings = replace(
+        settings, steps=FIND_STEPS, learning_rate=FIND_MIN_RATE, lr_schedule="constant"
+    )
+    strategy = tf.distribute.get_strategy()
+    model, optimizer = _model_and_optimizer(module.load(), layer, search_settings)
+    images = subset(train, FIND_IMAGES, seed)
+    batches = training_dataset(
+        images, module.input_size, head, search_settings, seed, max_pixels, {}, distortions
+    )
+    iterator = iter(strategy.experimental_distribute_dataset(batches))
+    step = make_train_step(strategy, model, head, optimizer, settings.batch_size)
+    log.info(
+        "Fine-tuning's learning-rate finder: up to %d steps of %d of %d training images",
+        FIND_STEPS,
+        settings.batch_size,
+        len(images),
+    )
+
+    def step_at(rate: float) -> float:
+        optimizer.learning_rate.assign(rate)
+        loss_sum, _, count = step(iterator).numpy()
+        return float(loss_sum / max(count, 1))
+
+    return range_test(
+        step_at, FIND_STEPS, FIND_MIN_RATE, FIND_MAX_RATE, "fine_tuning.learning_rate"
     )
 
 
@@ -383,9 +449,11 @@ def _train(
     writer: Any,
     optimizer: Any,
     plateau: Plateau | None,
+    probe: ActivityProbe | None = None,
 ) -> tuple[list[dict], float, float]:
     """Run the steps, logging and writing scalars; returns (history, seconds, steps/s).
-    `plateau`, if given, watches the mean training loss of each `log_every` steps.
+    `plateau`, if given, watches the mean training loss of each `log_every` steps; `probe`,
+    if given, measures the network's sparsity every `log_every` steps (for TensorBoard).
 
     Steps/s leaves out the first step, which traces and compiles the step function.
     """
@@ -413,6 +481,11 @@ def _train(
             if plateau is not None:
                 plateau.update(sum(interval_losses) / len(interval_losses))
             interval_losses.clear()
+            if probe is not None:
+                activity = probe.measure()
+                record.update(summarize_activity(activity))
+                with writer.as_default(step=step):
+                    write_activity(activity)
             history.append(record)
             log.info(
                 "Fine-tune step %d: loss = %f, train accuracy = %.1f%%",
@@ -425,6 +498,14 @@ def _train(
     rate = timed / (end - warm) if timed and end > warm else steps / (end - start)
     log.info("Fine-tuned %d steps in %.1f s (%.2f steps/s)", steps, end - start, rate)
     return history, end - start, rate
+
+
+def _probe_images(train: LabeledImages, input_size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """The first PROBE_IMAGES training images that decode, as the module takes them."""
+    paths = list(train.paths[:PROBE_IMAGES])
+    for _, pixels, ok in extract.decoded_batches(paths, input_size, len(paths), {}, max_pixels):
+        return pixels.numpy()[ok.numpy()]
+    return np.zeros([0, *input_size, 3], np.float32)
 
 
 def _exportable(module: ImageModule, module_object: Any, strategy: Any) -> Any:

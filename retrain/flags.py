@@ -13,6 +13,7 @@ from typing import Any
 from absl import flags
 
 from retrain.config import (
+    AUTO,
     CLASS_WEIGHTS,
     DEFAULT_MODULE,
     OPTIMIZERS,
@@ -69,8 +70,20 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "How many training steps to run before ending.",
         flag_values=f,
     )
-    flags.DEFINE_float(
-        "learning_rate", 0.01, "How large a learning rate to use when training.", flag_values=f
+    flags.DEFINE(
+        _RateParser(),
+        "learning_rate",
+        0.01,
+        "How large a learning rate to use when training; 'auto': the learning-rate finder's "
+        "suggestion (see --lr_find).",
+        flag_values=f,
+    )
+    flags.DEFINE_boolean(
+        "lr_find",
+        False,
+        "Find a learning rate instead of training: train the new layer briefly over a range of "
+        "rates on the cached bottlenecks, print loss against rate and a suggested rate, exit.",
+        flag_values=f,
     )
     flags.DEFINE_integer(
         "testing_percentage", 10, "What percentage of images to use as a test set.", flag_values=f
@@ -263,6 +276,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "split_manifest", "", "Write a CSV path,label,split of every image used.", flag_values=f
     )
     flags.DEFINE_string("metrics_json", "", "Write the run's results as JSON here.", flag_values=f)
+    flags.DEFINE_string(
+        "report_html",
+        "",
+        "Write a self-contained HTML report here: curves, per-class table, confusion matrix, "
+        "misclassified thumbnails, health findings (with --audit: the audit's findings).",
+        flag_values=f,
+    )
     flags.DEFINE_boolean(
         "audit",
         False,
@@ -337,12 +357,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "0 (default) is off.",
         flag_values=f,
     )
-    flags.DEFINE_float(
+    flags.DEFINE(
+        _RateParser(),
         "fine_tune_learning_rate",
         1e-3,
         "Learning rate of fine-tuning (SGD with momentum 0.9). Keep it small, about a tenth of "
         "--learning_rate: a large one overwrites the pretrained weights instead of adjusting "
-        "them, and the features the new layer was trained on are lost.",
+        "them, and the features the new layer was trained on are lost. 'auto': the suggestion "
+        "of a learning-rate finder run on a few hundred training images first.",
         flag_values=f,
     )
     flags.DEFINE_enum(
@@ -413,13 +435,26 @@ FLAG_FIELDS = {
     "summaries_dir": "outputs.summaries_dir",
     "metrics_json": "outputs.metrics_json",
     "split_manifest": "outputs.split_manifest",
+    "report_html": "outputs.report_html",
     "audit_dir": "audit.output_dir",
     "audit_folds": "audit.folds",
     "audit_duplicate_similarity": "audit.duplicate_similarity",
 }
 # Flags of the command itself, not of a run: logging and the exit status.
-COMMAND_FLAGS = ("logging_verbosity", "assert_accuracy_at_least", "audit")
+COMMAND_FLAGS = ("logging_verbosity", "assert_accuracy_at_least", "audit", "lr_find")
 _FLAG_OF_FIELD = {field: flag for flag, field in FLAG_FIELDS.items()}
+
+
+class _RateParser(flags.FloatParser):
+    """A learning rate: a float, or 'auto' (see retrain.lr_find)."""
+
+    def parse(self, argument: Any) -> float | str:
+        if isinstance(argument, str) and argument.strip().lower() == AUTO:
+            return AUTO
+        return super().parse(argument)
+
+    def flag_type(self) -> str:
+        return "float or 'auto'"
 
 
 def flag_for_field(field: str) -> str:

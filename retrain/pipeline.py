@@ -15,6 +15,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,9 @@ from retrain import (
     finetune,
     health,
     labels_csv,
+    lr_find,
     module_cache,
+    report,
     sampling,
     scan,
 )
@@ -41,8 +44,8 @@ from retrain.bottlenecks import (
     load_module,
     make_extractor,
 )
-from retrain.config import RetrainConfig
-from retrain.features import Split
+from retrain.config import AUTO, RetrainConfig
+from retrain.features import FeatureSplit, Split, random_picks
 from retrain.heads import AnyEvaluation, Head, SigmoidHead, SoftmaxHead
 from retrain.interrupt import check as check_interrupt
 from retrain.models.loading import ImageModule
@@ -58,6 +61,8 @@ log = logging.getLogger("retrain")
 # A streamed validation split is evaluated on a random subset of at most this many images
 # (51 MB of vectors: what a 100k-image run holds, so memory stays flat beyond it).
 STREAMED_VALIDATION_ROWS = 10_000
+# The projector shows a random sample of this many bottleneck vectors (25 MB of 1,280 floats).
+PROJECTOR_SAMPLE = 5_000
 
 
 def run(config: RetrainConfig) -> RunResult:
@@ -97,9 +102,19 @@ def run(config: RetrainConfig) -> RunResult:
         bottlenecks.check_trainable(image_set.labels)
         check_interrupt()
         head = make_head(image_set)
+        rate_search = None
+        if config.training.learning_rate == AUTO:
+            rate_search = _search_rate(config, bottlenecks, head)
+            training = replace(config.training, learning_rate=rate_search.suggestion)
+            config = replace(config, training=training)
         trained = _train(config, bottlenecks, head, module, module_object, chief)
         evaluations = _calibrate(bottlenecks, trained, image_set.labels)
-        evaluations.update(_evaluate_test(config, bottlenecks, trained, image_set.labels))
+        test, test_paths = _test_split(config, bottlenecks)
+        evaluations.update(_evaluate_test(test, trained, image_set.labels))
+
+        projected = None
+        if chief and config.outputs.summaries_dir:
+            projected = _projector_sample(config, bottlenecks, image_set.labels)
 
         # Fine-tuning: the whole network, exported instead of the pretrained module + layer.
         tuned = None
@@ -107,6 +122,7 @@ def run(config: RetrainConfig) -> RunResult:
             tuned = _fine_tune(config, module, bottlenecks, trained, cluster)
             if tuned.after is not None:
                 evaluations["testing"] = tuned.after  # cached bottlenecks no longer fit it
+                evaluations.pop("validation", None)  # it measured the head before tuning
     check_interrupt()  # a run stopped before here writes no outputs
     outputs = (
         _export(config, image_set.labels, module, module_object, trained, tuned) if chief else {}
@@ -131,7 +147,11 @@ def run(config: RetrainConfig) -> RunResult:
         cluster=_cluster_metrics(bottlenecks) if cluster is not None else None,
         distortions=_distortion_metrics(config, bottlenecks),
         unlisted_images=image_set.unlisted,
+        test_paths=test_paths,
+        rate_search=rate_search,
     )
+    if config.evaluation.print_misclassified_test_images:
+        _print_misclassified(result)
     result.health = health.diagnose(
         result,
         _training_counts(bottlenecks, len(image_set.labels)),
@@ -140,7 +160,12 @@ def run(config: RetrainConfig) -> RunResult:
     )
     _log_health(result.health)
     if chief and config.outputs.summaries_dir:
-        _write_evaluation_summaries(config.outputs.summaries_dir, result)
+        _write_summaries(config.outputs.summaries_dir, result, projected)
+    if config.outputs.report_html and chief:
+        result.outputs["report_html"] = report.write_report(
+            config.outputs.report_html, config, result
+        )
+        log.info("Wrote the report %s", config.outputs.report_html)
     if config.outputs.metrics_json and chief:
         metrics = result.metrics()
         text = json.dumps(metrics, indent=2, default=_plain) + "\n"
@@ -170,21 +195,21 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
             config.module,
             config.data.max_image_pixels,
         )
-        report = audit.audit_bottlenecks(
+        findings = audit.audit_bottlenecks(
             bottlenecks, image_set.labels, config.audit, config.training
         )
     log.info(
         "Audit of %d images in %.1f s: %d suspect labels, %d duplicate pairs (%d across "
         "splits), %d outliers%s",
-        report.images,
-        report.seconds,
-        len(report.suspects),
-        len(report.duplicates),
-        len(report.cross_split_duplicates()),
-        len(report.outliers),
-        f"; CSVs in {config.audit.output_dir}" if report.files else "",
+        findings.images,
+        findings.seconds,
+        len(findings.suspects),
+        len(findings.duplicates),
+        len(findings.cross_split_duplicates()),
+        len(findings.outliers),
+        f"; CSVs in {config.audit.output_dir}" if findings.files else "",
     )
-    for row in report.suspects[:5]:
+    for row in findings.suspects[:5]:
         log.info(
             "Suspect: %s is filed under %s, looks like %s (%.2f vs %.2f)",
             row["path"],
@@ -194,9 +219,99 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
             row["p_expected"],
         )
     if config.outputs.metrics_json:
-        text = json.dumps({"audit": report.metrics()}, indent=2) + "\n"
-        atomic_write_text(config.outputs.metrics_json, text)
-    return report
+        text = json.dumps({"audit": findings.metrics()}, indent=2) + "\n"
+        atomic_write_text(config.outputs.metrics_json, text, "metrics")
+    if config.outputs.report_html:
+        report.write_report(config.outputs.report_html, config, audit=findings)
+        log.info("Wrote the report %s", config.outputs.report_html)
+    return findings
+
+
+def find_learning_rate(config: RetrainConfig) -> dict[str, lr_find.RateSearch]:
+    """The learning-rate finder (`retrain --lr_find`): the config's images scanned and their
+    bottlenecks cached (computing only what is missing), then the new layer's range test on
+    the training split (see retrain.lr_find); with fine-tuning steps configured, the layer is
+    then trained (at the configured rate, or the suggestion if that is 'auto') and fine-tuning
+    range-tested too. Returns {"training": search[, "fine_tuning": search]}; logs loss against
+    rate and the suggestions, writes the plots to TensorBoard if `outputs.summaries_dir` and
+    the figures to `outputs.metrics_json`; keeps nothing it trains."""
+    config.validate()
+    image_set = scan_images(config)
+    module = load_module(config.module)
+    module_object = LazyModule(module)
+    with _bottleneck_folder(config.cache.bottleneck_dir) as bottleneck_dir:
+        bottlenecks = compute_bottlenecks(
+            image_set,
+            module,
+            module_object,
+            bottleneck_dir,
+            config.module,
+            config.data.max_image_pixels,
+        )
+        head = make_head(image_set)
+        searches = {"training": _search_rate(config, bottlenecks, head)}
+        if config.fine_tuning.steps:
+            if config.training.learning_rate == AUTO:
+                rate = searches["training"].suggestion
+                config = replace(config, training=replace(config.training, learning_rate=rate))
+            train, validation = _training_inputs(config, bottlenecks, module, module_object)
+            trained = train_head(train, validation, head, config.training)
+            searches["fine_tuning"] = _search_fine_tuning_rate(config, module, bottlenecks, trained)
+    for name, search in searches.items():
+        log.info("Learning-rate finder for %s:", name.replace("_", "-"))
+        for line in search.text_plot():
+            log.info("%s", line)
+    if config.outputs.summaries_dir:
+        from retrain import summaries
+
+        for name, search in searches.items():
+            summaries.write_rate_search(config.outputs.summaries_dir, search, name)
+    if config.outputs.metrics_json:
+        figures = {name: search.metrics() for name, search in searches.items()}
+        text = json.dumps({"lr_find": figures}, indent=2) + "\n"
+        atomic_write_text(config.outputs.metrics_json, text, "metrics")
+    return searches
+
+
+def _search_fine_tuning_rate(
+    config: RetrainConfig, module: ImageModule, b: Bottlenecks, trained: TrainResult
+) -> lr_find.RateSearch:
+    search = finetune.search_rate(
+        module,
+        trained.head,
+        (trained.weights, trained.biases),
+        finetune.split_images(b, "training"),
+        config.fine_tuning,
+        seed=config.training.random_seed,
+        max_pixels=config.data.max_image_pixels,
+        distortions=config.distortions,
+    )
+    log.info(
+        "Fine-tuning's learning-rate finder: %d steps in %.1f s; the loss was lowest at %.2g, "
+        "suggested fine-tuning learning rate %g",
+        len(search.rates),
+        search.seconds,
+        search.best_rate,
+        search.suggestion,
+    )
+    return search
+
+
+def _search_rate(config: RetrainConfig, b: Bottlenecks, head: Head) -> lr_find.RateSearch:
+    train = b.training()
+    search = lr_find.search_learning_rate(
+        train.load() if train.fits_in_memory() else train, head, config.training
+    )
+    log.info(
+        "Learning-rate finder: %d steps in %.1f s; the loss was lowest at %.2g, suggested "
+        "learning rate %g (--optimizer %s)",
+        len(search.rates),
+        search.seconds,
+        search.best_rate,
+        search.suggestion,
+        config.training.optimizer,
+    )
+    return search
 
 
 def _plain(value):
@@ -406,15 +521,21 @@ def _train(
     return result
 
 
-def _evaluate_test(
-    config: RetrainConfig, b: Bottlenecks, trained: TrainResult, labels: list[str]
-) -> dict[str, AnyEvaluation]:
-    """The evaluation stage on cached bottlenecks: the test split (or its configured random
-    subset), logged as retrain.py did."""
-    test = b.split("testing")
+def _test_split(config: RetrainConfig, b: Bottlenecks) -> tuple[FeatureSplit, scan.PathList]:
+    """The test split as evaluated (all of it, or its configured random subset: the same draw
+    as fine-tuning's), with its image files in the same order."""
+    test, paths = b.split("testing"), b.paths_of("testing")
     size = config.evaluation.test_batch_size
     if size > 0:
-        test = test.subset(size, config.training.random_seed)
+        picks = random_picks(len(test), size, config.training.random_seed)
+        test, paths = test.subset(size, config.training.random_seed), paths.take(picks)
+    return test, paths
+
+
+def _evaluate_test(
+    test: FeatureSplit, trained: TrainResult, labels: list[str]
+) -> dict[str, AnyEvaluation]:
+    """The evaluation stage on cached bottlenecks: the test split, logged as retrain.py did."""
     if not len(test):
         return {}
     result = trained.head.evaluate(
@@ -422,8 +543,6 @@ def _evaluate_test(
     )
     log.info("Final test accuracy = %.1f%% (N=%d)", 100 * result.accuracy, len(test))
     _log_evaluation(result, labels)
-    if config.evaluation.print_misclassified_test_images and size < 0:
-        _print_misclassified(b, result, labels)
     return {"testing": result}
 
 
@@ -435,32 +554,57 @@ def _log_evaluation(result: AnyEvaluation, labels: list[str], split: str = "test
 
 def _calibrate(b: Bottlenecks, trained: TrainResult, labels: list[str]) -> dict[str, AnyEvaluation]:
     """Let the trained head tune its decisions on the validation split (a sigmoid head's
-    thresholds; `trained.head` becomes the tuned head). Returns {"validation": the evaluation
-    it was tuned on}, logged, or {} for a head with nothing to tune."""
-    chunks = ((c.x, c.y) for c in b.split("validation").chunks())
-    trained.head, validated = trained.head.calibrate(trained.weights, trained.biases, chunks)
-    if validated is None:
+    thresholds; `trained.head` becomes the tuned head), and evaluate it there. Returns
+    {"validation": its evaluation}, logged, or {} without validation images."""
+    validation = b.split("validation")
+    if not len(validation):
         return {}
+    trained.head, validated = trained.head.calibrate(
+        trained.weights, trained.biases, ((c.x, c.y) for c in validation.chunks())
+    )
+    if validated is None:
+        validated = trained.head.evaluate(
+            trained.weights, trained.biases, ((c.x, c.y) for c in validation.chunks())
+        )
     _log_evaluation(validated, labels, "validation")
     return {"validation": validated}
 
 
-def _write_evaluation_summaries(summaries_dir: str, result: RunResult) -> None:
-    """Each evaluation's figures for TensorBoard (`scalars`), at the last training step, in
-    the run of its split (validation/, test/); nothing for evaluations without any."""
-    import tensorflow as tf
+def _projector_sample(
+    config: RetrainConfig, b: Bottlenecks, names: list[str]
+) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
+    """A random sample of at most PROJECTOR_SAMPLE bottleneck vectors, with the file, label
+    and split of each, for TensorBoard's projector."""
+    picks = random_picks(len(b.locations), PROJECTOR_SAMPLE, config.training.random_seed)
+    vectors, _ = b.cache.read(b.locations[picks])
+    rows = zip(
+        (scan.display_path(p) for p in b.paths.take(picks)),
+        (_label_text(b.labels[i], names) for i in picks),
+        (scan.SPLITS[code] for code in b.split_codes[picks]),
+    )
+    return vectors, list(rows)
 
-    root = Path(summaries_dir).expanduser()
-    for split, evaluated in result.evaluations.items():
-        scalars = evaluated.scalars(result.labels)
-        if not scalars:
-            continue
-        with writing(root, "TensorBoard summaries"):
-            writer = tf.summary.create_file_writer(str(root / split.removesuffix("ing")))
-            with writer.as_default(step=result.training_steps):
-                for tag, value in scalars.items():
-                    tf.summary.scalar(tag, value)
-            writer.close()
+
+def _write_summaries(
+    summaries_dir: str, result: RunResult, sample: tuple[np.ndarray, list] | None
+) -> None:
+    """The end of the run in TensorBoard: evaluation, pictures, health, and the sample of
+    bottleneck vectors in the projector."""
+    from retrain import summaries  # imports TensorBoard's projector: only when writing
+
+    started = time.perf_counter()
+    with writing(summaries_dir, "TensorBoard summaries"):
+        summaries.write_run_summaries(summaries_dir, result)
+        if sample is not None:
+            summaries.write_projector(summaries_dir, *sample)
+    log.debug("TensorBoard summaries written in %.2f s", time.perf_counter() - started)
+
+
+def _label_text(label: np.ndarray, names: list[str]) -> str:
+    """A class index, or a multi-label 0/1 row, as the label names it stands for."""
+    if np.ndim(label):
+        return ",".join(name for name, on in zip(names, label) if on)
+    return names[int(label)]
 
 
 def _fine_tune(
@@ -476,7 +620,11 @@ def _fine_tune(
     if strategy is None:
         strategy = distribute.make_strategy(config.distribution.strategy, log)
     seed = config.training.random_seed
-    return finetune.fine_tune(
+    settings, search = config.fine_tuning, None
+    if settings.learning_rate == AUTO:
+        search = _search_fine_tuning_rate(config, module, b, trained)
+        settings = replace(settings, learning_rate=search.suggestion)
+    tuned = finetune.fine_tune(
         module,
         trained.head,
         (trained.weights, trained.biases),
@@ -484,7 +632,7 @@ def _fine_tune(
         finetune.subset(
             finetune.split_images(b, "testing"), config.evaluation.test_batch_size, seed
         ),
-        config.fine_tuning,
+        settings,
         strategy,
         config.outputs.summaries_dir,
         seed=seed,
@@ -492,6 +640,8 @@ def _fine_tune(
         max_pixels=config.data.max_image_pixels,
         distortions=config.distortions,
     )
+    tuned.rate_search = search
+    return tuned
 
 
 def _export(
@@ -527,17 +677,16 @@ def _export(
     )
 
 
-def _print_misclassified(b: Bottlenecks, test_eval: AnyEvaluation, labels: list[str]) -> None:
+def _print_misclassified(result: RunResult) -> None:
     log.info("=== MISCLASSIFIED TEST IMAGES ===")
-    test_paths = b.paths_of("testing")
-    for row, predicted, actual, score in test_eval.mistakes(labels):
+    for mistake in result.misclassified():
         # retrain.py's two columns first (file, predicted label), for scripts that read them.
         log.info(
             "%70s  %s  (true: %s, score %.3f)",
-            scan.display_path(test_paths[row]),
-            predicted,
-            actual,
-            score,
+            scan.display_path(mistake.path),
+            mistake.predicted,
+            mistake.actual,
+            mistake.score,
         )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from retrain.pictures import Mistake
+
 if TYPE_CHECKING:
     from retrain.evaluate import Evaluation, MultiLabelEvaluation
     from retrain.finetune import FineTuneResult
@@ -48,11 +50,26 @@ class RunResult:
     # What the figures say: retrain.health.Finding objects (health reads this module).
     health: list[Any] = field(default_factory=list)
     unlisted_images: int | None = None  # multi-label: image files the labels CSV does not list
+    test_paths: list[str] = field(default_factory=list)  # the test evaluation's images, in order
+    rate_search: Any = None  # retrain.lr_find.RateSearch, with --learning_rate auto
 
     @property
     def test(self) -> Evaluation | MultiLabelEvaluation | None:
         """The test split's evaluation, if there was a test split."""
         return self.evaluations.get("testing")
+
+    def misclassified(self, limit: int | None = None) -> list[Mistake]:
+        """The test images predicted wrong, the most confident mistakes first (at most
+        `limit`); empty without a test evaluation or its image paths."""
+        test = self.test
+        if test is None or len(self.test_paths) != test.count:
+            return []
+        mistakes = [
+            Mistake(self.test_paths[row], actual, predicted, score)
+            for row, predicted, actual, score in test.mistakes(self.labels)
+        ]
+        mistakes.sort(key=lambda m: -m.score)
+        return mistakes[:limit]
 
     def metrics(self) -> dict[str, Any]:
         """The run's figures, as `--metrics_json` writes them."""
@@ -99,6 +116,8 @@ class RunResult:
             metrics["cluster"] = dict(self.cluster)
         if self.distortions is not None:
             metrics["distortions"] = dict(self.distortions)
+        if self.rate_search is not None:
+            metrics["lr_find"] = {"training": self.rate_search.metrics()}
         metrics["health"] = [finding.as_dict() for finding in self.health]
         return metrics
 

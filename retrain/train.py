@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from retrain.atomic import writing
 from retrain.config import HeadTrainingConfig
@@ -142,13 +144,15 @@ class HeadTrainer(tf.Module):
     def run_intervals(self, intervals, steps_per_interval, val_x, val_y, val_size, summaries):
         """Run `intervals` rounds of (train, evaluate, write summaries) in one graph call.
 
-        Returns float32 [intervals, 5]: train accuracy, train cross-entropy, validation
-        accuracy, validation cross-entropy (NaN without a validation split), and the size of
-        one step's update of the weights relative to the weights (see `_update_ratio`).
+        Returns float32 [intervals, 6]: train accuracy, train cross-entropy, validation
+        accuracy, validation cross-entropy (NaN without a validation split), the size of one
+        step's update of the weights relative to the weights (see `_update_ratio`), and the
+        learning rate at the end of the interval.
         """
         records = tf.TensorArray(tf.float32, size=intervals)
         for i in tf.range(intervals):
             before = tf.identity(self.head.weights)
+            biases_before = tf.identity(self.head.biases)
             train_accuracy, train_entropy = self.run_steps(steps_per_interval)
             update_ratio = _update_ratio(before, self.head.weights, steps_per_interval)
             val_accuracy, val_entropy = tf.constant(np.nan, tf.float32), tf.constant(np.nan)
@@ -162,7 +166,11 @@ class HeadTrainer(tf.Module):
                     tf.summary.scalar("accuracy", train_accuracy)
                     tf.summary.scalar("cross_entropy", train_entropy)
                     tf.summary.scalar("learning_rate", current_learning_rate(self.optimizer))
-                    tf.summary.scalar("update_to_weight_ratio", update_ratio)
+                    tf.summary.scalar("update_to_weight_ratio/weights", update_ratio)
+                    tf.summary.scalar(
+                        "update_to_weight_ratio/biases",
+                        _update_ratio(biases_before, self.head.biases, steps_per_interval),
+                    )
                     tf.summary.histogram("final_weights", self.head.weights)
                     tf.summary.histogram("final_biases", self.head.biases)
                 if val_x is not None:
@@ -171,7 +179,16 @@ class HeadTrainer(tf.Module):
                         tf.summary.scalar("cross_entropy", val_entropy)
             records = records.write(
                 i,
-                tf.stack([train_accuracy, train_entropy, val_accuracy, val_entropy, update_ratio]),
+                tf.stack(
+                    [
+                        train_accuracy,
+                        train_entropy,
+                        val_accuracy,
+                        val_entropy,
+                        update_ratio,
+                        current_learning_rate(self.optimizer),
+                    ]
+                ),
             )
         stacked = records.stack()
         self.last_metrics.assign(stacked[-1, :4])
@@ -261,6 +278,7 @@ def train_head(
     start = time.perf_counter()
     step = resumed
     last_saved = resumed
+    bar = _progress_bar(total, resumed)
     while step < total:
         check_interrupt()
         to_event = min(every - step % every for every in events)
@@ -273,7 +291,10 @@ def train_head(
         for row in records:
             step += count
             history.append(_record(step, row, val_x is not None))
-            _log_record(history[-1], validation_n, config.validation_batch_size)
+            _log_record(history[-1], validation_n, config.validation_batch_size, bar is None)
+            if bar is not None:
+                bar.update(count)
+                bar.set_postfix_str(_postfix(history[-1]), refresh=False)
             if not np.isfinite(row[1]):
                 raise TrainingDiverged(
                     f"training diverged: the loss became {row[1]} at step {step} with a "
@@ -286,6 +307,8 @@ def train_head(
         if manager is not None and (step - last_saved >= config.checkpoint_every or step == total):
             save_checkpoint(manager, trainer, step)
             last_saved = step
+    if bar is not None:
+        bar.close()
     if not history and resumed:  # resumed after the last step: report where it ended
         history.append(_record(step, trainer.last_metrics.numpy(), val_x is not None))
     return TrainResult(
@@ -346,23 +369,45 @@ def _update_ratio(before: tf.Tensor, after: tf.Tensor, steps: tf.Tensor) -> tf.T
 
 def _record(step: int, row: np.ndarray, has_validation: bool) -> dict:
     """One evaluation round as a dict, from [train acc, train xent, val acc, val xent,
-    update ratio] (the last missing for a round restored from a checkpoint)."""
+    update ratio, learning rate] (the last two missing for a round restored from a
+    checkpoint)."""
     record = {"step": step, "train_accuracy": float(row[0]), "cross_entropy": float(row[1])}
     if has_validation:
         record["validation_accuracy"] = float(row[2])
         record["validation_cross_entropy"] = float(row[3])
-    if len(row) > 4:
+    if len(row) > 5:
         record["update_ratio"] = float(row[4])
+        record["learning_rate"] = float(row[5])
     return record
 
 
-def _log_record(record: dict, validation_size: int, validation_batch_size: int) -> None:
+def _progress_bar(total: int, done: int) -> tqdm | None:
+    """A tqdm bar with live accuracy when stderr is a terminal and the log is not at DEBUG
+    (the per-interval lines then go to DEBUG); None otherwise: logs keep retrain.py's lines."""
+    if not sys.stderr.isatty() or log.isEnabledFor(logging.DEBUG):
+        return None
+    return tqdm(total=total, initial=done, unit="step", desc="Training", dynamic_ncols=True)
+
+
+def _postfix(record: dict) -> str:
+    text = f"train {100 * record['train_accuracy']:.1f}%"
+    if "validation_accuracy" in record:
+        text += f", validation {100 * record['validation_accuracy']:.1f}%"
+    return text
+
+
+def _log_record(
+    record: dict, validation_size: int, validation_batch_size: int, info: bool = True
+) -> None:
+    """retrain.py's three lines per evaluation round, at INFO (`info`) or DEBUG."""
+    level = logging.INFO if info else logging.DEBUG
     step = record["step"]
-    log.info("Step %d: Train accuracy = %.1f%%", step, 100 * record["train_accuracy"])
-    log.info("Step %d: Cross entropy = %f", step, record["cross_entropy"])
+    log.log(level, "Step %d: Train accuracy = %.1f%%", step, 100 * record["train_accuracy"])
+    log.log(level, "Step %d: Cross entropy = %f", step, record["cross_entropy"])
     if "validation_accuracy" in record:
         n = validation_size if validation_batch_size < 0 else validation_batch_size
-        log.info(
+        log.log(
+            level,
             "Step %d: Validation accuracy = %.1f%% (N=%d)",
             step,
             100 * record["validation_accuracy"],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,30 @@ from PIL import Image
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_DIR = ROOT / "examples" / "flower_photos"
 DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def _test_photos() -> Path:
+    """A folder of the example photos that the tests use: the 79 listed in
+    tests/data/test_photos.txt (the example's first version, on which the tests' figures were
+    set; the README's example has more). Built once per content, atomically, in the temp dir."""
+    names = (DATA_DIR / "test_photos.txt").read_text().split()
+    source = ROOT / "examples" / "flower_photos"
+    tag = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"retrain-test-photos-{tag}"
+    if not folder.is_dir():
+        staging = Path(tempfile.mkdtemp(prefix="retrain-test-photos-"))
+        for name in names:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, staging / name)
+        try:
+            staging.rename(folder)
+        except OSError:  # another session made it first
+            shutil.rmtree(staging)
+    return folder
+
+
+EXAMPLE_DIR = _test_photos()
 
 
 def pytest_addoption(parser):

@@ -30,10 +30,11 @@ from retrain.models.loading import resolve_module
 from retrain.module_cache import tflite_model_path, tflite_verified_path
 from retrain.preprocess import to_module_input
 from retrain.resize import resize_bilinear
+from tests.conftest import EXAMPLE_DIR
 from tests.tflite_models import TinyClassifier, write_tiny_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = sorted((ROOT / "examples" / "flower_photos").glob("*/*.jpg"))
+PHOTOS = sorted(EXAMPLE_DIR.glob("*/*.jpg"))
 LOG = logging.getLogger("test_backends")
 
 

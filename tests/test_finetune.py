@@ -507,3 +507,69 @@ def test_frozen_graph_of_fine_tuned_bundled_module(flower_run):
         _memory_scores(result.module_object, result, pixels),
         atol=1e-4,
     )
+
+
+def test_fine_tuning_shows_sparsity_per_block_in_tensorboard(flower_run):
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, _ = flower_run
+    events = EventAccumulator(str(out / "logs" / "fine_tune"), size_guidance={"tensors": 0})
+    events.Reload()
+    tags = events.Tags()["tensors"]
+    units = ["stem", *(f"block{i:02d}" for i in range(16)), "head"]  # EfficientNet-Lite0
+    for kind in ("sparsity", "dead_units"):
+        assert sorted(t for t in tags if t.startswith(kind + "/")) == sorted(
+            f"{kind}/{u}" for u in units
+        )
+        for unit in units:
+            (event,) = events.Tensors(f"{kind}/{unit}")  # 4 steps: measured once, at the end
+            assert 0 <= float(tf.make_ndarray(event.tensor_proto)) <= 1
+    zeros = [tf.make_ndarray(events.Tensors(f"sparsity/{u}")[0].tensor_proto) for u in units]
+    assert 0.05 < np.mean(zeros) < 0.95  # ReLU6 networks are partly, not wholly, sparse
+
+
+def test_activity_probe_measures_the_fine_tuned_weights(flower_run):
+    from retrain.activity import ActivityProbe
+    from retrain.models.loading import resolve_module
+
+    _, result, _ = flower_run
+    module = resolve_module("efficientnet_lite0")
+    pixels = _pixels(next((EXAMPLE_DIR / "tulips").glob("*.jpg")), result.input_size)
+    probe = ActivityProbe.for_module(module, result.module_object, pixels)
+    activity = probe.measure()
+    assert len(activity) == 18
+    np.testing.assert_allclose(
+        probe.net.features(pixels).numpy(), result.module_object(pixels).numpy(), atol=1e-4
+    )
+
+
+def test_fine_tune_learning_rate_auto_uses_the_finders_suggestion(tiny_run, tmp_path):
+    out = tiny_run["out"]
+    argv = retrain_args(
+        out / "images",
+        tmp_path,
+        f"--tfhub_module={tiny_run['module'].path}",
+        "--extraction_backend=tensorflow",
+        "--testing_percentage=30",
+        "--fine_tune_steps=2",
+        "--fine_tune_batch_size=4",
+        "--fine_tune_learning_rate=auto",
+        steps=50,
+    )
+    assert cli.main(argv) == 0
+    tuned = json.loads((tmp_path / "metrics.json").read_text())["fine_tune"]
+    found = tuned["lr_find"]
+    assert tuned["learning_rate"] == found["suggested_learning_rate"]
+    assert 1e-7 <= found["suggested_learning_rate"] <= 0.1 * 1.05
+    assert found["steps"] <= 60 and found["rates"][0] == pytest.approx(1e-7)
+
+
+def test_auto_rates_are_refused_for_multi_worker_runs(tmp_path, capfd):
+    for flag in ("--learning_rate=auto", "--fine_tune_learning_rate=auto"):
+        argv = retrain_args(
+            EXAMPLE_DIR, tmp_path, flag, "--distribution_strategy=multi_worker_mirrored"
+        )
+        assert cli.main(argv) == 2
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and flag.split("=")[0] in err and "'auto'" in err

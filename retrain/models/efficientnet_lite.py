@@ -267,9 +267,14 @@ class MBConvBlock(tf.Module):
             )
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        return self.with_hidden(x)[0]
+
+    def with_hidden(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The block's output and its widest ReLU6 activation (the depthwise conv's)."""
         y = x if self.expand is None else self.expand(x)
-        y = self.project(self.depthwise(y))
-        return x + y if self.use_residual else y
+        hidden = self.depthwise(y)
+        y = self.project(hidden)
+        return (x + y if self.use_residual else y), hidden
 
     def torch_params(self, prefix: str) -> Iterator[tuple[str, TorchParam]]:
         for layer in (self.expand, self.depthwise, self.project):
@@ -295,6 +300,15 @@ class Dense(tf.Module):
 
 
 # ----------------------------------------------------------------------------- the network
+
+
+def _activity(activations: tf.Tensor) -> tf.Tensor:
+    """[zero fraction, never-active channel fraction] of [batch, H, W, C] activations."""
+    off = activations <= 0
+    never = tf.reduce_all(off, axis=[0, 1, 2])
+    return tf.stack(
+        [tf.reduce_mean(tf.cast(off, tf.float32)), tf.reduce_mean(tf.cast(never, tf.float32))]
+    )
 
 
 class Backbone(tf.Module):
@@ -330,6 +344,22 @@ class Backbone(tf.Module):
         for block in self.blocks:
             x = block(x)
         return tf.reduce_mean(self.head(x), axis=[1, 2])
+
+    def activity(self, x: tf.Tensor) -> tf.Tensor:
+        """float32 [units, 2]: per unit (stem, each block, head; see `unit_names`) the
+        fraction of its ReLU6 activations that are zero and of its channels that are zero for
+        every position of every image of the batch (units that never activate)."""
+        x = self.stem(x)
+        rows = [_activity(x)]
+        for block in self.blocks:
+            x, hidden = block.with_hidden(x)
+            rows.append(_activity(hidden))
+        rows.append(_activity(self.head(x)))
+        return tf.stack(rows)
+
+    def unit_names(self) -> list[str]:
+        """The names of `activity`'s rows."""
+        return ["stem", *(f"block{i:02d}" for i in range(len(self.blocks))), "head"]
 
     def torch_params(self) -> Iterator[tuple[str, TorchParam]]:
         yield from self.stem.torch_params("")

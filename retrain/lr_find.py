@@ -1,0 +1,158 @@
+"""The learning-rate finder (`--lr_find`, `--learning_rate auto`): a range test on the cached
+bottlenecks, as Leslie Smith proposed ("Cyclical Learning Rates", 2015) and fastai's
+`lr_find` made popular.
+
+The new layer is trained from its usual start for a few hundred steps while the rate grows
+geometrically from tiny to huge; the loss of each step's batch, smoothed, falls once the rate
+is large enough to learn and shoots up once it is too large. The suggestion is the rate of
+the lowest smoothed loss divided by ten, safely below where training starts to fail and far
+above where it barely moves, or the rate where the loss fell fastest if that is smaller (see
+`suggest`). It takes seconds, since every step is a small matrix product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from retrain.config import HeadTrainingConfig
+from retrain.errors import RetrainError
+from retrain.heads import Head
+from retrain.interrupt import check as check_interrupt
+from retrain.train import HeadTrainer, TrainingSource
+
+MIN_RATE = 1e-6
+MAX_RATE = 10.0
+STEPS = 200
+SMOOTHING = 0.9  # of the loss's exponential moving average (debiased, as fastai does)
+DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
+
+
+@dataclass(frozen=True)
+class RateSearch:
+    """What the range test measured: each step's rate, raw and smoothed loss, and the
+    suggested rate (see `suggest`)."""
+
+    rates: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggestion: float
+    seconds: float
+
+    @property
+    def best_rate(self) -> float:
+        """The rate at which the smoothed loss was lowest."""
+        return self.rates[int(np.argmin(self.smoothed))]
+
+    def metrics(self) -> dict:
+        """The search for --metrics_json."""
+        return {
+            "suggested_learning_rate": self.suggestion,
+            "lowest_loss_rate": self.best_rate,
+            "steps": len(self.rates),
+            "seconds": round(self.seconds, 3),
+            "rates": self.rates,
+            "smoothed_losses": self.smoothed,
+        }
+
+    def text_plot(self, rows: int = 13, width: int = 40) -> list[str]:
+        """Loss against rate as lines of text, one per decade or so, for the log."""
+        lowest = int(np.argmin(self.smoothed))
+        spread = np.linspace(0, len(self.rates) - 1, rows).round().astype(int)
+        picks = np.unique(np.append(spread, lowest))
+        low, high = min(self.smoothed), max(self.smoothed[i] for i in picks)
+        lines = []
+        for i in picks:
+            share = (self.smoothed[i] - low) / (high - low) if high > low else 0.0
+            mark = f"  <- lowest loss; suggested rate {self.suggestion:g}" if i == lowest else ""
+            bar = "#" * max(1, round(share * width))
+            lines.append(f"rate {self.rates[i]:9.2e}  loss {self.smoothed[i]:8.4f}  {bar}{mark}")
+        return lines
+
+
+def search_learning_rate(
+    train: TrainingSource,
+    head: Head,
+    config: HeadTrainingConfig,
+    steps: int = STEPS,
+    min_rate: float = MIN_RATE,
+    max_rate: float = MAX_RATE,
+) -> RateSearch:
+    """Run the range test for the new layer with `config`'s optimizer, batch size, sampling
+    and regularisation (at a constant rate, whatever its schedule) on `train`; returns what it
+    measured. Raises RetrainError if the loss never falls."""
+    settings = dataclasses.replace(
+        config,
+        learning_rate=min_rate,
+        lr_schedule="constant",
+        how_many_training_steps=steps,
+    )
+    trainer = HeadTrainer(train, head, settings)
+
+    def step_at(rate: float) -> float:
+        trainer.optimizer.learning_rate.assign(rate)
+        return float(trainer.run_steps(tf.constant(1))[1])
+
+    return range_test(step_at, steps, min_rate, max_rate, "training.learning_rate")
+
+
+def range_test(
+    step_at: Callable[[float], float],
+    steps: int,
+    min_rate: float,
+    max_rate: float,
+    rate_field: str,
+) -> RateSearch:
+    """The range test around any training: `step_at(rate)` takes one step at `rate` and
+    returns its batch's loss; the rate grows geometrically from `min_rate` to `max_rate` over
+    `steps` steps, stopping early once the loss has clearly diverged. Raises RetrainError
+    (naming config field `rate_field`) if the loss never falls."""
+    growth = (max_rate / min_rate) ** (1 / max(1, steps - 1))
+    rates, losses, smoothed = [], [], []
+    average, best = 0.0, math.inf
+    start = time.perf_counter()
+    for step in range(steps):
+        check_interrupt()
+        rate = min_rate * growth**step
+        loss = step_at(rate)
+        if not math.isfinite(loss):
+            break
+        average = SMOOTHING * average + (1 - SMOOTHING) * loss
+        debiased = average / (1 - SMOOTHING ** (step + 1))
+        rates.append(rate)
+        losses.append(loss)
+        smoothed.append(debiased)
+        best = min(best, debiased)
+        if step > 10 and debiased > DIVERGED * best:
+            break
+    lowest = int(np.argmin(smoothed)) if smoothed else 0
+    if not smoothed or lowest == 0:
+        raise RetrainError(
+            "the learning-rate finder saw the loss fall at no rate between "
+            f"{min_rate:g} and {max_rate:g}; check the data (retrain --audit) or set {{0}}",
+            rate_field,
+        )
+    return RateSearch(
+        rates=rates,
+        losses=losses,
+        smoothed=smoothed,
+        suggestion=float(f"{suggest(rates, smoothed):.2g}"),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def suggest(rates: list[float], smoothed: list[float]) -> float:
+    """The smaller of a tenth of the lowest loss's rate and the rate where the loss fell
+    fastest (per decade of rate). The first is fastai's rule when the loss turned up within
+    the range; the second guards the case where it never did (a small set the layer can
+    memorise), where the lowest loss sits at the largest rate tried."""
+    lowest = int(np.argmin(smoothed))
+    slopes = np.diff(smoothed[: lowest + 1]) / np.diff(np.log10(rates[: lowest + 1]))
+    steepest = rates[int(np.argmin(slopes)) + 1]
+    return min(rates[lowest] / 10, steepest)
