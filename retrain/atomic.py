@@ -186,10 +186,13 @@ def check_writable_dir(path: str | os.PathLike) -> str | None:
 @contextlib.contextmanager
 def exclusive(path: str | os.PathLike) -> Iterator[bool]:
     """Hold an exclusive lock for making `path` (a file or folder) during the block, so that
-    of several processes wanting it, one makes it and the others then find it made. Yields
-    whether the lock is held: False where its lock file (`.<name>.lock` beside `path`) cannot
-    be made, e.g. in a read-only cache, where nothing can be made anyway. The kernel releases
-    the lock of a process that dies, so a killed maker never blocks the next one."""
+    of several processes wanting it, one makes it and the others then find it made; what
+    makers killed midway left beside it is removed first (`remove_leftovers`).
+
+    Yields whether the lock is held: False where its lock file (`.<name>.lock` beside `path`)
+    cannot be made, e.g. in a read-only cache, or the file system has no locks; then nothing
+    is removed, and atomic renames alone keep what is made whole. The kernel releases the
+    lock of a process that dies, so a killed maker never blocks the next one."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,20 +201,30 @@ def exclusive(path: str | os.PathLike) -> Iterator[bool]:
         yield False
         return
     try:
+        held = _lock(fd, path)
+        if held:
+            remove_leftovers(path)
+        yield held
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int, path: Path) -> bool:
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("Waiting for another process making %s", path)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        yield True
-    finally:
-        os.close(fd)
+    except OSError:  # e.g. ENOLCK: a network file system without locks
+        return False
+    return True
 
 
 def remove_leftovers(path: str | os.PathLike) -> None:
     """Remove what makers of `path` killed midway left beside it: `atomic_open`'s temporary
-    files and temporary folders named `.<name>.*`. Only while holding `exclusive(path)`: no
-    one else is making it then."""
+    files and temporary folders named `.<name>.*`. Only while holding `exclusive(path)` (which
+    calls it): no one else is making it then."""
     path = Path(path)
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
         if leftover.name == f".{path.name}.lock":

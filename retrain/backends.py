@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from retrain.atomic import atomic_open, atomic_write_text, exclusive, remove_leftovers
+from retrain.atomic import atomic_open, atomic_write_text, exclusive
 from retrain.errors import RetrainError, StorageError, first_line
 from retrain.models.loading import ImageModule
 from retrain.module_cache import tflite_model_path, tflite_verified_path
@@ -124,7 +124,6 @@ def convert_to_tflite(
         return path
     with exclusive(path):  # runs started at once convert once; the others wait and use it
         if not _has_tflite_identifier(path):
-            remove_leftovers(path)
             _write_conversion(module, module_object, path)
     return path
 

@@ -35,7 +35,7 @@ from retrain import (
     sampling,
     scan,
 )
-from retrain.atomic import atomic_write_text, exclusive, remove_leftovers, writing
+from retrain.atomic import atomic_write_text, exclusive, writing
 from retrain.audit import AuditReport
 from retrain.bottlenecks import (
     Bottlenecks,
@@ -694,7 +694,6 @@ def _frozen_module(config: RetrainConfig, module: ImageModule, module_object: La
     """The pretrained module's frozen graph, made once per module and kept in its cache."""
     path = module_cache.frozen_module_path(config.module.cache_dir, module.fingerprint)
     with exclusive(path):  # one process at a time freezes it; the others read its file
-        remove_leftovers(path)
         return export.cached_frozen_module(path, module_object.get, module.input_size)
 
 

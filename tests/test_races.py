@@ -82,8 +82,8 @@ def test_leftovers_of_killed_makers_are_removed_and_nothing_else(tmp_path):
     staging = tmp_path / ".m-v1.tflite.k2j3"  # a staging folder, as module conversion makes
     staging.mkdir()
     (staging / "saved_model.pb").write_bytes(b"half")
-    with exclusive(target):
-        remove_leftovers(target)
+    with exclusive(target) as held:  # taking the lock removes them
+        assert held
     assert sorted(tmp_path.iterdir()) == sorted(keep)
 
 

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from retrain.atomic import exclusive, fsync_path, remove_leftovers, writing
+from retrain.atomic import exclusive, fsync_path, writing
 from retrain.errors import RetrainError
 from retrain.handles import looks_like_url
 from retrain.models.registry import BundledModelSpec, get_bundled_model, list_bundled_models
@@ -122,7 +122,6 @@ def _convert_once(
         metadata = _read_metadata(target)
         if metadata is not None:
             return metadata
-        remove_leftovers(target)
         try:
             # About the weights' size: a failure of the storage names it (StorageError).
             with writing(target, "converted module", weights.stat().st_size):
