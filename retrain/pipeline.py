@@ -35,7 +35,7 @@ from retrain import (
     sampling,
     scan,
 )
-from retrain.atomic import atomic_write_text, exclusive, writing
+from retrain.atomic import atomic_write_text, check_writable_dir, exclusive, writing
 from retrain.audit import AuditReport
 from retrain.bottlenecks import (
     Bottlenecks,
@@ -691,8 +691,12 @@ def _print_misclassified(result: RunResult) -> None:
 
 
 def _frozen_module(config: RetrainConfig, module: ImageModule, module_object: LazyModule):
-    """The pretrained module's frozen graph, made once per module and kept in its cache."""
+    """The pretrained module's frozen graph, made once per module and kept in its cache (made
+    for this run only, with a warning, when the cache cannot be written)."""
     path = module_cache.frozen_module_path(config.module.cache_dir, module.fingerprint)
+    if not path.exists() and (problem := check_writable_dir(path.parent)):
+        log.warning("Module cache: cannot keep the frozen module in %s (%s)", path.parent, problem)
+        return export.frozen_module_graph_def(module_object.get(), module.input_size)
     with exclusive(path):  # one process at a time freezes it; the others read its file
         return export.cached_frozen_module(path, module_object.get, module.input_size)
 
