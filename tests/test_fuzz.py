@@ -90,3 +90,20 @@ def test_fuzzed_files_are_scanned_and_extracted_or_skipped_with_their_reason(cor
     assert len(kept) == stats.computed
     vectors, ok = cache.read(found.locations[kept])
     assert ok.all() and np.isfinite(vectors).all()
+
+
+def test_resizing_uint8_pixels_matches_resizing_a_float_copy_bit_for_bit():
+    """to_module_input resizes the decoded uint8 pixels without a full-size float32 copy (a
+    90 MP image would need 1 GB more); the vectors in existing caches stay valid only if the
+    result is the same to the bit as resizing a float32 copy, as it did before."""
+    import tensorflow as tf
+
+    from retrain.decode import decode_image
+    from retrain.preprocess import to_module_input
+
+    rng = np.random.default_rng(SEED)
+    images = [decode_image(p, (224, 224)) for p in sorted(EXAMPLE_DIR.glob("*/*.jpg"))[:20]]
+    images += [rng.integers(0, 256, (*rng.integers(1, 700, 2), 3), np.uint8) for _ in range(20)]
+    for image in images:
+        before = tf.image.resize(tf.cast(image, tf.float32), (224, 224), method="bilinear") / 255
+        np.testing.assert_array_equal(to_module_input(image, (224, 224)).numpy(), before.numpy())
