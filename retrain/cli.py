@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from retrain.errors import RetrainError, UsageError
+from retrain.errors import RetrainError, StorageError, UsageError, first_line
 
 PROG = "retrain"
 
@@ -91,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished bottlenecks are kept in the cache", file=sys.stderr)
         return 130
+    except Exception as err:
+        # A failing disk under a writer that does not say what it writes (TensorFlow's own):
+        # still one line, with the path TensorFlow's message gives.
+        from retrain.atomic import storage_errno
+
+        if storage_errno(err) is None:
+            raise
+        print(f"{PROG}: error: cannot write: {first_line(err)}", file=sys.stderr)
+        return StorageError.exit_code
 
 
 def check_accuracy(accuracy: float | None, threshold: float | None, model: str = "") -> None:

@@ -457,6 +457,8 @@ OUTPUT_DIRS = (
     "module.cache_dir",
     "audit.output_dir",
 )
+# Caches that may be read-only (shared on a read-only mount): used for reading all the same.
+READABLE_CACHES = ("cache.bottleneck_dir", "module.cache_dir")
 
 
 def _check_output_paths(c: RetrainConfig) -> None:
@@ -473,7 +475,14 @@ def _check_output_paths(c: RetrainConfig) -> None:
     for names, check in ((OUTPUT_FILES, check_writable_file), (dirs, check_writable_dir)):
         for name in names:
             if values[name] and (problem := check(values[name])):
+                if name in READABLE_CACHES and _readable_dir(values[name]):
+                    continue  # used for reading; what cannot be kept stays in memory
                 raise ConfigError("{0}: cannot write there: " + problem, name)
+
+
+def _readable_dir(path: str) -> bool:
+    path = os.path.expanduser(path)
+    return os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK)
 
 
 _CHECKS = (

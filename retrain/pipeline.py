@@ -37,7 +37,7 @@ from retrain import (
     sampling,
     scan,
 )
-from retrain.atomic import atomic_write_text
+from retrain.atomic import atomic_write_text, check_writable_dir, exclusive, writing
 from retrain.audit import AuditReport
 from retrain.bottlenecks import (
     Bottlenecks,
@@ -183,7 +183,7 @@ def run(config: RetrainConfig) -> RunResult:
     if config.outputs.metrics_json and chief:
         metrics = result.metrics()
         text = json.dumps(metrics, indent=2, default=_plain) + "\n"
-        atomic_write_text(config.outputs.metrics_json, text)
+        atomic_write_text(config.outputs.metrics_json, text, "metrics")
         result.outputs["metrics_json"] = config.outputs.metrics_json
     if cluster is not None:
         distribute.barrier(cluster)  # the others wait for the chief's outputs: all end together
@@ -234,7 +234,7 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
         )
     if config.outputs.metrics_json:
         text = json.dumps({"audit": findings.metrics()}, indent=2) + "\n"
-        atomic_write_text(config.outputs.metrics_json, text)
+        atomic_write_text(config.outputs.metrics_json, text, "metrics")
     if config.outputs.report_html:
         report.write_report(config.outputs.report_html, config, audit=findings)
         log.info("Wrote the report %s", config.outputs.report_html)
@@ -283,7 +283,7 @@ def find_learning_rate(config: RetrainConfig) -> dict[str, lr_find.RateSearch]:
     if config.outputs.metrics_json:
         figures = {name: search.metrics() for name, search in searches.items()}
         text = json.dumps({"lr_find": figures}, indent=2) + "\n"
-        atomic_write_text(config.outputs.metrics_json, text)
+        atomic_write_text(config.outputs.metrics_json, text, "metrics")
     return searches
 
 
@@ -607,9 +607,10 @@ def _write_summaries(
     from retrain import summaries  # imports TensorBoard's projector: only when writing
 
     started = time.perf_counter()
-    summaries.write_run_summaries(summaries_dir, result)
-    if sample is not None:
-        summaries.write_projector(summaries_dir, *sample)
+    with writing(summaries_dir, "TensorBoard summaries"):
+        summaries.write_run_summaries(summaries_dir, result)
+        if sample is not None:
+            summaries.write_projector(summaries_dir, *sample)
     log.debug("TensorBoard summaries written in %.2f s", time.perf_counter() - started)
 
 
@@ -714,9 +715,14 @@ def _print_misclassified(result: RunResult) -> None:
 
 
 def _frozen_module(config: RetrainConfig, module: ImageModule, module_object: LazyModule):
-    """The pretrained module's frozen graph, made once per module and kept in its cache."""
+    """The pretrained module's frozen graph, made once per module and kept in its cache (made
+    for this run only, with a warning, when the cache cannot be written)."""
     path = module_cache.frozen_module_path(config.module.cache_dir, module.fingerprint)
-    return export.cached_frozen_module(path, module_object.get, module.input_size)
+    if not path.exists() and (problem := check_writable_dir(path.parent)):
+        log.warning("Module cache: cannot keep the frozen module in %s (%s)", path.parent, problem)
+        return export.frozen_module_graph_def(module_object.get(), module.input_size)
+    with exclusive(path):  # one process at a time freezes it; the others read its file
+        return export.cached_frozen_module(path, module_object.get, module.input_size)
 
 
 def _intermediate_graph_writer(
