@@ -243,7 +243,7 @@ def write_csvs(report: AuditReport, folder: str | Path) -> dict[str, str]:
     for kind in ("suspects", "duplicates", "outliers"):
         rows = getattr(report, kind)
         path = Path(folder).expanduser() / f"{kind}.csv"
-        atomic_write_text(path, _csv(rows, kind))
+        atomic_write_text(path, _csv(rows, kind), "audit CSV")
         written[kind] = str(path)
     return written
 

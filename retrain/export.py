@@ -93,7 +93,7 @@ def cached_frozen_module(
     except (OSError, ValueError, RuntimeWarning):
         pass  # absent or damaged: make it again
     graph_def = frozen_module_graph_def(load_module_object(), input_size)
-    atomic_write_bytes(path, graph_def.SerializeToString())
+    atomic_write_bytes(path, graph_def.SerializeToString(), "frozen module graph")
     return graph_def
 
 
@@ -120,12 +120,12 @@ def classifier_graph_def(
 
 def write_frozen_graph(graph_def: tf.compat.v1.GraphDef, path: str | os.PathLike) -> None:
     """Write a frozen GraphDef to `path` (atomically)."""
-    atomic_write_bytes(path, graph_def.SerializeToString())
+    atomic_write_bytes(path, graph_def.SerializeToString(), "frozen graph")
 
 
 def write_labels(labels: list[str], path: str | os.PathLike) -> None:
     """Write one label per line, in the order of the classifier's outputs."""
-    atomic_write_text(path, "".join(f"{label}\n" for label in labels))
+    atomic_write_text(path, "".join(f"{label}\n" for label in labels), "labels")
 
 
 BYTES_SIGNATURE = "serving_bytes"  # the SavedModel signature taking encoded image files
@@ -233,7 +233,7 @@ def write_tflite(
     model = tflite_bytes(classifier, **quantization)
     if labels is not None:
         model = with_labels(model, labels, classifier.head.thresholds)
-    atomic_write_bytes(path, model)
+    atomic_write_bytes(path, model, "TFLite model")
 
 
 def export_classifier(
