@@ -197,18 +197,7 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
     Trains nothing it keeps and exports nothing."""
     if not isinstance(config, RetrainConfig):
         raise TypeError(f"audit_photos() takes a RetrainConfig, got {type(config).__name__}")
-    config.validate()
-    image_set = scan_images(config)
-    module = load_module(config.module)
-    with _bottleneck_folder(config.cache.bottleneck_dir) as bottleneck_dir:
-        bottlenecks = compute_bottlenecks(
-            image_set,
-            module,
-            LazyModule(module),
-            bottleneck_dir,
-            config.module,
-            config.data.max_image_pixels,
-        )
+    with _cached_bottlenecks(config) as (image_set, _, _, bottlenecks):
         findings = audit.audit_bottlenecks(
             bottlenecks, image_set.labels, config.audit, config.training
         )
@@ -249,19 +238,7 @@ def find_learning_rate(config: RetrainConfig) -> dict[str, lr_find.RateSearch]:
     range-tested too. Returns {"training": search[, "fine_tuning": search]}; logs loss against
     rate and the suggestions, writes the plots to TensorBoard if `outputs.summaries_dir` and
     the figures to `outputs.metrics_json`; keeps nothing it trains."""
-    config.validate()
-    image_set = scan_images(config)
-    module = load_module(config.module)
-    module_object = LazyModule(module)
-    with _bottleneck_folder(config.cache.bottleneck_dir) as bottleneck_dir:
-        bottlenecks = compute_bottlenecks(
-            image_set,
-            module,
-            module_object,
-            bottleneck_dir,
-            config.module,
-            config.data.max_image_pixels,
-        )
+    with _cached_bottlenecks(config) as (image_set, module, module_object, bottlenecks):
         head = make_head(image_set)
         searches = {"training": _search_rate(config, bottlenecks, head)}
         if config.fine_tuning.steps:
@@ -326,6 +303,33 @@ def _search_rate(config: RetrainConfig, b: Bottlenecks, head: Head) -> lr_find.R
         config.training.optimizer,
     )
     return search
+
+
+@contextlib.contextmanager
+def _cached_bottlenecks(
+    config: RetrainConfig,
+) -> Iterator[tuple[scan.ImageSet, ImageModule, LazyModule, Bottlenecks]]:
+    """For the commands that only read the vectors (audit, learning-rate finder): the config
+    validated, its images scanned, its module loaded and every vector cached (computing only
+    what is missing), on one machine; the vectors' folder lasts while the context does."""
+    config.validate()
+    image_set = scan_images(config)
+    module = load_module(config.module)
+    module_object = LazyModule(module)
+    with _bottleneck_folder(config.cache.bottleneck_dir) as bottleneck_dir:
+        yield (
+            image_set,
+            module,
+            module_object,
+            compute_bottlenecks(
+                image_set,
+                module,
+                module_object,
+                bottleneck_dir,
+                config.module,
+                config.data.max_image_pixels,
+            ),
+        )
 
 
 def _plain(value):
