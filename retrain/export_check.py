@@ -73,12 +73,14 @@ def check_exports(
     input_size: tuple[int, int],
     max_pixels: int,
     quantization: str = "none",
+    final_tensor_name: str | None = None,
 ) -> list[ExportCheck]:
     """Run each model of `outputs` ({export setting: path}, as export_classifier returns it)
     on the test images `paths`, which `evaluation` (the run's evaluation of the float model:
     its probabilities, labels and a multi-label head's thresholds, row for row) measured.
     Images that no longer decode are left out. Returns one ExportCheck per model, in the order
-    of `outputs`, each logged; none without models or test images."""
+    of `outputs`, each logged; none without models or test images. `final_tensor_name` is
+    the frozen graph's output node (as exported), when it is not the default."""
     if not any(setting in MODEL_OUTPUTS for setting in outputs):
         return []
     if evaluation is None or not len(paths):
@@ -96,6 +98,7 @@ def check_exports(
         input_size,
         max_pixels,
         quantization,
+        final_tensor_name,
     )
     _log_checks(checks, evaluation.accuracy)
     return checks
@@ -110,6 +113,7 @@ def _run_checks(
     input_size: tuple[int, int],
     max_pixels: int,
     quantization: str,
+    final_tensor_name: str | None,
 ) -> list[ExportCheck]:
     models = {setting: path for setting, path in outputs.items() if setting in MODEL_OUTPUTS}
     loaded: dict[str, Classifier] = {}
@@ -117,7 +121,8 @@ def _run_checks(
     for setting, path in models.items():
         start = time.perf_counter()
         try:
-            loaded[setting] = open_model(path)
+            graph_output = final_tensor_name if setting == "output_graph" else None
+            loaded[setting] = open_model(path, output_layer=graph_output)
         except ModelLoadError as err:
             raise RetrainError(f"the exported model cannot be loaded back: {err}") from None
         seconds[setting] += time.perf_counter() - start

@@ -139,6 +139,7 @@ def run(config: RetrainConfig) -> RunResult:
         tuned.input_size if tuned is not None else module.input_size,
         config.data.max_image_pixels,
         config.export.quantize,
+        config.export.final_tensor_name,
     )
     result = RunResult(
         labels=image_set.labels,
