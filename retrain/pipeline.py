@@ -171,7 +171,7 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
             config.data.max_image_pixels,
         )
         report = audit.audit_bottlenecks(
-            bottlenecks, image_set.labels, config.audit, config.training
+            bottlenecks, image_set.labels, config.audit, config.training, make_head(image_set)
         )
     log.info(
         "Audit of %d images in %.1f s: %d suspect labels, %d duplicate pairs (%d across "
