@@ -18,12 +18,12 @@ nothing it keeps and exports nothing. It reports:
   deviations.
 
 Memory stays bounded however many images there are: the vectors are never all in memory. Each
-fold's layer trains on at most `features.IN_MEMORY_LIMIT_BYTES` of the other folds' vectors (a
-random sample beyond that), and everything else streams over the cache in chunks of
+fold's layer trains on at most `FOLD_TRAINING_ROWS` of the other folds' vectors (a random
+sample beyond that), and everything else streams over the cache in chunks of
 `CHUNK_ROWS`: the out-of-sample predictions (every fold's layer on each chunk), the class
 centroids (sums), the index (built chunk by chunk) and its queries. What grows with the
 number of images is small: a few numbers per image and, beyond `EXACT_SEARCH_ROWS`, the
-index's `SEARCH_DIMS` bytes per image (256 MB at a million).
+index's `SEARCH_DIMS` bytes per image (128 MB at a million).
 """
 
 from __future__ import annotations
@@ -51,8 +51,12 @@ log = logging.getLogger("retrain")
 
 # An exact (flat) index up to here: 256 MB of 1,280-wide vectors; an approximate one beyond.
 EXACT_SEARCH_ROWS = 50_000
-SEARCH_DIMS = 256  # the approximate index's dimensions (PCA), stored as one byte each
+SEARCH_DIMS = 128  # the approximate index's dimensions (PCA), stored as one byte each
+LIST_ROWS = 256  # vectors per inverted list, on average
 SEARCH_LISTS = 8  # inverted lists searched per query
+# Each fold's layer trains on at most this many of the other folds' vectors (80 MB of 1,280):
+# its 4,000 steps of 100 draw 400,000 examples, and a larger sample costs time, not accuracy.
+FOLD_TRAINING_ROWS = 16_384
 # Candidates of the approximate index this far under the threshold are checked exactly (the
 # 8-bit codes can understate a similarity a little).
 APPROXIMATION_MARGIN = 0.02
@@ -130,7 +134,7 @@ def out_of_sample_probabilities(
     for fold in range(settings.folds):
         rest = np.flatnonzero(folds != fold)
         others = FeatureSplit(features.cache, features.locations[rest], features.y[rest])
-        sample = others.subset(_rows_in_memory(others), training.random_seed + fold)
+        sample = others.subset(FOLD_TRAINING_ROWS, training.random_seed + fold)
         trained = train_head(sample.load(), None, head, training)
         layers.append((trained.weights, trained.biases))
     probabilities = np.zeros((len(features), head.num_outputs), np.float32)
@@ -140,10 +144,6 @@ def out_of_sample_probabilities(
             logits = x[held].astype(np.float64) @ weights + biases
             probabilities[rows[held]] = head.probabilities(logits).numpy()
     return probabilities
-
-
-def _rows_in_memory(features: FeatureSplit) -> int:
-    return max(1, IN_MEMORY_LIMIT_BYTES // (4 * features.feature_dim))
 
 
 def _suspects(probabilities: np.ndarray, b: Bottlenecks, labels: list[str]) -> list[dict]:
@@ -280,9 +280,10 @@ def _build_index(features: FeatureSplit, seed: int) -> _Index:
     n, dim = len(features), features.feature_dim
     if n <= EXACT_SEARCH_ROWS:
         return _Index(faiss.IndexFlatIP(dim), approximate=False)
-    lists = int(np.sqrt(n))  # ~1,000 lists of ~1,000 vectors at a million
-    index = faiss.index_factory(dim, f"PCA{min(SEARCH_DIMS, dim)},IVF{lists},SQ8")
-    sample = features.subset(min(_rows_in_memory(features), 64 * lists), seed).load()
+    lists = max(1, n // LIST_ROWS)  # their centroids in a small graph (HNSW): cheap to find
+    index = faiss.index_factory(dim, f"PCA{min(SEARCH_DIMS, dim)},IVF{lists}_HNSW32,SQ8")
+    rows = min(IN_MEMORY_LIMIT_BYTES // (4 * dim), 64 * lists)
+    sample = features.subset(rows, seed).load()
     index.train(_normalised(sample.x))
     faiss.extract_index_ivf(index).nprobe = SEARCH_LISTS
     return _Index(index, approximate=True)
@@ -340,10 +341,13 @@ def _search(
 
 
 def _exact_similarities(features: FeatureSplit, unit: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each of `unit` to the cached vector of the same place in `rows`."""
-    needed, where = np.unique(rows, return_inverse=True)
-    others = _normalised(features.read(needed))
-    return np.einsum("ij,ij->i", unit, others[where])
+    """Cosine similarity of each of `unit` to the cached vector of the same place in `rows`,
+    reading CHUNK_ROWS of those at a time."""
+    out = np.empty(len(rows), np.float32)
+    for block in _chunks(np.argsort(rows, kind="stable")):
+        others = _normalised(features.read(rows[block]))
+        out[block] = np.einsum("ij,ij->i", unit[block], others)
+    return out
 
 
 def _outliers(nearest: np.ndarray, b: Bottlenecks, labels: list[str]) -> list[dict]:
@@ -408,6 +412,10 @@ def _normalised(vectors: np.ndarray) -> np.ndarray:
 
 def _vector_chunks(features: FeatureSplit) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(rows, their vectors) of `features` in consecutive chunks of CHUNK_ROWS."""
-    for start in range(0, len(features), CHUNK_ROWS):
-        rows = np.arange(start, min(start + CHUNK_ROWS, len(features)))
+    for rows in _chunks(np.arange(len(features))):
         yield rows, features.read(rows)
+
+
+def _chunks(indices: np.ndarray) -> Iterator[np.ndarray]:
+    for start in range(0, len(indices), CHUNK_ROWS):
+        yield indices[start : start + CHUNK_ROWS]

@@ -5,6 +5,7 @@
     python scripts/benchmark.py --suite training
     python scripts/benchmark.py --suite cache --cache_sizes 10000,100000,1000000
     python scripts/benchmark.py --suite run --generate 1000                   # 1k made-up JPEGs
+    python scripts/benchmark.py --suite audit --audit_sizes 10000,100000,1000000
 
 Suites:
   module      raw module images/s on decoded 224x224 batches, per extraction backend
@@ -15,6 +16,8 @@ Suites:
   scale       whole default runs over N cached images (N from --scale_sizes): wall s, peak RSS
   label_image label-image on an exported .tflite: one image from a cold start (s), and every
               image of --image_dir in batches (images/s) next to the raw model images/s
+  audit       `retrain --audit` over N cached photo-like vectors with planted near copies (N from
+              --audit_sizes): wall s, peak RSS, the audit's seconds and counts, copies found
   distortions distorting decoded batches + the module next to the module alone (images/s);
               seconds per 100 training images undistorted, with cached copies (computing and
               reusing them) and on the fly
@@ -23,6 +26,8 @@ Suites:
 from __future__ import annotations
 
 import argparse
+import csv
+import itertools
 import json
 import os
 import resource
@@ -31,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -360,8 +365,11 @@ def suite_cache(args) -> dict:
     return out
 
 
-def _fake_cached_images(root: Path, count: int, module, classes: int = 5) -> Path:
-    """`count` tiny files whose bottlenecks are already in a cache under root/bottlenecks.
+def _fake_cached_images(
+    root: Path, count: int, module, classes: int = 5, vectors: Iterator[np.ndarray] | None = None
+) -> Path:
+    """`count` tiny files (image i in class{i % classes}) whose bottlenecks are already in a
+    cache under root/bottlenecks: `vectors`, or `_class_vectors`.
 
     The files are never decoded (their vectors are cached), so this measures everything but
     extraction at sizes that would take days to extract on this machine.
@@ -374,18 +382,86 @@ def _fake_cached_images(root: Path, count: int, module, classes: int = 5) -> Pat
         module_cache_key(module.fingerprint, PREPROCESSING_ID),
         module.feature_dim,
     )
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(classes, module.feature_dim)).astype(np.float32)
+    vectors = vectors or _class_vectors(module.feature_dim, classes)
     with cache.writer() as writer:
-        for i in range(count):
-            label = i % classes
-            path = root / "images" / f"class{label}" / f"img{i:07d}.png"
+        for i, vector in zip(range(count), vectors):
+            path = root / "images" / f"class{i % classes}" / f"img{i:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             data = i.to_bytes(8, "little")
             path.write_bytes(data)
-            vector = np.abs(centres[label] + rng.normal(size=module.feature_dim) * 2)
-            writer.add(content_key(data), file_key(path), vector.astype(np.float32))
+            writer.add(content_key(data), file_key(path), vector)
     return root / "images"
+
+
+def _class_vectors(dim: int, classes: int) -> Iterator[np.ndarray]:
+    """Vectors of image i = 0, 1, ...: its class's centre (i % classes) plus wide noise."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(classes, dim)).astype(np.float32)
+    for i in itertools.count():
+        yield np.abs(centres[i % classes] + rng.normal(size=dim) * 2).astype(np.float32)
+
+
+def _clustered_vectors(
+    dim: int, classes: int, near_copy_every: int, clusters: int = 20
+) -> Iterator[np.ndarray]:
+    """Photo-like vectors of image i = 0, 1, ...: its class's centre (i % classes), one of
+    `clusters` sub-centres of that class, and noise; image i with i % near_copy_every ==
+    near_copy_every - 1 is a near copy of image i - 1 (cosine similarity about 0.99, filed
+    under another class)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(classes, dim))
+    sub = rng.normal(size=(classes, clusters, dim))
+    previous = np.zeros(dim)
+    for i in itertools.count():
+        if i % near_copy_every == near_copy_every - 1:
+            vector = previous + rng.normal(size=dim) * 0.3
+        else:
+            label = i % classes
+            vector = np.abs(centres[label] + sub[label, rng.integers(clusters)])
+            vector += np.abs(rng.normal(size=dim))
+        previous = vector
+        yield vector.astype(np.float32)
+
+
+def _planted_pairs_found(duplicates_csv: Path, near_copy_every: int) -> int:
+    """Rows of the audit's duplicates.csv that pair a near copy with its original."""
+    found = 0
+    with open(duplicates_csv, newline="") as handle:
+        for row in csv.DictReader(handle):
+            a, b = sorted(int(Path(row[k]).stem[3:]) for k in ("path_a", "path_b"))
+            found += b == a + 1 and b % near_copy_every == near_copy_every - 1
+    return found
+
+
+def suite_audit(args) -> dict:
+    """`retrain --audit` over N cached photo-like vectors (N from --audit_sizes; every 100th a
+    near copy of the one before, in another class): wall seconds, peak RSS, the audit's own
+    seconds, its counts, and how many of the near copies it found."""
+    from retrain.models.loading import resolve_module
+
+    module = resolve_module(args.tfhub_module)
+    every, out = 100, {}
+    for n in (int(s) for s in args.audit_sizes.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            start = time.perf_counter()
+            vectors = _clustered_vectors(module.feature_dim, 5, every)
+            images = _fake_cached_images(tmp, n, module, vectors=vectors)
+            made = time.perf_counter() - start
+            flags = ["--audit", f"--audit_dir={tmp / 'audit'}", *args.retrain_flag]
+            run = timed_run(retrain_command(images, tmp, args.tfhub_module, flags))
+            metrics = json.loads((tmp / "metrics.json").read_text())["audit"]
+            planted = n // every
+            found = _planted_pairs_found(tmp / "audit" / "duplicates.csv", every)
+            out[str(n)] = {
+                **run,
+                "setup_seconds": round(made, 1),
+                "audit_seconds": metrics["seconds"],
+                **{k: metrics[k] for k in ("suspect_labels", "duplicates", "outliers")},
+                "near_copies_planted": planted,
+                "near_copies_found": found,
+            }
+    return out
 
 
 def suite_scale(args) -> dict:
@@ -451,6 +527,7 @@ SUITES = {
     "scale": suite_scale,
     "label_image": suite_label_image,
     "distortions": suite_distortions,
+    "audit": suite_audit,
 }
 
 
@@ -476,6 +553,7 @@ def main() -> None:
     parser.add_argument("--train_rows", type=int, default=2936)
     parser.add_argument("--cache_sizes", default="10000,100000")
     parser.add_argument("--scale_sizes", default="10000,100000")
+    parser.add_argument("--audit_sizes", default="10000")
     parser.add_argument("--distorted_copies", type=int, default=5)
     parser.add_argument("--distortion_steps", type=int, default=1000)
     parser.add_argument("--on_the_fly_steps", type=int, default=50)
