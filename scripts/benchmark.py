@@ -16,7 +16,7 @@ Suites:
   scale       whole default runs over N cached images (N from --scale_sizes): wall s, peak RSS
   label_image label-image on an exported .tflite: one image from a cold start (s), and every
               image of --image_dir in batches (images/s) next to the raw model images/s
-  audit       `retrain --audit` over N cached photo-like vectors with planted near copies (N from
+  audit       the audit of N cached photo-like vectors with planted near copies (N from
               --audit_sizes): wall s, peak RSS, the audit's seconds and counts, copies found
   distortions distorting decoded batches + the module next to the module alone (images/s);
               seconds per 100 training images undistorted, with cached copies (computing and
@@ -365,11 +365,8 @@ def suite_cache(args) -> dict:
     return out
 
 
-def _fake_cached_images(
-    root: Path, count: int, module, classes: int = 5, vectors: Iterator[np.ndarray] | None = None
-) -> Path:
-    """`count` tiny files (image i in class{i % classes}) whose bottlenecks are already in a
-    cache under root/bottlenecks: `vectors`, or `_class_vectors`.
+def _fake_cached_images(root: Path, count: int, module, classes: int = 5) -> Path:
+    """`count` tiny files whose bottlenecks are already in a cache under root/bottlenecks.
 
     The files are never decoded (their vectors are cached), so this measures everything but
     extraction at sizes that would take days to extract on this machine.
@@ -382,43 +379,40 @@ def _fake_cached_images(
         module_cache_key(module.fingerprint, PREPROCESSING_ID),
         module.feature_dim,
     )
-    vectors = vectors or _class_vectors(module.feature_dim, classes)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(classes, module.feature_dim)).astype(np.float32)
     with cache.writer() as writer:
-        for i, vector in zip(range(count), vectors):
-            path = root / "images" / f"class{i % classes}" / f"img{i:07d}.png"
+        for i in range(count):
+            label = i % classes
+            path = root / "images" / f"class{label}" / f"img{i:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             data = i.to_bytes(8, "little")
             path.write_bytes(data)
-            writer.add(content_key(data), file_key(path), vector)
+            vector = np.abs(centres[label] + rng.normal(size=module.feature_dim) * 2)
+            writer.add(content_key(data), file_key(path), vector.astype(np.float32))
     return root / "images"
 
 
-def _class_vectors(dim: int, classes: int) -> Iterator[np.ndarray]:
-    """Vectors of image i = 0, 1, ...: its class's centre (i % classes) plus wide noise."""
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(classes, dim)).astype(np.float32)
-    for i in itertools.count():
-        yield np.abs(centres[i % classes] + rng.normal(size=dim) * 2).astype(np.float32)
-
-
 def _clustered_vectors(
-    dim: int, classes: int, near_copy_every: int, clusters: int = 20
+    dim: int, classes: int, near_copy_every: int, clusters: int = 20, rank: int = 64
 ) -> Iterator[np.ndarray]:
     """Photo-like vectors of image i = 0, 1, ...: its class's centre (i % classes), one of
-    `clusters` sub-centres of that class, and noise; image i with i % near_copy_every ==
-    near_copy_every - 1 is a near copy of image i - 1 (cosine similarity about 0.99, filed
-    under another class)."""
+    `clusters` sub-centres of that class, variation along `rank` directions of decaying
+    spread (image features vary along few directions) and a little noise in all; image i
+    with i % near_copy_every == near_copy_every - 1 is a near copy of image i - 1 (cosine
+    similarity about 0.98, filed under another class)."""
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(classes, dim))
     sub = rng.normal(size=(classes, clusters, dim))
+    directions = rng.normal(size=(rank, dim)) / np.sqrt(np.arange(1, rank + 1))[:, None]
     previous = np.zeros(dim)
     for i in itertools.count():
         if i % near_copy_every == near_copy_every - 1:
-            vector = previous + rng.normal(size=dim) * 0.3
+            vector = previous + rng.normal(size=dim) * 0.5
         else:
             label = i % classes
             vector = np.abs(centres[label] + sub[label, rng.integers(clusters)])
-            vector += np.abs(rng.normal(size=dim))
+            vector += rng.normal(size=rank) @ directions + rng.normal(size=dim) * 0.2
         previous = vector
         yield vector.astype(np.float32)
 
@@ -433,32 +427,73 @@ def _planted_pairs_found(duplicates_csv: Path, near_copy_every: int) -> int:
     return found
 
 
-def suite_audit(args) -> dict:
-    """`retrain --audit` over N cached photo-like vectors (N from --audit_sizes; every 100th a
-    near copy of the one before, in another class): wall seconds, peak RSS, the audit's own
-    seconds, its counts, and how many of the near copies it found."""
-    from retrain.models.loading import resolve_module
+_AUDIT_DIM, _AUDIT_CLASSES, _NEAR_COPY_EVERY = 1280, 5, 100
 
-    module = resolve_module(args.tfhub_module)
-    every, out = 100, {}
+
+def _synthetic_cache(folder: Path, count: int) -> None:
+    """A bottleneck cache in `folder` of `count` `_clustered_vectors`, written through the
+    cache API (image i's keys are i)."""
+    from retrain.cache import BottleneckCache
+
+    cache = BottleneckCache(folder, "synthetic", _AUDIT_DIM)
+    vectors = _clustered_vectors(_AUDIT_DIM, _AUDIT_CLASSES, _NEAR_COPY_EVERY)
+    with cache.writer() as writer:
+        for i, vector in zip(range(count), vectors):
+            key = i.to_bytes(16, "little")
+            writer.add(key, key, vector)
+
+
+def audit_synthetic_cache(folder: Path) -> None:
+    """The audit (`audit.audit_bottlenecks`, default settings) of the cache `_synthetic_cache`
+    wrote in `folder`, image i named img{i}.png in class{i % 5}, 80/10/10 random splits; its
+    metrics go to folder/metrics.json and its CSVs to folder/audit."""
+    from retrain import scan
+    from retrain.audit import audit_bottlenecks
+    from retrain.bottlenecks import Bottlenecks
+    from retrain.cache import BottleneckCache, key_array
+    from retrain.config import AuditConfig, HeadTrainingConfig
+
+    cache = BottleneckCache(folder, "synthetic", _AUDIT_DIM)
+    n = len(cache)
+    locations = cache.locate(key_array([i.to_bytes(16, "little") for i in range(n)]))
+    cache.release_index()
+    splits = np.random.default_rng(0).choice(3, n, p=[0.8, 0.1, 0.1]).astype(np.int8)
+    b = Bottlenecks(
+        cache=cache,
+        locations=locations,
+        labels=np.arange(n) % _AUDIT_CLASSES,
+        split_codes=splits,
+        paths=scan.PathList(f"img{i:07d}.png" for i in range(n)),
+        skipped=[],
+        computed=0,
+        seconds=0.0,
+    )
+    labels = [f"class{c}" for c in range(_AUDIT_CLASSES)]
+    settings = AuditConfig(output_dir=str(folder / "audit"))
+    report = audit_bottlenecks(b, labels, settings, HeadTrainingConfig())
+    (folder / "metrics.json").write_text(json.dumps(report.metrics()))
+
+
+def suite_audit(args) -> dict:
+    """The audit of N cached photo-like vectors (N from --audit_sizes; every 100th a near
+    copy of the one before, in another class), in a process of its own: wall seconds, peak
+    RSS, the audit's own seconds, its counts, and how many of the near copies it found."""
+    out = {}
     for n in (int(s) for s in args.audit_sizes.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             start = time.perf_counter()
-            vectors = _clustered_vectors(module.feature_dim, 5, every)
-            images = _fake_cached_images(tmp, n, module, vectors=vectors)
+            _synthetic_cache(tmp, n)
             made = time.perf_counter() - start
-            flags = ["--audit", f"--audit_dir={tmp / 'audit'}", *args.retrain_flag]
-            run = timed_run(retrain_command(images, tmp, args.tfhub_module, flags))
-            metrics = json.loads((tmp / "metrics.json").read_text())["audit"]
-            planted = n // every
-            found = _planted_pairs_found(tmp / "audit" / "duplicates.csv", every)
+            run = timed_run([sys.executable, __file__, f"--audit_synthetic_cache={tmp}"])
+            metrics = json.loads((tmp / "metrics.json").read_text())
+            found = _planted_pairs_found(tmp / "audit" / "duplicates.csv", _NEAR_COPY_EVERY)
             out[str(n)] = {
                 **run,
                 "setup_seconds": round(made, 1),
                 "audit_seconds": metrics["seconds"],
                 **{k: metrics[k] for k in ("suspect_labels", "duplicates", "outliers")},
-                "near_copies_planted": planted,
+                "near_copies_planted": n // _NEAR_COPY_EVERY,
                 "near_copies_found": found,
             }
     return out
@@ -554,6 +589,7 @@ def main() -> None:
     parser.add_argument("--cache_sizes", default="10000,100000")
     parser.add_argument("--scale_sizes", default="10000,100000")
     parser.add_argument("--audit_sizes", default="10000")
+    parser.add_argument("--audit_synthetic_cache", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--distorted_copies", type=int, default=5)
     parser.add_argument("--distortion_steps", type=int, default=1000)
     parser.add_argument("--on_the_fly_steps", type=int, default=50)
@@ -564,6 +600,9 @@ def main() -> None:
         help="extra flag for the `run` suite, e.g. --retrain_flag=--extraction_backend=tflite",
     )
     args = parser.parse_args()
+    if args.audit_synthetic_cache:  # the measured process of the audit suite
+        audit_synthetic_cache(args.audit_synthetic_cache)
+        return
     suites = list(SUITES) if args.suite == "all" else args.suite.split(",")
     generated = None
     if args.generate:
