@@ -200,7 +200,7 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
         raise TypeError(f"audit_photos() takes a RetrainConfig, got {type(config).__name__}")
     with _cached_bottlenecks(config) as (image_set, _, _, bottlenecks):
         findings = audit.audit_bottlenecks(
-            bottlenecks, image_set.labels, config.audit, config.training
+            bottlenecks, image_set.labels, config.audit, config.training, make_head(image_set)
         )
     log.info(
         "Audit of %d images in %.1f s: %d suspect labels, %d duplicate pairs (%d across "
