@@ -1,7 +1,14 @@
-"""`label-image`: print the top labels for images, using a graph exported by retrain.
+"""`label-image`: print the top labels for images, using any model retrain exports.
 
 Flags follow TensorFlow's label_image.py example: --graph, --labels, --image, --input_layer,
---output_layer, --input_height/--input_width, --input_mean, --input_std, plus --top_k.
+--output_layer, --input_height/--input_width, --input_mean, --input_std, plus --top_k,
+--batch_size and --json. --graph is a frozen graph (.pb), a .tflite or a SavedModel folder, told
+by content; --image takes files and folders (walked as retrain walks a class folder). The labels
+come from --labels, else from the model itself (a .tflite's or SavedModel's own).
+
+Exit status: 0 when every image was classified; 1 when some image could not be read (each is one
+line on stderr, the others are classified); 2 for a usage error, a model that cannot be loaded or
+a labels file that does not fit the model (one line, nothing classified); 130 on Ctrl-C.
 
 A multi-label model (trained with --labels_csv) has a thresholds file beside its labels file
 (`L.thresholds` for --labels L, see retrain.thresholds): then every label whose score is at
@@ -11,6 +18,8 @@ the other labels among the k best scores, marked `(below threshold T)`.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +32,7 @@ from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_im
 from retrain.errors import UsageError
 from retrain.resize import resize_bilinear
 from retrain.runtime import import_tensorflow_quietly, usable_cpus
-from retrain.scan import display_path
+from retrain.scan import display_path, walk_images
 from retrain.thresholds import read_thresholds, thresholds_path
 
 PROG = "label-image"
@@ -32,19 +41,38 @@ PROG = "label-image"
 def define_flags(f: flags.FlagValues) -> None:
     """Define label-image's flags on `f`."""
     flags.DEFINE_string(
-        "graph", "/tmp/output_graph.pb", "Frozen graph (.pb) or .tflite model.", flag_values=f
+        "graph",
+        "/tmp/output_graph.pb",
+        "The model: a frozen graph (.pb), a .tflite or a SavedModel folder (told by content).",
+        flag_values=f,
     )
     flags.DEFINE_string(
-        "labels", "/tmp/output_labels.txt", "Labels file, one per line.", flag_values=f
+        "labels",
+        "/tmp/output_labels.txt",
+        "Labels file, one per line, as many as the model has outputs (default: the labels the "
+        "model carries, a .tflite's or SavedModel's, else this file).",
+        flag_values=f,
     )
     flags.DEFINE_multi_string(
         "image",
         [],
-        "Image file(s) to classify; repeat the flag or list more files after the flags.",
+        "Image files or folders to classify; repeat the flag or list more after the flags.",
         flag_values=f,
     )
-    flags.DEFINE_string("input_layer", "Placeholder", "Name of the input node.", flag_values=f)
-    flags.DEFINE_string("output_layer", "final_result", "Name of the output node.", flag_values=f)
+    flags.DEFINE_string(
+        "input_layer",
+        None,
+        "Name of the input node (frozen graph) or signature input (SavedModel); default: "
+        "Placeholder, or the only one.",
+        flag_values=f,
+    )
+    flags.DEFINE_string(
+        "output_layer",
+        None,
+        "Name of the output node (frozen graph) or signature output (SavedModel); default: "
+        "final_result, or the only one.",
+        flag_values=f,
+    )
     flags.DEFINE_integer(
         "input_height", None, "Input height (default: from the graph).", flag_values=f
     )
@@ -68,6 +96,13 @@ def define_flags(f: flags.FlagValues) -> None:
         "batch_size",
         32,
         "Images per model call; the next batch is decoded while the model runs.",
+        flag_values=f,
+    )
+    flags.DEFINE_boolean(
+        "json",
+        False,
+        'One JSON object per image on stdout: {"file", "labels", "scores"} with the top_k best '
+        '(a multi-label model adds "predicted"), or {"file", "error"}.',
         flag_values=f,
     )
 
@@ -123,20 +158,53 @@ def preprocess(pixels: np.ndarray, size: tuple[int, int], mean: float, std: floa
 
 
 def load_model(f: flags.FlagValues):
-    """The classifier behind --graph: a .tflite (no TensorFlow needed) or a frozen graph."""
-    from label_image.models import ModelLoadError
+    """The classifier behind --graph (see retrain.exported): a .tflite needs no TensorFlow."""
+    from retrain.exported import TFLITE, ModelLoadError, model_format, open_model
 
     try:
-        if str(f.graph).endswith(".tflite"):
-            from label_image.tflite import TFLiteClassifier
-
-            return TFLiteClassifier(f.graph)
-        import_tensorflow_quietly()
-        from label_image.models import FrozenGraphClassifier
-
-        return FrozenGraphClassifier(f.graph, f.input_layer, f.output_layer)
+        if model_format(f.graph) != TFLITE:
+            import_tensorflow_quietly()
+        return open_model(f.graph, f.input_layer, f.output_layer)
     except ModelLoadError as err:
         raise UsageError(f"--graph: {err}") from None
+
+
+def model_labels(f: flags.FlagValues, model) -> tuple[list[str], np.ndarray | None]:
+    """(labels, a multi-label model's thresholds or None): --labels if given, else those the
+    model carries, else the default --labels file. A count that does not fit the model's
+    outputs is a UsageError."""
+    if not f["labels"].present and model.labels is not None:
+        labels, source = model.labels, f"the labels inside {f.graph}"
+        thresholds = None if model.thresholds is None else np.array(model.thresholds)
+    else:
+        labels, source = read_labels(f.labels), f"--labels: {f.labels}"
+        thresholds = read_label_thresholds(f.labels, len(labels))
+    check_label_count(len(labels), model.output_width(), source)
+    return labels, thresholds
+
+
+def check_label_count(count: int, outputs: int | None, source: str) -> None:
+    """Raise UsageError unless `count` labels fit `outputs` scores (None: not known yet)."""
+    if outputs is not None and count != outputs:
+        raise UsageError(f"{source} has {count} labels for a model with {outputs} outputs")
+
+
+def expand_images(args: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files of `args` (a folder stands for the image files under it, walked as
+    retrain walks a class folder) and (path, reason) of what cannot be classified: a folder
+    without images, files left out under a folder. Files named are kept as they are: reading
+    them tells what is wrong with them."""
+    images, problems = [], []
+    for arg in args:
+        if not os.path.isdir(arg):
+            images.append(arg)
+            continue
+        found, ignored = walk_images(arg)
+        images += found
+        problems += ignored
+        if not found:
+            problems.append((arg, "no image files in this folder"))
+    return images, problems
 
 
 def top_labels(scores: np.ndarray, labels: list[str], k: int) -> list[tuple[str, float]]:
@@ -159,11 +227,11 @@ def prepared_batches(
         yield [(p, future.result()) for p, future in ahead.popleft()]
 
 
-def classify(f: flags.FlagValues, images: list[str]) -> int:
-    """Classify `images`; print results; return the exit status."""
-    labels = read_labels(f.labels)
-    thresholds = read_label_thresholds(f.labels, len(labels))
+def classify(f: flags.FlagValues, args: list[str]) -> int:
+    """Classify the images of `args` (files and folders); print results; return the exit
+    status (1 if some image could not be classified, else 0)."""
     model = load_model(f)
+    labels, thresholds = model_labels(f, model)
     graph_h, graph_w = model.input_size()
     height = f.input_height or graph_h
     width = f.input_width or graph_w
@@ -171,36 +239,76 @@ def classify(f: flags.FlagValues, images: list[str]) -> int:
         raise UsageError(
             "--input_height/--input_width: the graph does not fix its input size; give both"
         )
+    images, problems = expand_images(args)
+    for path, reason in problems:
+        report_error(f, path, reason)
 
     def prepare(path: str) -> np.ndarray | str:
         """The model's input for one image, or why it cannot be read."""
         try:
+            with open(path, "rb"):  # decode_image words a file it cannot open as undecodable
+                pass
             pixels = decode_image(path, (height, width), DEFAULT_MAX_IMAGE_PIXELS)
         except (ImageDecodeError, OSError) as err:
             return skip_reason(err)
         return preprocess(pixels, (height, width), f.input_mean, f.input_std)
 
-    status = 0
+    show_names = len(images) > 1 or len(args) > 1 or os.path.isdir(args[0])
+    failed = bool(problems)
     with ThreadPoolExecutor(usable_cpus()) as pool:  # Pillow and NumPy release the GIL
         for batch in prepared_batches(images, f.batch_size, prepare, pool):
-            kept = [(path, x) for path, x in batch if isinstance(x, np.ndarray)]
             for path, reason in batch:
                 if isinstance(reason, str):
-                    print(f"{PROG}: error: --image {display_path(path)}: {reason}", file=sys.stderr)
-                    status = 1
+                    report_error(f, path, reason)
+                    failed = True
+            kept = [(path, x) for path, x in batch if isinstance(x, np.ndarray)]
             if not kept:
                 continue
             scores = model.predict(np.stack([x for _, x in kept]))
+            check_label_count(len(labels), scores.shape[1], f"--labels: {f.labels}")
             for (path, _), row in zip(kept, scores):
-                if len(images) > 1:
-                    print(f"{display_path(path)}:")
-                if thresholds is not None:
-                    top_k = f.top_k if f["top_k"].present else None
-                    print("\n".join(multi_label_lines(row, labels, thresholds, top_k)))
-                    continue
-                for label, score in top_labels(row, labels, f.top_k):
-                    print(f"{label} {score:.5f}")
-    return status
+                print_result(f, path, row, labels, thresholds, show_names)
+    return 1 if failed else 0
+
+
+def report_error(f: flags.FlagValues, path: str, reason: str) -> None:
+    """One line on stderr for an image that cannot be classified (and with --json, an
+    {"file", "error"} object on stdout)."""
+    print(f"{PROG}: error: --image {display_path(path)}: {reason}", file=sys.stderr)
+    if f.json:
+        print(json.dumps({"file": display_path(path), "error": reason}))
+
+
+def print_result(
+    f: flags.FlagValues,
+    path: str,
+    scores: np.ndarray,
+    labels: list[str],
+    thresholds: np.ndarray | None,
+    show_name: bool,
+) -> None:
+    """One image's result: a JSON object with --json, else `label score` lines (after a
+    `path:` line when several images are classified)."""
+    top = top_labels(scores, labels, f.top_k)
+    if f.json:
+        result = {
+            "file": display_path(path),
+            "labels": [label for label, _ in top],
+            "scores": [score for _, score in top],
+        }
+        if thresholds is not None:
+            over = np.flatnonzero(scores >= thresholds)
+            result["predicted"] = [labels[i] for i in over[np.argsort(-scores[over])]]
+        print(json.dumps(result))
+        return
+    if show_name:
+        print(f"{display_path(path)}:")
+    if thresholds is not None:
+        top_k = f.top_k if f["top_k"].present else None
+        print("\n".join(multi_label_lines(scores, labels, thresholds, top_k)))
+        return
+    for label, score in top:
+        print(f"{label} {score:.5f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,13 +6,24 @@ nothing it keeps and exports nothing. It reports:
 - suspect labels: each image's class probabilities predicted out of sample (k folds, the new
   layer trained on the other folds' vectors), judged by confident learning (cleanlab's
   `find_label_issues`, the `retrain[audit]` extra), ranked by how little the model believes
-  the folder's label;
+  the folder's label; multi-label data (a labels CSV) is judged per label (cleanlab's
+  `find_multilabel_issues_per_class`): one row per image and label it doubts;
 - duplicates: identical files (the cache gives them one vector) and near-identical photos
   (cosine similarity of the vectors over a threshold, found by a faiss nearest-neighbour search:
-  exact up to `EXACT_SEARCH_ROWS` vectors, an inverted-file index beyond, so a million images
-  need neither an n^2 matrix nor n^2 time), flagged when they cross splits or classes;
-- outliers: photos far from every class, by cosine similarity to the nearest class centroid,
-  under the median by more than `OUTLIER_MADS` median absolute deviations.
+  exact up to `EXACT_SEARCH_ROWS` vectors, beyond that an approximate index of compressed
+  vectors whose candidates are checked against the exact vectors), flagged when they cross
+  splits or classes;
+- outliers: photos far from every class (multi-label: every label), by cosine similarity to the
+  nearest class centroid, under the median by more than `OUTLIER_MADS` median absolute
+  deviations.
+
+Memory stays bounded however many images there are: the vectors are never all in memory. Each
+fold's layer trains on at most `FOLD_TRAINING_ROWS` of the other folds' vectors (a random
+sample beyond that), and everything else streams over the cache in chunks of
+`CHUNK_ROWS`: the out-of-sample predictions (every fold's layer on each chunk), the class
+centroids (sums), the index (built chunk by chunk) and its queries. What grows with the
+number of images is small: a few numbers per image and, beyond `EXACT_SEARCH_ROWS`, the
+index's `SEARCH_DIMS` bytes per image (128 MB at a million).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -32,13 +44,22 @@ from retrain.atomic import atomic_write_text
 from retrain.bottlenecks import Bottlenecks
 from retrain.config import AuditConfig, HeadTrainingConfig
 from retrain.errors import RetrainError
-from retrain.evaluate import predict_probabilities
-from retrain.features import FeatureSplit, Split
-from retrain.heads import SoftmaxHead
+from retrain.features import IN_MEMORY_LIMIT_BYTES, FeatureSplit
+from retrain.heads import Head, SoftmaxHead
 
 log = logging.getLogger("retrain")
 
-EXACT_SEARCH_ROWS = 200_000
+# An exact (flat) index up to here: 256 MB of 1,280-wide vectors; an approximate one beyond.
+EXACT_SEARCH_ROWS = 50_000
+SEARCH_DIMS = 128  # the approximate index's dimensions (PCA), stored as one byte each
+LIST_ROWS = 256  # vectors per inverted list, on average
+SEARCH_LISTS = 8  # inverted lists searched per query
+# Each fold's layer trains on at most this many of the other folds' vectors (80 MB of 1,280):
+# its 4,000 steps of 100 draw 400,000 examples, and a larger sample costs time, not accuracy.
+FOLD_TRAINING_ROWS = 16_384
+# Candidates of the approximate index this far under the threshold are checked exactly (the
+# 8-bit codes can understate a similarity a little).
+APPROXIMATION_MARGIN = 0.02
 OUTLIER_MADS = 6.0
 CHUNK_ROWS = 8192
 
@@ -73,18 +94,27 @@ class AuditReport:
 
 
 def audit_bottlenecks(
-    b: Bottlenecks, labels: list[str], settings: AuditConfig, training: HeadTrainingConfig
+    b: Bottlenecks,
+    labels: list[str],
+    settings: AuditConfig,
+    training: HeadTrainingConfig,
+    head: Head | None = None,
 ) -> AuditReport:
-    """Audit the usable images of `b` (every split) with class names `labels`; the folds'
-    layers are trained with `training`'s settings. Writes the CSVs if `settings.output_dir`."""
+    """Audit the usable images of `b` (every split) with class (multi-label: label) names
+    `labels`; the folds' layers are trained for `head` (default: softmax over the classes)
+    with `training`'s settings. Streams the vectors from the cache (see the module docstring).
+    Writes the CSVs if `settings.output_dir`."""
     start = time.perf_counter()
-    vectors = FeatureSplit(b.cache, b.locations, b.labels).load().x
-    paths, splits = b.paths, [scan.SPLITS[code] for code in b.split_codes]
-    report = AuditReport(images=len(vectors))
-    probabilities = out_of_sample_probabilities(vectors, b.labels, len(labels), settings, training)
-    report.suspects = _suspects(probabilities, b.labels, labels, paths, splits)
-    report.duplicates = _duplicates(vectors, b, labels, settings.duplicate_similarity)
-    report.outliers = _outliers(vectors, b.labels, labels, paths, splits)
+    head = head or SoftmaxHead(len(labels))
+    features = FeatureSplit(b.cache, b.locations, b.labels)
+    report = AuditReport(images=len(features))
+    probabilities = out_of_sample_probabilities(features, head, settings, training)
+    report.suspects = _suspects(probabilities, b, labels)
+    index = _build_index(features, training.random_seed)
+    centroids = _centroids(features, index, head.num_outputs)
+    near, nearest = _search(features, index, centroids, settings.duplicate_similarity)
+    report.duplicates = _duplicates(near, b, labels)
+    report.outliers = _outliers(nearest, b, labels)
     report.seconds = time.perf_counter() - start
     if settings.output_dir:
         report.files = write_csvs(report, settings.output_dir)
@@ -92,58 +122,103 @@ def audit_bottlenecks(
 
 
 def out_of_sample_probabilities(
-    vectors: np.ndarray,
-    classes: np.ndarray,
-    num_classes: int,
-    settings: AuditConfig,
-    training: HeadTrainingConfig,
+    features: FeatureSplit, head: Head, settings: AuditConfig, training: HeadTrainingConfig
 ) -> np.ndarray:
-    """float32 [n, classes]: each row predicted by a layer trained on the other folds only."""
+    """float32 [n, outputs]: each row predicted by a layer trained on the other folds only
+    (on a random sample of them where they do not fit in memory), in one streamed pass."""
     from retrain.train import train_head
 
-    folds = np.random.default_rng(training.random_seed).permutation(len(vectors)) % settings.folds
-    probabilities = np.zeros((len(vectors), num_classes), np.float32)
-    head = SoftmaxHead(num_classes)
+    folds = np.random.default_rng(training.random_seed).permutation(len(features))
+    folds %= settings.folds
+    layers = []
     for fold in range(settings.folds):
-        held = folds == fold
-        trained = train_head(Split(vectors[~held], classes[~held]), None, head, training)
-        for rows in _chunks(np.flatnonzero(held)):
-            probabilities[rows] = predict_probabilities(
-                trained.weights, trained.biases, vectors[rows]
-            )
+        rest = np.flatnonzero(folds != fold)
+        others = FeatureSplit(features.cache, features.locations[rest], features.y[rest])
+        sample = others.subset(FOLD_TRAINING_ROWS, training.random_seed + fold)
+        trained = train_head(sample.load(), None, head, training)
+        layers.append((trained.weights, trained.biases))
+    probabilities = np.zeros((len(features), head.num_outputs), np.float32)
+    for rows, x in _vector_chunks(features):
+        for fold, (weights, biases) in enumerate(layers):
+            held = folds[rows] == fold
+            logits = x[held].astype(np.float64) @ weights + biases
+            probabilities[rows[held]] = head.probabilities(logits).numpy()
     return probabilities
 
 
-def _suspects(probabilities, classes, labels, paths, splits) -> list[dict]:
-    try:
-        from cleanlab.filter import find_label_issues
-    except ImportError as err:
-        raise RetrainError(
-            f"the audit of labels needs cleanlab: pip install 'retrain[audit]' ({err})"
-        ) from None
-    ranked = find_label_issues(classes, probabilities, return_indices_ranked_by="self_confidence")
+def _suspects(probabilities: np.ndarray, b: Bottlenecks, labels: list[str]) -> list[dict]:
+    """Confident learning's label issues, most doubtful first: one row per image (per image
+    and label for multi-label data)."""
+    filters = _cleanlab_filters()
+    if b.labels.ndim == 2:
+        return _label_suspects(filters, probabilities, b, labels)
+    ranked = filters.find_label_issues(
+        b.labels, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1
+    )
     rows = []
     for i in ranked:
+        given = b.labels[i]
         expected = int(np.argmax(probabilities[i]))
         rows.append(
-            {
-                "path": scan.display_path(paths[i]),
-                "finding": "suspect label",
-                "label": labels[classes[i]],
-                "expected": labels[expected],
-                "p_label": round(float(probabilities[i, classes[i]]), 4),
-                "p_expected": round(float(probabilities[i, expected]), 4),
-                "split": splits[i],
-            }
+            _suspect_row(
+                b,
+                i,
+                labels[given],
+                labels[expected],
+                probabilities[i, given],
+                probabilities[i, expected],
+            )
         )
     return rows
 
 
-def _duplicates(vectors: np.ndarray, b: Bottlenecks, labels, threshold: float) -> list[dict]:
-    """Pairs (i < j) of identical files (one cached vector) or photos whose vectors' cosine
-    similarity is at least `threshold`."""
+def _label_suspects(filters, probabilities: np.ndarray, b: Bottlenecks, labels) -> list[dict]:
+    """Per label, the images whose 0/1 for it confident learning doubts: `label` is what the
+    CSV says ("hat" or "not hat"), `expected` the other, with the probabilities of both."""
+    applies = [np.flatnonzero(row).tolist() for row in b.labels]
+    ranked, _, _ = filters.find_multilabel_issues_per_class(
+        applies, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1
+    )
+    rows = []
+    for k, indices in enumerate(ranked):
+        for i in indices:
+            p = float(probabilities[i, k])
+            given = (labels[k], p) if b.labels[i, k] else (f"not {labels[k]}", 1.0 - p)
+            other = (f"not {labels[k]}", 1.0 - p) if b.labels[i, k] else (labels[k], p)
+            rows.append(_suspect_row(b, i, given[0], other[0], given[1], other[1]))
+    return sorted(rows, key=lambda r: r["p_label"])
+
+
+def _suspect_row(b: Bottlenecks, i: int, label: str, expected: str, p_label, p_expected) -> dict:
+    return {
+        "path": scan.display_path(b.paths[i]),
+        "finding": "suspect label",
+        "label": label,
+        "expected": expected,
+        "p_label": round(float(p_label), 4),
+        "p_expected": round(float(p_expected), 4),
+        "split": scan.SPLITS[b.split_codes[i]],
+    }
+
+
+def _cleanlab_filters() -> SimpleNamespace:
+    try:
+        from cleanlab.filter import find_label_issues
+        from cleanlab.multilabel_classification.filter import find_multilabel_issues_per_class
+    except ImportError as err:
+        raise RetrainError(
+            f"the audit of labels needs cleanlab: pip install 'retrain[audit]' ({err})"
+        ) from None
+    return SimpleNamespace(
+        find_label_issues=find_label_issues,
+        find_multilabel_issues_per_class=find_multilabel_issues_per_class,
+    )
+
+
+def _duplicates(near: dict, b: Bottlenecks, labels: list[str]) -> list[dict]:
+    """Rows for the pairs (i < j) of identical files (one cached vector) and the pairs `near`
+    ({(i, j): cosine similarity}), most similar first."""
     identical = identical_pairs(b.locations)
-    near = _similar_pairs(vectors, threshold)
     rows = []
     for (i, j), similarity in {**near, **{pair: 1.0 for pair in identical}}.items():
         kind = "identical file" if (i, j) in identical else "near duplicate"
@@ -153,13 +228,20 @@ def _duplicates(vectors: np.ndarray, b: Bottlenecks, labels, threshold: float) -
                 "path_b": scan.display_path(b.paths[j]),
                 "finding": kind,
                 "similarity": round(float(similarity), 4),
-                "label_a": labels[b.labels[i]],
-                "label_b": labels[b.labels[j]],
+                "label_a": _label_text(b.labels[i], labels),
+                "label_b": _label_text(b.labels[j], labels),
                 "split_a": scan.SPLITS[b.split_codes[i]],
                 "split_b": scan.SPLITS[b.split_codes[j]],
             }
         )
     return sorted(rows, key=lambda r: (-r["similarity"], r["path_a"], r["path_b"]))
+
+
+def _label_text(label: np.ndarray | int, labels: list[str]) -> str:
+    """A class name, or the names of the labels of a 0/1 row joined by ';'."""
+    if np.ndim(label):
+        return ";".join(name for name, on in zip(labels, label) if on)
+    return labels[int(label)]
 
 
 def identical_pairs(locations: np.ndarray) -> set[tuple[int, int]]:
@@ -176,60 +258,111 @@ def identical_pairs(locations: np.ndarray) -> set[tuple[int, int]]:
     return pairs
 
 
-def _similar_pairs(vectors: np.ndarray, threshold: float, k: int = 8) -> dict:
-    """{(i, j): cosine similarity} of each vector's `k` nearest neighbours at or over
-    `threshold` (faiss inner product on normalised vectors)."""
-    unit = _normalised(vectors)
-    index = _index(unit)
-    pairs = {}
-    for rows in _chunks(np.arange(len(unit))):
-        similarity, neighbours = index.search(unit[rows], min(k + 1, len(unit)))
-        for i, sims, found in zip(rows, similarity, neighbours):
-            for s, j in zip(sims, found):
-                if j >= 0 and j != i and s >= threshold:
-                    pairs[(min(i, j), max(i, j))] = float(min(s, 1.0))
-    return pairs
+@dataclass
+class _Index:
+    """A faiss index of the unit vectors. Exact (inner products) up to EXACT_SEARCH_ROWS;
+    beyond, approximate: PCA to SEARCH_DIMS, an inverted file of 8-bit codes (one byte a
+    dimension), squared L2 distances. A projection never lengthens a difference, so a pair
+    over the threshold stays a candidate; candidates are then checked on the exact vectors."""
+
+    faiss_index: object
+    approximate: bool
+
+    def similarities(self, unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's `k` nearest neighbours: estimated cosine similarities and their rows."""
+        found, neighbours = self.faiss_index.search(unit, k)
+        return (1.0 - found / 2.0 if self.approximate else found), neighbours
 
 
-def _index(unit: np.ndarray):
+def _build_index(features: FeatureSplit, seed: int) -> _Index:
+    """An empty index for `features`, trained on a sample of them if it is approximate."""
+    faiss = _faiss()
+    n, dim = len(features), features.feature_dim
+    if n <= EXACT_SEARCH_ROWS:
+        return _Index(faiss.IndexFlatIP(dim), approximate=False)
+    lists = max(1, n // LIST_ROWS)  # their centroids in a small graph (HNSW): cheap to find
+    index = faiss.index_factory(dim, f"PCA{min(SEARCH_DIMS, dim)},IVF{lists}_HNSW32,SQ8")
+    rows = min(IN_MEMORY_LIMIT_BYTES // (4 * dim), 64 * lists)
+    sample = features.subset(rows, seed).load()
+    index.train(_normalised(sample.x))
+    faiss.extract_index_ivf(index).nprobe = SEARCH_LISTS
+    return _Index(index, approximate=True)
+
+
+def _faiss():
     try:
         import faiss
     except ImportError as err:
         raise RetrainError(
             f"the audit of duplicates needs faiss: pip install 'retrain[audit]' ({err})"
         ) from None
-
-    dim = unit.shape[1]
-    if len(unit) <= EXACT_SEARCH_ROWS:
-        index = faiss.IndexFlatIP(dim)
-    else:  # about sqrt(n) lists, a few of them searched: minutes, not hours, at a million
-        lists = int(4 * np.sqrt(len(unit)))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(0).choice(len(unit), min(len(unit), 50 * lists), False)
-        index.train(unit[np.sort(sample)])
-        index.nprobe = 8
-    index.add(unit)
-    return index
+    return faiss
 
 
-def _outliers(vectors, classes, labels, paths, splits) -> list[dict]:
+def _centroids(features: FeatureSplit, index: _Index, outputs: int) -> np.ndarray:
+    """One streamed pass: every unit vector added to `index`; returns the unit mean vector
+    of each class (multi-label: of the images of each label), float32 [outputs, dim]."""
+    sums = np.zeros((outputs, features.feature_dim), np.float64)
+    for rows, x in _vector_chunks(features):
+        unit = _normalised(x)
+        index.faiss_index.add(unit)
+        sums += _membership(features.y[rows], outputs).T @ unit
+    return _normalised(sums)
+
+
+def _membership(y: np.ndarray, outputs: int) -> np.ndarray:
+    """float32 [n, outputs]: 1 where an image belongs to a class (has a label)."""
+    if y.ndim == 2:
+        return y.astype(np.float32)
+    return np.eye(outputs, dtype=np.float32)[y]
+
+
+def _search(
+    features: FeatureSplit, index: _Index, centroids: np.ndarray, threshold: float, k: int = 8
+) -> tuple[dict, np.ndarray]:
+    """One streamed pass of queries: {(i, j): cosine similarity} of each vector's `k` nearest
+    neighbours at or over `threshold`, and each vector's similarity to its nearest centroid."""
+    pairs, nearest = {}, np.zeros(len(features), np.float32)
+    margin = APPROXIMATION_MARGIN if index.approximate else 0.0
+    for rows, x in _vector_chunks(features):
+        unit = _normalised(x)
+        nearest[rows] = (unit @ centroids.T).max(axis=1)
+        similarity, neighbours = index.similarities(unit, min(k + 1, len(features)))
+        i = np.repeat(np.arange(len(rows)), neighbours.shape[1])
+        j, s = neighbours.ravel(), similarity.ravel()
+        keep = (j >= 0) & (j != rows[i]) & (s >= threshold - margin)
+        i, j, s = i[keep], j[keep], s[keep]
+        if index.approximate and len(j):
+            s = _exact_similarities(features, unit[i], j)
+            i, j, s = i[s >= threshold], j[s >= threshold], s[s >= threshold]
+        for a, c, sim in zip(rows[i].tolist(), j.tolist(), s.tolist()):
+            pairs[(min(a, c), max(a, c))] = min(sim, 1.0)
+    return pairs, nearest
+
+
+def _exact_similarities(features: FeatureSplit, unit: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each of `unit` to the cached vector of the same place in `rows`,
+    reading CHUNK_ROWS of those at a time."""
+    out = np.empty(len(rows), np.float32)
+    for block in _chunks(np.argsort(rows, kind="stable")):
+        others = _normalised(features.read(rows[block]))
+        out[block] = np.einsum("ij,ij->i", unit[block], others)
+    return out
+
+
+def _outliers(nearest: np.ndarray, b: Bottlenecks, labels: list[str]) -> list[dict]:
     """Images whose similarity to the nearest class centroid is far under the median."""
-    unit = _normalised(vectors)
-    centroids = _normalised(np.stack([unit[classes == c].mean(axis=0) for c in range(len(labels))]))
-    nearest = np.concatenate(
-        [(unit[rows] @ centroids.T).max(axis=1) for rows in _chunks(np.arange(len(unit)))]
-    )
     median = np.median(nearest)
     spread = np.median(np.abs(nearest - median)) or 1e-6
     scores = (median - nearest) / spread
     rows = [
         {
-            "path": scan.display_path(paths[i]),
+            "path": scan.display_path(b.paths[i]),
             "finding": "outlier",
-            "label": labels[classes[i]],
+            "label": _label_text(b.labels[i], labels),
             "similarity_to_nearest_class": round(float(nearest[i]), 4),
             "score": round(float(scores[i]), 2),
-            "split": splits[i],
+            "split": scan.SPLITS[b.split_codes[i]],
         }
         for i in np.argsort(-scores)
         if scores[i] > OUTLIER_MADS
@@ -243,7 +376,7 @@ def write_csvs(report: AuditReport, folder: str | Path) -> dict[str, str]:
     for kind in ("suspects", "duplicates", "outliers"):
         rows = getattr(report, kind)
         path = Path(folder).expanduser() / f"{kind}.csv"
-        atomic_write_text(path, _csv(rows, kind))
+        atomic_write_text(path, _csv(rows, kind), "audit CSV")
         written[kind] = str(path)
     return written
 
@@ -275,6 +408,12 @@ def _csv(rows: list[dict], kind: str) -> str:
 def _normalised(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _vector_chunks(features: FeatureSplit) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows, their vectors) of `features` in consecutive chunks of CHUNK_ROWS."""
+    for rows in _chunks(np.arange(len(features))):
+        yield rows, features.read(rows)
 
 
 def _chunks(indices: np.ndarray) -> Iterator[np.ndarray]:

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from retrain.atomic import atomic_open, atomic_write_text
-from retrain.errors import RetrainError, first_line
+from retrain.atomic import atomic_open, atomic_write_text, exclusive
+from retrain.errors import RetrainError, StorageError, first_line
 from retrain.models.loading import ImageModule
 from retrain.module_cache import tflite_model_path, tflite_verified_path
 from retrain.runtime import quiet_stderr
@@ -115,12 +115,22 @@ def convert_to_tflite(
     first call (about 10 s), then read from the cache (``module_cache.tflite_model_path``).
     Raises BackendError.
 
-    The file is written atomically, so concurrent conversions are safe (the last one wins, and
-    both are complete). ``module_object``, if given, saves loading the SavedModel again.
+    The file is written atomically by one process at a time: runs started at once convert
+    once, and what a conversion killed midway left is removed before the next one.
+    ``module_object``, if given, saves loading the SavedModel again.
     """
     path = tflite_model_path(cache_dir, module.fingerprint)
     if _has_tflite_identifier(path):
         return path
+    with exclusive(path):  # runs started at once convert once; the others wait and use it
+        if not _has_tflite_identifier(path):
+            _write_conversion(module, module_object, path)
+    return path
+
+
+def _write_conversion(module: ImageModule, module_object: Any, path: Path) -> None:
+    """Convert the module and write it to ``path`` atomically. Raises BackendError, or
+    StorageError when the cache's file system fails."""
     try:
         data = _convert(module, module_object)
     except BackendError:
@@ -130,12 +140,11 @@ def convert_to_tflite(
             f"cannot convert module {module.handle!r} to TFLite: {first_line(exc)}"
         ) from exc
     try:
-        with atomic_open(path, "wb") as handle:
+        with atomic_open(path, "wb", "TFLite conversion", len(data)) as handle:
             os.fchmod(handle.fileno(), 0o644)  # shareable like the module cache
             handle.write(data)
     except OSError as exc:
         raise BackendError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    return path
 
 
 def _convert(module: ImageModule, module_object: Any) -> bytes:
@@ -265,9 +274,9 @@ def choose_backend(
         else:
             ok, reason = _check(extractor, module_object, sample_images, tolerance)
             if ok:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, StorageError):  # a read-only cache: next time
                     atomic_write_text(marker, reason.removeprefix("CPU; "))
-    except BackendError as exc:
+    except (BackendError, StorageError) as exc:
         reason = f"tflite unavailable: {exc}"
     except Exception as exc:  # the interpreter failing on real images: fall back, say why
         reason = f"tflite failed on the sample images: {first_line(exc)}"

@@ -18,6 +18,10 @@ folder, each adding its own shards; a vector present twice is harmless. Every ro
 CRC-32 that is checked when the row is read; a shard or row that fails is reported and
 recomputed, never used.
 
+A folder that cannot be written (a cache shared on a read-only mount) is only read: vectors
+computed meanwhile are kept in memory for the run (`MemoryShard`), with a warning that they
+cannot be kept.
+
 The index of every shard is memory-mapped and its keys are kept in sorted NumPy arrays (about
 50 bytes per entry), so finding a million images' vectors is a vectorised search, not a
 million-entry dict.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -39,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.atomic import atomic_open, atomic_write_text
+from retrain.atomic import atomic_write_bytes, atomic_write_text, check_writable_dir
+from retrain.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +238,20 @@ class Shard:
         return out
 
 
+class MemoryShard:
+    """Vectors computed in a run that cannot write the cache: a shard held in memory, read
+    like one on disk."""
+
+    def __init__(self, vectors: np.ndarray, index: np.ndarray):
+        self.name = f"memory-{uuid.uuid4().hex[:12]}"
+        self.vectors, self.index = vectors, index
+        self.rows, self.dim = vectors.shape
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Vectors [len(rows), dim] of the given row numbers."""
+        return self.vectors[rows]
+
+
 class BottleneckCache:
     """The cached vectors of one module: lookup, verified reads and crash-safe appends."""
 
@@ -243,10 +263,11 @@ class BottleneckCache:
         description: dict | None = None,
     ):
         self.folder = Path(root).expanduser() / module_key
-        self.folder.mkdir(parents=True, exist_ok=True)
+        # Why the folder cannot be written (then new vectors stay in memory), or None.
+        self.read_only = check_writable_dir(self.folder)
         self.feature_dim = feature_dim
         meta = self.folder / "module.json"
-        if description is not None and not meta.exists():
+        if description is not None and not self.read_only and not meta.exists():
             atomic_write_text(
                 meta,
                 json.dumps(
@@ -254,7 +275,7 @@ class BottleneckCache:
                     indent=2,
                 ),
             )
-        self.shards: list[Shard] = []
+        self.shards: list[Shard | MemoryShard] = []
         self.warnings: list[str] = []
         self._starts = np.zeros(1, dtype=np.int64)  # first entry number of each shard, + total
         self._live = np.zeros(0, dtype=bool)  # False for entries forgotten after a bad checksum
@@ -278,12 +299,28 @@ class BottleneckCache:
                 self._discard(index_path, str(err))
                 continue
             added.append(shard)
+        self._add(added)
+        if not self.read_only:
+            self._remove_orphans()
+
+    def _add(self, added: Sequence[Shard | MemoryShard]) -> None:
         if added:  # one concatenation, not one per shard: a million entries open fast
             rows = np.array([shard.rows for shard in added], dtype=np.int64)
             self._starts = np.concatenate([self._starts, self._starts[-1] + np.cumsum(rows)])
             self._live = np.concatenate([self._live, np.ones(int(rows.sum()), dtype=bool)])
             self.shards.extend(added)
-        self._remove_orphans()
+
+    def keep_in_memory(self, vectors: np.ndarray, index: np.ndarray) -> None:
+        """Add vectors [n, dim] with their index rows (INDEX_DTYPE) for this process only,
+        warning once that the folder cannot keep them."""
+        if not any(isinstance(shard, MemoryShard) for shard in self.shards):
+            message = (
+                f"bottleneck cache: cannot write {self.folder} ({self.read_only}); the vectors "
+                "computed in this run are kept in memory only and will be computed again"
+            )
+            log.warning(message)
+            self.warnings.append(message)
+        self._add([MemoryShard(vectors, index)])
 
     def _discard(self, index_path: Path, reason: str) -> None:
         message = f"bottleneck cache: ignoring damaged shard {index_path.name} ({reason})"
@@ -409,24 +446,46 @@ class ShardWriter:
             self.add(content_k, file_k, vector)
 
     def flush(self) -> None:
-        """Write the queued vectors as one shard (vectors first, index last)."""
+        """Write the queued vectors as one shard (vectors first, index last); in a cache that
+        cannot be written, keep them in memory for this run."""
         self._last_flush = time.monotonic()
         if not self._rows:
             return
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"
-        vectors = np.stack(self._rows)
-        index = np.array(self._index, dtype=INDEX_DTYPE)
-        with atomic_open(self.cache.folder / f"{name}.vec.npy") as handle:
-            np.save(handle, vectors, allow_pickle=False)
-        with atomic_open(self.cache.folder / f"{name}.idx.npy") as handle:
-            np.save(handle, index, allow_pickle=False)
+        vectors, index = np.stack(self._rows), np.array(self._index, dtype=INDEX_DTYPE)
+        if self.cache.read_only:
+            self.cache.keep_in_memory(vectors, index)
+        else:
+            self._write_shard(vectors, index)
         self._rows.clear()
         self._index.clear()
+
+    def _write_shard(self, vectors: np.ndarray, index: np.ndarray) -> None:
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"
+        vector_path = self.cache.folder / f"{name}.vec.npy"
+        atomic_write_bytes(vector_path, _npy_bytes(vectors), "bottleneck vectors")
+        try:
+            atomic_write_bytes(
+                self.cache.folder / f"{name}.idx.npy", _npy_bytes(index), "bottleneck index"
+            )
+        except BaseException:
+            with contextlib.suppress(OSError):  # no orphan left waiting for its hour
+                vector_path.unlink()
+            raise
         self.cache.refresh()
 
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        # Also on KeyboardInterrupt: what was computed is kept.
-        self.flush()
+    def __exit__(self, exc_type, *exc) -> None:
+        # Also on KeyboardInterrupt: what was computed is kept. Not after a failed write: the
+        # same rows would fail the same way.
+        if exc_type is None or not issubclass(exc_type, StorageError):
+            self.flush()
+
+
+def _npy_bytes(array: np.ndarray) -> memoryview:
+    """`array` in .npy format, in memory: written with one write() call, whose failure is
+    a proper OSError (np.save to a file reports a full disk without an errno)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getbuffer()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from retrain.errors import RetrainError, UsageError
+from retrain.errors import RetrainError, StorageError, UsageError, first_line
 
 PROG = "retrain"
 
@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("--- Summary ---")
             for line in closing_lines(config, result):
                 logger.info("%s", line)
-        check_accuracy(
-            result.test.accuracy if result.test else None, flag_values.assert_accuracy_at_least
-        )
+        threshold = flag_values.assert_accuracy_at_least
+        check_accuracy(result.test.accuracy if result.test else None, threshold)
+        for exported in result.export_checks:
+            check_accuracy(exported.accuracy, threshold, f"{exported.format} {exported.path}")
         return 0
     except RetrainError as err:
         from retrain.flags import flag_for_field
@@ -90,14 +91,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished bottlenecks are kept in the cache", file=sys.stderr)
         return 130
+    except Exception as err:
+        # A failing disk under a writer that does not say what it writes (TensorFlow's own):
+        # still one line, with the path TensorFlow's message gives.
+        from retrain.atomic import storage_errno
+
+        if storage_errno(err) is None:
+            raise
+        print(f"{PROG}: error: cannot write: {first_line(err)}", file=sys.stderr)
+        return StorageError.exit_code
 
 
-def check_accuracy(accuracy: float | None, threshold: float | None) -> None:
-    """Raise AccuracyBelowThreshold (exit 3) if `threshold` is set and the test accuracy is
-    missing or below it."""
+def check_accuracy(accuracy: float | None, threshold: float | None, model: str = "") -> None:
+    """Raise AccuracyBelowThreshold (exit 3) if `threshold` is set and the test accuracy (of
+    the exported `model`, if named) is missing or below it."""
     if threshold is not None and (accuracy is None or accuracy < threshold):
+        of = f" of {model}" if model else ""
         raise AccuracyBelowThreshold(
-            f"--assert_accuracy_at_least: test accuracy {accuracy} is below {threshold}"
+            f"--assert_accuracy_at_least: test accuracy{of} {accuracy} is below {threshold}"
         )
 
 

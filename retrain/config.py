@@ -42,6 +42,9 @@ SPLIT_HASHES = ("basename", "path")
 # imbalanced folder), uniform for multi-label data (an image has several classes).
 SAMPLINGS = ("auto", "class_balanced", "uniform")
 CLASS_WEIGHTS = ("none", "balanced")
+# The TFLite export's weights and arithmetic: float32; dynamic-range (int8 weights); float16
+# weights; full integer (int8 weights and activations, calibrated on training images).
+QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,8 @@ class ExportConfig:
     final_tensor_name: str = "final_result"
     intermediate_output_graphs_dir: str | None = None
     intermediate_store_frequency: int = 0  # every this many steps; 0: none
+    quantize: str = "none"  # one of QUANTIZATIONS, for output_tflite
+    tflite_int8_io: bool = False  # quantize="int8": int8 input and output tensors too
 
 
 @dataclass(frozen=True)
@@ -387,6 +392,7 @@ def _check_choices(c: RetrainConfig) -> None:
         ("data.split_hash", c.data.split_hash, SPLIT_HASHES),
         ("training.sampling", c.training.sampling, SAMPLINGS),
         ("training.class_weights", c.training.class_weights, CLASS_WEIGHTS),
+        ("export.quantize", c.export.quantize, QUANTIZATIONS),
     ):
         if value not in choices:
             raise ConfigError(
@@ -405,6 +411,16 @@ def _check_choices(c: RetrainConfig) -> None:
         read_tf_config()  # a missing or invalid TF_CONFIG is an error naming the strategy
     if c.training.resume and not c.training.checkpoint_path:
         raise ConfigError("{0} needs {1}", "training.resume", "training.checkpoint_path")
+    _check_quantization(c.export)
+
+
+def _check_quantization(e: ExportConfig) -> None:
+    if e.quantize != "none" and not e.output_tflite:
+        raise ConfigError(
+            "{0} quantizes the TFLite model: give {1}", "export.quantize", "export.output_tflite"
+        )
+    if e.tflite_int8_io and e.quantize != "int8":
+        raise ConfigError("{0} needs {1}=int8", "export.tflite_int8_io", "export.quantize")
 
 
 def _check_module_handle(c: RetrainConfig) -> None:
@@ -450,6 +466,8 @@ OUTPUT_DIRS = (
     "module.cache_dir",
     "audit.output_dir",
 )
+# Caches that may be read-only (shared on a read-only mount): used for reading all the same.
+READABLE_CACHES = ("cache.bottleneck_dir", "module.cache_dir")
 
 
 def _check_output_paths(c: RetrainConfig) -> None:
@@ -466,7 +484,14 @@ def _check_output_paths(c: RetrainConfig) -> None:
     for names, check in ((OUTPUT_FILES, check_writable_file), (dirs, check_writable_dir)):
         for name in names:
             if values[name] and (problem := check(values[name])):
+                if name in READABLE_CACHES and _readable_dir(values[name]):
+                    continue  # used for reading; what cannot be kept stays in memory
                 raise ConfigError("{0}: cannot write there: " + problem, name)
+
+
+def _readable_dir(path: str) -> bool:
+    path = os.path.expanduser(path)
+    return os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK)
 
 
 _CHECKS = (

@@ -35,6 +35,20 @@ class UsageError(RetrainError):
     exit_code = 2
 
 
+class StorageError(RetrainError):
+    """A write failed for lack of room, an I/O error or a read-only file system; exits 4.
+
+    What was finished before it is kept (flushed and renamed into place); what was being
+    written is removed, so a run with room goes on from there (see retrain.atomic).
+    """
+
+    exit_code = 4
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.errno = code
+
+
 class ConfigError(UsageError):
     """An invalid setting of a RetrainConfig, naming it (see the module docstring)."""
 

@@ -23,9 +23,11 @@ from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
 
+from retrain import graph_decode, quantize
 from retrain.atomic import atomic_write_bytes, atomic_write_text
 from retrain.config import ExportConfig
 from retrain.heads import Head
+from retrain.tflite_labels import with_labels
 from retrain.thresholds import write_thresholds
 
 log = logging.getLogger("retrain")
@@ -91,7 +93,7 @@ def cached_frozen_module(
     except (OSError, ValueError, RuntimeWarning):
         pass  # absent or damaged: make it again
     graph_def = frozen_module_graph_def(load_module_object(), input_size)
-    atomic_write_bytes(path, graph_def.SerializeToString())
+    atomic_write_bytes(path, graph_def.SerializeToString(), "frozen module graph")
     return graph_def
 
 
@@ -118,16 +120,24 @@ def classifier_graph_def(
 
 def write_frozen_graph(graph_def: tf.compat.v1.GraphDef, path: str | os.PathLike) -> None:
     """Write a frozen GraphDef to `path` (atomically)."""
-    atomic_write_bytes(path, graph_def.SerializeToString())
+    atomic_write_bytes(path, graph_def.SerializeToString(), "frozen graph")
 
 
 def write_labels(labels: list[str], path: str | os.PathLike) -> None:
     """Write one label per line, in the order of the classifier's outputs."""
-    atomic_write_text(path, "".join(f"{label}\n" for label in labels))
+    atomic_write_text(path, "".join(f"{label}\n" for label in labels), "labels")
+
+
+BYTES_SIGNATURE = "serving_bytes"  # the SavedModel signature taking encoded image files
+BYTES_INPUT = "image_bytes"  # its input; "_bytes" lets TF Serving's REST API take base64
 
 
 def write_saved_model(classifier: Classifier, labels: list[str], path: str | os.PathLike) -> None:
-    """Write a SavedModel whose serving signature maps `images` to class probabilities.
+    """Write a SavedModel with two signatures: `serving_default` maps `images` (float32
+    [n, h, w, 3] in [0, 1]) to class probabilities (named by --final_tensor_name), and
+    `serving_bytes` maps `image_bytes` (string [n], each a JPEG, PNG, GIF or BMP file's bytes,
+    decoded and resized in the graph, see retrain.graph_decode) to `scores` and `label`, the
+    top label's name.
 
     The labels go into the model's assets (assets/labels.txt), and a multi-label head's
     thresholds beside them (assets/labels.txt.thresholds). The folder is written under a
@@ -144,20 +154,45 @@ def write_saved_model(classifier: Classifier, labels: list[str], path: str | os.
         if classifier.head.thresholds is not None:
             path = write_thresholds(classifier.head.thresholds, labels_file)
             classifier.thresholds_file = tf.saved_model.Asset(path)
-
-        @tf.function(input_signature=[classifier.input_spec])
-        def serve(images):
-            return {classifier.final_tensor_name: classifier.classify(images)}
-
-        classifier.serve = serve
-        tf.saved_model.save(
-            classifier, str(staging), signatures={"serving_default": serve.get_concrete_function()}
-        )
+        classifier.serve = _float_signature(classifier)
+        classifier.serve_bytes = _bytes_signature(classifier, labels)
+        signatures = {
+            "serving_default": classifier.serve.get_concrete_function(),
+            BYTES_SIGNATURE: classifier.serve_bytes.get_concrete_function(),
+        }
+        tf.saved_model.save(classifier, str(staging), signatures=signatures)
         _swap_in(staging, target)
     finally:
         shutil.rmtree(assets, ignore_errors=True)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _float_signature(classifier: Classifier) -> tf.types.experimental.PolymorphicFunction:
+    @tf.function(input_signature=[classifier.input_spec])
+    def serve(images):
+        return {classifier.final_tensor_name: classifier.classify(images)}
+
+    return serve
+
+
+def _bytes_signature(
+    classifier: Classifier, labels: list[str]
+) -> tf.types.experimental.PolymorphicFunction:
+    size = tuple(classifier.input_spec.shape[1:3])
+    names = tf.constant(labels)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
+    def serve_bytes(image_bytes):
+        images = tf.map_fn(
+            lambda data: graph_decode.decode_to_input(data, size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([*size, 3], tf.float32),
+        )
+        scores = classifier.classify(images)
+        return {"scores": scores, "label": tf.gather(names, tf.argmax(scores, axis=1))}
+
+    return serve_bytes
 
 
 def _swap_in(staging: Path, target: Path) -> None:
@@ -171,16 +206,34 @@ def _swap_in(staging: Path, target: Path) -> None:
         os.replace(staging, target)
 
 
-def tflite_bytes(classifier: Classifier) -> bytes:
-    """The classifier converted to a float32 TFLite flatbuffer (input [1, h, w, 3] in [0, 1])."""
+def tflite_bytes(
+    classifier: Classifier,
+    quantization: str = "none",
+    representative: Callable[[], Any] | None = None,
+    int8_io: bool = False,
+) -> bytes:
+    """The classifier converted to a TFLite flatbuffer (input [1, h, w, 3] in [0, 1], or int8
+    with `int8_io`), quantized as `quantization` says (see retrain.quantize.configure, which
+    takes `representative` and `int8_io`)."""
     concrete = classifier.classify.get_concrete_function()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], classifier)
+    quantize.configure(converter, quantization, representative, int8_io)
     return converter.convert()
 
 
-def write_tflite(classifier: Classifier, path: str | os.PathLike) -> None:
-    """Write the classifier as a .tflite file (atomically)."""
-    atomic_write_bytes(path, tflite_bytes(classifier))
+def write_tflite(
+    classifier: Classifier,
+    path: str | os.PathLike,
+    labels: list[str] | None = None,
+    **quantization: Any,
+) -> None:
+    """Write the classifier as a .tflite file (atomically), carrying `labels` (and its head's
+    thresholds) as associated files (see retrain.tflite_labels); `quantization` is passed
+    to tflite_bytes."""
+    model = tflite_bytes(classifier, **quantization)
+    if labels is not None:
+        model = with_labels(model, labels, classifier.head.thresholds)
+    atomic_write_bytes(path, model, "TFLite model")
 
 
 def export_classifier(
@@ -192,13 +245,14 @@ def export_classifier(
     input_size: tuple[int, int],
     weights: np.ndarray,
     biases: np.ndarray,
+    representative: Callable[[], Any] | None = None,
 ) -> dict[str, str]:
     """Write the files `settings` names (frozen graph, labels, TFLite, SavedModel) for the
     module followed by the layer (`weights`, `biases`) and `head`'s output; returns
     {setting: path} of each one written (and "thresholds": the thresholds file a head with
     thresholds writes beside the labels, see retrain.thresholds). `module_graph_def()` gives
     the frozen module and `module_object()` the loaded one: each is asked for only if a file
-    needs it."""
+    needs it. `representative` calibrates int8 quantization (see retrain.quantize)."""
     written = {}
     if settings.output_graph:
         graph = classifier_graph_def(
@@ -228,9 +282,20 @@ def export_classifier(
         module_object(), head, weights, biases, input_size, settings.final_tensor_name
     )
     if settings.output_tflite:
-        write_tflite(classifier, settings.output_tflite)
+        write_tflite(
+            classifier,
+            settings.output_tflite,
+            labels,
+            quantization=settings.quantize,
+            representative=representative,
+            int8_io=settings.tflite_int8_io,
+        )
         written["output_tflite"] = settings.output_tflite
-        log.info("Saved the TFLite model to %s", settings.output_tflite)
+        log.info(
+            "Saved the TFLite model (%s) to %s",
+            "float32" if settings.quantize == "none" else f"quantized: {settings.quantize}",
+            settings.output_tflite,
+        )
     if settings.saved_model_dir:
         write_saved_model(classifier, labels, settings.saved_model_dir)
         written["saved_model_dir"] = settings.saved_model_dir

@@ -498,7 +498,7 @@ def search_rate(
         return float(loss_sum / max(count, 1))
 
     return range_test(
-        step_at, FIND_STEPS, FIND_MIN_RATE, FIND_MAX_RATE, "fine_tuning.learning_rate"
+        step_at, FIND_STEPS, FIND_MIN_RATE, FIND_MAX_RATE, "fine_tuning.learning_rate", "edge"
     )
 
 

@@ -17,6 +17,7 @@ from retrain.config import (
     CLASS_WEIGHTS,
     DEFAULT_MODULE,
     OPTIMIZERS,
+    QUANTIZATIONS,
     SAMPLINGS,
     SCHEDULES,
     SPLIT_HASHES,
@@ -391,6 +392,22 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "evaluations without a better one; 0: runs every step (still keeping the best).",
         flag_values=f,
     )
+    flags.DEFINE_enum(
+        "quantize",
+        "none",
+        list(QUANTIZATIONS),
+        "Quantization of --output_tflite: none (float32), dynamic (int8 weights), float16 "
+        "(float16 weights), int8 (int8 weights and activations, calibrated on a fixed "
+        "few hundred training images). The run checks every exported model on the test split.",
+        flag_values=f,
+    )
+    flags.DEFINE_boolean(
+        "tflite_int8_io",
+        False,
+        "With --quantize=int8: int8 input and output tensors (for integer-only accelerators); "
+        "otherwise they stay float32.",
+        flag_values=f,
+    )
 
 
 # Every flag that is a config setting: flag name -> dotted config path.
@@ -442,6 +459,8 @@ FLAG_FIELDS = {
     "final_tensor_name": "export.final_tensor_name",
     "intermediate_output_graphs_dir": "export.intermediate_output_graphs_dir",
     "intermediate_store_frequency": "export.intermediate_store_frequency",
+    "quantize": "export.quantize",
+    "tflite_int8_io": "export.tflite_int8_io",
     "distribution_strategy": "distribution.strategy",
     "summaries_dir": "outputs.summaries_dir",
     "metrics_json": "outputs.metrics_json",

@@ -32,6 +32,8 @@ MAX_RATE = 10.0
 STEPS = 200
 SMOOTHING = 0.9  # of the loss's exponential moving average (debiased, as fastai does)
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
+RISEN = 1.1  # "edge" rule: the rates before the loss rose 10% above its start are safe
+SKIP_START = 10  # points of warm-up that never count as the lowest loss (fastai's skip_start)
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,13 @@ def range_test(
     min_rate: float,
     max_rate: float,
     rate_field: str,
+    rule: str = "valley",
 ) -> RateSearch:
     """The range test around any training: `step_at(rate)` takes one step at `rate` and
     returns its batch's loss; the rate grows geometrically from `min_rate` to `max_rate` over
-    `steps` steps, stopping early once the loss has clearly diverged. Raises RetrainError
-    (naming config field `rate_field`) if the loss never falls."""
+    `steps` steps, stopping early once the loss has clearly diverged; `rule` says how the
+    suggestion is read off (see `suggest`). Raises RetrainError (naming config field
+    `rate_field`) if the first step's loss is not a number."""
     growth = (max_rate / min_rate) ** (1 / max(1, steps - 1))
     rates, losses, smoothed = [], [], []
     average, best = 0.0, math.inf
@@ -131,28 +135,41 @@ def range_test(
         best = min(best, debiased)
         if step > 10 and debiased > DIVERGED * best:
             break
-    lowest = int(np.argmin(smoothed)) if smoothed else 0
-    if not smoothed or lowest == 0:
+    if not smoothed:
         raise RetrainError(
-            "the learning-rate finder saw the loss fall at no rate between "
-            f"{min_rate:g} and {max_rate:g}; check the data (retrain --audit) or set {{0}}",
+            f"the learning-rate finder's first step, at {min_rate:g}, gave a loss that is not "
+            "a number; check the data (retrain --audit) or set {0}",
             rate_field,
         )
     return RateSearch(
         rates=rates,
         losses=losses,
         smoothed=smoothed,
-        suggestion=float(f"{suggest(rates, smoothed):.2g}"),
+        suggestion=float(f"{suggest(rates, smoothed, rule):.2g}"),
         seconds=time.perf_counter() - start,
     )
 
 
-def suggest(rates: list[float], smoothed: list[float]) -> float:
-    """The smaller of a tenth of the lowest loss's rate and the rate where the loss fell
-    fastest (per decade of rate). The first is fastai's rule when the loss turned up within
-    the range; the second guards the case where it never did (a small set the layer can
-    memorise), where the lowest loss sits at the largest rate tried."""
-    lowest = int(np.argmin(smoothed))
+def suggest(rates: list[float], smoothed: list[float], rule: str = "valley") -> float:
+    """The suggested rate of a range test (the first SKIP_START points, still warming the
+    average up, never count as the lowest).
+
+    "valley" (the new layer, trained from scratch): the smaller of a tenth of the lowest
+    loss's rate and the rate where the loss fell fastest per decade. The first is fastai's
+    rule when the loss turned up within the range; the second guards a small set the layer
+    memorises, whose loss never turns up. "edge" (fine-tuning a layer that already fits its
+    images, whose loss hardly falls): a tenth of the largest rate before the loss rose RISEN
+    times above where it started (its median over the first quarter of the rates).
+    """
+    skip = min(SKIP_START, len(smoothed) // 10)
+    if rule == "edge":
+        start = float(np.median(smoothed[: max(1, len(smoothed) // 4)]))  # robust to noise
+        rising = [i for i in range(skip, len(smoothed)) if smoothed[i] > RISEN * start]
+        edge = rising[0] - 1 if rising else len(rates) - 1
+        return rates[max(edge, 0)] / 10
+    lowest = skip + int(np.argmin(smoothed[skip:]))
+    if lowest == 0:
+        return rates[0] / 10
     slopes = np.diff(smoothed[: lowest + 1]) / np.diff(np.log10(rates[: lowest + 1]))
     steepest = rates[int(np.argmin(slopes)) + 1]
     return min(rates[lowest] / 10, steepest)

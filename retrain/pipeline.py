@@ -26,16 +26,18 @@ from retrain import (
     distort,
     distribute,
     export,
+    export_check,
     finetune,
     health,
     labels_csv,
     lr_find,
     module_cache,
+    quantize,
     report,
     sampling,
     scan,
 )
-from retrain.atomic import atomic_write_text
+from retrain.atomic import atomic_write_text, check_writable_dir, exclusive, writing
 from retrain.audit import AuditReport
 from retrain.bottlenecks import (
     Bottlenecks,
@@ -123,9 +125,21 @@ def run(config: RetrainConfig) -> RunResult:
             if tuned.after is not None and not tuned.head_alone:
                 evaluations["testing"] = tuned.after  # cached bottlenecks no longer fit it
                 evaluations.pop("validation", None)  # it measured the head before tuning
+        training_paths = bottlenecks.paths_of("training")
     check_interrupt()  # a run stopped before here writes no outputs
     outputs = (
-        _export(config, image_set.labels, module, module_object, trained, tuned) if chief else {}
+        _export(config, image_set.labels, module, module_object, trained, tuned, training_paths)
+        if chief
+        else {}
+    )
+    export_checks = export_check.check_exports(
+        outputs,
+        test_paths,
+        evaluations.get("testing"),
+        tuned.input_size if tuned is not None else module.input_size,
+        config.data.max_image_pixels,
+        config.export.quantize,
+        config.export.final_tensor_name,
     )
     result = RunResult(
         labels=image_set.labels,
@@ -149,6 +163,7 @@ def run(config: RetrainConfig) -> RunResult:
         unlisted_images=image_set.unlisted,
         test_paths=test_paths,
         rate_search=rate_search,
+        export_checks=export_checks,
     )
     if config.evaluation.print_misclassified_test_images:
         _print_misclassified(result)
@@ -169,7 +184,7 @@ def run(config: RetrainConfig) -> RunResult:
     if config.outputs.metrics_json and chief:
         metrics = result.metrics()
         text = json.dumps(metrics, indent=2, default=_plain) + "\n"
-        atomic_write_text(config.outputs.metrics_json, text)
+        atomic_write_text(config.outputs.metrics_json, text, "metrics")
         result.outputs["metrics_json"] = config.outputs.metrics_json
     if cluster is not None:
         distribute.barrier(cluster)  # the others wait for the chief's outputs: all end together
@@ -183,20 +198,9 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
     Trains nothing it keeps and exports nothing."""
     if not isinstance(config, RetrainConfig):
         raise TypeError(f"audit_photos() takes a RetrainConfig, got {type(config).__name__}")
-    config.validate()
-    image_set = scan_images(config)
-    module = load_module(config.module)
-    with _bottleneck_folder(config.cache.bottleneck_dir) as bottleneck_dir:
-        bottlenecks = compute_bottlenecks(
-            image_set,
-            module,
-            LazyModule(module),
-            bottleneck_dir,
-            config.module,
-            config.data.max_image_pixels,
-        )
+    with _cached_bottlenecks(config) as (image_set, _, _, bottlenecks):
         findings = audit.audit_bottlenecks(
-            bottlenecks, image_set.labels, config.audit, config.training
+            bottlenecks, image_set.labels, config.audit, config.training, make_head(image_set)
         )
     log.info(
         "Audit of %d images in %.1f s: %d suspect labels, %d duplicate pairs (%d across "
@@ -220,7 +224,7 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
         )
     if config.outputs.metrics_json:
         text = json.dumps({"audit": findings.metrics()}, indent=2) + "\n"
-        atomic_write_text(config.outputs.metrics_json, text)
+        atomic_write_text(config.outputs.metrics_json, text, "metrics")
     if config.outputs.report_html:
         report.write_report(config.outputs.report_html, config, audit=findings)
         log.info("Wrote the report %s", config.outputs.report_html)
@@ -235,19 +239,7 @@ def find_learning_rate(config: RetrainConfig) -> dict[str, lr_find.RateSearch]:
     range-tested too. Returns {"training": search[, "fine_tuning": search]}; logs loss against
     rate and the suggestions, writes the plots to TensorBoard if `outputs.summaries_dir` and
     the figures to `outputs.metrics_json`; keeps nothing it trains."""
-    config.validate()
-    image_set = scan_images(config)
-    module = load_module(config.module)
-    module_object = LazyModule(module)
-    with _bottleneck_folder(config.cache.bottleneck_dir) as bottleneck_dir:
-        bottlenecks = compute_bottlenecks(
-            image_set,
-            module,
-            module_object,
-            bottleneck_dir,
-            config.module,
-            config.data.max_image_pixels,
-        )
+    with _cached_bottlenecks(config) as (image_set, module, module_object, bottlenecks):
         head = make_head(image_set)
         searches = {"training": _search_rate(config, bottlenecks, head)}
         if config.fine_tuning.steps:
@@ -269,7 +261,7 @@ def find_learning_rate(config: RetrainConfig) -> dict[str, lr_find.RateSearch]:
     if config.outputs.metrics_json:
         figures = {name: search.metrics() for name, search in searches.items()}
         text = json.dumps({"lr_find": figures}, indent=2) + "\n"
-        atomic_write_text(config.outputs.metrics_json, text)
+        atomic_write_text(config.outputs.metrics_json, text, "metrics")
     return searches
 
 
@@ -312,6 +304,33 @@ def _search_rate(config: RetrainConfig, b: Bottlenecks, head: Head) -> lr_find.R
         config.training.optimizer,
     )
     return search
+
+
+@contextlib.contextmanager
+def _cached_bottlenecks(
+    config: RetrainConfig,
+) -> Iterator[tuple[scan.ImageSet, ImageModule, LazyModule, Bottlenecks]]:
+    """For the commands that only read the vectors (audit, learning-rate finder): the config
+    validated, its images scanned, its module loaded and every vector cached (computing only
+    what is missing), on one machine; the vectors' folder lasts while the context does."""
+    config.validate()
+    image_set = scan_images(config)
+    module = load_module(config.module)
+    module_object = LazyModule(module)
+    with _bottleneck_folder(config.cache.bottleneck_dir) as bottleneck_dir:
+        yield (
+            image_set,
+            module,
+            module_object,
+            compute_bottlenecks(
+                image_set,
+                module,
+                module_object,
+                bottleneck_dir,
+                config.module,
+                config.data.max_image_pixels,
+            ),
+        )
 
 
 def _plain(value):
@@ -593,9 +612,10 @@ def _write_summaries(
     from retrain import summaries  # imports TensorBoard's projector: only when writing
 
     started = time.perf_counter()
-    summaries.write_run_summaries(summaries_dir, result)
-    if sample is not None:
-        summaries.write_projector(summaries_dir, *sample)
+    with writing(summaries_dir, "TensorBoard summaries"):
+        summaries.write_run_summaries(summaries_dir, result)
+        if sample is not None:
+            summaries.write_projector(summaries_dir, *sample)
     log.debug("TensorBoard summaries written in %.2f s", time.perf_counter() - started)
 
 
@@ -652,9 +672,17 @@ def _export(
     module_object: LazyModule,
     trained: TrainResult,
     tuned: finetune.FineTuneResult | None,
+    training_paths: scan.PathList,
 ) -> dict[str, str]:
     """The export stage: the fine-tuned network if `tuned` kept one, else the pretrained module
-    with the trained layer. Returns {setting: path} of the files written."""
+    with the trained layer; int8 quantization is calibrated on a seeded pick of `training_paths`.
+    Returns {setting: path} of the files written."""
+    input_size = tuned.input_size if tuned is not None else module.input_size
+    representative = quantize.representative_dataset(
+        quantize.calibration_paths(training_paths, seed=config.training.random_seed),
+        input_size,
+        config.data.max_image_pixels,
+    )
     if tuned is not None and not tuned.head_alone:
         return export.export_classifier(
             config.export,
@@ -665,6 +693,7 @@ def _export(
             tuned.input_size,
             tuned.weights,
             tuned.biases,
+            representative,
         )
     return export.export_classifier(
         config.export,
@@ -675,6 +704,7 @@ def _export(
         module.input_size,
         trained.weights,
         trained.biases,
+        representative,
     )
 
 
@@ -692,9 +722,14 @@ def _print_misclassified(result: RunResult) -> None:
 
 
 def _frozen_module(config: RetrainConfig, module: ImageModule, module_object: LazyModule):
-    """The pretrained module's frozen graph, made once per module and kept in its cache."""
+    """The pretrained module's frozen graph, made once per module and kept in its cache (made
+    for this run only, with a warning, when the cache cannot be written)."""
     path = module_cache.frozen_module_path(config.module.cache_dir, module.fingerprint)
-    return export.cached_frozen_module(path, module_object.get, module.input_size)
+    if not path.exists() and (problem := check_writable_dir(path.parent)):
+        log.warning("Module cache: cannot keep the frozen module in %s (%s)", path.parent, problem)
+        return export.frozen_module_graph_def(module_object.get(), module.input_size)
+    with exclusive(path):  # one process at a time freezes it; the others read its file
+        return export.cached_frozen_module(path, module_object.get, module.input_size)
 
 
 def _intermediate_graph_writer(

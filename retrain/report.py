@@ -75,7 +75,7 @@ def write_report(
         + "\n".join(part for part in body if part)
         + "\n</body></html>\n"
     )
-    atomic_write_text(path, page)
+    atomic_write_text(path, page, "HTML report")
     return str(path)
 
 

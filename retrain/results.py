@@ -52,6 +52,8 @@ class RunResult:
     unlisted_images: int | None = None  # multi-label: image files the labels CSV does not list
     test_paths: list[str] = field(default_factory=list)  # the test evaluation's images, in order
     rate_search: Any = None  # retrain.lr_find.RateSearch, with --learning_rate auto
+    # Each exported model run on the test split: retrain.export_check.ExportCheck objects.
+    export_checks: list[Any] = field(default_factory=list)
 
     @property
     def test(self) -> Evaluation | MultiLabelEvaluation | None:
@@ -118,6 +120,8 @@ class RunResult:
             metrics["distortions"] = dict(self.distortions)
         if self.rate_search is not None:
             metrics["lr_find"] = {"training": self.rate_search.metrics()}
+        if self.export_checks:
+            metrics["export_checks"] = [check.as_dict() for check in self.export_checks]
         metrics["health"] = [finding.as_dict() for finding in self.health]
         return metrics
 

@@ -434,4 +434,12 @@ def write_split_manifest(image_set: ImageSet, path: str | os.PathLike) -> None:
     writer.writerow(["path", "label", "split"])
     for i, image_path in enumerate(image_set.paths):
         writer.writerow([display_path(image_path), image_set.label_text(i), image_set.split_of(i)])
-    atomic_write_text(path, out.getvalue())
+    atomic_write_text(path, out.getvalue(), "split manifest")
+
+
+def walk_images(folder: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files under `folder`, walked as a class folder is (recursively, in name
+    order, hidden and non-image files left out), and (path, reason) of those left out because
+    they cannot be used (a broken link, a folder that cannot be listed)."""
+    ignored: list[tuple[str, str]] = []
+    return _walk_images(os.fspath(folder), ignored), ignored

@@ -80,6 +80,11 @@ def write_projector(
     embedding.tensor_name = PROJECTOR_TENSOR
     embedding.metadata_path = "metadata.tsv"
     projector.visualize_embeddings(str(folder), config)
+    # TensorBoard lists a folder as a run, and so offers its projector, only with events in it.
+    writer = tf.summary.create_file_writer(str(folder))
+    with writer.as_default(step=0):
+        tf.summary.text("about", f"{len(vectors)} bottleneck vectors with file, label and split")
+    writer.close()
     return folder
 
 

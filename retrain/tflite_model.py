@@ -1,9 +1,9 @@
 """A TFLite image model run with LiteRT (ai-edge-litert): one float32 input ``[n, h, w, 3]``,
 one output ``[n, k]``.
 
-Shared by the extraction backend (``retrain.backends``) and label-image (``label_image.tflite``),
-which each check their callers' inputs and word their own errors. Importing this module, loading
-a model and running it never import TensorFlow.
+Shared by the extraction backend (``retrain.backends``) and ``retrain.exported`` (label-image
+and the post-export check), which each check their callers' inputs and word their own errors.
+Importing this module, loading a model and running it never import TensorFlow.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class SignatureError(ValueError):
     """The model's inputs and outputs are not what ``TFLiteModel`` runs.
 
     ``part`` says what is wrong: ``"count"`` (not one input and one output), ``"input"`` (not
-    float32 ``[n, h, w, 3]``) or ``"output"`` (not ``[n, k]``, or not the required dtype).
+    float32 ``[n, h, w, 3]``, nor quantized int8 or uint8 of that shape) or ``"output"`` (not
+    ``[n, k]``, or not the required dtype).
     ``inputs`` and ``outputs`` are LiteRT's tensor details, for callers that word it their way.
     """
 
@@ -54,14 +55,28 @@ def _check_signature(inputs: list[dict], outputs: list[dict], output_dtype: Any)
         raise SignatureError("count", inputs, outputs)
     (tensor_in,), (tensor_out,) = inputs, outputs
     in_shape, out_shape = list(tensor_in["shape"]), list(tensor_out["shape"])
-    if tensor_in["dtype"] != np.float32 or len(in_shape) != 4 or in_shape[3] != 3:
+    in_ok = tensor_in["dtype"] == np.float32 or _scale(tensor_in) is not None
+    if not in_ok or len(in_shape) != 4 or in_shape[3] != 3:
         raise SignatureError("input", inputs, outputs)
-    if (output_dtype is not None and tensor_out["dtype"] != output_dtype) or len(out_shape) != 2:
+    out_dtype = np.float32 if _scale(tensor_out) is not None else tensor_out["dtype"]
+    if (output_dtype is not None and out_dtype != output_dtype) or len(out_shape) != 2:
         raise SignatureError("output", inputs, outputs)
+
+
+def _scale(tensor: dict) -> tuple[float, int] | None:
+    """(scale, zero point) of an int8 or uint8 tensor quantized per tensor, else None."""
+    scale, zero_point = tensor.get("quantization", (0.0, 0))
+    if tensor["dtype"] not in (np.int8, np.uint8) or not scale:
+        return None
+    return float(scale), int(zero_point)
 
 
 class TFLiteModel:
     """A LiteRT interpreter for a float32 image model, run on batches of any length.
+
+    A model with quantized int8 (or uint8) input or output tensors (a full-integer model's
+    integer I/O) takes and gives float32 all the same: inputs are quantized and outputs
+    dequantized with the tensors' scale and zero point.
 
     ``batch_size`` images at most per invocation (None: a whole batch in one); the interpreter
     is resized when a batch or its final chunk has another shape, which costs well under 1 ms
@@ -97,7 +112,10 @@ class TFLiteModel:
         self.input_shape = tuple(int(d) for d in tensor_in["shape"])
         self.input_signature = tuple(int(d) for d in tensor_in["shape_signature"])
         self.output_width = int(tensor_out["shape"][1])
-        self.output_dtype = np.dtype(tensor_out["dtype"])
+        self._in_scale, self._out_scale = _scale(tensor_in), _scale(tensor_out)
+        self._in_dtype = np.dtype(tensor_in["dtype"])
+        self._out_dtype = np.dtype(tensor_out["dtype"])
+        self.output_dtype = np.dtype(np.float32) if self._out_scale else self._out_dtype
         self._input, self._output = tensor_in["index"], tensor_out["index"]
         self._lock = threading.Lock()
         self._allocated: tuple[int, ...] | None = None
@@ -117,10 +135,23 @@ class TFLiteModel:
             for start in range(0, len(images), step):
                 chunk = images[start : start + step]
                 self._allocate(chunk.shape)
-                self._interpreter.set_tensor(self._input, chunk)
+                self._interpreter.set_tensor(self._input, self._quantized(chunk))
                 self._interpreter.invoke()
-                outputs[start : start + len(chunk)] = self._interpreter.get_tensor(self._output)
+                result = self._interpreter.get_tensor(self._output)
+                if self._out_scale:
+                    scale, zero_point = self._out_scale
+                    result = (result.astype(np.float32) - zero_point) * np.float32(scale)
+                outputs[start : start + len(chunk)] = result
         return outputs
+
+    def _quantized(self, images: np.ndarray) -> np.ndarray:
+        """`images` as the input tensor takes them: as they are, or quantized."""
+        if not self._in_scale:
+            return images
+        scale, zero_point = self._in_scale
+        info = np.iinfo(self._in_dtype)
+        values = np.round(images / np.float32(scale)) + zero_point
+        return np.clip(values, info.min, info.max).astype(self._in_dtype)
 
     def _allocate(self, shape: tuple[int, ...]) -> None:
         if shape != self._allocated:

@@ -23,7 +23,7 @@ def write_thresholds(thresholds: Sequence[float], labels_path: str | os.PathLike
     """Write `thresholds` (one per line, exactly as floats print) beside the labels file
     `labels_path`, atomically; returns the path written."""
     path = thresholds_path(labels_path)
-    atomic_write_text(path, "".join(f"{float(t)!r}\n" for t in thresholds))
+    atomic_write_text(path, "".join(f"{float(t)!r}\n" for t in thresholds), "thresholds")
     return path
 
 

@@ -8,7 +8,9 @@ overhead is paid once per evaluation, not once per step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -21,8 +23,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from retrain.atomic import writing
 from retrain.config import HeadTrainingConfig
-from retrain.errors import RetrainError, first_line
+from retrain.errors import RetrainError, StorageError, first_line
 from retrain.features import FeatureSplit, Split
 from retrain.heads import DenseLayer, Head, metrics
 from retrain.interrupt import check as check_interrupt
@@ -38,6 +41,8 @@ TrainingSource = Union[Split, FeatureSplit, "DistortedStream"]
 
 # Steps per graph call: long enough to amortise the call, short enough for live logs.
 MAX_STEPS_PER_CALL = 500
+# Checkpoints are <checkpoint_dir>/ckpt-<step>.* (TensorFlow's default name, as before).
+CHECKPOINT_NAME = "ckpt"
 
 
 class TrainingDiverged(RetrainError):
@@ -203,13 +208,18 @@ class Summaries:
     """TensorBoard writers for the train/ and validation/ runs (retrain.py's layout)."""
 
     def __init__(self, summaries_dir: str | Path):
-        root = Path(summaries_dir).expanduser()
-        self.train = tf.summary.create_file_writer(str(root / "train"))
-        self.validation = tf.summary.create_file_writer(str(root / "validation"))
+        self.root = Path(summaries_dir).expanduser()
+        self.train = tf.summary.create_file_writer(str(self.root / "train"))
+        self.validation = tf.summary.create_file_writer(str(self.root / "validation"))
+
+    def writing(self) -> contextlib.AbstractContextManager:
+        """Around what writes summaries: a failure of the storage is a StorageError."""
+        return writing(self.root, "TensorBoard summaries")
 
     def close(self) -> None:
-        self.train.close()
-        self.validation.close()
+        with self.writing():
+            self.train.close()
+            self.validation.close()
 
 
 def train_head(
@@ -235,7 +245,9 @@ def train_head(
     resumed = 0
     if checkpoint_dir is not None:
         checkpoint = tf.train.Checkpoint(trainer=trainer)
-        manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=2)
+        manager = tf.train.CheckpointManager(
+            checkpoint, str(checkpoint_dir), max_to_keep=2, checkpoint_name=CHECKPOINT_NAME
+        )
         if resume and manager.latest_checkpoint:
             try:
                 checkpoint.restore(manager.latest_checkpoint).expect_partial()
@@ -272,9 +284,10 @@ def train_head(
         to_event = min(every - step % every for every in events)
         count = min(interval, total - step)
         rounds = max(1, min(to_event, total - step) // count)
-        records = trainer.run_intervals(
-            tf.constant(rounds), tf.constant(count), val_x, val_y, val_size, summaries
-        ).numpy()
+        with summaries.writing() if summaries else contextlib.nullcontext():
+            records = trainer.run_intervals(
+                tf.constant(rounds), tf.constant(count), val_x, val_y, val_size, summaries
+            ).numpy()
         for row in records:
             step += count
             history.append(_record(step, row, val_x is not None))
@@ -292,7 +305,7 @@ def train_head(
         if on_step is not None:
             on_step(step, trainer.head.weights.numpy(), trainer.head.biases.numpy())
         if manager is not None and (step - last_saved >= config.checkpoint_every or step == total):
-            manager.save(checkpoint_number=step)
+            save_checkpoint(manager, trainer, step)
             last_saved = step
     if bar is not None:
         bar.close()
@@ -306,6 +319,24 @@ def train_head(
         history=history,
         resumed_from_step=resumed,
     )
+
+
+def save_checkpoint(manager: tf.train.CheckpointManager, trainer: HeadTrainer, step: int) -> None:
+    """Save `trainer` as checkpoint `step`. A failure of the storage is a StorageError, and
+    what it left of this checkpoint is removed: the last complete one stays the latest."""
+    folder = Path(manager.directory)
+    variables = {id(v): v for v in (*trainer.variables, *trainer.optimizer.variables)}
+    size = sum(int(np.prod(v.shape)) * v.dtype.size for v in variables.values())
+    try:
+        with writing(folder, "checkpoint", size):
+            manager.save(checkpoint_number=step)
+    except StorageError:
+        for partial in folder.glob(f"{CHECKPOINT_NAME}-{step}[._]*"):
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
+        raise
 
 
 def _streamed_batches(

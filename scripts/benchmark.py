@@ -5,6 +5,7 @@
     python scripts/benchmark.py --suite training
     python scripts/benchmark.py --suite cache --cache_sizes 10000,100000,1000000
     python scripts/benchmark.py --suite run --generate 1000                   # 1k made-up JPEGs
+    python scripts/benchmark.py --suite audit --audit_sizes 10000,100000,1000000
 
 Suites:
   module      raw module images/s on decoded 224x224 batches, per extraction backend
@@ -15,14 +16,22 @@ Suites:
   scale       whole default runs over N cached images (N from --scale_sizes): wall s, peak RSS
   label_image label-image on an exported .tflite: one image from a cold start (s), and every
               image of --image_dir in batches (images/s) next to the raw model images/s
+  audit       the audit of N cached photo-like vectors with planted near copies (N from
+              --audit_sizes): wall s, peak RSS, the audit's seconds and counts, copies found
   distortions distorting decoded batches + the module next to the module alone (images/s);
               seconds per 100 training images undistorted, with cached copies (computing and
               reusing them) and on the fly
+  export      per exported format and --quantizations: file size (MB), the run's own check
+              (accuracy, agreement with the float model), label-image's cold start for one
+              image (s), its images/s over a folder and its accuracy there (--eval_dir, a folder
+              of class folders; default: the run's test split)
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import itertools
 import json
 import os
 import resource
@@ -31,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -388,6 +397,112 @@ def _fake_cached_images(root: Path, count: int, module, classes: int = 5) -> Pat
     return root / "images"
 
 
+def _clustered_vectors(
+    dim: int, classes: int, near_copy_every: int, clusters: int = 20, rank: int = 64
+) -> Iterator[np.ndarray]:
+    """Photo-like vectors of image i = 0, 1, ...: its class's centre (i % classes), one of
+    `clusters` sub-centres of that class, variation along `rank` directions of decaying
+    spread (image features vary along few directions) and a little noise in all; image i
+    with i % near_copy_every == near_copy_every - 1 is a near copy of image i - 1 (cosine
+    similarity about 0.98, filed under another class)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(classes, dim))
+    sub = rng.normal(size=(classes, clusters, dim))
+    directions = rng.normal(size=(rank, dim)) / np.sqrt(np.arange(1, rank + 1))[:, None]
+    previous = np.zeros(dim)
+    for i in itertools.count():
+        if i % near_copy_every == near_copy_every - 1:
+            vector = previous + rng.normal(size=dim) * 0.5
+        else:
+            label = i % classes
+            vector = np.abs(centres[label] + sub[label, rng.integers(clusters)])
+            vector += rng.normal(size=rank) @ directions + rng.normal(size=dim) * 0.2
+        previous = vector
+        yield vector.astype(np.float32)
+
+
+def _planted_pairs_found(duplicates_csv: Path, near_copy_every: int) -> int:
+    """Rows of the audit's duplicates.csv that pair a near copy with its original."""
+    found = 0
+    with open(duplicates_csv, newline="") as handle:
+        for row in csv.DictReader(handle):
+            a, b = sorted(int(Path(row[k]).stem[3:]) for k in ("path_a", "path_b"))
+            found += b == a + 1 and b % near_copy_every == near_copy_every - 1
+    return found
+
+
+_AUDIT_DIM, _AUDIT_CLASSES, _NEAR_COPY_EVERY = 1280, 5, 100
+
+
+def _synthetic_cache(folder: Path, count: int) -> None:
+    """A bottleneck cache in `folder` of `count` `_clustered_vectors`, written through the
+    cache API (image i's keys are i)."""
+    from retrain.cache import BottleneckCache
+
+    cache = BottleneckCache(folder, "synthetic", _AUDIT_DIM)
+    vectors = _clustered_vectors(_AUDIT_DIM, _AUDIT_CLASSES, _NEAR_COPY_EVERY)
+    with cache.writer() as writer:
+        for i, vector in zip(range(count), vectors):
+            key = i.to_bytes(16, "little")
+            writer.add(key, key, vector)
+
+
+def audit_synthetic_cache(folder: Path) -> None:
+    """The audit (`audit.audit_bottlenecks`, default settings) of the cache `_synthetic_cache`
+    wrote in `folder`, image i named img{i}.png in class{i % 5}, 80/10/10 random splits; its
+    metrics go to folder/metrics.json and its CSVs to folder/audit."""
+    from retrain import scan
+    from retrain.audit import audit_bottlenecks
+    from retrain.bottlenecks import Bottlenecks
+    from retrain.cache import BottleneckCache, key_array
+    from retrain.config import AuditConfig, HeadTrainingConfig
+
+    cache = BottleneckCache(folder, "synthetic", _AUDIT_DIM)
+    n = len(cache)
+    locations = cache.locate(key_array([i.to_bytes(16, "little") for i in range(n)]))
+    cache.release_index()
+    splits = np.random.default_rng(0).choice(3, n, p=[0.8, 0.1, 0.1]).astype(np.int8)
+    b = Bottlenecks(
+        cache=cache,
+        locations=locations,
+        labels=np.arange(n) % _AUDIT_CLASSES,
+        split_codes=splits,
+        paths=scan.PathList(f"img{i:07d}.png" for i in range(n)),
+        skipped=[],
+        computed=0,
+        seconds=0.0,
+    )
+    labels = [f"class{c}" for c in range(_AUDIT_CLASSES)]
+    settings = AuditConfig(output_dir=str(folder / "audit"))
+    report = audit_bottlenecks(b, labels, settings, HeadTrainingConfig())
+    (folder / "metrics.json").write_text(json.dumps(report.metrics()))
+
+
+def suite_audit(args) -> dict:
+    """The audit of N cached photo-like vectors (N from --audit_sizes; every 100th a near
+    copy of the one before, in another class), in a process of its own: wall seconds, peak
+    RSS, the audit's own seconds, its counts, and how many of the near copies it found."""
+    out = {}
+    for n in (int(s) for s in args.audit_sizes.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            start = time.perf_counter()
+            _synthetic_cache(tmp, n)
+            made = time.perf_counter() - start
+            run = timed_run([sys.executable, __file__, f"--audit_synthetic_cache={tmp}"])
+            metrics = json.loads((tmp / "metrics.json").read_text())
+            found = _planted_pairs_found(tmp / "audit" / "duplicates.csv", _NEAR_COPY_EVERY)
+            out[str(n)] = {
+                **run,
+                "setup_seconds": round(made, 1),
+                "audit_seconds": metrics["seconds"],
+                **{k: metrics[k] for k in ("suspect_labels", "duplicates", "outliers")},
+                "near_copies_planted": n // _NEAR_COPY_EVERY,
+                "near_copies_found": found,
+            }
+    return out
+
+
 def suite_scale(args) -> dict:
     """Whole default runs with a filled cache of N entries: wall seconds and peak RSS."""
     from retrain.models.loading import resolve_module
@@ -413,7 +528,7 @@ def suite_scale(args) -> dict:
 
 
 def suite_label_image(args) -> dict:
-    from label_image.tflite import TFLiteClassifier
+    from retrain.exported import TFLiteClassifier
 
     label_image = shutil.which("label-image") or str(Path(sys.executable).with_name("label-image"))
     images = _images_in(args.image_dir)
@@ -442,6 +557,82 @@ def suite_label_image(args) -> dict:
     }
 
 
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return round(sum(p.stat().st_size for p in files) / 2**20, 2)
+
+
+def _test_split_folder(manifest: Path, skipped: set[str], folder: Path) -> Path:
+    """A folder of class folders linking to the test images of a run's split manifest."""
+    import csv
+
+    with open(manifest, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["split"] == "testing" and row["path"] not in skipped:
+                link = folder / row["label"] / Path(row["path"]).name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(Path(row["path"]).resolve())
+    return folder
+
+
+def _label_image_figures(label_image: list[str], eval_dir: Path, one_image: str) -> dict:
+    """label-image on one model: cold start for one image, then every image of `eval_dir`
+    (class folders) in one call: images/s (start-up counted once) and top-1 accuracy."""
+    cold = min(timed_run([*label_image, one_image])["seconds"] for _ in range(2))
+    start = time.perf_counter()
+    done = subprocess.run(
+        [*label_image, "--json", "--top_k=1", str(eval_dir)], capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - start
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    right = [Path(r["file"]).parent.name == r["labels"][0] for r in rows if "labels" in r]
+    return {
+        "cold_start_one_image_seconds": round(cold, 2),
+        "images": len(right),
+        "images_per_second": round(len(right) / max(seconds - cold, 1e-9), 1),
+        "accuracy": round(float(np.mean(right)), 4) if right else None,
+    }
+
+
+def suite_export(args) -> dict:
+    label_image = shutil.which("label-image") or str(Path(sys.executable).with_name("label-image"))
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        eval_dir = args.eval_dir
+        for quantization in args.quantizations.split(","):
+            work = tmp / quantization
+            models = {f"tflite_{quantization}": work / "model.tflite"}
+            extra = [
+                f"--output_tflite={models[f'tflite_{quantization}']}",
+                f"--quantize={quantization}",
+                f"--split_manifest={work / 'manifest.csv'}",
+            ]
+            if quantization == "none":
+                models["frozen_graph"] = work / "graph.pb"
+                models["saved_model"] = work / "saved_model"
+                extra.append(f"--saved_model_dir={models['saved_model']}")
+            cmd = retrain_command(args.image_dir, work, args.tfhub_module, args.retrain_flag)
+            run = timed_run([*cmd, *extra])
+            metrics = json.loads((work / "metrics.json").read_text())
+            if eval_dir is None:
+                skipped = {entry["file"] for entry in metrics["skipped"]}
+                eval_dir = _test_split_folder(work / "manifest.csv", skipped, tmp / "test_split")
+            one_image = str(next(p for p in sorted(eval_dir.rglob("*")) if p.is_file()))
+            checks = {c["format"]: c for c in metrics.get("export_checks", [])}
+            for name, path in models.items():
+                base = [label_image, f"--graph={path}", f"--labels={work / 'labels.txt'}"]
+                check = checks.get("tflite" if name.startswith("tflite") else name, {})
+                out[name] = {
+                    "size_mb": _size_mb(path),
+                    "retrain_run_seconds": run["seconds"],
+                    "check": {k: check.get(k) for k in ("images", "accuracy", "agreement")},
+                    "test_accuracy_float": metrics["test_accuracy"],
+                    **_label_image_figures(base, eval_dir, one_image),
+                }
+    return out
+
+
 SUITES = {
     "module": suite_module,
     "extraction": suite_extraction,
@@ -451,6 +642,8 @@ SUITES = {
     "scale": suite_scale,
     "label_image": suite_label_image,
     "distortions": suite_distortions,
+    "export": suite_export,
+    "audit": suite_audit,
 }
 
 
@@ -476,9 +669,18 @@ def main() -> None:
     parser.add_argument("--train_rows", type=int, default=2936)
     parser.add_argument("--cache_sizes", default="10000,100000")
     parser.add_argument("--scale_sizes", default="10000,100000")
+    parser.add_argument("--audit_sizes", default="10000")
+    parser.add_argument("--audit_synthetic_cache", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--distorted_copies", type=int, default=5)
     parser.add_argument("--distortion_steps", type=int, default=1000)
     parser.add_argument("--on_the_fly_steps", type=int, default=50)
+    parser.add_argument("--quantizations", default="none,dynamic,float16,int8")
+    parser.add_argument(
+        "--eval_dir",
+        type=Path,
+        default=None,
+        help="export suite: class folders to measure accuracy on (default: the test split)",
+    )
     parser.add_argument(
         "--retrain_flag",
         action="append",
@@ -486,6 +688,9 @@ def main() -> None:
         help="extra flag for the `run` suite, e.g. --retrain_flag=--extraction_backend=tflite",
     )
     args = parser.parse_args()
+    if args.audit_synthetic_cache:  # the measured process of the audit suite
+        audit_synthetic_cache(args.audit_synthetic_cache)
+        return
     suites = list(SUITES) if args.suite == "all" else args.suite.split(",")
     generated = None
     if args.generate:

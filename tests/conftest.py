@@ -91,6 +91,16 @@ def write_image(path: Path, size=(64, 48), color=(200, 30, 30), fmt=None, mode="
     return path
 
 
+def example_subset(target: Path, per_class: int = 6, labels=("daisy", "roses")) -> Path:
+    """The first `per_class` example photos of each of `labels`, copied into `target`: the
+    smallest real set that fills every split."""
+    for label in labels:
+        (target / label).mkdir(parents=True)
+        for photo in sorted((EXAMPLE_DIR / label).iterdir())[:per_class]:
+            shutil.copy(photo, target / label)
+    return target
+
+
 @pytest.fixture
 def example_copy(tmp_path: Path) -> Path:
     """A private copy of the bundled example photos."""

@@ -10,6 +10,7 @@ Nothing here imports TensorFlow at module level; the helpers that need it import
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -198,9 +199,10 @@ def run_retrain(
     timeout: float = 300.0,
     tty: bool = False,
     cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> RunResult:
-    """Run retrain with `args` to the end, injecting `fault` if given."""
-    return watch(start_retrain(args, tty, cwd), fault, timeout)
+    """Run retrain with `args` (and `env` added) to the end, injecting `fault` if given."""
+    return watch(start_retrain(args, tty, cwd, env), fault, timeout)
 
 
 def watch(started: Started, fault: Fault | None = None, timeout: float = 300.0) -> RunResult:
@@ -531,3 +533,104 @@ def kill_after(proc: subprocess.Popen, delay: float) -> int:
     proc.stdout.close()
     proc.stderr.close()
     return status
+
+
+# ----------------------------------------------------------------------------- failing storage
+
+
+class FailingWrites:
+    """Make the `n`-th write() (1-based, over every file `retrain.atomic` opens) fail with
+    OSError `code` after writing half its data, as a file system that fills up midway does;
+    `at="fsync"` makes the `n`-th fsync fail instead. Use with pytest's monkeypatch::
+
+        failing = FailingWrites(errno.ENOSPC, n=2).install(monkeypatch)
+    """
+
+    def __init__(self, code: int, n: int = 1, at: str = "write"):
+        self.code, self.n, self.at = code, n, at
+        self.writes = self.fsyncs = 0
+
+    def install(self, monkeypatch) -> FailingWrites:
+        real_fdopen, real_fsync = os.fdopen, os.fsync
+        monkeypatch.setattr(os, "fdopen", lambda *a, **k: _FailingFile(real_fdopen(*a, **k), self))
+        monkeypatch.setattr(os, "fsync", lambda fd: self._fsync(real_fsync, fd))
+        return self
+
+    def error(self) -> OSError:
+        return OSError(self.code, os.strerror(self.code))
+
+    def _fsync(self, real_fsync, fd: int) -> None:
+        self.fsyncs += 1
+        if self.at == "fsync" and self.fsyncs == self.n:
+            raise self.error()
+        real_fsync(fd)
+
+
+class _FailingFile:
+    """A file object whose writes count towards a FailingWrites plan."""
+
+    def __init__(self, handle, plan: FailingWrites):
+        self._handle, self._plan = handle, plan
+
+    def write(self, data) -> int:
+        self._plan.writes += 1
+        if self._plan.at == "write" and self._plan.writes == self._plan.n:
+            self._handle.write(memoryview(data)[: len(memoryview(data)) // 2])
+            self._handle.flush()
+            raise self._plan.error()
+        return self._handle.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._handle, name)
+
+    def __enter__(self) -> _FailingFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "200k") mounted at `path` for the block; pytest.skip where
+    this process may not mount one (not root, or in a container without the capability)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(path)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace')}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def resize_tmpfs(path: Path, size: str) -> None:
+    """Give a mounted `small_tmpfs` another size (its files stay)."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def read_only_view(source: Path, view: Path) -> Iterator[Path]:
+    """`source` seen through a read-only bind mount at `view` for the block, as a cache shared
+    on a read-only mount is (even root cannot write there); pytest.skip where this process may
+    not mount."""
+    import pytest
+
+    view.mkdir(parents=True, exist_ok=True)
+    for command in (
+        ["mount", "--bind", str(source), str(view)],
+        ["mount", "-o", "remount,bind,ro", str(view)],
+    ):
+        done = subprocess.run(command, capture_output=True)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(view)], capture_output=True)
+            pytest.skip(f"cannot mount read-only here: {done.stderr.decode(errors='replace')}")
+    try:
+        yield view
+    finally:
+        subprocess.run(["umount", "-l", str(view)], check=False)

@@ -3,6 +3,7 @@ on built folders, and none on a clean one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -137,3 +138,68 @@ def test_a_training_run_hints_at_identical_files_across_splits(tmp_path, tiny_mo
     caplog.set_level(logging.INFO, logger="retrain")
     retrain.run(audit_config(root, tmp_path, tiny_module))
     assert any("identical files sit in different splits" in r.getMessage() for r in caplog.records)
+
+
+def test_multi_label_data_is_audited_per_label(tmp_path, tiny_module):
+    root = clean_folder(tmp_path / "images", count=15)
+    photo(root / "odd" / "filed_wrong.png", 0, seed=999)  # red, but the CSV says blue only
+    rows = ["path,red,blue"]
+    rows += [f"red/r{i}.png,1,0" for i in range(15)] + [f"blue/b{i}.png,0,1" for i in range(15)]
+    rows.append("odd/filed_wrong.png,0,1")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    config = audit_config(root, tmp_path, tiny_module)
+    data = DataConfig(testing_percentage=20, validation_percentage=20)
+    config = dataclasses.replace(
+        config, data=dataclasses.replace(data, labels_csv=str(tmp_path / "labels.csv"))
+    )
+    report = retrain.audit_photos(config)
+
+    assert report.images == 31
+    doubted = [r for r in report.suspects if r["path"].endswith("filed_wrong.png")]
+    assert doubted and report.suspects.index(doubted[0]) < 3
+    assert {(r["label"], r["expected"]) for r in doubted} <= {
+        ("not red", "red"),
+        ("blue", "not blue"),
+    }
+    assert all(r["p_expected"] > 0.5 for r in doubted)
+    assert len(report.suspects) <= 2 + 2 * len(doubted)  # few false alarms among 60 labels
+    assert report.outliers == []
+
+
+def test_the_approximate_index_finds_what_the_exact_one_finds(tmp_path, monkeypatch):
+    """Beyond EXACT_SEARCH_ROWS the index is approximate (PCA, inverted lists, 8-bit codes),
+    its candidates checked on the exact vectors: on 600 vectors with 12 near copies it
+    reports the same pairs and nearest-centroid similarities as the exact index."""
+    from retrain import audit
+    from retrain.cache import BottleneckCache, key_array
+    from retrain.features import FeatureSplit
+
+    rng = np.random.default_rng(0)
+    n, dim = 600, 64
+    labels = np.arange(n) % 3
+    basis = rng.normal(size=(8, dim))  # a decaying spectrum, as image features have
+    x = np.abs(rng.normal(size=(3, dim))[labels] + rng.normal(size=(n, 8)) @ basis * 0.3)
+    x += np.abs(rng.normal(size=(n, dim))) * 0.3
+    x[49::50] = x[48::50] + rng.normal(size=(12, dim)) * 0.05
+    cache = BottleneckCache(tmp_path, "m", dim)
+    keys = [i.to_bytes(16, "little") for i in range(n)]
+    with cache.writer() as writer:
+        writer.add_many(zip(keys, keys), x.astype(np.float32))
+    features = FeatureSplit(cache, cache.locate(key_array(keys)), labels)
+
+    def search():
+        index = audit._build_index(features, seed=0)
+        centroids = audit._centroids(features, index, 3)
+        return index.approximate, *audit._search(features, index, centroids, 0.95)
+
+    exact_kind, exact_pairs, exact_nearest = search()
+    monkeypatch.setattr(audit, "EXACT_SEARCH_ROWS", 100)
+    monkeypatch.setattr(audit, "LIST_ROWS", 64)
+    monkeypatch.setattr(audit, "SEARCH_DIMS", 16)
+    approximate_kind, pairs, nearest = search()
+
+    assert (exact_kind, approximate_kind) == (False, True)
+    assert {(i, i + 1) for i in range(48, n, 50)} <= set(exact_pairs)
+    assert sorted(pairs) == sorted(exact_pairs)
+    assert np.allclose([pairs[p] for p in exact_pairs], list(exact_pairs.values()), atol=1e-5)
+    assert np.allclose(nearest, exact_nearest, atol=1e-6)

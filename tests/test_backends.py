@@ -1,4 +1,4 @@
-"""Tests of retrain.backends (TensorFlow vs TFLite extraction) and label_image.tflite."""
+"""Tests of retrain.backends (TensorFlow vs TFLite extraction) and retrain.exported."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from label_image.models import ModelLoadError
-from label_image.tflite import TFLiteClassifier
 from retrain import backends
 from retrain.backends import (
     BackendError,
@@ -26,6 +24,7 @@ from retrain.backends import (
 )
 from retrain.decode import decode_image
 from retrain.errors import RetrainError
+from retrain.exported import ModelLoadError, TFLiteClassifier
 from retrain.models.loading import resolve_module
 from retrain.module_cache import tflite_model_path, tflite_verified_path
 from retrain.preprocess import to_module_input
@@ -84,7 +83,8 @@ def test_conversion_is_cached(module, module_object, cache_dir, tflite_path):
     assert tflite_path.parent == cache_dir / "tflite"
     assert module.fingerprint in tflite_path.name
     assert tflite_path.read_bytes()[4:8] == b"TFL3"
-    assert not [p for p in tflite_path.parent.iterdir() if p != tflite_path]  # no temp files
+    others = [p for p in tflite_path.parent.iterdir() if p != tflite_path]
+    assert [p.name for p in others] == [f".{tflite_path.name}.lock"]  # no temp files
     mtime = tflite_path.stat().st_mtime_ns
     start = time.perf_counter()
     assert convert_to_tflite(module, cache_dir, module_object) == tflite_path
@@ -97,7 +97,8 @@ def test_conversion_failure_is_a_backend_error(module, tmp_path, monkeypatch):
     with pytest.raises(BackendError, match=r"^cannot convert module .*: converter exploded$"):
         convert_to_tflite(module, tmp_path)
     assert issubclass(BackendError, RetrainError)
-    assert not (tmp_path / "tflite").exists() or not list((tmp_path / "tflite").iterdir())
+    left = (tmp_path / "tflite").glob("*") if (tmp_path / "tflite").exists() else []
+    assert [p.name for p in left if not p.name.endswith(".lock")] == []  # lock files stay
 
 
 def test_a_broken_cached_conversion_is_redone(
@@ -249,7 +250,7 @@ def test_auto_on_gpu_and_explicit_choices(module, module_object, cache_dir, monk
         choose_backend("onnx", module, module_object, None, LOG)
 
 
-# ----------------------------------------------------------------------------- label_image.tflite
+# ----------------------------------------------------------------------------- retrain.exported
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +278,7 @@ def test_tflite_paths_do_not_import_tensorflow(classifier, tflite_path):
         f"""
         import sys
         import numpy as np
-        from label_image.tflite import TFLiteClassifier
+        from retrain.exported import TFLiteClassifier
         from retrain.resize import resize_bilinear
         assert "tensorflow" not in sys.modules, "import"
         scores = TFLiteClassifier({str(classifier[0])!r}).predict(np.zeros((2, 12, 10, 3)))

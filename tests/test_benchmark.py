@@ -44,3 +44,21 @@ def test_runs_in_cwd_and_logs_stderr(tmp_path):
 def test_a_failing_command_raises_with_its_stderr(cmd, expected):
     with pytest.raises(RuntimeError, match=expected):
         benchmark.timed_run(cmd)
+
+
+def test_export_suite_measures_the_test_split_it_links(tmp_path):
+    photos = tmp_path / "photos"
+    for name in ("a", "b", "c"):
+        (photos / "cats").mkdir(parents=True, exist_ok=True)
+        (photos / "cats" / f"{name}.jpg").write_bytes(b"x" * 1024)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "path,label,split\n"
+        f"{photos / 'cats' / 'a.jpg'},cats,testing\n"
+        f"{photos / 'cats' / 'b.jpg'},cats,training\n"
+        f"{photos / 'cats' / 'c.jpg'},cats,testing\n"
+    )
+    skipped = {str(photos / "cats" / "c.jpg")}
+    folder = benchmark._test_split_folder(manifest, skipped, tmp_path / "test")
+    assert [p.name for p in (folder / "cats").iterdir()] == ["a.jpg"]
+    assert benchmark._size_mb(photos) == round(3 * 1024 / 2**20, 2)

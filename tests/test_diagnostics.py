@@ -150,6 +150,7 @@ def test_projector_shows_every_vector_with_its_file_label_and_split(diagnosed):
     assert len(rows) - 1 == sum(metrics["images"].values())
     file, label, split = rows[1].split("\t")
     assert Path(file).parent.name == label and split in ("training", "validation", "testing")
+    assert list(folder.glob("events.out.tfevents.*"))  # else TensorBoard lists no such run
     config = (folder / "projector_config.pbtxt").read_text()
     assert "metadata.tsv" in config and "bottlenecks/.ATTRIBUTES/VARIABLE_VALUE" in config
     import tensorflow as tf
@@ -356,8 +357,13 @@ def test_report_renders_in_headless_chromium(diagnosed, tmp_path):
 def test_suggestion_is_a_tenth_of_the_lowest_or_the_steepest_fall_if_smaller():
     from retrain.lr_find import suggest
 
-    rates = [10.0**e for e in range(-6, 2)]  # 1e-6 ... 10
-    turned_up = [2.3, 2.3, 2.3, 2.25, 2.2, 1.9, 0.4, 3.0]  # lowest at 1: a tenth is 0.1
+    rates = [10.0 ** (e / 4) for e in range(-24, 5)]  # 1e-6 ... 10, four points a decade
+    # Falls fastest around 1e-1, lowest at 1 (a tenth: 0.1), then diverges.
+    turned_up = [2.3] * 16 + [2.2, 2.0, 1.7, 1.3, 0.9, 0.6, 0.4, 0.3, 0.25, 0.6, 2.0, 5.0, 9.0]
     assert suggest(rates, turned_up) == pytest.approx(0.1)
-    memorised = [2.3, 2.3, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1]  # never turns up; steepest at 1e-3
-    assert suggest(rates, memorised) == pytest.approx(1e-3)
+    # A set the layer memorises: the loss never turns up, and fell fastest at 10**-3.75.
+    memorised = [2.3] * 8 + [2.2, 1.0, 0.8, 0.6] + [0.5 - 0.02 * i for i in range(17)]
+    assert suggest(rates, memorised) == pytest.approx(10.0 ** (-15 / 4))
+    # Fine-tuning a layer that fits: flat and noisy, then rising after 10**-1.25.
+    already_fit = [0.2, 0.13, 0.21] * 6 + [0.2, 0.21, 0.3, 0.9, 3.0, 8.0, 9.0, 9.0, 9.0, 9.0, 9.0]
+    assert suggest(rates, already_fit, "edge") == pytest.approx(10.0 ** (-5 / 4) / 10)

@@ -28,7 +28,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 3)
 
-from label_image.models import FrozenGraphClassifier
+from retrain.exported import FrozenGraphClassifier
 from retrain import backends, distribute, export
 from retrain.heads import SoftmaxHead
 from retrain.models.loading import resolve_module

@@ -2,14 +2,20 @@
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from label_image import cli as label_cli
-from retrain import cli
+from retrain import cli, pipeline
 from tests.bad_images import make_bad_files
 from tests.conftest import retrain_args, write_image
+
+# What the fixture's run returned (retrain.results.RunResult), for its evaluation's scores.
+RUN: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +27,16 @@ def trained(tmp_path_factory):
     image_dir = out / "photos"
     shutil.copytree(EXAMPLE_DIR, image_dir)
     make_bad_files(image_dir / "daisy" / "bad")
-    status = cli.main(
+    with pytest.MonkeyPatch.context() as patch:
+        run = pipeline.run
+        patch.setattr(pipeline, "run", lambda config: RUN.setdefault("result", run(config)))
+        status = _run_cli(image_dir, out)
+    assert status == 0
+    return out, image_dir, json.loads((out / "metrics.json").read_text())
+
+
+def _run_cli(image_dir, out) -> int:
+    return cli.main(
         retrain_args(
             image_dir,
             out,
@@ -31,8 +46,6 @@ def trained(tmp_path_factory):
             "--print_misclassified_test_images",
         )
     )
-    assert status == 0
-    return out, image_dir, json.loads((out / "metrics.json").read_text())
 
 
 def test_metrics_json(trained):
@@ -55,6 +68,23 @@ def test_metrics_json(trained):
     assert metrics["bottlenecks_computed"] >= 70
     assert 0 < metrics["extraction_seconds"] <= metrics["bottleneck_seconds"]
     assert metrics["extraction_images_per_second"] >= metrics["bottleneck_images_per_second"] > 0
+
+
+def test_every_exported_model_is_checked_on_the_test_split(trained):
+    _, _, metrics = trained
+    checks = {check["format"]: check for check in metrics["export_checks"]}
+    assert set(checks) == {"frozen_graph", "saved_model", "tflite"}
+    for check in checks.values():  # all float: each reproduces retrain's own evaluation
+        assert check["images"] == metrics["images"]["testing"]
+        assert check["agreement"] == 1.0 and check["max_score_difference"] < 1e-4
+        assert check["accuracy"] == pytest.approx(metrics["test_accuracy"])
+        assert check["quantization"] == "none" and check["seconds"] > 0
+
+
+def test_an_export_below_the_accuracy_bar_fails_the_run():
+    cli.check_accuracy(0.9, 0.8, "tflite m.tflite")
+    with pytest.raises(cli.AccuracyBelowThreshold, match="accuracy of tflite m.tflite 0.5 is"):
+        cli.check_accuracy(0.5, 0.8, "tflite m.tflite")
 
 
 def test_bad_files_skipped_and_reported(trained):
@@ -231,3 +261,79 @@ def test_large_splits_are_streamed_from_the_cache(trained, tmp_path, monkeypatch
     assert metrics["bottlenecks_computed"] <= 1  # the photo test_second_run_... may have added
     assert metrics["final_train_accuracy"] >= 0.9
     assert metrics["test_accuracy"] >= reference["test_accuracy"] - 0.2
+
+
+def _test_split(out) -> list[str]:
+    """The usable test images of the fixture's run, in the order of its evaluation."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    skipped = {entry["file"] for entry in metrics["skipped"]}
+    rows = [line.split(",") for line in (out / "manifest.csv").read_text().splitlines()[1:]]
+    return [path for path, _, split in rows if split == "testing" and path not in skipped]
+
+
+@pytest.mark.parametrize("model", ["graph.pb", "classifier.tflite", "saved_model"])
+def test_label_image_scores_are_retrains_evaluation_scores(trained, capsys, model):
+    out, _, _ = trained
+    paths = _test_split(out)
+    evaluation = RUN["result"].test
+    args = [f"--graph={out / model}", f"--labels={out / 'labels.txt'}", "--json", "--top_k=5"]
+    assert label_cli.main(["label-image", *args, *paths]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["file"] for row in rows] == paths
+    labels = RUN["result"].labels
+    scores = np.array([[dict(zip(r["labels"], r["scores"]))[x] for x in labels] for r in rows])
+    np.testing.assert_allclose(scores, evaluation.probabilities, atol=1e-4)
+
+
+def test_saved_model_takes_image_files_bytes(trained):
+    import tensorflow as tf
+
+    out, _, _ = trained
+    paths = _test_split(out)
+    model = tf.saved_model.load(str(out / "saved_model"))
+    result = model.signatures["serving_bytes"](
+        image_bytes=tf.constant([Path(p).read_bytes() for p in paths])
+    )
+    evaluation = RUN["result"].test
+    np.testing.assert_allclose(result["scores"].numpy(), evaluation.probabilities, atol=1e-4)
+    names = [RUN["result"].labels[i] for i in evaluation.probabilities.argmax(1)]
+    assert [label.decode() for label in result["label"].numpy()] == names
+
+
+@pytest.mark.slow  # 20 s: TensorFlow's command line starts from scratch
+def test_saved_model_cli_runs_the_bytes_signature(trained, tmp_path):
+    """TensorFlow's own command line, on a JPEG's bytes as they are."""
+    out, _, _ = trained
+    path = _test_split(out)[0]
+    inputs = tmp_path / "image.npy"
+    np.save(inputs, np.array([Path(path).read_bytes()], dtype=bytes))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorflow.python.tools.saved_model_cli",
+            "run",
+            f"--dir={out / 'saved_model'}",
+            "--tag_set=serve",
+            "--signature_def=serving_bytes",
+            f"--inputs=image_bytes={inputs}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = RUN["result"].labels[RUN["result"].test.probabilities[0].argmax()]
+    assert f"[b'{expected}']" in done.stdout
+
+
+def test_keras_loads_the_saved_model_as_a_layer(trained):
+    """The Keras 3 way to use a SavedModel: keras.layers.TFSMLayer (README example)."""
+    import keras
+
+    out, _, _ = trained
+    layer = keras.layers.TFSMLayer(str(out / "saved_model"), call_endpoint="serving_default")
+    images = np.zeros((2, 224, 224, 3), np.float32)
+    (scores,) = layer(images).values()
+    assert scores.shape == (2, 5)
+    np.testing.assert_allclose(np.asarray(scores).sum(axis=1), 1.0, atol=1e-5)

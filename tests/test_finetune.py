@@ -344,7 +344,7 @@ def test_fine_tuning_changes_trainable_weights_only(tiny_run):
 def test_exports_hold_the_fine_tuned_network(tiny_run):
     import tensorflow as tf
 
-    from label_image.tflite import TFLiteClassifier
+    from retrain.exported import TFLiteClassifier
 
     out, result = tiny_run["out"], tiny_run["result"]
     pixels = _pixels(next((out / "images" / "blue").iterdir()), TINY_INPUT)

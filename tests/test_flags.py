@@ -60,6 +60,9 @@ def run_cli(capsys, *args):
         (["--fine_tune_batch_size=0"], "--fine_tune_batch_size"),
         (["--fine_tune_batch_size=-4"], "--fine_tune_batch_size"),
         (["--fine_tune_patience=-1"], "--fine_tune_patience"),
+        (["--quantize=int8"], "--quantize"),  # without --output_tflite
+        (["--quantize=int4", "--output_tflite=m.tflite"], "quantize"),
+        (["--output_tflite=m.tflite", "--tflite_int8_io"], "--tflite_int8_io"),
     ],
 )
 def test_bad_flag_values(capsys, image_dir, tmp_path, args, flag):

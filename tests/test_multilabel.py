@@ -326,7 +326,7 @@ def test_thresholds_are_written_beside_the_labels(trained):
 def test_every_export_gives_the_evaluations_probabilities(trained):
     import tensorflow as tf
 
-    from label_image.tflite import TFLiteClassifier
+    from retrain.exported import TFLiteClassifier
 
     result, out = trained
     rows = [line.split(",") for line in (out / "manifest.csv").read_text().splitlines()[1:]]

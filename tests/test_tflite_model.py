@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from label_image.models import ModelLoadError
-from label_image.tflite import TFLiteClassifier
 from retrain.backends import BackendError, tflite_backend
+from retrain.exported import ModelLoadError, TFLiteClassifier
 from retrain.tflite_model import SignatureError, TFLiteModel, is_tflite_file
 from tests.tflite_models import TinyClassifier, write_tflite, write_tiny_classifier
 

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from retrain.atomic import fsync_path
+from retrain.atomic import exclusive, fsync_path, writing
 from retrain.errors import RetrainError
 from retrain.handles import looks_like_url
 from retrain.models.registry import BundledModelSpec, get_bundled_model, list_bundled_models
@@ -102,15 +102,7 @@ def _resolve_bundled(
     target = converted_module_dir(cache_dir, spec.name, weights_sha256)
     metadata = _read_metadata(target)
     if metadata is None:
-        try:
-            _convert(spec, weights, weights_sha256, target)
-        except OSError as exc:
-            raise ModuleError(
-                f"cannot convert {spec.name!r} into {target.parent}: {exc.strerror or exc}"
-            ) from None
-        metadata = _read_metadata(target)
-        if metadata is None:
-            raise ModuleError(f"conversion of {spec.name!r} left no usable module in {target}")
+        metadata = _convert_once(spec, weights, weights_sha256, target)
     return ImageModule(
         handle=handle,
         path=target,
@@ -118,6 +110,30 @@ def _resolve_bundled(
         feature_dim=int(metadata["feature_dim"]),
         fingerprint=str(metadata["fingerprint"]),
     )
+
+
+def _convert_once(
+    spec: BundledModelSpec, weights: pathlib.Path, weights_sha256: str, target: pathlib.Path
+) -> dict[str, Any]:
+    """Convert the weights into ``target`` unless another process does it first (runs started
+    at once on an empty cache convert once; the others wait and use it); what a conversion
+    killed midway left is removed first. Returns the module's metadata."""
+    with exclusive(target):
+        metadata = _read_metadata(target)
+        if metadata is not None:
+            return metadata
+        try:
+            # About the weights' size: a failure of the storage names it (StorageError).
+            with writing(target, "converted module", weights.stat().st_size):
+                _convert(spec, weights, weights_sha256, target)
+        except OSError as exc:
+            raise ModuleError(
+                f"cannot convert {spec.name!r} into {target.parent}: {exc.strerror or exc}"
+            ) from None
+    metadata = _read_metadata(target)
+    if metadata is None:
+        raise ModuleError(f"conversion of {spec.name!r} left no usable module in {target}")
+    return metadata
 
 
 def _read_metadata(module_dir: pathlib.Path) -> dict[str, Any] | None:
