@@ -207,6 +207,12 @@ def comparable(metrics: dict, out: Path) -> dict:
     kept = {k: v for k, v in metrics.items() if not TIMING_KEYS.search(k)}
     for key in ("output_graph", "output_labels"):
         kept[key] = str(Path(kept[key]).relative_to(out))
+    kept["export_checks"] = [
+        {k: str(Path(v).relative_to(out)) if k == "path" else v for k, v in check.items()}
+        for check in kept.get("export_checks", [])
+    ]
+    for check in kept["export_checks"]:
+        check.pop("seconds", None)
     return kept
 
 
