@@ -215,7 +215,8 @@ def _data(labels: list[str], counts: np.ndarray, duplicates: int) -> list[Findin
                 f"the largest class has {counts.max() / counts.min():.0f}x the training images "
                 f"of the smallest ({labels[int(counts.argmax())]} {counts.max()}, "
                 f"{labels[int(counts.argmin())]} {counts.min()})",
-                "try --sampling class_balanced or --class_weights balanced",
+                "add photos of the small classes; class-folder runs already draw batches class "
+                "by class (--sampling auto); --class_weights balanced also weighs the loss",
                 {"largest": int(counts.max()), "smallest": int(counts.min())},
             )
         )
