@@ -91,8 +91,8 @@ class Evaluation:
         report = self.report(names)
         low, high = report["accuracy_interval_95"]
         auc = report["macro_roc_auc"]
-        recalls = [(v["recall"], name) for name, v in report["per_class"].items() if v["support"]]
-        worst = ", ".join(f"{name} {100 * recall:.0f}%" for recall, name in sorted(recalls)[:3])
+        lowest = lowest_recalls(report["per_class"])
+        worst = ", ".join(f"{name} {100 * recall:.0f}%" for name, recall, _ in lowest)
         return [
             f"{split.capitalize()} accuracy 95% interval {100 * low:.1f}%-{100 * high:.1f}% "
             f"(N={report['n']}); macro F1 {report['macro_f1'] or 0.0:.3f}, macro ROC AUC "
@@ -110,6 +110,15 @@ class Evaluation:
         """Figures for TensorBoard beyond training's: none, so a single-label run's logs stay
         retrain.py's."""
         return {}
+
+
+def lowest_recalls(per_class: dict[str, dict], count: int = 3) -> list[tuple[str, float, int]]:
+    """(name, recall, support) of the `count` classes (or labels) of a report's per-class
+    figures with the lowest recall, lowest first; those without test images are left out."""
+    recalls = sorted(
+        (v["recall"], name, v["support"]) for name, v in per_class.items() if v["support"]
+    )
+    return [(name, recall, support) for recall, name, support in recalls[:count]]
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

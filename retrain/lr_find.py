@@ -48,9 +48,14 @@ class RateSearch:
     seconds: float
 
     @property
+    def lowest(self) -> int:
+        """The step at which the smoothed loss was lowest."""
+        return int(np.argmin(self.smoothed))
+
+    @property
     def best_rate(self) -> float:
         """The rate at which the smoothed loss was lowest."""
-        return self.rates[int(np.argmin(self.smoothed))]
+        return self.rates[self.lowest]
 
     def metrics(self) -> dict:
         """The search for --metrics_json."""
@@ -65,7 +70,7 @@ class RateSearch:
 
     def text_plot(self, rows: int = 13, width: int = 40) -> list[str]:
         """Loss against rate as lines of text, one per decade or so, for the log."""
-        lowest = int(np.argmin(self.smoothed))
+        lowest = self.lowest
         spread = np.linspace(0, len(self.rates) - 1, rows).round().astype(int)
         picks = np.unique(np.append(spread, lowest))
         low, high = min(self.smoothed), max(self.smoothed[i] for i in picks)
@@ -88,7 +93,7 @@ def search_learning_rate(
 ) -> RateSearch:
     """Run the range test for the new layer with `config`'s optimizer, batch size, sampling
     and regularisation (at a constant rate, whatever its schedule) on `train`; returns what it
-    measured. Raises RetrainError if the loss never falls."""
+    measured (see `range_test`)."""
     settings = dataclasses.replace(
         config,
         learning_rate=min_rate,

@@ -545,9 +545,10 @@ def _test_split(config: RetrainConfig, b: Bottlenecks) -> tuple[FeatureSplit, sc
     as fine-tuning's), with its image files in the same order."""
     test, paths = b.split("testing"), b.paths_of("testing")
     size = config.evaluation.test_batch_size
-    if size > 0:
+    if 0 < size < len(test):
         picks = random_picks(len(test), size, config.training.random_seed)
-        test, paths = test.subset(size, config.training.random_seed), paths.take(picks)
+        test = FeatureSplit(test.cache, test.locations[picks], test.y[picks])
+        paths = paths.take(picks)
     return test, paths
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from retrain import pictures
 from retrain.atomic import atomic_write_text
 from retrain.config import RetrainConfig, leaf_fields
+from retrain.evaluate import lowest_recalls
 from retrain.results import RunResult
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ def _curves(result: RunResult) -> str:
 
 def _evaluation(split: str, evaluation: Any, names: list[str]) -> str:
     report = evaluation.report(names)
-    per_class = report.get("per_class") or report.get("per_label") or {}
+    per_class = _per_class(report)
     columns = list(next(iter(per_class.values()), {}))
     rows = [(name, *(_number(values[c]) for c in columns)) for name, values in per_class.items()]
     summary = [f"Accuracy {_accuracy(report)}"]
@@ -184,6 +185,11 @@ def _evaluation(split: str, evaluation: Any, names: list[str]) -> str:
         matrix = pictures.confusion_image(evaluation.confusion_matrix(), names)
         parts.append("<p>Confusion matrix</p>" + _img(matrix, "confusion matrix"))
     return "\n".join(parts)
+
+
+def _per_class(report: dict) -> dict[str, dict]:
+    """A split report's figures per class, or per label for multi-label data."""
+    return report.get("per_class") or report.get("per_label") or {}
 
 
 def _mistakes(result: RunResult) -> str:
@@ -341,11 +347,9 @@ def closing_lines(config: RetrainConfig, result: RunResult) -> list[str]:
         report = test.report(result.labels)
         small = " (few test images: the interval is wide)" if report["n"] < 100 else ""
         lines.append(f"Test accuracy {_accuracy(report)}{small}")
-        per_class = report.get("per_class") or report.get("per_label") or {}
-        recalls = sorted(
-            (v["recall"], name, v["support"]) for name, v in per_class.items() if v["support"]
-        )
-        weakest = ", ".join(f"{n} {100 * r:.0f}% of {s}" for r, n, s in recalls[:3])
+        per_class = _per_class(report)
+        lowest = lowest_recalls(per_class)
+        weakest = ", ".join(f"{n} {100 * r:.0f}% of {s}" for n, r, s in lowest)
         lines.append(f"Weakest classes (recall): {weakest}")
     warnings = [f for f in result.health if f.severity == "warning"]
     lines.append(

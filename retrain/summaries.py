@@ -8,8 +8,9 @@ files go to projector/. Large sets are sampled, so writing stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import csv
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,7 @@ def write_run_summaries(summaries_dir: str | Path, result: RunResult) -> None:
     step = result.training_steps
     for split, evaluated in result.evaluations.items():
         run = split.removesuffix("ing")  # testing -> test, as retrain.py named the run
-        writer = tf.summary.create_file_writer(str(root / run))
-        with writer.as_default(step=step):
+        with _run(root / run, step):
             for tag, value in evaluated.scalars(result.labels).items():
                 tf.summary.scalar(tag, value)
             if hasattr(evaluated, "confusion_matrix"):
@@ -44,11 +44,8 @@ def write_run_summaries(summaries_dir: str | Path, result: RunResult) -> None:
                 if grid is not None:
                     note = f"the {MISTAKES_SHOWN} most confident mistakes at most"
                     _image("misclassified", grid, note)
-        writer.close()
-    writer = tf.summary.create_file_writer(str(root / "train"))
-    with writer.as_default(step=step):
+    with _run(root / "train", step):
         tf.summary.text("health", health_markdown(result.health))
-    writer.close()
 
 
 def health_markdown(findings: Sequence[Finding]) -> str:
@@ -81,11 +78,18 @@ def write_projector(
     embedding.metadata_path = "metadata.tsv"
     projector.visualize_embeddings(str(folder), config)
     # TensorBoard lists a folder as a run, and so offers its projector, only with events in it.
-    writer = tf.summary.create_file_writer(str(folder))
-    with writer.as_default(step=0):
+    with _run(folder, step=0):
         tf.summary.text("about", f"{len(vectors)} bottleneck vectors with file, label and split")
-    writer.close()
     return folder
+
+
+@contextlib.contextmanager
+def _run(folder: Path, step: int) -> Iterator[None]:
+    """Summaries written inside go to the TensorBoard run `folder`, at `step`."""
+    writer = tf.summary.create_file_writer(str(folder))
+    with writer.as_default(step=step):
+        yield
+    writer.close()
 
 
 def _cell(value: str) -> str:
@@ -107,7 +111,5 @@ def write_rate_search(summaries_dir: str | Path, search: RateSearch, name: str) 
         log_x=True,
         marker=search.suggestion,
     )
-    writer = tf.summary.create_file_writer(str(Path(summaries_dir).expanduser() / "lr_find"))
-    with writer.as_default(step=0):
+    with _run(Path(summaries_dir).expanduser() / "lr_find", step=0):
         _image(f"loss_against_rate/{name}", chart, "the red line marks the suggested rate")
-    writer.close()
