@@ -635,10 +635,10 @@ def _note_validation(record: dict, evaluation: Evaluation, writer: Any) -> None:
 
 def _probe_images(train: LabeledImages, input_size: tuple[int, int], max_pixels: int) -> np.ndarray:
     """The first PROBE_IMAGES training images that decode, as the module takes them."""
-    paths = list(train.paths[:PROBE_IMAGES])
-    for _, pixels, ok in extract.decoded_batches(paths, input_size, len(paths), {}, max_pixels):
-        return pixels.numpy()[ok.numpy()]
-    return np.zeros([0, *input_size, 3], np.float32)
+    first = DecodedImages.decode(
+        train.paths[:PROBE_IMAGES], train.labels[:PROBE_IMAGES], input_size, max_pixels
+    )
+    return first.pixels.astype(np.float32) / 255
 
 
 def _exportable(module: ImageModule, module_object: Any, strategy: Any) -> Any:

@@ -256,8 +256,9 @@ def find_learning_rate(config: RetrainConfig) -> dict[str, lr_find.RateSearch]:
     if config.outputs.summaries_dir:
         from retrain import summaries
 
-        for name, search in searches.items():
-            summaries.write_rate_search(config.outputs.summaries_dir, search, name)
+        with writing(config.outputs.summaries_dir, "TensorBoard summaries"):
+            for name, search in searches.items():
+                summaries.write_rate_search(config.outputs.summaries_dir, search, name)
     if config.outputs.metrics_json:
         figures = {name: search.metrics() for name, search in searches.items()}
         text = json.dumps({"lr_find": figures}, indent=2) + "\n"
