@@ -213,12 +213,11 @@ def tflite_bytes(
     int8_io: bool = False,
 ) -> bytes:
     """The classifier converted to a TFLite flatbuffer (input [1, h, w, 3] in [0, 1], or int8
-    with `int8_io`), quantized as `quantization` says (see retrain.quantize.configure, which
+    with `int8_io`), quantized as `quantization` says (see retrain.quantize.convert, which
     takes `representative` and `int8_io`)."""
     concrete = classifier.classify.get_concrete_function()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], classifier)
-    quantize.configure(converter, quantization, representative, int8_io)
-    return converter.convert()
+    return quantize.convert(converter, quantization, representative, int8_io)
 
 
 def write_tflite(

@@ -1,23 +1,43 @@
 """Quantizing the TFLite export with the TFLite converter.
 
 `none` keeps float32; `dynamic` stores int8 weights (activations stay float); `float16` stores
-float16 weights; `int8` makes weights and activations int8, with the activations' ranges
-calibrated on a representative dataset: a fixed, seeded pick of training images, decoded and
-resized exactly as for extraction. Input and output stay float32 unless int8 I/O is asked for.
+float16 weights; `int8` makes weights and activations int8 (every op, a full-integer model),
+with the activations' ranges calibrated on a representative dataset: a fixed, seeded pick of
+training images, decoded and resized exactly as for extraction. Input and output stay float32
+unless int8 I/O is asked for.
+
+The converter sets each activation's int8 range to the smallest and largest value seen in
+calibration. A few extreme values then stretch the range of many tensors (the projection
+layers of EfficientNet-Lite, whose values mostly lie within a tenth of it), so the 256 steps
+are coarse where the values are; and a range is sometimes wider than any value seen (the
+module's `x * 255` input scaling got [-127, 255]). Rounding errors of the 60 layers add up:
+on clothing_dev, the int8 model's features were 17% off the float ones and its top label
+differed on 5.6% of the test photos. So each range is tuned (tuned_ranges): within what the
+activations really span on TUNING_IMAGES calibration images, the range whose int8 rounding
+and clipping has the least squared error on them (a histogram of every value) is kept.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.lite.python.convert import mlir_quantize
+from tensorflow.lite.tools import flatbuffer_utils
 
 from retrain import extract
 from retrain.features import random_picks
 
 # Images the int8 ranges are calibrated on: the converter's guidance is "a few hundred".
 CALIBRATION_IMAGES = 300
+# Of those, the images whose activations tune the int8 ranges (see tuned_ranges).
+TUNING_IMAGES = 100
+HISTOGRAM_BINS = 2048  # per activation tensor, over its calibrated range
+# The shares of an observed range's low and high end tried when tuning it.
+RANGE_SHARES = np.linspace(0.05, 1.0, 20)
 
 
 def calibration_paths(
@@ -69,3 +89,107 @@ def configure(
     if int8_io:
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
+
+
+Representative = Callable[[], Iterator[list[np.ndarray]]]
+
+
+def convert(
+    converter: tf.lite.TFLiteConverter,
+    mode: str,
+    representative: Representative | None = None,
+    int8_io: bool = False,
+) -> bytes:
+    """The TFLite flatbuffer of `converter` quantized as `mode` (see configure); for `int8`,
+    with the activations' ranges tuned (see tuned_ranges) on `representative`'s first
+    TUNING_IMAGES images before the weights and activations are quantized."""
+    configure(converter, mode, representative, int8_io)
+    if mode != "int8":
+        return converter.convert()
+    converter._experimental_calibrate_only = True  # noqa: SLF001 - the QuantizationDebugger's way
+    calibrated = converter.convert()
+    tuned = tuned_ranges(calibrated, islice(representative(), TUNING_IMAGES))
+    io_type = tf.int8 if int8_io else tf.float32
+    return mlir_quantize(tuned, input_data_type=io_type, output_data_type=io_type)
+
+
+def tuned_ranges(calibrated: bytes, images: Iterator[list[np.ndarray]]) -> bytes:
+    """`calibrated` (a float TFLite model carrying each activation's calibrated min and max,
+    the converter's calibrate-only output) with each activation's range but the input's
+    replaced by the one of least int8 error on `images` (see least_error_range)."""
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(calibrated))
+    tensors = model.subgraphs[0].tensors
+    ranged = {
+        i: (min(float(t.quantization.min[0]), 0.0), max(float(t.quantization.max[0]), 0.0))
+        for i, t in enumerate(tensors)
+        if t.quantization is not None and t.quantization.min is not None
+        if len(t.quantization.min) == 1
+    }
+    histograms = _activation_histograms(calibrated, images, ranged)
+    for i, counts in histograms.items():
+        low, high = least_error_range(counts, *ranged[i])
+        tensors[i].quantization.min = [low]
+        tensors[i].quantization.max = [high]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _activation_histograms(
+    calibrated: bytes,
+    images: Iterator[list[np.ndarray]],
+    ranged: dict[int, tuple[float, float]],
+) -> dict[int, np.ndarray]:
+    """Per tensor of `ranged` ({index: (min, max)}) but the model's inputs, the counts of its
+    values on `images` in HISTOGRAM_BINS bins over (min, max); none without images."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    with warnings.catch_warnings():  # "intended for debugging": keeping them is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        interpreter = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)
+    inputs = {d["index"] for d in interpreter.get_input_details()}
+    wanted = {i: r for i, r in ranged.items() if i not in inputs and r[1] > r[0]}
+    counts = {i: np.zeros(HISTOGRAM_BINS, np.int64) for i in wanted}
+    seen = False
+    for (image,) in images:
+        index = interpreter.get_input_details()[0]["index"]
+        if not seen:
+            interpreter.resize_tensor_input(index, image.shape)
+            interpreter.allocate_tensors()
+            seen = True
+        interpreter.set_tensor(index, image)
+        interpreter.invoke()
+        for i, (low, high) in wanted.items():
+            counts[i] += np.histogram(interpreter.get_tensor(i), HISTOGRAM_BINS, (low, high))[0]
+    return counts if seen else {}
+
+
+def least_error_range(counts: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """The int8 range (low', high') of least squared rounding and clipping error for values
+    histogrammed as `counts` over (low, high): low' and high' are shares (RANGE_SHARES) of the
+    lowest and highest values seen (or 0 when all are >= 0), so the range only shrinks and
+    always holds 0. Returns (low, high) unchanged for empty counts or values all near 0."""
+    if not counts.any():
+        return low, high
+    edges = np.linspace(low, high, len(counts) + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    filled = np.flatnonzero(counts)
+    # The outer edges of the outermost bins used; 0 for a side whose values all share 0's bin.
+    seen_low = edges[filled[0]] if edges[filled[0] + 1] <= 0 else 0.0
+    seen_high = edges[filled[-1] + 1] if edges[filled[-1]] >= 0 else 0.0
+    if seen_high <= seen_low:  # all values in 0's bin: too few to tune a range on
+        return low, high
+    weights = counts / counts.sum()
+    candidates = [
+        (seen_low * a, seen_high * b)
+        for a in (RANGE_SHARES if seen_low < 0 else [1.0])
+        for b in (RANGE_SHARES if seen_high > 0 else [1.0])
+    ]
+    errors = [_rounding_error(centres, weights, *c) for c in candidates]
+    return tuple(float(x) for x in candidates[int(np.argmin(errors))])
+
+
+def _rounding_error(centres: np.ndarray, weights: np.ndarray, low: float, high: float) -> float:
+    step = (high - low) / 255
+    if step <= 0:
+        return float(np.sum(weights * centres**2))
+    rounded = np.clip(np.round((centres - low) / step), 0, 255) * step + low
+    return float(np.sum(weights * (rounded - centres) ** 2))

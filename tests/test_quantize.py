@@ -8,6 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.lite.tools import flatbuffer_utils
 
 from retrain import quantize
 from retrain.tflite_labels import embedded_labels, with_labels
@@ -16,15 +17,21 @@ from tests.conftest import write_image
 from tests.tflite_models import TinyClassifier
 
 
-def _convert(mode: str, int8_io: bool = False) -> bytes:
+def _converter() -> tf.lite.TFLiteConverter:
     model = TinyClassifier()
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+    return tf.lite.TFLiteConverter.from_concrete_functions(
         [model.__call__.get_concrete_function()], model
     )
+
+
+def _samples():
     rng = np.random.default_rng(0)
     samples = [rng.random((1, 12, 10, 3), dtype=np.float32) for _ in range(50)]
-    quantize.configure(converter, mode, lambda: ([s] for s in samples), int8_io)
-    return converter.convert()
+    return lambda: ([s] for s in samples)
+
+
+def _convert(mode: str, int8_io: bool = False) -> bytes:
+    return quantize.convert(_converter(), mode, _samples(), int8_io)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +58,62 @@ def test_quantized_models_run_and_agree_with_float(tmp_path, images, mode, int8_
     expected = TinyClassifier()(images).numpy()
     np.testing.assert_allclose(scores, expected, atol=0.02)
     assert (scores.argmax(1) == expected.argmax(1)).mean() >= 0.9
+
+
+def test_int8_with_int8_io_is_full_integer(tmp_path):
+    path = tmp_path / "model.tflite"
+    path.write_bytes(_convert("int8", int8_io=True))
+    interpreter = TFLiteModel(path, num_threads=1)._interpreter
+    kinds = {d["dtype"] for d in interpreter.get_tensor_details()}
+    assert kinds <= {np.int8, np.int32}, kinds  # no float tensor anywhere
+
+
+def _ranges(model: bytes) -> dict[str, tuple[float, float]]:
+    tensors = flatbuffer_utils.read_model_from_bytearray(bytearray(model)).subgraphs[0].tensors
+    return {
+        t.name.decode(): (float(t.quantization.min[0]), float(t.quantization.max[0]))
+        for t in tensors
+        if t.quantization is not None and t.quantization.min is not None
+    }
+
+
+def test_tuned_ranges_only_shrink_and_keep_the_input_range():
+    converter = _converter()
+    quantize.configure(converter, "int8", _samples())
+    converter._experimental_calibrate_only = True
+    calibrated = converter.convert()
+    before = _ranges(calibrated)
+    after = _ranges(quantize.tuned_ranges(calibrated, _samples()()))
+    assert before.keys() == after.keys() and len(after) >= 3
+    assert after["serving_default_images:0"] == before.pop("serving_default_images:0")
+    for name, (low, high) in before.items():
+        assert min(low, 0) <= after[name][0] <= 0 <= after[name][1] <= max(high, 0), name
+    assert after != before  # the softmax's calibrated range is wider than its values
+    assert _ranges(quantize.tuned_ranges(calibrated, iter([]))) == _ranges(calibrated)
+
+
+def _histogram(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.histogram(values, quantize.HISTOGRAM_BINS, (low, high))[0]
+
+
+def test_least_error_range_clips_rare_extremes_and_drops_unused_sides():
+    rng = np.random.default_rng(0)
+    values = rng.laplace(0, 1, 100_000)  # heavy tails: a few values far out, as in a CNN
+    edge = np.abs(values).max()
+    low, high = quantize.least_error_range(_histogram(values, -edge, edge), -edge, edge)
+    # The tails are clipped near +-10 (ACIQ's optimum for 8-bit Laplace values is 9.89 b).
+    assert -0.95 * edge < low < -8 and 8 < high < 0.95 * edge
+    spread = rng.uniform(-1, 1, 100_000)  # every value matters: the range stays whole
+    low, high = quantize.least_error_range(_histogram(spread, -1, 1), -1, 1)
+    assert low == pytest.approx(-1, abs=0.01) and high == pytest.approx(1, abs=0.01)
+    # Values in [0, 255] calibrated as [-127, 255] (the module's `x * 255`): no negative side.
+    pixels = rng.integers(0, 256, 100_000).astype(float)
+    low, high = quantize.least_error_range(_histogram(pixels, -127, 255), -127, 255)
+    assert low == 0 and high == pytest.approx(255, abs=1)
+    empty = np.zeros(quantize.HISTOGRAM_BINS, np.int64)
+    assert quantize.least_error_range(empty, -3.0, 4.0) == (-3.0, 4.0)
+    zeros = _histogram(np.zeros(100), -3.0, 4.0)  # a dead tensor keeps its range
+    assert quantize.least_error_range(zeros, -3.0, 4.0) == (-3.0, 4.0)
 
 
 def test_int8_needs_a_representative_dataset_and_modes_are_known():
