@@ -292,7 +292,7 @@ def export_classifier(
         written["output_tflite"] = settings.output_tflite
         log.info(
             "Saved the TFLite model (%s) to %s",
-            "float32" if settings.quantize == "none" else f"quantized: {settings.quantize}",
+            quantize.describe(settings.quantize, settings.tflite_int8_io),
             settings.output_tflite,
         )
     if settings.saved_model_dir:

@@ -94,6 +94,16 @@ def configure(
 Representative = Callable[[], Iterator[list[np.ndarray]]]
 
 
+def describe(mode: str, int8_io: bool = False) -> str:
+    """What `mode` (with `int8_io`) makes of the model, for the log."""
+    if mode == "none":
+        return "float32"
+    if mode != "int8":
+        return f"quantized: {mode}"
+    ends = "int8" if int8_io else "float32, quantized at entry and dequantized at exit"
+    return f"quantized: int8, every op integer, activation ranges tuned; input and output {ends}"
+
+
 def convert(
     converter: tf.lite.TFLiteConverter,
     mode: str,

@@ -116,6 +116,14 @@ def test_least_error_range_clips_rare_extremes_and_drops_unused_sides():
     assert quantize.least_error_range(zeros, -3.0, 4.0) == (-3.0, 4.0)
 
 
+def test_the_log_says_what_each_mode_makes():
+    assert quantize.describe("none") == "float32"
+    assert quantize.describe("dynamic") == "quantized: dynamic"
+    assert "every op integer" in quantize.describe("int8")
+    assert "input and output float32" in quantize.describe("int8")
+    assert "input and output int8" in quantize.describe("int8", int8_io=True)
+
+
 def test_int8_needs_a_representative_dataset_and_modes_are_known():
     model = TinyClassifier()
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
