@@ -21,6 +21,10 @@ Suites:
   distortions distorting decoded batches + the module next to the module alone (images/s);
               seconds per 100 training images undistorted, with cached copies (computing and
               reusing them) and on the fly
+  int8        the module's images/s with tensorflow, tflite (float) and tflite_int8 on the same
+              decoded images (all cores, and one thread), how close the int8 features are to the
+              float ones, and the test accuracy of default runs on float vs int8 features (same
+              split and training; --int8_bottleneck_dir reuses a filled cache)
   export      per exported format and --quantizations: file size (MB), the run's own check
               (accuracy, agreement with the float model), label-image's cold start for one
               image (s), its images/s over a folder and its accuracy there (--eval_dir, a folder
@@ -633,6 +637,87 @@ def suite_export(args) -> dict:
     return out
 
 
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def suite_int8(args) -> dict:
+    """int8 extraction next to float: the raw module rate of each backend on one batch of the
+    image folder's photos, then a default run per TFLite backend on the folder (its test
+    accuracy, and for int8 that of the exported float graph, which runs the float module)."""
+    from retrain import backends
+    from retrain.bottlenecks import int8_calibration
+    from retrain.config import ModuleConfig
+    from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
+    from retrain.models.loading import resolve_module
+    from retrain.scan import scan_image_dir
+
+    module = resolve_module(args.tfhub_module)
+    module_object = module.load()
+    image_set = scan_image_dir(args.image_dir, 10, 10)  # retrain's default split
+    settings = ModuleConfig(extraction_backend=backends.INT8)
+    calibration = int8_calibration(image_set, settings, DEFAULT_MAX_IMAGE_PIXELS)
+    start = time.perf_counter()
+    paths = {
+        "tflite": backends.convert_to_tflite(module, None, module_object),
+        "tflite_int8": backends.convert_to_int8(module, calibration, None, module_object),
+    }
+    batch = _sample_batch(args.image_dir, module.input_size)
+    rates = {"tensorflow": _rate(backends.tensorflow_backend(module_object), batch)}
+    one_thread, features = {}, {}
+    for name, path in paths.items():
+        rates[name] = _rate(backends.tflite_backend(path), batch)
+        one_thread[name] = _rate(backends.tflite_backend(path, num_threads=1), batch, repeats=3)
+        features[name] = backends.tflite_backend(path)(batch)
+    cosines = _cosines(features["tflite_int8"], features["tflite"])
+    result = {
+        "batch": len(batch),
+        "calibration_images": len(calibration.paths),
+        "conversions_seconds": round(time.perf_counter() - start, 1),
+        "images_per_second": {k: round(v, 1) for k, v in rates.items()},
+        "int8_over_tflite": round(rates["tflite_int8"] / rates["tflite"], 2),
+        "one_thread_images_per_second": {k: round(v, 1) for k, v in one_thread.items()},
+        "one_thread_int8_over_tflite": round(one_thread["tflite_int8"] / one_thread["tflite"], 2),
+        "feature_cosine_to_float": {
+            "min": round(float(cosines.min()), 4),
+            "median": round(float(np.median(cosines)), 4),
+        },
+    }
+    result["runs"] = _runs_per_backend(args, ("tflite", "tflite_int8"))
+    accuracy = {name: run["mean_test_accuracy"] for name, run in result["runs"].items()}
+    result["accuracy_lost_points"] = round(100 * (accuracy["tflite"] - accuracy["tflite_int8"]), 2)
+    return result
+
+
+def _runs_per_backend(args, names: Sequence[str]) -> dict:
+    """Default runs per extraction backend in `names` on args.image_dir, one per seed of
+    --int8_seeds (same split; the seed moves initialisation and batches): wall s, test
+    accuracies and their mean, bottleneck phase s (with the conversion) and extraction images/s
+    of the first run (None with a filled cache), the exported graph's checked accuracies."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            figures: dict = {"test_accuracy": [], "exported_graph_accuracy": []}
+            for seed in (int(s) for s in args.int8_seeds.split(",")):
+                work = Path(tmp) / f"{name}-{seed}"
+                extra = [f"--extraction_backend={name}", f"--random_seed={seed}"]
+                if args.int8_bottleneck_dir:
+                    extra.append(f"--bottleneck_dir={args.int8_bottleneck_dir}")
+                command = retrain_command(args.image_dir, work, args.tfhub_module, extra)
+                run = timed_run([*command, *args.retrain_flag])
+                metrics = json.loads((work / "metrics.json").read_text())
+                checks = {c["format"]: c for c in metrics.get("export_checks", [])}
+                figures["test_accuracy"].append(round(metrics["test_accuracy"], 4))
+                graph = checks.get("frozen_graph", {}).get("accuracy")
+                figures["exported_graph_accuracy"].append(graph and round(graph, 4))
+                for key in ("bottleneck_seconds", "extraction_images_per_second"):
+                    figures.setdefault(key, metrics.get(key))
+                figures.setdefault("seconds", run["seconds"])
+            figures["mean_test_accuracy"] = round(float(np.mean(figures["test_accuracy"])), 4)
+            out[name] = figures
+    return out
+
+
 SUITES = {
     "module": suite_module,
     "extraction": suite_extraction,
@@ -642,6 +727,7 @@ SUITES = {
     "scale": suite_scale,
     "label_image": suite_label_image,
     "distortions": suite_distortions,
+    "int8": suite_int8,
     "export": suite_export,
     "audit": suite_audit,
 }
@@ -681,6 +767,13 @@ def main() -> None:
         default=None,
         help="export suite: class folders to measure accuracy on (default: the test split)",
     )
+    parser.add_argument(
+        "--int8_bottleneck_dir",
+        type=Path,
+        default=None,
+        help="int8 suite: a bottleneck folder to reuse (float and int8 vectors live apart)",
+    )
+    parser.add_argument("--int8_seeds", default="0,1,2", help="int8 suite: a run per seed")
     parser.add_argument(
         "--retrain_flag",
         action="append",
