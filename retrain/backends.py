@@ -382,6 +382,12 @@ def choose_backend(
     if requested == INT8:
         if calibration is None:
             raise BackendError(f"{INT8} needs calibration images")
+        if not _has_tflite_identifier(_conversion_path(module, cache_dir, calibration)):
+            log.info(
+                "Converting the module to int8, calibrated on %d training images (once for "
+                "these images; about a minute)",
+                len(calibration.paths),
+            )
         extractor = _load_tflite(
             module, module_object, cache_dir, num_threads, batch_size, calibration
         )

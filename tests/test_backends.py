@@ -358,7 +358,7 @@ def test_int8_vectors_have_a_cache_folder_of_their_own(module, int8_calibration,
     assert open_cache(tmp_path, module).folder == floats.folder
 
 
-def test_int8_vectors_are_computed_and_cached_apart(tmp_path):
+def test_int8_vectors_are_computed_and_cached_apart(tmp_path, caplog):
     """Float, then int8 vectors of the same images (and of their distorted copies) with a
     small module: two cache folders, vectors close but not equal, the second int8 run reusing
     the conversion and every vector."""
@@ -394,14 +394,19 @@ def test_int8_vectors_are_computed_and_cached_apart(tmp_path):
         return b, b.training().load().x
 
     floats, float_x = run("tensorflow")
+    caplog.set_level(logging.INFO, logger="retrain")
     int8, int8_x = run("tflite_int8")
+    assert "Converting the module to int8, calibrated on 12 training images" in caplog.text
     assert (int8.computed, int8.copies.computed) == (12, 12)
     assert int8.cache.folder != floats.cache.folder
     assert json.loads((int8.cache.folder / "module.json").read_text())["precision"] == "int8"
     assert [p.name for p in (tmp_path / "modules" / "tflite").glob("*-int8-*.tflite")]
     difference = np.abs(int8_x - float_x).max()
     assert 0 < difference < 0.02  # averages of [0, 1] pixels, in steps of about 1/255
+    caplog.clear()
     again, again_x = run("tflite_int8")
+    assert "Converting" not in caplog.text
+    assert "Extraction backend: tflite_int8" not in caplog.text  # nothing to compute
     assert (again.computed, again.copies.computed) == (0, 0)
     np.testing.assert_array_equal(again_x, int8_x)
 
