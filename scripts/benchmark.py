@@ -9,7 +9,8 @@
 
 Suites:
   module      raw module images/s on decoded 224x224 batches, per extraction backend
-  extraction  end-to-end bottleneck images/s from image files into an empty cache
+  extraction  end-to-end bottleneck images/s from image files into an empty cache (--backends
+              tensorflow, tflite, tflite_int8)
   training    4,000 default training steps on cached-size features (steps/s, seconds)
   run         whole `retrain` runs with an empty and with a filled cache: wall s, peak RSS
   cache       opening a bottleneck cache of N entries (seconds, RSS)
@@ -149,6 +150,8 @@ def suite_extraction(args) -> dict:
     for name in args.backends.split(","):
         if name == "tensorflow":
             extractor = backends.tensorflow_backend(module_object)
+        elif name == backends.INT8:
+            extractor = backends.tflite_backend(_int8_model(module, module_object, args.image_dir))
         else:
             extractor = backends.tflite_backend(backends.convert_to_tflite(module))
         raw = _rate(extractor, batch)
@@ -641,26 +644,34 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def _int8_model(module, module_object, image_dir: Path) -> Path:
+    """The module's int8 conversion calibrated as `retrain` calibrates it on `image_dir` with
+    the default split (made now if not cached)."""
+    from retrain import backends
+    from retrain.bottlenecks import int8_calibration
+    from retrain.config import ModuleConfig
+    from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
+    from retrain.scan import scan_image_dir
+
+    image_set = scan_image_dir(image_dir, 10, 10)  # retrain's default split
+    settings = ModuleConfig(extraction_backend=backends.INT8)
+    calibration = int8_calibration(image_set, settings, DEFAULT_MAX_IMAGE_PIXELS)
+    return backends.convert_to_int8(module, calibration, None, module_object)
+
+
 def suite_int8(args) -> dict:
     """int8 extraction next to float: the raw module rate of each backend on one batch of the
     image folder's photos, then a default run per TFLite backend on the folder (its test
     accuracy, and for int8 that of the exported float graph, which runs the float module)."""
     from retrain import backends
-    from retrain.bottlenecks import int8_calibration
-    from retrain.config import ModuleConfig
-    from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
     from retrain.models.loading import resolve_module
-    from retrain.scan import scan_image_dir
 
     module = resolve_module(args.tfhub_module)
     module_object = module.load()
-    image_set = scan_image_dir(args.image_dir, 10, 10)  # retrain's default split
-    settings = ModuleConfig(extraction_backend=backends.INT8)
-    calibration = int8_calibration(image_set, settings, DEFAULT_MAX_IMAGE_PIXELS)
     start = time.perf_counter()
     paths = {
         "tflite": backends.convert_to_tflite(module, None, module_object),
-        "tflite_int8": backends.convert_to_int8(module, calibration, None, module_object),
+        "tflite_int8": _int8_model(module, module_object, args.image_dir),
     }
     batch = _sample_batch(args.image_dir, module.input_size)
     rates = {"tensorflow": _rate(backends.tensorflow_backend(module_object), batch)}
@@ -672,7 +683,6 @@ def suite_int8(args) -> dict:
     cosines = _cosines(features["tflite_int8"], features["tflite"])
     result = {
         "batch": len(batch),
-        "calibration_images": len(calibration.paths),
         "conversions_seconds": round(time.perf_counter() - start, 1),
         "images_per_second": {k: round(v, 1) for k, v in rates.items()},
         "int8_over_tflite": round(rates["tflite_int8"] / rates["tflite"], 2),

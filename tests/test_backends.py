@@ -381,16 +381,9 @@ def test_int8_vectors_are_computed_and_cached_apart(tmp_path, caplog):
             cache_dir=str(tmp_path / "modules"),
         )
         module = load_module(settings)
+        where = (tmp_path / "b", settings, 10**8)
         copies = DistortionConfig(flip_left_right=True, copies=1)
-        b = compute_bottlenecks(
-            image_set,
-            module,
-            LazyModule(module),
-            tmp_path / "b",
-            settings,
-            10**8,
-            distortions=copies,
-        )
+        b = compute_bottlenecks(image_set, module, LazyModule(module), *where, distortions=copies)
         return b, b.training().load().x
 
     floats, float_x = run("tensorflow")
