@@ -23,9 +23,10 @@ Suites:
               seconds per 100 training images undistorted, with cached copies (computing and
               reusing them) and on the fly
   int8        the module's images/s with tensorflow, tflite (float) and tflite_int8 on the same
-              decoded images (all cores, and one thread), how close the int8 features are to the
-              float ones, and the test accuracy of default runs on float vs int8 features (same
-              split and training; --int8_bottleneck_dir reuses a filled cache)
+              decoded images (all cores, one thread, and without XNNPACK), how close the int8
+              features are to the float ones, and the test accuracy of default runs on float vs
+              int8 features (same split and training; --int8_bottleneck_dir reuses a filled
+              cache; --int8_seeds: a run per seed)
   export      per exported format and --quantizations: file size (MB), the run's own check
               (accuracy, agreement with the float model), label-image's cold start for one
               image (s), its images/s over a folder and its accuracy there (--eval_dir, a folder
@@ -658,6 +659,27 @@ def _interleaved_rates(extractors: dict, batch: np.ndarray, rounds: int = 7) -> 
     return {name: len(batch) / seconds for name, seconds in best.items()}
 
 
+def _without_xnnpack(path: Path, batch: np.ndarray):
+    """A LiteRT run of the model at `path` on `batch`'s shape with the builtin kernels only (no
+    XNNPACK delegate), every core: what the model costs if XNNPACK does not run it."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(
+        model_path=str(path),
+        num_threads=os.cpu_count(),
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, list(batch.shape))
+    interpreter.allocate_tensors()
+
+    def run(images: np.ndarray) -> None:
+        interpreter.set_tensor(index, images)
+        interpreter.invoke()
+
+    return run
+
+
 def _int8_model(module, module_object, image_dir: Path) -> Path:
     """The module's int8 conversion calibrated as `retrain` calibrates it on `image_dir` with
     the default split (made now if not cached)."""
@@ -696,6 +718,9 @@ def suite_int8(args) -> dict:
     one_thread = _interleaved_rates(
         {name: backends.tflite_backend(path, num_threads=1) for name, path in paths.items()}, batch
     )
+    builtin = _interleaved_rates(
+        {name: _without_xnnpack(path, batch) for name, path in paths.items()}, batch, rounds=2
+    )
     cosines = _cosines(every_core["tflite_int8"](batch), every_core["tflite"](batch))
     result = {
         "batch": len(batch),
@@ -704,6 +729,7 @@ def suite_int8(args) -> dict:
         "int8_over_tflite": round(rates["tflite_int8"] / rates["tflite"], 2),
         "one_thread_images_per_second": {k: round(v, 1) for k, v in one_thread.items()},
         "one_thread_int8_over_tflite": round(one_thread["tflite_int8"] / one_thread["tflite"], 2),
+        "without_xnnpack_images_per_second": {k: round(v, 1) for k, v in builtin.items()},
         "feature_cosine_to_float": {
             "min": round(float(cosines.min()), 4),
             "median": round(float(np.median(cosines)), 4),
