@@ -715,9 +715,13 @@ def suite_int8(args) -> dict:
     rates = _interleaved_rates(
         {"tensorflow": backends.tensorflow_backend(module_object), **every_core}, batch
     )
-    one_thread = _interleaved_rates(
-        {name: backends.tflite_backend(path, num_threads=1) for name, path in paths.items()}, batch
-    )
+    single = {name: backends.tflite_backend(path, num_threads=1) for name, path in paths.items()}
+    one_thread = _interleaved_rates(single, batch)
+    # CPU time, unlike wall time, hardly counts what other processes on the machine take.
+    cpu_ms = {
+        name: _cpu_ms_per_image(lambda run=run: [run(batch) for _ in range(3)], 3 * len(batch))
+        for name, run in single.items()
+    }
     builtin = _interleaved_rates(
         {name: _without_xnnpack(path, batch) for name, path in paths.items()}, batch, rounds=2
     )
@@ -729,6 +733,8 @@ def suite_int8(args) -> dict:
         "int8_over_tflite": round(rates["tflite_int8"] / rates["tflite"], 2),
         "one_thread_images_per_second": {k: round(v, 1) for k, v in one_thread.items()},
         "one_thread_int8_over_tflite": round(one_thread["tflite_int8"] / one_thread["tflite"], 2),
+        "one_thread_cpu_ms_per_image": {k: round(v, 2) for k, v in cpu_ms.items()},
+        "cpu_ms_float_over_int8": round(cpu_ms["tflite"] / cpu_ms["tflite_int8"], 2),
         "without_xnnpack_images_per_second": {k: round(v, 1) for k, v in builtin.items()},
         "feature_cosine_to_float": {
             "min": round(float(cosines.min()), 4),
