@@ -5,6 +5,12 @@ On a CPU the TFLite interpreter (XNNPACK, all cores) runs the bundled EfficientN
 ``auto`` takes TFLite on a CPU only after checking on a few real images that it reproduces
 TensorFlow's features, and says why when it does not.
 
+``tflite_int8`` (opt-in only: ``auto`` never picks it) runs the module quantized to int8
+(weights and activations; float32 input and output) with XNNPACK. Its activation ranges are
+calibrated on a ``Calibration``: a seeded pick of the run's own training images, named by a
+hash of their contents, which also names the conversion in the module cache and the vectors'
+folder in the bottleneck cache, so int8 vectors are never mixed with float ones.
+
 Importing this module does not import TensorFlow, nor does ``tflite_backend``: only conversion,
 ``tensorflow_backend`` and ``choose_backend`` do.
 """
@@ -12,27 +18,42 @@ Importing this module does not import TensorFlow, nor does ``tflite_backend``: o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from retrain.atomic import atomic_open, atomic_write_text, exclusive
+from retrain.cache import file_content_key
 from retrain.errors import RetrainError, StorageError, first_line
 from retrain.models.loading import ImageModule
-from retrain.module_cache import tflite_model_path, tflite_verified_path
+from retrain.module_cache import (
+    TFLITE_INT8_CONVERSION_VERSION,
+    tflite_int8_model_path,
+    tflite_model_path,
+    tflite_verified_path,
+)
 from retrain.runtime import quiet_stderr
 from retrain.tflite_model import TFLiteModel, is_tflite_file
 
 __all__ = [
+    "ALL_BACKENDS",
     "BACKENDS",
+    "CALIBRATION_IMAGES",
+    "INT8",
     "TFLITE_BATCH",
     "TOLERANCE",
     "BackendError",
+    "Calibration",
     "Extractor",
+    "calibration_set",
     "choose_backend",
+    "convert_to_int8",
     "convert_to_tflite",
     "empty_features",
     "tensorflow_backend",
@@ -40,6 +61,13 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "tensorflow", "tflite")
+# The int8 backend: asked for by name only, and only where training images can calibrate it.
+INT8 = "tflite_int8"
+ALL_BACKENDS = (*BACKENDS, INT8)
+# Training images the int8 ranges are calibrated on, as for the int8 export (retrain.quantize),
+# picked with a fixed seed: --random_seed changes no vectors.
+CALIBRATION_IMAGES = 300
+CALIBRATION_SEED = 0
 # Images per TFLite invocation: as fast as larger batches on CPU, with a far smaller arena.
 TFLITE_BATCH = 8
 # Largest absolute feature difference from TensorFlow that `auto` accepts for TFLite.
@@ -119,25 +147,109 @@ def convert_to_tflite(
     once, and what a conversion killed midway left is removed before the next one.
     ``module_object``, if given, saves loading the SavedModel again.
     """
-    path = tflite_model_path(cache_dir, module.fingerprint)
+    path = _conversion_path(module, cache_dir, None)
+    return _cached_conversion(module, module_object, path, "TFLite")
+
+
+def _conversion_path(
+    module: ImageModule, cache_dir: str | os.PathLike[str] | None, calibration: Calibration | None
+) -> Path:
+    """Where the module's float conversion (``calibration`` None) or int8 one is cached."""
+    if calibration is None:
+        return tflite_model_path(cache_dir, module.fingerprint)
+    return tflite_int8_model_path(cache_dir, module.fingerprint, calibration.identity)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The images an int8 conversion's activation ranges are calibrated on."""
+
+    paths: tuple[str, ...]
+    identity: str  # a hash of the images' contents, in order: names the conversion and vectors
+    max_pixels: int  # images with more pixels are skipped, as extraction skips them
+
+    @property
+    def recipe(self) -> str:
+        """What int8 vectors are made with, for the bottleneck cache's key."""
+        return f"{INT8}-v{TFLITE_INT8_CONVERSION_VERSION}-{self.identity}"
+
+
+def calibration_set(
+    training_paths: Sequence[str],
+    max_pixels: int,
+    count: int = CALIBRATION_IMAGES,
+) -> Calibration:
+    """A seeded pick of ``count`` of ``training_paths`` (all if fewer; the same pick for the
+    same paths), named by a sha256 of their contents (an unreadable file counts as empty;
+    the conversion skips it). Reads every picked file once."""
+    from retrain.quantize import calibration_paths  # imports TensorFlow
+
+    paths = tuple(calibration_paths(list(training_paths), count, CALIBRATION_SEED))
+    digest = hashlib.sha256(str(len(paths)).encode())
+    for path in paths:
+        try:
+            digest.update(file_content_key(path))
+        except OSError:
+            digest.update(b"unreadable")
+    return Calibration(paths, digest.hexdigest()[:16], max_pixels)
+
+
+def convert_to_int8(
+    module: ImageModule,
+    calibration: Calibration,
+    cache_dir: str | os.PathLike[str] | None = None,
+    module_object: Any = None,
+) -> Path:
+    """The module as a full-integer int8 TFLite model (float32 input and output), its
+    activations calibrated on ``calibration``'s images; converted on the first call (about a
+    minute for 300 images), then read from the cache (``module_cache.tflite_int8_model_path``),
+    written as ``convert_to_tflite`` writes. Raises BackendError, also when no calibration
+    image is given."""
+    if not calibration.paths:
+        raise BackendError(f"{INT8} needs training images to calibrate the int8 model on")
+    path = _conversion_path(module, cache_dir, calibration)
+    return _cached_conversion(
+        module, module_object, path, "int8 TFLite", lambda c: _calibrate(c, module, calibration)
+    )
+
+
+def _calibrate(converter: Any, module: ImageModule, calibration: Calibration) -> None:
+    from retrain import quantize  # imports TensorFlow
+
+    images = quantize.representative_dataset(
+        calibration.paths, module.input_size, calibration.max_pixels
+    )
+    quantize.configure(converter, "int8", images)
+
+
+Setup = Callable[[Any], None]  # readies a tf.lite.TFLiteConverter before it converts
+
+
+def _cached_conversion(
+    module: ImageModule, module_object: Any, path: Path, kind: str, setup: Setup | None = None
+) -> Path:
+    """``path``, converting the module to it first (``setup`` readies the converter) if it is
+    not there yet."""
     if _has_tflite_identifier(path):
         return path
     with exclusive(path):  # runs started at once convert once; the others wait and use it
         if not _has_tflite_identifier(path):
-            _write_conversion(module, module_object, path)
+            _write_conversion(module, module_object, path, kind, setup)
     return path
 
 
-def _write_conversion(module: ImageModule, module_object: Any, path: Path) -> None:
+def _write_conversion(
+    module: ImageModule, module_object: Any, path: Path, kind: str, setup: Setup | None
+) -> None:
     """Convert the module and write it to ``path`` atomically. Raises BackendError, or
     StorageError when the cache's file system fails."""
     try:
-        data = _convert(module, module_object)
+        data = _convert(module, module_object, setup)
     except BackendError:
         raise
     except Exception as exc:  # converter errors come in many types; all mean "cannot convert"
         raise BackendError(
-            f"cannot convert module {module.handle!r} to TFLite: {first_line(exc)}"
+            f"cannot convert module {module.handle!r} to {kind}: {first_line(exc)}"
         ) from exc
     try:
         with atomic_open(path, "wb", "TFLite conversion", len(data)) as handle:
@@ -147,9 +259,10 @@ def _write_conversion(module: ImageModule, module_object: Any, path: Path) -> No
         raise BackendError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _convert(module: ImageModule, module_object: Any) -> bytes:
+def _convert(module: ImageModule, module_object: Any, setup: Setup | None = None) -> bytes:
     """Convert ``module_object.__call__`` (what the TensorFlow backend runs) for float32
-    ``[None, H, W, 3]``; fall back to the SavedModel's serving signature."""
+    ``[None, H, W, 3]``; fall back to the SavedModel's serving signature. ``setup``, if
+    given, readies each converter first."""
     import tensorflow as tf
 
     height, width = module.input_size
@@ -159,13 +272,19 @@ def _convert(module: ImageModule, module_object: Any) -> bytes:
         try:
             function = tf.function(lambda images: obj(images)).get_concrete_function(spec)
             converter = tf.lite.TFLiteConverter.from_concrete_functions([function], obj)
-            data = converter.convert()
+            data = _run(converter, setup)
         except Exception:
             converter = tf.lite.TFLiteConverter.from_saved_model(
                 os.fspath(module.path), signature_keys=["serving_default"]
             )
-            data = converter.convert()
+            data = _run(converter, setup)
     return bytes(data)
+
+
+def _run(converter: Any, setup: Setup | None) -> bytes:
+    if setup is not None:
+        setup(converter)
+    return converter.convert()
 
 
 def _has_tflite_identifier(path: Path) -> bool:
@@ -242,21 +361,39 @@ def choose_backend(
     batch_size: int = TFLITE_BATCH,
     num_threads: int | None = None,
     tolerance: float = TOLERANCE,
+    calibration: Calibration | None = None,
 ) -> tuple[Extractor, str, str]:
-    """(extractor, backend used, reason) for ``requested`` in ``BACKENDS``.
+    """(extractor, backend used, reason) for ``requested`` in ``ALL_BACKENDS``.
 
     ``tensorflow``: TensorFlow. ``tflite``: the cached conversion (BackendError if it cannot be
-    made or loaded). ``auto``: TensorFlow if a GPU is visible; else TFLite if, on
-    ``sample_images`` (a few real preprocessed images, float32 ``[k, H, W, 3]``), its features
-    are within ``tolerance`` of TensorFlow's; else TensorFlow, with the reason logged.
+    made or loaded). ``tflite_int8``: the cached int8 conversion calibrated on
+    ``calibration`` (BackendError without one). ``auto``: TensorFlow if a GPU is visible; else
+    TFLite if, on ``sample_images`` (a few real preprocessed images, float32
+    ``[k, H, W, 3]``), its features are within ``tolerance`` of TensorFlow's; else TensorFlow,
+    with the reason logged.
     """
     log = log or _log
-    if requested not in BACKENDS:
+    if requested not in ALL_BACKENDS:
         raise BackendError(
-            f"unknown extraction backend {requested!r}; choose one of {', '.join(BACKENDS)}"
+            f"unknown extraction backend {requested!r}; choose one of {', '.join(ALL_BACKENDS)}"
         )
     if requested == "tensorflow":
         return tensorflow_backend(module_object), "tensorflow", "requested"
+    if requested == INT8:
+        if calibration is None:
+            raise BackendError(f"{INT8} needs calibration images")
+        if not _has_tflite_identifier(_conversion_path(module, cache_dir, calibration)):
+            log.info(
+                "Converting the module to int8, calibrated on %d training images (once for "
+                "these images; about a minute)",
+                len(calibration.paths),
+            )
+        extractor = _load_tflite(
+            module, module_object, cache_dir, num_threads, batch_size, calibration
+        )
+        reason = f"requested; calibrated on {len(calibration.paths)} training images"
+        log.info("Extraction backend: %s (%s, %s)", INT8, reason, calibration.identity)
+        return extractor, INT8, reason
     if requested == "tflite":
         extractor = _load_tflite(module, module_object, cache_dir, num_threads, batch_size)
         log.info("Extraction backend: tflite (requested)")
@@ -294,12 +431,19 @@ def _load_tflite(
     cache_dir: str | os.PathLike[str] | None,
     num_threads: int | None,
     batch_size: int,
+    calibration: Calibration | None = None,
 ) -> Extractor:
-    """Convert (or reuse the cached conversion) and load it; a cached file that fails to load
-    is converted again, once."""
+    """Convert (or reuse the cached conversion): float, or int8 calibrated on
+    ``calibration``; and load it. A cached file that fails to load is converted again, once."""
     _require_litert()  # before spending seconds on a conversion
-    cached = _has_tflite_identifier(tflite_model_path(cache_dir, module.fingerprint))
-    path = convert_to_tflite(module, cache_dir, module_object)
+
+    def convert() -> Path:
+        if calibration is None:
+            return convert_to_tflite(module, cache_dir, module_object)
+        return convert_to_int8(module, calibration, cache_dir, module_object)
+
+    cached = _has_tflite_identifier(_conversion_path(module, cache_dir, calibration))
+    path = convert()
     try:
         return tflite_backend(path, num_threads, batch_size)
     except BackendError:
@@ -307,8 +451,7 @@ def _load_tflite(
             raise
         with contextlib.suppress(OSError):
             path.unlink()
-        path = convert_to_tflite(module, cache_dir, module_object)
-        return tflite_backend(path, num_threads, batch_size)
+        return tflite_backend(convert(), num_threads, batch_size)
 
 
 def _check(

@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrain.atomic import atomic_write_text, check_writable_file
+from retrain.backends import BACKENDS
 from retrain.cache import (
     DEFAULT_SHARD_ROWS,
     BottleneckCache,
@@ -176,7 +177,7 @@ class BeamSettings:
 def validate(config: RetrainConfig, settings: BeamSettings) -> None:
     """Raise ConfigError naming the first setting the pipeline cannot use: a folder given as a
     URL (MOUNTED_FOLDERS), then `config.validate()`'s checks, a missing `cache.bottleneck_dir`,
-    then `settings.validate()`'s."""
+    the int8 backend, then `settings.validate()`'s."""
     values = dict(leaf_fields(config))
     for name in MOUNTED_FOLDERS:
         if values[name] and looks_like_url(values[name]):
@@ -188,6 +189,12 @@ def validate(config: RetrainConfig, settings: BeamSettings) -> None:
     config.validate()
     if not config.cache.bottleneck_dir:
         raise ConfigError("{0} is required: the folder the workers fill", "cache.bottleneck_dir")
+    if config.module.extraction_backend not in BACKENDS:  # tflite_int8 needs a calibration
+        raise ConfigError(
+            "{0}=" + config.module.extraction_backend + " is not offered by the Beam pipeline; "
+            "choose one of " + ", ".join(BACKENDS),
+            "module.extraction_backend",
+        )
     settings.validate()
 
 

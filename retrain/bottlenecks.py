@@ -142,18 +142,43 @@ class LazyModule:
         return self.get()(images)
 
 
-def open_cache(bottleneck_dir: str | Path, module: ImageModule) -> BottleneckCache:
-    """The module's folder of the bottleneck cache, created with its module.json."""
+def open_cache(
+    bottleneck_dir: str | Path,
+    module: ImageModule,
+    calibration: backends.Calibration | None = None,
+) -> BottleneckCache:
+    """The module's folder of the bottleneck cache, created with its module.json: of float
+    vectors, or with `calibration`, of the int8 model's calibrated on it (another folder)."""
+    description = {
+        "module": module.handle,
+        "fingerprint": module.fingerprint,
+        "preprocessing": PREPROCESSING_ID,
+    }
+    recipe = PREPROCESSING_ID
+    if calibration is not None:
+        recipe = f"{PREPROCESSING_ID}\0{calibration.recipe}"
+        description |= {
+            "precision": "int8",
+            "extraction": calibration.recipe,
+            "calibration_images": len(calibration.paths),
+        }
     return BottleneckCache(
         bottleneck_dir,
-        module_cache_key(module.fingerprint, PREPROCESSING_ID),
+        module_cache_key(module.fingerprint, recipe),
         module.feature_dim,
-        description={
-            "module": module.handle,
-            "fingerprint": module.fingerprint,
-            "preprocessing": PREPROCESSING_ID,
-        },
+        description=description,
     )
+
+
+def int8_calibration(
+    image_set: scan.ImageSet, settings: ModuleConfig, max_pixels: int
+) -> backends.Calibration | None:
+    """For the int8 backend, its calibration set: a seeded pick of `image_set`'s training
+    images (backends.calibration_set); None for any other backend."""
+    if settings.extraction_backend != backends.INT8:
+        return None
+    training = image_set.paths.take(scan.split_mask(image_set.split_codes, "training"))
+    return backends.calibration_set(list(training), max_pixels)
 
 
 def compute_bottlenecks(
@@ -172,7 +197,8 @@ def compute_bottlenecks(
     each worker first computes its share (`_extract_in_cluster`). With `distortions.copies`,
     also the distorted copies of the training images (every worker computes what is missing:
     copies written twice are harmless)."""
-    cache = open_cache(bottleneck_dir, module)
+    calibration = int8_calibration(image_set, settings, max_pixels)
+    cache = open_cache(bottleneck_dir, module, calibration)
     paths = image_set.paths
     start = time.perf_counter()
     found = extract.lookup(paths, cache)
@@ -184,7 +210,7 @@ def compute_bottlenecks(
         len(paths) - missing - len(found.skipped),
         missing,
     )
-    extractor = _Extractors(module, module_object, settings, max_pixels, mirrored)
+    extractor = _Extractors(module, module_object, settings, max_pixels, mirrored, calibration)
     extract_some = partial(_extract, extractor, cache, paths, found)
     extraction, cluster_computed = extract.ExtractionStats(), None
     if cluster is not None:
@@ -303,6 +329,7 @@ class _Extractors:
     settings: ModuleConfig
     max_pixels: int
     mirrored: bool
+    calibration: backends.Calibration | None = None  # of the int8 backend
     _chosen: backends.Extractor | None = None
 
     def backend(self, todo: list[str]) -> backends.Extractor:
@@ -324,6 +351,7 @@ class _Extractors:
             self._samples(todo),
             log,
             cache_dir=self.settings.cache_dir,
+            calibration=self.calibration,
         )
         return extractor
 

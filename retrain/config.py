@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from retrain.atomic import check_writable_dir, check_writable_file
-from retrain.backends import BACKENDS as EXTRACTION_BACKENDS
+from retrain.backends import ALL_BACKENDS as EXTRACTION_BACKENDS
+from retrain.backends import INT8
 from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
 from retrain.distribute import STRATEGIES, read_tf_config
 from retrain.errors import ConfigError
@@ -401,11 +402,19 @@ def _check_choices(c: RetrainConfig) -> None:
     name = c.export.final_tensor_name
     if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", name):
         raise ConfigError("{0} is not a valid node name: " + repr(name), "export.final_tensor_name")
-    if c.distribution.strategy == "mirrored" and c.module.extraction_backend == "tflite":
+    backend = c.module.extraction_backend
+    if c.distribution.strategy == "mirrored" and backend in ("tflite", INT8):
         raise ConfigError(
-            "{0}=tflite runs on the CPU; it cannot be combined with {1}=mirrored",
+            "{0}=" + backend + " runs on the CPU; it cannot be combined with {1}=mirrored",
             "module.extraction_backend",
             "distribution.strategy",
+        )
+    if backend == INT8 and c.distortions.active and not c.distortions.copies:
+        raise ConfigError(
+            "{0}=" + INT8 + " caches int8 vectors; distort with cached copies ({1}), "
+            "not afresh at every step in float",
+            "module.extraction_backend",
+            "distortions.copies",
         )
     if c.distribution.strategy == "multi_worker_mirrored":
         read_tf_config()  # a missing or invalid TF_CONFIG is an error naming the strategy

@@ -10,6 +10,8 @@ that made it, so a changed recipe makes new files instead of reusing stale ones:
         tflite/
             <fingerprint>-v<TFLITE_CONVERSION_VERSION>.tflite            the module for LiteRT
             <fingerprint>-v<TFLITE_CONVERSION_VERSION>.tflite.verified   it matched TensorFlow
+            <fingerprint>-int8-<calibration>-v<TFLITE_INT8_CONVERSION_VERSION>.tflite
+                                  the module quantized to int8, calibrated on one set of images
         frozen/
             <fingerprint>-v<FROZEN_MODULE_VERSION>.pb            the module as a frozen GraphDef
 
@@ -27,10 +29,12 @@ __all__ = [
     "CONVERTER_VERSION",
     "FROZEN_MODULE_VERSION",
     "TFLITE_CONVERSION_VERSION",
+    "TFLITE_INT8_CONVERSION_VERSION",
     "cache_root",
     "converted_module_dir",
     "default_cache_dir",
     "frozen_module_path",
+    "tflite_int8_model_path",
     "tflite_model_path",
     "tflite_verified_path",
 ]
@@ -39,6 +43,7 @@ __all__ = [
 CONVERTER_VERSION = 1  # bundled weights -> SavedModel
 TFLITE_CONVERSION_VERSION = 1  # SavedModel -> .tflite
 FROZEN_MODULE_VERSION = 1  # SavedModel -> frozen GraphDef
+TFLITE_INT8_CONVERSION_VERSION = 1  # SavedModel + calibration images -> int8 .tflite
 
 CacheDir = str | os.PathLike[str] | None
 
@@ -64,6 +69,13 @@ def converted_module_dir(cache_dir: CacheDir, name: str, weights_sha256: str) ->
 def tflite_model_path(cache_dir: CacheDir, fingerprint: str) -> Path:
     """The TFLite conversion of the module with ``fingerprint``."""
     return cache_root(cache_dir) / "tflite" / f"{fingerprint}-v{TFLITE_CONVERSION_VERSION}.tflite"
+
+
+def tflite_int8_model_path(cache_dir: CacheDir, fingerprint: str, calibration: str) -> Path:
+    """The int8 TFLite conversion of the module with ``fingerprint``, its activations calibrated
+    on the images whose identity (``backends.Calibration.identity``) is ``calibration``."""
+    name = f"{fingerprint}-int8-{calibration}-v{TFLITE_INT8_CONVERSION_VERSION}.tflite"
+    return cache_root(cache_dir) / "tflite" / name
 
 
 def tflite_verified_path(cache_dir: CacheDir, fingerprint: str) -> Path:

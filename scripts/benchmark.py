@@ -9,7 +9,8 @@
 
 Suites:
   module      raw module images/s on decoded 224x224 batches, per extraction backend
-  extraction  end-to-end bottleneck images/s from image files into an empty cache
+  extraction  end-to-end bottleneck images/s from image files into an empty cache (--backends
+              tensorflow, tflite, tflite_int8)
   training    4,000 default training steps on cached-size features (steps/s, seconds)
   run         whole `retrain` runs with an empty and with a filled cache: wall s, peak RSS
   cache       opening a bottleneck cache of N entries (seconds, RSS)
@@ -21,6 +22,11 @@ Suites:
   distortions distorting decoded batches + the module next to the module alone (images/s);
               seconds per 100 training images undistorted, with cached copies (computing and
               reusing them) and on the fly
+  int8        the module's images/s with tensorflow, tflite (float) and tflite_int8 on the same
+              decoded images (all cores, one thread, and without XNNPACK), how close the int8
+              features are to the float ones, and the test accuracy of default runs on float vs
+              int8 features (same split and training; --int8_bottleneck_dir reuses a filled
+              cache; --int8_seeds: a run per seed)
   export      per exported format and --quantizations: file size (MB), the run's own check
               (accuracy, agreement with the float model), label-image's cold start for one
               image (s), its images/s over a folder and its accuracy there (--eval_dir, a folder
@@ -145,6 +151,8 @@ def suite_extraction(args) -> dict:
     for name in args.backends.split(","):
         if name == "tensorflow":
             extractor = backends.tensorflow_backend(module_object)
+        elif name == backends.INT8:
+            extractor = backends.tflite_backend(_int8_model(module, module_object, args.image_dir))
         else:
             extractor = backends.tflite_backend(backends.convert_to_tflite(module))
         raw = _rate(extractor, batch)
@@ -633,6 +641,143 @@ def suite_export(args) -> dict:
     return out
 
 
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _interleaved_rates(extractors: dict, batch: np.ndarray, rounds: int = 7) -> dict:
+    """Images/s of each extractor on `batch`, the best of `rounds` rounds that time each of them
+    in turn, so that a busy spell on a shared machine does not fall on one of them only."""
+    best = dict.fromkeys(extractors, float("inf"))
+    for run in extractors.values():
+        run(batch)  # warm up
+    for _ in range(rounds):
+        for name, run in extractors.items():
+            start = time.perf_counter()
+            run(batch)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: len(batch) / seconds for name, seconds in best.items()}
+
+
+def _without_xnnpack(path: Path, batch: np.ndarray):
+    """A LiteRT run of the model at `path` on `batch`'s shape with the builtin kernels only (no
+    XNNPACK delegate), every core: what the model costs if XNNPACK does not run it."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(
+        model_path=str(path),
+        num_threads=os.cpu_count(),
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, list(batch.shape))
+    interpreter.allocate_tensors()
+
+    def run(images: np.ndarray) -> None:
+        interpreter.set_tensor(index, images)
+        interpreter.invoke()
+
+    return run
+
+
+def _int8_model(module, module_object, image_dir: Path) -> Path:
+    """The module's int8 conversion calibrated as `retrain` calibrates it on `image_dir` with
+    the default split (made now if not cached)."""
+    from retrain import backends
+    from retrain.bottlenecks import int8_calibration
+    from retrain.config import ModuleConfig
+    from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
+    from retrain.scan import scan_image_dir
+
+    image_set = scan_image_dir(image_dir, 10, 10)  # retrain's default split
+    settings = ModuleConfig(extraction_backend=backends.INT8)
+    calibration = int8_calibration(image_set, settings, DEFAULT_MAX_IMAGE_PIXELS)
+    return backends.convert_to_int8(module, calibration, None, module_object)
+
+
+def suite_int8(args) -> dict:
+    """int8 extraction next to float: the raw module rate of each backend on one batch of the
+    image folder's photos, then a default run per TFLite backend on the folder (its test
+    accuracy, and for int8 that of the exported float graph, which runs the float module)."""
+    from retrain import backends
+    from retrain.models.loading import resolve_module
+
+    module = resolve_module(args.tfhub_module)
+    module_object = module.load()
+    start = time.perf_counter()
+    paths = {
+        "tflite": backends.convert_to_tflite(module, None, module_object),
+        "tflite_int8": _int8_model(module, module_object, args.image_dir),
+    }
+    conversions = time.perf_counter() - start  # about 0 when both are cached
+    batch = _sample_batch(args.image_dir, module.input_size)
+    every_core = {name: backends.tflite_backend(path) for name, path in paths.items()}
+    rates = _interleaved_rates(
+        {"tensorflow": backends.tensorflow_backend(module_object), **every_core}, batch
+    )
+    single = {name: backends.tflite_backend(path, num_threads=1) for name, path in paths.items()}
+    one_thread = _interleaved_rates(single, batch)
+    # CPU time, unlike wall time, hardly counts what other processes on the machine take.
+    cpu_ms = {
+        name: _cpu_ms_per_image(lambda run=run: [run(batch) for _ in range(3)], 3 * len(batch))
+        for name, run in single.items()
+    }
+    builtin = _interleaved_rates(
+        {name: _without_xnnpack(path, batch) for name, path in paths.items()}, batch, rounds=2
+    )
+    cosines = _cosines(every_core["tflite_int8"](batch), every_core["tflite"](batch))
+    result = {
+        "batch": len(batch),
+        "conversions_seconds": round(conversions, 1),
+        "images_per_second": {k: round(v, 1) for k, v in rates.items()},
+        "int8_over_tflite": round(rates["tflite_int8"] / rates["tflite"], 2),
+        "one_thread_images_per_second": {k: round(v, 1) for k, v in one_thread.items()},
+        "one_thread_int8_over_tflite": round(one_thread["tflite_int8"] / one_thread["tflite"], 2),
+        "one_thread_cpu_ms_per_image": {k: round(v, 2) for k, v in cpu_ms.items()},
+        "cpu_ms_float_over_int8": round(cpu_ms["tflite"] / cpu_ms["tflite_int8"], 2),
+        "without_xnnpack_images_per_second": {k: round(v, 1) for k, v in builtin.items()},
+        "feature_cosine_to_float": {
+            "min": round(float(cosines.min()), 4),
+            "median": round(float(np.median(cosines)), 4),
+        },
+    }
+    if args.int8_seeds:  # empty: speed only
+        result["runs"] = _runs_per_backend(args, ("tflite", "tflite_int8"))
+        accuracy = {name: run["mean_test_accuracy"] for name, run in result["runs"].items()}
+        lost = accuracy["tflite"] - accuracy["tflite_int8"]
+        result["accuracy_lost_points"] = round(100 * lost, 2)
+    return result
+
+
+def _runs_per_backend(args, names: Sequence[str]) -> dict:
+    """Default runs per extraction backend in `names` on args.image_dir, one per seed of
+    --int8_seeds (same split; the seed moves initialisation and batches): wall s, test
+    accuracies and their mean, bottleneck phase s (with the conversion) and extraction images/s
+    of the first run (None with a filled cache), the exported graph's checked accuracies."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            figures: dict = {"test_accuracy": [], "exported_graph_accuracy": []}
+            for seed in (int(s) for s in args.int8_seeds.split(",")):
+                work = Path(tmp) / f"{name}-{seed}"
+                extra = [f"--extraction_backend={name}", f"--random_seed={seed}"]
+                if args.int8_bottleneck_dir:
+                    extra.append(f"--bottleneck_dir={args.int8_bottleneck_dir}")
+                command = retrain_command(args.image_dir, work, args.tfhub_module, extra)
+                run = timed_run([*command, *args.retrain_flag])
+                metrics = json.loads((work / "metrics.json").read_text())
+                checks = {c["format"]: c for c in metrics.get("export_checks", [])}
+                figures["test_accuracy"].append(round(metrics["test_accuracy"], 4))
+                graph = checks.get("frozen_graph", {}).get("accuracy")
+                figures["exported_graph_accuracy"].append(graph and round(graph, 4))
+                for key in ("bottleneck_seconds", "extraction_images_per_second"):
+                    figures.setdefault(key, metrics.get(key))
+                figures.setdefault("seconds", run["seconds"])
+            figures["mean_test_accuracy"] = round(float(np.mean(figures["test_accuracy"])), 4)
+            out[name] = figures
+    return out
+
+
 SUITES = {
     "module": suite_module,
     "extraction": suite_extraction,
@@ -642,6 +787,7 @@ SUITES = {
     "scale": suite_scale,
     "label_image": suite_label_image,
     "distortions": suite_distortions,
+    "int8": suite_int8,
     "export": suite_export,
     "audit": suite_audit,
 }
@@ -680,6 +826,15 @@ def main() -> None:
         type=Path,
         default=None,
         help="export suite: class folders to measure accuracy on (default: the test split)",
+    )
+    parser.add_argument(
+        "--int8_bottleneck_dir",
+        type=Path,
+        default=None,
+        help="int8 suite: a bottleneck folder to reuse (float and int8 vectors live apart)",
+    )
+    parser.add_argument(
+        "--int8_seeds", default="0,1,2", help="int8 suite: a run per seed (empty: none)"
     )
     parser.add_argument(
         "--retrain_flag",

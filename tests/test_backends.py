@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -17,11 +18,14 @@ import tensorflow as tf
 from retrain import backends
 from retrain.backends import (
     BackendError,
+    calibration_set,
     choose_backend,
+    convert_to_int8,
     convert_to_tflite,
     tensorflow_backend,
     tflite_backend,
 )
+from retrain.bottlenecks import open_cache
 from retrain.decode import decode_image
 from retrain.errors import RetrainError
 from retrain.exported import ModelLoadError, TFLiteClassifier
@@ -248,6 +252,156 @@ def test_auto_on_gpu_and_explicit_choices(module, module_object, cache_dir, monk
     assert name == "tflite"
     with pytest.raises(BackendError, match="unknown extraction backend 'onnx'"):
         choose_backend("onnx", module, module_object, None, LOG)
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+@pytest.fixture(scope="module")
+def int8_calibration() -> backends.Calibration:
+    """Four of the test photos: enough to calibrate, cheap to convert with (the backend's own
+    pick is 300 training images)."""
+    return calibration_set([str(p) for p in PHOTOS], 10**8, count=4)
+
+
+@pytest.fixture(scope="module")
+def int8_path(module, module_object, cache_dir, int8_calibration) -> Path:
+    return convert_to_int8(module, int8_calibration, cache_dir, module_object)
+
+
+def test_calibration_is_a_seeded_pick_named_by_content(tmp_path):
+    photos = []
+    for i, photo in enumerate(PHOTOS[:6]):
+        photos.append(tmp_path / f"{i}.jpg")
+        photos[-1].write_bytes(photo.read_bytes())
+    paths = [str(p) for p in photos]
+    first = calibration_set(paths, 1000, count=4)
+    assert len(first.paths) == 4 and set(first.paths) <= set(paths)
+    assert first == calibration_set(paths, 1000, count=4)
+    assert calibration_set(paths, 1000).paths == tuple(paths)  # fewer than asked: all of them
+    assert first.recipe == f"tflite_int8-v1-{first.identity}"
+    Path(first.paths[0]).write_bytes(PHOTOS[10].read_bytes())  # same names, other contents
+    again = calibration_set(paths, 1000, count=4)
+    assert again.paths == first.paths and again.identity != first.identity
+    Path(first.paths[0]).unlink()  # an unreadable image still names a calibration
+    assert calibration_set(paths, 1000, count=4).identity not in (first.identity, again.identity)
+
+
+@pytest.mark.slow  # converting Lite0 to int8 takes 15-30 s
+def test_int8_conversion_is_full_integer_and_cached(
+    module, module_object, cache_dir, int8_calibration, int8_path, monkeypatch
+):
+    name = f"{module.fingerprint}-int8-{int8_calibration.identity}-v1.tflite"
+    assert int8_path == cache_dir / "tflite" / name
+    assert int8_path != tflite_model_path(cache_dir, module.fingerprint)
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(int8_path))
+    kinds = [op["op_name"] for op in interpreter._get_ops_details()]
+    dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    convolutions = [
+        op for op in interpreter._get_ops_details() if op["op_name"].endswith("CONV_2D")
+    ]
+    assert len(convolutions) > 40  # every convolution of the network, in int8
+    assert all(dtypes[op["inputs"][0]] == np.int8 for op in convolutions)
+    assert (kinds[0], kinds[-1]) == ("QUANTIZE", "DEQUANTIZE")  # float32 in, float32 out
+    monkeypatch.setattr(backends, "_convert", _broken_converter)  # cached: not converted again
+    assert convert_to_int8(module, int8_calibration, cache_dir, module_object) == int8_path
+
+
+@pytest.mark.slow  # converting Lite0 to int8 takes 15-30 s
+def test_int8_features_are_close_to_float(
+    module, module_object, cache_dir, int8_calibration, int8_path, photos, reference
+):
+    extractor, name, reason = choose_backend(
+        "tflite_int8",
+        module,
+        module_object,
+        None,
+        LOG,
+        cache_dir=cache_dir,
+        calibration=int8_calibration,
+    )
+    assert (name, reason) == ("tflite_int8", "requested; calibrated on 4 training images")
+    features = extractor(photos)
+    assert features.shape == reference.shape and features.dtype == np.float32
+    cosine = np.sum(features * reference, 1) / (
+        np.linalg.norm(features, axis=1) * np.linalg.norm(reference, axis=1)
+    )
+    assert cosine.min() > 0.85 and np.median(cosine) > 0.95
+    assert not np.allclose(features, reference, atol=1e-3)  # really another model
+    np.testing.assert_array_equal(extractor(photos[:5]), features[:5])  # deterministic
+
+
+def test_int8_needs_calibration_images(module, module_object, tmp_path):
+    with pytest.raises(BackendError, match="tflite_int8 needs calibration images"):
+        choose_backend("tflite_int8", module, module_object, None, LOG, cache_dir=tmp_path)
+    nothing = calibration_set([], 10**8)
+    with pytest.raises(BackendError, match="tflite_int8 needs training images to calibrate"):
+        choose_backend(
+            "tflite_int8", module, module_object, None, LOG, cache_dir=tmp_path, calibration=nothing
+        )
+    assert "tflite_int8" in backends.ALL_BACKENDS
+    assert "tflite_int8" not in backends.BACKENDS  # never picked by auto, nor offered by Beam
+
+
+def test_int8_vectors_have_a_cache_folder_of_their_own(module, int8_calibration, tmp_path):
+    floats = open_cache(tmp_path, module)
+    int8 = open_cache(tmp_path, module, int8_calibration)
+    other = open_cache(tmp_path, module, calibration_set([str(p) for p in PHOTOS], 10**8, 5))
+    assert len({floats.folder, int8.folder, other.folder}) == 3
+    described = json.loads((int8.folder / "module.json").read_text())
+    assert described["precision"] == "int8"
+    assert described["extraction"] == int8_calibration.recipe
+    assert described["calibration_images"] == 4
+    assert "precision" not in json.loads((floats.folder / "module.json").read_text())
+    assert open_cache(tmp_path, module).folder == floats.folder
+
+
+def test_int8_vectors_are_computed_and_cached_apart(tmp_path, caplog):
+    """Float, then int8 vectors of the same images (and of their distorted copies) with a
+    small module: two cache folders, vectors close but not equal, the second int8 run reusing
+    the conversion and every vector."""
+    from retrain.bottlenecks import LazyModule, compute_bottlenecks, load_module
+    from retrain.config import DistortionConfig, ModuleConfig
+    from retrain.scan import scan_image_dir
+    from tests.fault_tools import save_tiny_module
+
+    save_tiny_module(tmp_path / "tiny")
+    for i, photo in enumerate(PHOTOS[:12]):
+        target = tmp_path / "images" / "ab"[i % 2] / f"{i}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(photo.read_bytes())
+    image_set = scan_image_dir(tmp_path / "images", 0, 0)
+
+    def run(backend: str):
+        settings = ModuleConfig(
+            handle=str(tmp_path / "tiny"),
+            extraction_backend=backend,
+            cache_dir=str(tmp_path / "modules"),
+        )
+        module = load_module(settings)
+        where = (tmp_path / "b", settings, 10**8)
+        copies = DistortionConfig(flip_left_right=True, copies=1)
+        b = compute_bottlenecks(image_set, module, LazyModule(module), *where, distortions=copies)
+        return b, b.training().load().x
+
+    floats, float_x = run("tensorflow")
+    caplog.set_level(logging.INFO, logger="retrain")
+    int8, int8_x = run("tflite_int8")
+    assert "Converting the module to int8, calibrated on 12 training images" in caplog.text
+    assert (int8.computed, int8.copies.computed) == (12, 12)
+    assert int8.cache.folder != floats.cache.folder
+    assert json.loads((int8.cache.folder / "module.json").read_text())["precision"] == "int8"
+    assert [p.name for p in (tmp_path / "modules" / "tflite").glob("*-int8-*.tflite")]
+    difference = np.abs(int8_x - float_x).max()
+    assert 0 < difference < 0.02  # averages of [0, 1] pixels, in steps of about 1/255
+    caplog.clear()
+    again, again_x = run("tflite_int8")
+    assert "Converting" not in caplog.text
+    assert "Extraction backend: tflite_int8" not in caplog.text  # nothing to compute
+    assert (again.computed, again.copies.computed) == (0, 0)
+    np.testing.assert_array_equal(again_x, int8_x)
 
 
 # ----------------------------------------------------------------------------- retrain.exported

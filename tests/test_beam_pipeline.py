@@ -71,6 +71,12 @@ def config_for(image_dir: Path, bottleneck_dir: Path | str | None, **module) -> 
         (dict(bottleneck_dir="b", cache_dir="s3://b/m"), {}, "module.cache_dir", "is a URL"),
         (dict(bottleneck_dir=None), {}, "cache.bottleneck_dir", "is required"),
         (dict(bottleneck_dir="b", extraction_batch_size=0), {}, "module.extraction_batch_size", ""),
+        (
+            dict(bottleneck_dir="b", extraction_backend="tflite_int8"),
+            {},
+            "module.extraction_backend",
+            "is not offered by the Beam pipeline",
+        ),
         (dict(bottleneck_dir="b"), {"shard_rows": 0}, "shard_rows", "must be positive"),
         (dict(bottleneck_dir="b"), {"num_threads": -2}, "num_threads", "or positive, got -2"),
         (dict(bottleneck_dir="b"), {"summary_json": "/proc/version/x"}, "summary_json", "write"),

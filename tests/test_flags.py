@@ -52,6 +52,11 @@ def run_cli(capsys, *args):
             ["--distribution_strategy=mirrored", "--extraction_backend=tflite"],
             "--extraction_backend",
         ),
+        (
+            ["--distribution_strategy=mirrored", "--extraction_backend=tflite_int8"],
+            "--extraction_backend",
+        ),
+        (["--extraction_backend=tflite_int8", "--flip_left_right"], "--distorted_copies"),
         (["--distribution_strategy=everywhere"], "distribution_strategy"),
         (["--fine_tune_steps=-1"], "--fine_tune_steps"),
         (["--fine_tune_learning_rate=0"], "--fine_tune_learning_rate"),
