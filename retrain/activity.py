@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.models.loading import ImageModule
+from retrain.models.rebuild import copy_values, rebuild
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +40,15 @@ class ActivityProbe:
     ) -> ActivityProbe | None:
         """A probe for a bundled EfficientNet-Lite `module` whose variables match
         `module_object`'s; None for any other module (logged)."""
-        from retrain.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
-
-        variant = module.handle.removeprefix("efficientnet_")
-        if variant not in LITE_VARIANTS or not len(images):
+        net = rebuild(module, module_object) if len(images) else None
+        if net is None:
             log.info("Fine-tuning: no sparsity figures for module %s", module.handle)
-            return None
-        net = EfficientNetLite(variant)
-        ours, theirs = net.backbone.variables, module_object.variables
-        if [v.shape for v in ours] != [v.shape for v in theirs]:
-            log.info("Fine-tuning: no sparsity figures (module %s differs)", module.handle)
             return None
         return cls(net, images, module_object)
 
     def measure(self) -> dict[str, tuple[float, float]]:
         """{unit name: (zero fraction, never-active fraction)} with the module's weights now."""
-        for target, source in zip(self.net.backbone.variables, self.module_object.variables):
-            target.assign(source.read_value())
+        copy_values(self.module_object.variables, self.net.backbone.variables)
         rows = self._measure(self.images).numpy()
         return {name: (float(z), float(d)) for name, (z, d) in zip(self.names, rows)}
 

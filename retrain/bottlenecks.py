@@ -167,6 +167,7 @@ def open_cache(
         module_cache_key(module.fingerprint, recipe),
         module.feature_dim,
         description=description,
+        dtype=module.vector_dtype,
     )
 
 

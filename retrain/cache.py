@@ -4,7 +4,7 @@ Layout under --bottleneck_dir:
 
     <bottleneck_dir>/<module key>/          one folder per module (weights + preprocessing)
         module.json                         what the folder holds, for people
-        <shard>.vec.npy                     float32 [rows, dim], memory-mappable
+        <shard>.vec.npy                     float32 (or float16) [rows, dim], memory-mappable
         <shard>.idx.npy                     per row: content key, file key, CRC-32 of the row
 
 An image's *content key* is a hash of its bytes, so a changed file never reuses a stale vector and
@@ -54,6 +54,11 @@ KEY_BYTES = 16
 # Raw bytes ("V"), not strings ("S"): numpy strips trailing zero bytes from "S" values.
 INDEX_DTYPE = np.dtype([("content", f"V{KEY_BYTES}"), ("file", f"V{KEY_BYTES}"), ("crc", "<u4")])
 DEFAULT_SHARD_ROWS = 4096
+# What vectors may be stored as: float16 halves long vectors (activations at a fine-tuning cut).
+VECTOR_DTYPES = (np.dtype("<f4"), np.dtype("<f2"))
+# A writer buffers a shard in memory: long vectors (activations at a fine-tuning cut) get
+# shards of fewer rows, so the buffer stays this small.
+SHARD_BYTES = 64 << 20
 # Orphaned vector files (a writer killed between its two renames) are removed after this long.
 ORPHAN_AGE_SECONDS = 3600.0
 
@@ -105,8 +110,8 @@ def module_cache_key(module_fingerprint: str, preprocessing: str) -> str:
 
 
 def row_crc(row: np.ndarray) -> int:
-    """CRC-32 of one float32 feature vector."""
-    return zlib.crc32(np.ascontiguousarray(row, dtype="<f4").tobytes())
+    """CRC-32 of one feature vector as stored: little-endian, in its own float type."""
+    return zlib.crc32(np.ascontiguousarray(row, dtype=row.dtype.newbyteorder("<")).tobytes())
 
 
 # A vector's place in the cache, for many at once: shard number (in BottleneckCache.shards)
@@ -206,21 +211,21 @@ class Shard:
             shape, fortran_order, dtype = read_header(handle)
             self.data_offset = handle.tell()
             size = os.fstat(handle.fileno()).st_size
-        if dtype != np.float32 or len(shape) != 2 or fortran_order:
+        if dtype not in VECTOR_DTYPES or len(shape) != 2 or fortran_order:
             raise ValueError("vectors have the wrong layout")
+        self.dtype = np.dtype(dtype)
         self.rows, self.dim = shape
         if self.rows != len(self.index):
             raise ValueError(f"{self.rows} vectors for {len(self.index)} index rows")
-        if size != self.data_offset + self.rows * self.dim * 4:
-            raise ValueError(
-                f"vector file is {size} bytes, expected "
-                f"{self.data_offset + self.rows * self.dim * 4}"
-            )
+        expected = self.data_offset + self.rows * self.dim * self.dtype.itemsize
+        if size != expected:
+            raise ValueError(f"vector file is {size} bytes, expected {expected}")
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Vectors [len(rows), dim] for sorted row numbers, reading runs of rows at once."""
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        row_bytes = self.dim * 4
+        """Vectors [len(rows), dim] (as stored) for sorted row numbers, reading runs of rows
+        at once."""
+        out = np.empty((len(rows), self.dim), dtype=self.dtype)
+        row_bytes = self.dim * self.dtype.itemsize
         fd = os.open(self.vector_path, os.O_RDONLY)
         try:
             start = 0
@@ -231,7 +236,7 @@ class Shard:
                 data = os.pread(
                     fd, (end - start) * row_bytes, self.data_offset + int(rows[start]) * row_bytes
                 )
-                out[start:end] = np.frombuffer(data, dtype="<f4").reshape(end - start, self.dim)
+                out[start:end] = np.frombuffer(data, self.dtype).reshape(end - start, self.dim)
                 start = end
         finally:
             os.close(fd)
@@ -246,6 +251,7 @@ class MemoryShard:
         self.name = f"memory-{uuid.uuid4().hex[:12]}"
         self.vectors, self.index = vectors, index
         self.rows, self.dim = vectors.shape
+        self.dtype = vectors.dtype
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Vectors [len(rows), dim] of the given row numbers."""
@@ -261,8 +267,10 @@ class BottleneckCache:
         module_key: str,
         feature_dim: int,
         description: dict | None = None,
+        dtype: str = "float32",
     ):
         self.folder = Path(root).expanduser() / module_key
+        self.dtype = np.dtype(dtype).newbyteorder("<")  # what the vectors are stored as
         # Why the folder cannot be written (then new vectors stay in memory), or None.
         self.read_only = check_writable_dir(self.folder)
         self.feature_dim = feature_dim
@@ -271,7 +279,12 @@ class BottleneckCache:
             atomic_write_text(
                 meta,
                 json.dumps(
-                    {**description, "feature_dim": feature_dim, "format": CACHE_FORMAT_VERSION},
+                    {
+                        **description,
+                        "feature_dim": feature_dim,
+                        "dtype": self.dtype.name,
+                        "format": CACHE_FORMAT_VERSION,
+                    },
                     indent=2,
                 ),
             )
@@ -295,6 +308,8 @@ class BottleneckCache:
                 shard = Shard(index_path)
                 if shard.dim != self.feature_dim:
                     raise ValueError(f"vectors are {shard.dim}-wide, expected {self.feature_dim}")
+                if shard.dtype != self.dtype:
+                    raise ValueError(f"vectors are {shard.dtype.name}, expected {self.dtype.name}")
             except (OSError, ValueError) as err:
                 self._discard(index_path, str(err))
                 continue
@@ -411,8 +426,12 @@ class BottleneckCache:
             location = np.array((location.shard, location.row), dtype=LOCATION_DTYPE)
         self._live[self._starts[location["shard"]] + location["row"]] = False
 
-    def writer(self, shard_rows: int = DEFAULT_SHARD_ROWS) -> ShardWriter:
-        """A writer that appends new vectors to this cache in shards of `shard_rows`."""
+    def writer(self, shard_rows: int | None = None) -> ShardWriter:
+        """A writer that appends new vectors to this cache in shards of `shard_rows` (default:
+        DEFAULT_SHARD_ROWS, fewer for vectors so long that a shard would pass SHARD_BYTES)."""
+        if shard_rows is None:
+            row_bytes = self.dtype.itemsize * self.feature_dim
+            shard_rows = max(1, min(DEFAULT_SHARD_ROWS, SHARD_BYTES // row_bytes))
         return ShardWriter(self, shard_rows)
 
 
@@ -431,7 +450,7 @@ class ShardWriter:
 
     def add(self, content_k: bytes, file_k: bytes, vector: np.ndarray) -> None:
         """Queue one vector; full shards are written as they fill."""
-        vector = np.asarray(vector, dtype=np.float32)
+        vector = np.asarray(vector, dtype=self.cache.dtype)
         self._rows.append(vector)
         self._index.append((content_k, file_k, row_crc(vector)))
         if (

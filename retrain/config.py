@@ -145,6 +145,9 @@ class FineTuningConfig:
     # validation images).
     lr_schedule: str = "plateau"
     patience: int = 6  # stop after this many validation evaluations without a better one; 0: never
+    # "" fine-tunes the whole network; "block<N>" (or "<N>") or "head" freezes what is below and
+    # trains from cached activations at that cut (retrain.cut; bundled EfficientNet-Lite only).
+    from_block: str = ""
 
 
 @dataclass(frozen=True)
@@ -409,6 +412,13 @@ def _check_choices(c: RetrainConfig) -> None:
             "module.extraction_backend",
             "distribution.strategy",
         )
+    if backend == INT8 and c.fine_tuning.steps:
+        raise ConfigError(
+            "{0}=" + INT8 + " trains the layer on int8 features, but fine-tuning runs and "
+            "judges the float network: use another backend with {1}",
+            "module.extraction_backend",
+            "fine_tuning.steps",
+        )
     if backend == INT8 and c.distortions.active and not c.distortions.copies:
         raise ConfigError(
             "{0}=" + INT8 + " caches int8 vectors; distort with cached copies ({1}), "
@@ -421,6 +431,32 @@ def _check_choices(c: RetrainConfig) -> None:
     if c.training.resume and not c.training.checkpoint_path:
         raise ConfigError("{0} needs {1}", "training.resume", "training.checkpoint_path")
     _check_quantization(c.export)
+    _check_fine_tune_from(c)
+
+
+def _check_fine_tune_from(c: RetrainConfig) -> None:
+    f = c.fine_tuning
+    if not f.from_block:
+        return
+    if not re.fullmatch(r"(block)?\d+|head", f.from_block):
+        raise ConfigError(
+            "{0}: " + repr(f.from_block) + " is not a block: give block<N>, <N> or head",
+            "fine_tuning.from_block",
+        )
+    if not f.steps:
+        raise ConfigError("{0} needs {1} > 0", "fine_tuning.from_block", "fine_tuning.steps")
+    if c.distribution.strategy == "multi_worker_mirrored":
+        raise ConfigError(
+            "{0} cannot be combined with {1}=multi_worker_mirrored",
+            "fine_tuning.from_block",
+            "distribution.strategy",
+        )
+    if c.distortions.active and not c.distortions.copies:
+        raise ConfigError(
+            "{0} trains on cached activations, so distortions must be cached too: give {1}",
+            "fine_tuning.from_block",
+            "distortions.copies",
+        )
 
 
 def _check_quantization(e: ExportConfig) -> None:

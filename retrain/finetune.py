@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -47,6 +47,7 @@ from retrain.heads import Head
 from retrain.interrupt import check as check_interrupt
 from retrain.lr_find import RateSearch, range_test
 from retrain.models.loading import ImageModule
+from retrain.models.rebuild import CheckpointedNetwork, copy_values, rebuild
 from retrain.optim import Plateau, current_learning_rate, make_optimizer
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ class FineTuneResult:
     validation_before: Evaluation | None = None  # the head alone's, on the validation images
     validation_best: Evaluation | None = None  # the kept network's
     validation_seconds: float = 0.0
+    cut: dict | None = None  # partial fine-tuning's cut and its cached activations (retrain.cut)
 
     @property
     def head_alone(self) -> bool:
@@ -134,6 +136,7 @@ class FineTuneResult:
             "validation_accuracy_best": best.accuracy if best else None,
             "validation_cross_entropy_best": best.cross_entropy if best else None,
             "validation_seconds": round(self.validation_seconds, 3),
+            "cut": self.cut,
         }
 
 
@@ -325,16 +328,12 @@ def fine_tune(
     if not len(train):
         raise RetrainError("fine-tuning: no training images to fine-tune on")
     active = strategy or tf.distribute.get_strategy()
-    if settings.batch_size < active.num_replicas_in_sync:
-        # A replica would get an empty piece of each batch, which the module cannot run on.
-        raise ConfigError(
-            f"{{0}} ({settings.batch_size}) must be at least the number of "
-            f"replicas ({active.num_replicas_in_sync})",
-            "fine_tuning.batch_size",
-        )
+    check_batch(settings, active)
     module_object = distribute.load_module(module, strategy)
     with active.scope():
-        model, optimizer = _model_and_optimizer(module_object, layer, settings)
+        module_object = checkpointed(module, module_object)
+        model = FineTuneModel(module_object, *layer)
+        optimizer = optimizer_for(model, settings)
     log.info(
         "Fine-tuning the whole network: %d steps of %d images, learning rate %g, %d replica(s)",
         settings.steps,
@@ -353,49 +352,101 @@ def fine_tune(
         settings.batch_size,
         max_pixels,
     )
-    before = _log_test("before", evaluate())
-    decoded = None
+    before = log_test("before", evaluate())
+    evaluate_validation = None
     if validation is not None and len(validation):
         validation = subset(validation, VALIDATION_IMAGES, seed)
         decoded = DecodedImages.decode(
             validation.paths, validation.labels, module.input_size, max_pixels
         )
-    watch, plateau = _watch(decoded, extractor, model, head, optimizer, settings)
+        if len(decoded):
+            evaluate_validation = partial(
+                decoded.evaluate, extractor, head, batch_size=settings.batch_size
+            )
+    watch, plateau = watch_validation(evaluate_validation, model, optimizer, settings)
     errors: dict[int, str] = {}
     dataset = active.experimental_distribute_dataset(
         training_dataset(
             train, module.input_size, head, settings, seed, max_pixels, errors, distortions
         )
     )
-    writer = _summary_writer(active, summaries_dir)
-    probe = None
-    if writer is not None:
-        probe = ActivityProbe.for_module(
-            module, module_object, _probe_images(train, module.input_size, max_pixels)
-        )
+    tuned = run_guarded(
+        model,
+        head,
+        optimizer,
+        active,
+        dataset,
+        settings,
+        module.input_size,
+        log_every=log_every,
+        summaries_dir=summaries_dir,
+        probe=lambda: ActivityProbe.for_module(
+            module, module_object, probe_images(train, module.input_size, max_pixels)
+        ),
+        guard=(watch, plateau),
+        evaluate_test=evaluate,
+        before=before,
+        exportable=lambda: _exportable(module, module_object, strategy),
+    )
+    if errors:
+        log.warning("Fine-tuning: %d training image(s) no longer decode; left out", len(errors))
+    return tuned
+
+
+def run_guarded(
+    model: Any,
+    head: Head,
+    optimizer: Any,
+    strategy: tf.distribute.Strategy,
+    dataset: Any,
+    settings: FineTuningConfig,
+    input_size: tuple[int, int],
+    *,
+    log_every: int,
+    summaries_dir: str | Path | None,
+    probe: Callable[[], ActivityProbe | None],
+    guard: tuple[KeepBest | None, Plateau | None],
+    evaluate_test: Callable[[], Evaluation | None],
+    before: Evaluation | None,
+    exportable: Callable[[], Any],
+) -> FineTuneResult:
+    """Train `model` (its `trainable` variables and final layer) on the distributed `dataset`
+    for `settings.steps` steps (see `run_steps`), under the validation watch and plateau of
+    `guard` (see `watch_validation`), writing TensorBoard scalars (and, from `probe()`,
+    sparsity) to `summaries_dir`; then put the best network back, evaluate the test images
+    on it (`evaluate_test`; `before` is the head alone's) and return the result, whose module
+    is `exportable()`."""
+    watch, plateau = guard
+    writer = summary_writer(strategy, summaries_dir)
     try:
-        step = make_train_step(active, model, head, optimizer, settings.batch_size)
-        history, seconds, rate = _train(
-            step, iter(dataset), settings.steps, log_every, writer, optimizer, plateau, probe, watch
+        step = make_train_step(strategy, model, head, optimizer, settings.batch_size)
+        history, seconds, rate = run_steps(
+            step,
+            iter(dataset),
+            settings.steps,
+            log_every,
+            writer,
+            optimizer,
+            plateau,
+            probe() if writer is not None else None,
+            watch,
         )
     finally:
         if writer is not None:
             writer.close()
-    if errors:
-        log.warning("Fine-tuning: %d training image(s) no longer decode; left out", len(errors))
     steps_run = history[-1]["step"] if history else 0
     if watch is not None:
         watch.restore()
         log.info("Fine-tuning: %s", watch.explain(steps_run))
-    after = before if watch is not None and watch.best_step == 0 else evaluate()
-    _log_test("after", after)
+    after = before if watch is not None and watch.best_step == 0 else evaluate_test()
+    log_test("after", after)
     return FineTuneResult(
-        module_object=_exportable(module, module_object, strategy),
+        module_object=exportable(),
         weights=model.final_weights.numpy(),
         biases=model.final_biases.numpy(),
-        input_size=module.input_size,
+        input_size=input_size,
         settings=settings,
-        replicas=int(active.num_replicas_in_sync),
+        replicas=int(strategy.num_replicas_in_sync),
         seconds=seconds,
         steps_per_second=rate,
         history=history,
@@ -409,19 +460,20 @@ def fine_tune(
     )
 
 
-def _watch(
-    validation: DecodedImages | None,
-    extractor: Any,
-    model: FineTuneModel,
-    head: Head,
+def watch_validation(
+    evaluate_layer: Callable[[np.ndarray, np.ndarray], Evaluation] | None,
+    model: Any,
     optimizer: Any,
     settings: FineTuningConfig,
 ) -> tuple[KeepBest | None, Plateau | None]:
-    """The validation watch (None without validation images) and the plateau of the "plateau"
-    schedule: on validation cross-entropy if there is a watch (which feeds it), else on the
-    training loss (which `_train` feeds)."""
+    """The validation watch of `model` (its `trainable` variables, its `final_weights` and
+    `final_biases`) and the plateau of the "plateau" schedule. `evaluate_layer(weights,
+    biases)` evaluates the network as it is now, with that layer, on the validation images;
+    None: there are none, so there is no watch and the plateau watches the training loss
+    (which `run_steps` feeds); else it watches validation cross-entropy (which the watch
+    feeds)."""
     plateau = None
-    if validation is None or not len(validation):
+    if evaluate_layer is None:
         log.warning(
             "Fine-tuning: no validation images, so nothing guards it: the last step's network "
             "is exported, even if worse than the new layer alone"
@@ -433,8 +485,7 @@ def _watch(
         plateau = Plateau(optimizer, PLATEAU_FACTOR, VALIDATION_PLATEAU_PATIENCE)
 
     def evaluate() -> Evaluation:
-        weights, biases = model.final_weights.numpy(), model.final_biases.numpy()
-        return validation.evaluate(extractor, head, weights, biases, settings.batch_size)
+        return evaluate_layer(model.final_weights.numpy(), model.final_biases.numpy())
 
     watch = KeepBest(evaluate, model.trainable, settings.patience, plateau)
     log.info(
@@ -447,16 +498,24 @@ def _watch(
     return watch, None
 
 
-def _model_and_optimizer(
-    module_object: Any, layer: tuple[np.ndarray, np.ndarray], settings: FineTuningConfig
-) -> tuple[FineTuneModel, Any]:
-    """The network with the trained layer on top, and its optimizer (momentum), built."""
-    model = FineTuneModel(module_object, *layer)
+def optimizer_for(model: Any, settings: FineTuningConfig) -> Any:
+    """The fine-tuning optimizer (momentum) of `model`'s `trainable` variables, built."""
     optimizer = make_optimizer(
         "momentum", settings.learning_rate, settings.lr_schedule, settings.steps
     )
     optimizer.build(model.trainable)
-    return model, optimizer
+    return optimizer
+
+
+def check_batch(settings: FineTuningConfig, strategy: tf.distribute.Strategy) -> None:
+    """ConfigError if a replica of `strategy` would get an empty piece of each batch, which
+    the module cannot run on."""
+    if settings.batch_size < strategy.num_replicas_in_sync:
+        raise ConfigError(
+            f"{{0}} ({settings.batch_size}) must be at least the number of "
+            f"replicas ({strategy.num_replicas_in_sync})",
+            "fine_tuning.batch_size",
+        )
 
 
 def search_rate(
@@ -478,7 +537,8 @@ def search_rate(
         settings, steps=FIND_STEPS, learning_rate=FIND_MIN_RATE, lr_schedule="constant"
     )
     strategy = tf.distribute.get_strategy()
-    model, optimizer = _model_and_optimizer(module.load(), layer, search_settings)
+    model = FineTuneModel(checkpointed(module, module.load()), *layer)
+    optimizer = optimizer_for(model, search_settings)
     images = subset(train, FIND_IMAGES, seed)
     batches = training_dataset(
         images, module.input_size, head, search_settings, seed, max_pixels, {}, distortions
@@ -491,10 +551,17 @@ def search_rate(
         settings.batch_size,
         len(images),
     )
+    return find_rate(step, iterator, optimizer)
+
+
+def find_rate(train_step: Any, iterator: Any, optimizer: Any) -> RateSearch:
+    """Fine-tuning's range test: `train_step` (see make_train_step) on `iterator`'s batches for
+    up to FIND_STEPS steps while `optimizer`'s rate grows from FIND_MIN_RATE to FIND_MAX_RATE;
+    the suggestion by the "edge" rule (see retrain.lr_find)."""
 
     def step_at(rate: float) -> float:
         optimizer.learning_rate.assign(rate)
-        loss_sum, _, count = step(iterator).numpy()
+        loss_sum, _, count = train_step(iterator).numpy()
         return float(loss_sum / max(count, 1))
 
     return range_test(
@@ -502,14 +569,15 @@ def search_rate(
     )
 
 
-def _summary_writer(strategy: tf.distribute.Strategy, summaries_dir: str | Path | None) -> Any:
+def summary_writer(strategy: tf.distribute.Strategy, summaries_dir: str | Path | None) -> Any:
     """The writer of the fine_tune/ TensorBoard run; None without a folder or off the chief."""
     if summaries_dir is None or not strategy.extended.should_checkpoint:
         return None
     return tf.summary.create_file_writer(str(Path(summaries_dir).expanduser() / SUMMARIES_RUN))
 
 
-def _log_test(when: str, evaluation: Evaluation | None) -> Evaluation | None:
+def log_test(when: str, evaluation: Evaluation | None) -> Evaluation | None:
+    """Log the test accuracy `when` ("before", "after") fine-tuning; returns `evaluation`."""
     if evaluation is not None:
         log.info(
             "Fine-tuning: test accuracy %s = %.1f%% (N=%d)",
@@ -541,7 +609,7 @@ def _evaluate(
     )
 
 
-def _train(
+def run_steps(
     train_step: Any,
     iterator: Any,
     steps: int,
@@ -633,22 +701,33 @@ def _note_validation(record: dict, evaluation: Evaluation, writer: Any) -> None:
     )
 
 
-def _probe_images(train: LabeledImages, input_size: tuple[int, int], max_pixels: int) -> np.ndarray:
-    """The first PROBE_IMAGES training images that decode, as the module takes them."""
+def probe_images(train: LabeledImages, input_size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """The sparsity probe's images: the first PROBE_IMAGES training images that decode, as
+    the module takes them."""
     first = DecodedImages.decode(
         train.paths[:PROBE_IMAGES], train.labels[:PROBE_IMAGES], input_size, max_pixels
     )
     return first.pixels.astype(np.float32) / 255
 
 
+def checkpointed(module: ImageModule, module_object: Any) -> Any:
+    """`module_object` as fine-tuning runs it: a bundled EfficientNet-Lite rebuilt with its
+    weights as a CheckpointedNetwork (its gradients recompute each block's activations: a
+    third of the memory, for about a third more time a step); any other module as it is."""
+    net = rebuild(module, module_object)
+    if net is None:
+        return module_object
+    log.info("Fine-tuning: activations recomputed block by block in the backward pass")
+    return CheckpointedNetwork(net)
+
+
 def _exportable(module: ImageModule, module_object: Any, strategy: Any) -> Any:
-    """The fine-tuned module with plain variables: distributed ones are copied into a fresh
-    load of the module, which export can freeze and save."""
-    if strategy is None:
+    """The fine-tuned module as export takes it: a loaded module with plain variables. A
+    rebuilt network's or distributed variables are copied into a fresh load of the module."""
+    if strategy is None and not isinstance(module_object, CheckpointedNetwork):
         return module_object
     plain = module.load()
-    for target, source in zip(plain.variables, module_object.variables, strict=True):
-        target.assign(source.read_value())
+    copy_values(module_object.variables, plain.variables)
     return plain
 
 

@@ -394,6 +394,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "evaluations without a better one; 0: runs every step (still keeping the best).",
         flag_values=f,
     )
+    flags.DEFINE_string(
+        "fine_tune_from",
+        "",
+        "Fine-tune only from this block of the bundled EfficientNet-Lite up (block<N>, <N>, or "
+        "head): the activations below are computed once per image and cached under "
+        "--bottleneck_dir, so steps need no decoding and no pass through the frozen blocks. "
+        "Empty: the whole network.",
+        flag_values=f,
+    )
     flags.DEFINE_enum(
         "quantize",
         "none",
@@ -454,6 +463,7 @@ FLAG_FIELDS = {
     "fine_tune_batch_size": "fine_tuning.batch_size",
     "fine_tune_lr_schedule": "fine_tuning.lr_schedule",
     "fine_tune_patience": "fine_tuning.patience",
+    "fine_tune_from": "fine_tuning.from_block",
     "output_graph": "export.output_graph",
     "output_labels": "export.output_labels",
     "output_tflite": "export.output_tflite",

@@ -23,11 +23,13 @@ import numpy as np
 
 from retrain import (
     audit,
+    cut,
     distort,
     distribute,
     export,
     export_check,
     finetune,
+    finetune_cut,
     health,
     labels_csv,
     lr_find,
@@ -47,6 +49,7 @@ from retrain.bottlenecks import (
     make_extractor,
 )
 from retrain.config import AUTO, RetrainConfig
+from retrain.errors import RetrainError
 from retrain.features import FeatureSplit, Split, random_picks
 from retrain.heads import AnyEvaluation, Head, SigmoidHead, SoftmaxHead
 from retrain.interrupt import check as check_interrupt
@@ -87,6 +90,8 @@ def run(config: RetrainConfig) -> RunResult:
     log.info(
         "Module %s: input %dx%d, %d features", module.handle, *module.input_size, module.feature_dim
     )
+    if config.fine_tuning.from_block:
+        cut.check_cut(module, config.fine_tuning.from_block)
     module_object = LazyModule(module)
     check_interrupt()
     with _bottleneck_folder(config.cache.bottleneck_dir) as bottleneck_dir:
@@ -121,7 +126,12 @@ def run(config: RetrainConfig) -> RunResult:
         # Fine-tuning: the whole network, exported instead of the pretrained module + layer.
         tuned = None
         if config.fine_tuning.steps:
-            tuned = _fine_tune(config, module, bottlenecks, trained, cluster)
+            if config.fine_tuning.from_block:
+                tuned = _fine_tune_from_cut(
+                    config, image_set, module, bottleneck_dir, bottlenecks, trained
+                )
+            else:
+                tuned = _fine_tune(config, module, bottlenecks, trained, cluster)
             if tuned.after is not None and not tuned.head_alone:
                 evaluations["testing"] = tuned.after  # cached bottlenecks no longer fit it
                 evaluations.pop("validation", None)  # it measured the head before tuning
@@ -198,7 +208,7 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
     Trains nothing it keeps and exports nothing."""
     if not isinstance(config, RetrainConfig):
         raise TypeError(f"audit_photos() takes a RetrainConfig, got {type(config).__name__}")
-    with _cached_bottlenecks(config) as (image_set, _, _, bottlenecks):
+    with _cached_bottlenecks(config) as (image_set, _, _, bottlenecks, _):
         findings = audit.audit_bottlenecks(
             bottlenecks, image_set.labels, config.audit, config.training, make_head(image_set)
         )
@@ -239,7 +249,7 @@ def find_learning_rate(config: RetrainConfig) -> dict[str, lr_find.RateSearch]:
     range-tested too. Returns {"training": search[, "fine_tuning": search]}; logs loss against
     rate and the suggestions, writes the plots to TensorBoard if `outputs.summaries_dir` and
     the figures to `outputs.metrics_json`; keeps nothing it trains."""
-    with _cached_bottlenecks(config) as (image_set, module, module_object, bottlenecks):
+    with _cached_bottlenecks(config) as (image_set, module, module_object, bottlenecks, folder):
         head = make_head(image_set)
         searches = {"training": _search_rate(config, bottlenecks, head)}
         if config.fine_tuning.steps:
@@ -248,7 +258,13 @@ def find_learning_rate(config: RetrainConfig) -> dict[str, lr_find.RateSearch]:
                 config = replace(config, training=replace(config.training, learning_rate=rate))
             train, validation = _training_inputs(config, bottlenecks, module, module_object)
             trained = train_head(train, validation, head, config.training)
-            searches["fine_tuning"] = _search_fine_tuning_rate(config, module, bottlenecks, trained)
+            if config.fine_tuning.from_block:
+                part, activations = _cut_activations(config, image_set, module, folder, bottlenecks)
+                searches["fine_tuning"] = _search_rate_from_cut(config, part, activations, trained)
+            else:
+                searches["fine_tuning"] = _search_fine_tuning_rate(
+                    config, module, bottlenecks, trained
+                )
     for name, search in searches.items():
         log.info("Learning-rate finder for %s:", name.replace("_", "-"))
         for line in search.text_plot():
@@ -279,6 +295,11 @@ def _search_fine_tuning_rate(
         max_pixels=config.data.max_image_pixels,
         distortions=config.distortions,
     )
+    _log_fine_tuning_search(search)
+    return search
+
+
+def _log_fine_tuning_search(search: lr_find.RateSearch) -> None:
     log.info(
         "Fine-tuning's learning-rate finder: %d steps in %.1f s; the loss was lowest at %.2g, "
         "suggested fine-tuning learning rate %g",
@@ -287,7 +308,6 @@ def _search_fine_tuning_rate(
         search.best_rate,
         search.suggestion,
     )
-    return search
 
 
 def _search_rate(config: RetrainConfig, b: Bottlenecks, head: Head) -> lr_find.RateSearch:
@@ -310,10 +330,11 @@ def _search_rate(config: RetrainConfig, b: Bottlenecks, head: Head) -> lr_find.R
 @contextlib.contextmanager
 def _cached_bottlenecks(
     config: RetrainConfig,
-) -> Iterator[tuple[scan.ImageSet, ImageModule, LazyModule, Bottlenecks]]:
+) -> Iterator[tuple[scan.ImageSet, ImageModule, LazyModule, Bottlenecks, str]]:
     """For the commands that only read the vectors (audit, learning-rate finder): the config
     validated, its images scanned, its module loaded and every vector cached (computing only
-    what is missing), on one machine; the vectors' folder lasts while the context does."""
+    what is missing), on one machine, and the vectors' folder, which lasts while the context
+    does."""
     config.validate()
     image_set = scan_images(config)
     module = load_module(config.module)
@@ -331,6 +352,7 @@ def _cached_bottlenecks(
                 config.module,
                 config.data.max_image_pixels,
             ),
+            bottleneck_dir,
         )
 
 
@@ -665,6 +687,83 @@ def _fine_tune(
     )
     tuned.rate_search = search
     return tuned
+
+
+def _fine_tune_from_cut(
+    config: RetrainConfig,
+    image_set: scan.ImageSet,
+    module: ImageModule,
+    bottleneck_dir: str,
+    b: Bottlenecks,
+    trained: TrainResult,
+) -> finetune.FineTuneResult:
+    """Fine-tune the blocks above the configured cut on the cached activations there
+    (computing what is missing into the bottleneck folder), as `_fine_tune` the whole network."""
+    strategy = distribute.make_strategy(config.distribution.strategy, log)
+    part, activations = _cut_activations(config, image_set, module, bottleneck_dir, b, strategy)
+    settings, search = config.fine_tuning, None
+    if settings.learning_rate == AUTO:
+        search = _search_rate_from_cut(config, part, activations, trained)
+        settings = replace(settings, learning_rate=search.suggestion)
+    tuned = finetune_cut.fine_tune_from_cut(
+        module,
+        part,
+        trained.head,
+        (trained.weights, trained.biases),
+        activations,
+        settings,
+        strategy,
+        config.outputs.summaries_dir,
+        seed=config.training.random_seed,
+        log_every=max(1, config.training.eval_step_interval),
+        test_images=config.evaluation.test_batch_size,
+        max_pixels=config.data.max_image_pixels,
+    )
+    tuned.rate_search = search
+    tuned.cut = cut.metrics(part, activations)
+    return tuned
+
+
+def _cut_activations(
+    config: RetrainConfig,
+    image_set: scan.ImageSet,
+    module: ImageModule,
+    bottleneck_dir: str,
+    b: Bottlenecks,
+    strategy: tf.distribute.Strategy | None = None,
+) -> tuple[cut.CutModule, Bottlenecks]:
+    """The configured cut of `module` (its network rebuilt under `strategy`'s scope) and the
+    activations there of the images whose bottlenecks `b` holds, in the same order."""
+    part = cut.cut_module(module, config.fine_tuning.from_block, strategy)
+    activations = cut.cut_activations(
+        image_set,
+        part,
+        bottleneck_dir,
+        config.module,
+        config.data.max_image_pixels,
+        config.distortions,
+    )
+    if len(activations.paths) != len(b.paths):
+        raise RetrainError(
+            f"fine-tuning: {len(b.paths) - len(activations.paths)} image(s) could not be read "
+            "again for their activations at the cut (changed during the run?); run again"
+        )
+    return part, activations
+
+
+def _search_rate_from_cut(
+    config: RetrainConfig, part: cut.CutModule, activations: Bottlenecks, trained: TrainResult
+) -> lr_find.RateSearch:
+    search = finetune_cut.search_rate_from_cut(
+        part,
+        trained.head,
+        (trained.weights, trained.biases),
+        activations,
+        config.fine_tuning,
+        seed=config.training.random_seed,
+    )
+    _log_fine_tuning_search(search)
+    return search
 
 
 def _export(

@@ -27,6 +27,9 @@ Suites:
               features are to the float ones, and the test accuracy of default runs on float vs
               int8 features (same split and training; --int8_bottleneck_dir reuses a filled
               cache; --int8_seeds: a run per seed)
+  fine_tuning whole runs fine-tuning the whole network and from each cut of --fine_tune_cuts
+              (a first run filling the cut's cache, a second reusing it): steps/s, wall s,
+              peak RSS, test accuracy before and after, and the cut's speedup
   export      per exported format and --quantizations: file size (MB), the run's own check
               (accuracy, agreement with the float model), label-image's cold start for one
               image (s), its images/s over a folder and its accuracy there (--eval_dir, a folder
@@ -778,6 +781,44 @@ def _runs_per_backend(args, names: Sequence[str]) -> dict:
     return out
 
 
+def suite_fine_tuning(args) -> dict:
+    """Whole `retrain` runs fine-tuning --fine_tune_bench_steps steps of 32: the whole network
+    (images decoded at every step) and from each cut of --fine_tune_cuts (cached activations;
+    a first run fills the cut's cache, a second reuses it). Steps/s as the run measured them
+    (without the first step and validation), wall s and peak RSS of each run."""
+    base = [
+        f"--fine_tune_steps={args.fine_tune_bench_steps}",
+        "--fine_tune_patience=0",
+        f"--eval_step_interval={args.fine_tune_bench_steps}",
+    ]
+    modes = [("whole", [])] + [
+        (cut, [f"--fine_tune_from={cut}"]) for cut in args.fine_tune_cuts.split(",") if cut
+    ]
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cmd = retrain_command(args.image_dir, tmp, args.tfhub_module, base)
+        timed_run(cmd)  # fills the bottleneck cache: every mode below finds it filled
+        for name, extra in modes:
+            runs = ("empty_cut_cache", "filled_cut_cache") if extra else ("run",)
+            for run in runs:
+                figures = timed_run(cmd + extra)
+                tuned = json.loads((tmp / "metrics.json").read_text())["fine_tune"]
+                report.setdefault(name, {})[run] = {
+                    **figures,
+                    "steps_per_second": tuned["steps_per_second"],
+                    "fine_tuning_seconds": tuned["seconds"],
+                    "test_accuracy_before": tuned["test_accuracy_before"],
+                    "test_accuracy_after": tuned["test_accuracy_after"],
+                    "cut": tuned["cut"],
+                }
+    whole = report["whole"]["run"]["steps_per_second"]
+    for name, _ in modes[1:]:
+        rate = report[name]["filled_cut_cache"]["steps_per_second"]
+        report[name]["speedup_over_whole"] = round(rate / whole, 2) if whole else None
+    return report
+
+
 SUITES = {
     "module": suite_module,
     "extraction": suite_extraction,
@@ -790,6 +831,7 @@ SUITES = {
     "int8": suite_int8,
     "export": suite_export,
     "audit": suite_audit,
+    "fine_tuning": suite_fine_tuning,
 }
 
 
@@ -821,6 +863,8 @@ def main() -> None:
     parser.add_argument("--distortion_steps", type=int, default=1000)
     parser.add_argument("--on_the_fly_steps", type=int, default=50)
     parser.add_argument("--quantizations", default="none,dynamic,float16,int8")
+    parser.add_argument("--fine_tune_bench_steps", type=int, default=30)
+    parser.add_argument("--fine_tune_cuts", default="block12")
     parser.add_argument(
         "--eval_dir",
         type=Path,

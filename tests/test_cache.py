@@ -45,6 +45,31 @@ def test_roundtrip_through_shards(tmp_path):
     assert cache.find(None, _keys(7)[0]) == locations[7]  # ...and rebuilt when needed
 
 
+def test_float16_cache_stores_half_and_checks_its_rows(tmp_path):
+    cache = BottleneckCache(tmp_path, "h", DIM, description={"test": True}, dtype="float16")
+    with cache.writer(4) as writer:
+        for i in range(6):
+            writer.add(*_keys(i), _vec(i))
+    reopened = BottleneckCache(tmp_path, "h", DIM, dtype="float16")
+    locations = [reopened.find(None, _keys(i)[0]) for i in range(6)]
+    vectors, ok = reopened.read(locations)
+    assert ok.all() and vectors.dtype == np.float32
+    expected = np.stack([_vec(i) for i in range(6)]).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(vectors, expected)
+    shards = {len(np.load(p)): p for p in (tmp_path / "h").glob("*.vec.npy")}
+    assert sorted(shards) == [2, 4] and np.load(shards[4]).dtype == np.float16
+    shard = shards[4]  # rows 0-3
+    assert '"dtype": "float16"' in (tmp_path / "h" / "module.json").read_text()
+    data = bytearray(shard.read_bytes())
+    data[-2] ^= 0xFF  # row 3 fails its checksum
+    shard.write_bytes(bytes(data))
+    _, ok = BottleneckCache(tmp_path, "h", DIM, dtype="float16").read(locations)
+    assert ok.tolist() == [True, True, True, False, True, True]
+    # Shards of another precision in the folder are set aside, never read as these.
+    mixed = BottleneckCache(tmp_path, "h", DIM)
+    assert len(mixed) == 0 and "expected float32" in mixed.warnings[0]
+
+
 def test_orphaned_vectors_from_a_killed_writer_are_ignored(tmp_path):
     _fill(tmp_path, 4)
     folder = tmp_path / "m"

@@ -190,18 +190,23 @@ def _sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
-def _run_capturing(monkeypatch: pytest.MonkeyPatch, argv: list[str]):
-    """Run the CLI; returns its status and the FineTuneResult it fine-tuned (kept in memory)."""
-    from retrain import finetune
+def _run_capturing(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], function: str = "finetune.fine_tune"
+):
+    """Run the CLI; returns its status and the FineTuneResult it fine-tuned (kept in memory)
+    by `function` (module.name in retrain)."""
+    import importlib
 
+    module_name, name = function.split(".")
+    module = importlib.import_module(f"retrain.{module_name}")
     captured = []
-    real = finetune.fine_tune
+    real = getattr(module, name)
 
     def spy(*args, **kwargs):
         captured.append(real(*args, **kwargs))
         return captured[-1]
 
-    monkeypatch.setattr(finetune, "fine_tune", spy)
+    monkeypatch.setattr(module, name, spy)
     status = cli.main(argv)
     assert len(captured) == 1
     return status, captured[0]

@@ -57,6 +57,7 @@ def run_cli(capsys, *args):
             "--extraction_backend",
         ),
         (["--extraction_backend=tflite_int8", "--flip_left_right"], "--distorted_copies"),
+        (["--extraction_backend=tflite_int8", "--fine_tune_steps=5"], "--fine_tune_steps"),
         (["--distribution_strategy=everywhere"], "distribution_strategy"),
         (["--fine_tune_steps=-1"], "--fine_tune_steps"),
         (["--fine_tune_learning_rate=0"], "--fine_tune_learning_rate"),

@@ -340,10 +340,25 @@ class Backbone(tf.Module):
             )
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        return self.above(self.below(x, 0), 0)
+
+    def below(self, x: tf.Tensor, cut: int) -> tf.Tensor:
+        """The activations at the input of block `cut` (the stem and blocks before it)."""
         x = self.stem(x)
-        for block in self.blocks:
+        for block in self.blocks[:cut]:
+            x = block(x)
+        return x
+
+    def above(self, x: tf.Tensor, cut: int) -> tf.Tensor:
+        """The pooled feature vector from the activations `x` at the input of block `cut`."""
+        for block in self.blocks[cut:]:
             x = block(x)
         return tf.reduce_mean(self.head(x), axis=[1, 2])
+
+    def variables_above(self, cut: int) -> list[tf.Variable]:
+        """The trainable variables of block `cut` and of those after it, and of the head."""
+        modules = [*self.blocks[cut:], self.head]
+        return [v for m in modules for v in m.trainable_variables]
 
     def activity(self, x: tf.Tensor) -> tf.Tensor:
         """float32 [units, 2]: per unit (stem, each block, head; see `unit_names`) the

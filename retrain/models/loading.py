@@ -52,6 +52,7 @@ class ImageModule:
     input_size: tuple[int, int]  # (height, width)
     feature_dim: int
     fingerprint: str  # sha256 hex digest of the graph and variables (a cache key)
+    vector_dtype = "float32"  # what its vectors are cached as (retrain.cache)
 
     def load(self) -> Any:
         """``tf.saved_model.load`` the module; ``obj(images)`` maps ``[N, H, W, 3]`` in ``[0, 1]``

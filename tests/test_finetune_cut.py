@@ -1,0 +1,171 @@
+"""Tests of partial fine-tuning from a cached cut (retrain.cut, retrain.finetune_cut).
+
+One CLI run with the bundled EfficientNet-Lite0 on the example photos (with a cached distorted
+copy of each training image) is shared by the tests of what it trains, caches and exports; the
+bad settings each get their own one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrain import cli
+from tests.conftest import EXAMPLE_DIR, retrain_args
+from tests.test_finetune import _frozen_scores, _memory_scores, _pixels, _run_capturing
+
+CUT = "block14"  # Lite0 has blocks 0-15: two blocks and the head above the cut
+
+
+def _cut_args(photos: Path, out: Path, *extra: str) -> list[str]:
+    return retrain_args(
+        photos,
+        out,
+        f"--fine_tune_from={CUT}",
+        "--fine_tune_steps=6",
+        "--fine_tune_batch_size=8",
+        "--eval_step_interval=3",
+        "--flip_left_right",
+        "--distorted_copies=1",
+        *extra,
+        steps=100,
+    )
+
+
+@pytest.fixture(scope="module")
+def cut_run(tmp_path_factory):
+    """A partial fine-tuning run, then the same run again on its filled cache with the rate
+    the learning-rate finder suggests."""
+    out = tmp_path_factory.mktemp("cut_run")
+    shutil.copytree(EXAMPLE_DIR, out / "photos")
+    runs = []
+    for again, rate in (("", "0.01"), ("again", "auto")):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            argv = _cut_args(
+                out / "photos",
+                out / again,
+                f"--bottleneck_dir={out / 'cache'}",
+                f"--fine_tune_learning_rate={rate}",
+            )
+            status, result = _run_capturing(monkeypatch, argv, "finetune_cut.fine_tune_from_cut")
+        assert status == 0
+        runs.append((result, json.loads((out / again / "metrics.json").read_text())))
+    return out, runs
+
+
+def test_cut_activations_are_cached_in_their_own_folder_and_reused(cut_run):
+    out, [(_, first), (_, second)] = cut_run
+    cut = first["fine_tune"]["cut"]
+    assert cut["from"] == CUT and cut["shape"] == [7, 7, 192]
+    assert cut["values_per_image"] == 7 * 7 * 192
+    trained = first["images"]["training"]
+    assert cut["training_rows"] == 2 * trained  # each training image and its distorted copy
+    total = sum(first["images"].values())
+    assert cut["computed"] == total + trained
+    assert second["fine_tune"]["cut"]["computed"] == 0  # all found in the cache
+    assert first["fine_tune"]["learning_rate"] == 0.01 and first["fine_tune"]["lr_find"] is None
+    search = second["fine_tune"]["lr_find"]  # ranged on the cached activations
+    assert search["steps"] >= 10
+    assert second["fine_tune"]["learning_rate"] == search["suggested_learning_rate"]
+    descriptions = [json.loads(p.read_text()) for p in (out / "cache").glob("*/module.json")]
+    cut_folders = [d for d in descriptions if d["module"].endswith(f"below {CUT}")]
+    assert len(descriptions) == 2 and len(cut_folders) == 1  # never mixed with bottlenecks
+
+
+def test_only_the_blocks_above_the_cut_change(cut_run):
+    from retrain.models.loading import resolve_module
+
+    _, [(result, metrics), _] = cut_run
+    pretrained = resolve_module("efficientnet_lite0").load().variables
+    tuned = result.module_object.variables
+    names = [v.name for v in pretrained]
+    changed = {
+        name.split("/")[2]  # efficient_net_lite/backbone/<unit>/...
+        for name, a, b in zip(names, pretrained, tuned, strict=True)
+        if not np.array_equal(a.numpy(), b.numpy())
+    }
+    if metrics["fine_tune"]["best_step"] == 0:
+        assert changed == set()  # the head alone was kept
+    else:
+        assert changed and changed <= {"block14", "block15", "head"}
+
+
+def test_exported_graph_holds_the_network_kept(cut_run):
+    out, [(result, metrics), _] = cut_run
+    pixels = _pixels(next((EXAMPLE_DIR / "roses").glob("*.jpg")), result.input_size)
+    np.testing.assert_allclose(
+        _frozen_scores(out / "graph.pb", pixels),
+        _memory_scores(result.module_object, result, pixels),
+        atol=1e-4,
+    )
+    tuned = metrics["fine_tune"]
+    assert tuned["steps_run"] >= 3 and tuned["validation_images"] > 0
+    # The export check ran the exported graph on the test images from their files: what the
+    # cached activations said of the network kept is what the file does.
+    (check,) = metrics["export_checks"]
+    assert check["agreement"] == 1.0
+
+
+def test_cut_model_splits_the_network_exactly():
+    import tensorflow as tf
+
+    from retrain.cut import cut_module
+    from retrain.finetune_cut import CutModel
+    from retrain.models.loading import resolve_module
+
+    module = resolve_module("efficientnet_lite0")
+    part = cut_module(module, "12")
+    pixels = np.concatenate(
+        [_pixels(p, module.input_size) for p in sorted(EXAMPLE_DIR.glob("*/*.jpg"))[:3]]
+    )
+    model = CutModel(part, np.zeros((1280, 2), np.float32), np.zeros(2, np.float32))
+    features = model.features(part.load()(tf.constant(pixels)))
+    np.testing.assert_allclose(features.numpy(), module.load()(pixels).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (
+            ["--fine_tune_from=block16", "--fine_tune_steps=2"],
+            "--fine_tune_from: 'block16' is not a block of this network: give block0 to block15",
+        ),
+        (["--fine_tune_from=top"], "--fine_tune_from: 'top' is not a block"),
+        (["--fine_tune_from=block3"], "--fine_tune_from needs --fine_tune_steps > 0"),
+        (
+            ["--fine_tune_from=3", "--fine_tune_steps=2", "--flip_left_right"],
+            "distortions must be cached too: give --distorted_copies",
+        ),
+    ],
+)
+def test_bad_cuts_are_one_line_errors(example_copy, tmp_path, capsys, extra, expected):
+    status = cli.main(retrain_args(example_copy, tmp_path, *extra, steps=10))
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert expected in err.strip().splitlines()[-1], err
+
+
+def test_a_module_that_cannot_be_cut_is_one_line_error(tmp_path, capsys):
+    from retrain.models.export import export_image_module
+    from tests.test_finetune import TINY_INPUT, _tiny_network
+
+    export_image_module(_tiny_network(), tmp_path / "module", TINY_INPUT)
+    photos = tmp_path / "photos"
+    shutil.copytree(EXAMPLE_DIR, photos)
+    argv = retrain_args(
+        photos,
+        tmp_path / "out",
+        f"--tfhub_module={tmp_path / 'module'}",
+        "--fine_tune_from=block1",
+        "--fine_tune_steps=2",
+        steps=10,
+    )
+    status = cli.main(argv)
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert "--fine_tune_from needs a bundled EfficientNet-Lite" in err.strip().splitlines()[-1]
+    assert not list((tmp_path / "out").rglob("*.vec.npy"))  # refused before any extraction
