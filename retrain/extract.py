@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from retrain.backends import Extractor
 from retrain.cache import (
     NOWHERE,
     BottleneckCache,
@@ -228,7 +228,7 @@ def extract_missing(
     paths: Sequence[Path],
     result: LookupResult,
     cache: BottleneckCache,
-    extractor: Extractor,
+    extractor: Callable[[Any], np.ndarray],  # a backends.Extractor
     input_size: tuple[int, int],
     batch_size: int = 32,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 # --fine_tune_lr_schedule=plateau: Keras' ReduceLROnPlateau defaults, counted in log intervals.
 PLATEAU_FACTOR = 0.1
 PLATEAU_PATIENCE = 10
+# Fine-tuning's linear warm-up (see warmup_steps) lasts at most this many steps.
+MAX_WARMUP_STEPS = 30
 # TensorBoard run (under --summaries_dir) of the fine-tuning scalars.
 SUMMARIES_RUN = "fine_tune"
 # The learning-rate finder for fine-tuning: a few hundred images, a range test of few steps.
@@ -238,8 +240,11 @@ def make_train_step(
     head: Head,
     optimizer: Any,
     global_batch: int,
+    warmup_steps: int = 0,
 ):
     """A tf.function taking one global batch from a distributed iterator, over all replicas.
+    Over the first `warmup_steps` steps the gradients are scaled up linearly from
+    1/warmup_steps to 1 (for SGD, the same as warming the rate up).
 
     Returns [summed cross-entropy, correct, images] of the batch, summed over the replicas.
     """
@@ -251,6 +256,9 @@ def make_train_step(
             losses = weight * head.losses(logits, labels)
             loss = tf.reduce_sum(losses) / global_batch  # replicas' losses sum to the mean
         gradients = tape.gradient(loss, model.trainable)
+        if warmup_steps:
+            done = tf.cast(optimizer.iterations + 1, tf.float32)
+            gradients = [g * tf.minimum(1.0, done / warmup_steps) for g in gradients]
         optimizer.apply_gradients(zip(gradients, model.trainable))
         hits = head.hits(logits, labels)
         return tf.stack(
@@ -393,6 +401,13 @@ def fine_tune(
     return tuned
 
 
+def warmup_steps(steps: int) -> int:
+    """The steps of fine-tuning's warm-up: a tenth of them, at most MAX_WARMUP_STEPS. The
+    first steps at the full rate would shake the pretrained weights before the gradients
+    settle, so the validation watch would see them worse than the head alone at first."""
+    return min(steps // 10, MAX_WARMUP_STEPS)
+
+
 def run_guarded(
     model: Any,
     head: Head,
@@ -419,7 +434,9 @@ def run_guarded(
     watch, plateau = guard
     writer = summary_writer(strategy, summaries_dir)
     try:
-        step = make_train_step(strategy, model, head, optimizer, settings.batch_size)
+        step = make_train_step(
+            strategy, model, head, optimizer, settings.batch_size, warmup_steps(settings.steps)
+        )
         history, seconds, rate = run_steps(
             step,
             iter(dataset),

@@ -29,8 +29,9 @@ import tensorflow as tf
 from tensorflow.lite.python.convert import mlir_quantize
 from tensorflow.lite.tools import flatbuffer_utils
 
-from retrain import extract
+from retrain.decode import ImageDecodeError, decode_image
 from retrain.features import random_picks
+from retrain.preprocess import to_module_input
 
 # Images the int8 ranges are calibrated on: the converter's guidance is "a few hundred".
 CALIBRATION_IMAGES = 300
@@ -56,10 +57,12 @@ def representative_dataset(
     batch [1, h, w, 3] in [0, 1], resized as extraction resizes."""
 
     def images() -> Iterator[list[np.ndarray]]:
-        batches = extract.decoded_batches(list(paths), input_size, 1, {}, max_pixels)
-        for _, pixels, ok in batches:
-            if bool(ok.numpy()[0]):
-                yield [pixels.numpy()]
+        for path in paths:
+            try:
+                pixels = decode_image(path, input_size, max_pixels)
+            except (ImageDecodeError, OSError):
+                continue
+            yield [to_module_input(pixels, input_size).numpy()[None]]
 
     return images
 

@@ -262,6 +262,46 @@ def test_training_order_shuffles_whole_epochs_reproducibly():
     assert not (order == training_order(5, 4, 3, seed=8)).all()
 
 
+def test_warmup_scales_the_first_steps_updates():
+    import tensorflow as tf
+
+    from retrain.config import FineTuningConfig
+    from retrain.finetune import make_train_step, optimizer_for, warmup_steps
+    from retrain.heads import SoftmaxHead
+
+    assert (warmup_steps(6), warmup_steps(300), warmup_steps(5000)) == (0, 30, 30)
+
+    class Layer(tf.Module):
+        def __init__(self):
+            self.final_weights = tf.Variable(tf.zeros([2, 2]))
+            self.final_biases = tf.Variable(tf.zeros([2]))
+            self.trainable = [self.final_weights, self.final_biases]
+
+        def __call__(self, x):
+            return tf.matmul(x, self.final_weights) + self.final_biases
+
+    batch = (tf.eye(2), tf.constant([0, 1]), tf.constant([True, True]))
+    strategy = tf.distribute.get_strategy()
+
+    def updates(warmup: int, steps: int = 2) -> list[np.ndarray]:
+        layer = Layer()
+        settings = FineTuningConfig(steps=10, learning_rate=0.1, lr_schedule="constant")
+        optimizer = optimizer_for(layer, settings)
+        batches = strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensors(batch).repeat()
+        )
+        step = make_train_step(strategy, layer, SoftmaxHead(2), optimizer, 2, warmup)
+        iterator, seen = iter(batches), []
+        for _ in range(steps):
+            step(iterator)
+            seen.append(layer.final_weights.numpy())
+        return seen
+
+    plain, warm = updates(0), updates(4)
+    np.testing.assert_allclose(warm[0], plain[0] / 4, rtol=1e-5)  # 1/4 of the first step
+    assert np.abs(warm[1]).max() < np.abs(plain[1]).max()
+
+
 def test_subset_is_seeded_and_keeps_order():
     from retrain.finetune import LabeledImages, subset
 
