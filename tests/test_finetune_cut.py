@@ -169,3 +169,66 @@ def test_a_module_that_cannot_be_cut_is_one_line_error(tmp_path, capsys):
     assert status == 2 and "Traceback" not in err
     assert "--fine_tune_from needs a bundled EfficientNet-Lite" in err.strip().splitlines()[-1]
     assert not list((tmp_path / "out").rglob("*.vec.npy"))  # refused before any extraction
+
+
+@pytest.mark.slow
+def test_cut_fine_tunes_under_a_mirrored_strategy(example_copy, tmp_path):
+    argv = [
+        *retrain_args(example_copy, tmp_path, "--distribution_strategy=mirrored", steps=50),
+        "--extraction_backend=tensorflow",
+        f"--fine_tune_from={CUT}",
+        "--fine_tune_steps=4",
+        "--fine_tune_batch_size=8",
+    ]
+    assert cli.main(argv) == 0
+    tuned = json.loads((tmp_path / "metrics.json").read_text())["fine_tune"]
+    assert tuned["replicas"] >= 1 and tuned["steps_run"] == 4
+    assert tuned["cut"]["computed"] == sum(
+        json.loads((tmp_path / "metrics.json").read_text())["images"].values()
+    )
+
+
+# The cut fine-tuned with no strategy and with `mirrored` over 2 logical CPUs, on the same
+# cached activations and batches (a fresh process: logical devices are set before any op).
+CUT_MIRRORED_SCRIPT = """
+import json, tempfile
+
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+from retrain import cut, distribute, finetune_cut, pipeline
+from retrain.config import FineTuningConfig, ModuleConfig, RetrainConfig
+from retrain.heads import SoftmaxHead
+from retrain.models.loading import resolve_module
+
+module = resolve_module("efficientnet_lite0")
+image_set = pipeline.scan_images(RetrainConfig(image_dir="PHOTOS"), write_manifest=False)
+head = SoftmaxHead(len(image_set.labels))
+rng = np.random.default_rng(0)
+layer = (rng.normal(0, 0.1, (1280, len(image_set.labels))).astype(np.float32),
+         np.zeros(len(image_set.labels), np.float32))
+settings = FineTuningConfig(steps=2, batch_size=4, learning_rate=0.01, from_block="block14")
+folder = tempfile.mkdtemp()
+values = []
+for strategy in (None, distribute.make_strategy("mirrored")):
+    part = cut.cut_module(module, "block14", strategy)
+    acts = cut.cut_activations(image_set, part, folder, ModuleConfig(), 10**8)
+    result = finetune_cut.fine_tune_from_cut(module, part, head, layer, acts, settings, strategy)
+    values.append([v.numpy() for v in result.module_object.variables] + [result.weights])
+    replicas = result.replicas
+diff = max(float(np.abs(a - b).max()) for a, b in zip(*values, strict=True))
+print("RESULT " + json.dumps({"replicas": replicas, "diff": diff}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_cut_over_two_replicas_matches_one(tmp_path):
+    from tests.test_distribute import run_script
+
+    script = CUT_MIRRORED_SCRIPT.replace("PHOTOS", str(EXAMPLE_DIR))
+    result = run_script(script, tmp_path, timeout=600)
+    assert result["replicas"] == 2
+    assert result["diff"] < 1e-4  # the same steps, summed in another order
