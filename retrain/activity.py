@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.models.loading import ImageModule
-from retrain.models.rebuild import copy_values, rebuild
+from retrain.models.rebuild import CheckpointedNetwork, copy_values, rebuild
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ PROBE_IMAGES = 16
 class ActivityProbe:
     """Measures a module's activity per block on fixed images; see the module docstring."""
 
-    def __init__(self, net: Any, images: np.ndarray, module_object: Any):
+    def __init__(self, net: Any, images: np.ndarray, module_object: Any = None):
         self.net = net
-        self.module_object = module_object  # whose weights are measured
+        self.module_object = module_object  # whose weights are measured; None: net's own
         self.images = tf.constant(images, tf.float32)
         self.names = net.backbone.unit_names()
         self._measure = tf.function(lambda x: net.backbone.activity(net.preprocess(x)))
@@ -39,7 +39,10 @@ class ActivityProbe:
         cls, module: ImageModule, module_object: Any, images: np.ndarray
     ) -> ActivityProbe | None:
         """A probe for a bundled EfficientNet-Lite `module` whose variables match
-        `module_object`'s; None for any other module (logged)."""
+        `module_object`'s; None for any other module (logged). A network fine-tuning runs
+        rebuilt already (a CheckpointedNetwork) is measured as it is."""
+        if isinstance(module_object, CheckpointedNetwork) and len(images):
+            return cls(module_object.net, images)
         net = rebuild(module, module_object) if len(images) else None
         if net is None:
             log.info("Fine-tuning: no sparsity figures for module %s", module.handle)
@@ -48,7 +51,8 @@ class ActivityProbe:
 
     def measure(self) -> dict[str, tuple[float, float]]:
         """{unit name: (zero fraction, never-active fraction)} with the module's weights now."""
-        copy_values(self.module_object.variables, self.net.backbone.variables)
+        if self.module_object is not None:
+            copy_values(self.module_object.variables, self.net.backbone.variables)
         rows = self._measure(self.images).numpy()
         return {name: (float(z), float(d)) for name, (z, d) in zip(self.names, rows)}
 

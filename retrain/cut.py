@@ -73,13 +73,19 @@ class CutModule:
     net: EfficientNetLite = field(compare=False, repr=False)
     cut: int
     shape: tuple[int, int, int]  # of the activations at the cut: height, width, channels
+    # The loaded module `net` was rebuilt from (plain variables): what the tuned weights are
+    # copied into for export.
+    module_object: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def of(cls, module: ImageModule, net: EfficientNetLite, cut: int) -> CutModule:
-        """The part of `net` (rebuilt from `module`) below block `cut`."""
+    def of(
+        cls, module: ImageModule, net: EfficientNetLite, cut: int, module_object: Any = None
+    ) -> CutModule:
+        """The part of `net` (rebuilt from `module`, loaded as `module_object`) below block
+        `cut`."""
         height, width = module.input_size
         probe = net.backbone.below(tf.zeros([1, height, width, 3]), cut)
-        return cls(module, net, cut, tuple(int(d) for d in probe.shape[1:]))
+        return cls(module, net, cut, tuple(int(d) for d in probe.shape[1:]), module_object)
 
     @property
     def handle(self) -> str:
@@ -163,11 +169,13 @@ def cut_module(
     rebuilt under `strategy`'s scope (None: TensorFlow's default). ConfigError if `module` is
     not a bundled EfficientNet-Lite (nothing else can be cut)."""
     check_cut(module, from_block)
+    module_object = module.load()  # outside the scope: export needs plain variables
     with (strategy or tf.distribute.get_strategy()).scope():
-        net = rebuild(module, module.load())
+        net = rebuild(module, module_object)
     if net is None:
         raise ConfigError("{0}: the weights of " + repr(module.handle) + " do not fit", SETTING)
-    return CutModule.of(module, net, cut_index(from_block, len(net.backbone.blocks)))
+    cut = cut_index(from_block, len(net.backbone.blocks))
+    return CutModule.of(module, net, cut, module_object)
 
 
 def metrics(part: CutModule, activations: Bottlenecks) -> dict:

@@ -26,7 +26,7 @@ from retrain.cut import CutModule, cut_name
 from retrain.early_stopping import VALIDATION_IMAGES
 from retrain.errors import RetrainError
 from retrain.evaluate import Evaluation
-from retrain.features import FeatureSplit, random_picks
+from retrain.features import FeatureSplit
 from retrain.finetune import (
     FIND_MIN_RATE,
     FIND_STEPS,
@@ -124,10 +124,7 @@ def evaluate_activations(
 def picked(split: FeatureSplit, size: int, seed: int) -> FeatureSplit:
     """A seeded random `size` of `split`'s rows (the same draw as `finetune.subset`'s); all of
     them if size <= 0."""
-    if not 0 < size < len(split):
-        return split
-    picks = random_picks(len(split), size, seed)
-    return FeatureSplit(split.cache, split.locations[picks], split.y[picks])
+    return split.subset(size, seed) if size > 0 else split
 
 
 def fine_tune_from_cut(
@@ -214,12 +211,13 @@ def _probe(
     if max_pixels is None:
         return None
     images = probe_images(split_images(activations, "training"), module.input_size, max_pixels)
-    return ActivityProbe(part.net, images, part.net.backbone)  # measures the net as it is
+    return ActivityProbe(part.net, images)  # measures the net as it is
 
 
 def _exportable(part: CutModule, module: ImageModule) -> Any:
-    """A fresh load of `module` with the tuned network's weights."""
-    module_object = module.load()
+    """The loaded module the cut was made from (a fresh load of `module` if none) with the
+    tuned network's weights."""
+    module_object = part.module_object if part.module_object is not None else module.load()
     copy_values(part.net.backbone.variables, module_object.variables)
     return module_object
 

@@ -50,9 +50,13 @@ def calibration_paths(
     return [paths[i] for i in random_picks(len(paths), count, seed)]
 
 
+# The converter's representative dataset: a callable giving an iterator of [batch] lists.
+Representative = Callable[[], Iterator[list[np.ndarray]]]
+
+
 def representative_dataset(
     paths: Sequence[str], input_size: tuple[int, int], max_pixels: int
-) -> Callable[[], Iterator[list[np.ndarray]]]:
+) -> Representative:
     """The converter's representative dataset: each image of `paths` that decodes, as a float32
     batch [1, h, w, 3] in [0, 1], resized as extraction resizes."""
 
@@ -70,7 +74,7 @@ def representative_dataset(
 def configure(
     converter: tf.lite.TFLiteConverter,
     mode: str,
-    representative: Callable[[], Iterator[list[np.ndarray]]] | None = None,
+    representative: Representative | None = None,
     int8_io: bool = False,
 ) -> None:
     """Set `converter` up for quantization `mode` (one of config.QUANTIZATIONS); `int8` needs
@@ -93,9 +97,6 @@ def configure(
     if int8_io:
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-
-
-Representative = Callable[[], Iterator[list[np.ndarray]]]
 
 
 def describe(mode: str, int8_io: bool = False) -> str:
