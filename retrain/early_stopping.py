@@ -104,7 +104,8 @@ class KeepBest:
     """Validation of a network as it trains: keeps the values of `variables` at the best
     evaluation (step 0, before any step, is the first candidate), lowers the rate on a plateau
     of validation cross-entropy (`plateau`, if given) and says when to stop (after `patience`
-    evaluations in a row without a better one; 0: never).
+    evaluations in a row without a better one, counting those from step `patience_from` on;
+    0: never).
 
     `evaluate()` evaluates the network as its variables are now. Every worker of a multi-worker
     run makes the same evaluations (all-gathered features), so all stop at the same step.
@@ -116,10 +117,12 @@ class KeepBest:
         variables: Sequence[Any],
         patience: int,
         plateau: Plateau | None = None,
+        patience_from: int = 0,
     ) -> None:
         self._evaluate = evaluate
         self._variables = list(variables)
         self.patience = patience
+        self.patience_from = patience_from
         self.plateau = plateau
         self.seconds = 0.0  # spent evaluating
         self.waited = 0  # evaluations since the last improvement
@@ -141,7 +144,7 @@ class KeepBest:
         if better(evaluation, self.best):
             self.best_step, self.best, self.waited = step, evaluation, 0
             self._best_values = self._values()
-        else:
+        elif step >= self.patience_from:
             self.waited += 1
         return evaluation
 

@@ -391,7 +391,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         6,
         "Fine-tuning evaluates up to 256 validation images every --eval_step_interval steps, "
         "keeps the best network seen (the new layer alone included) and stops after this many "
-        "evaluations without a better one; 0: runs every step (still keeping the best).",
+        "evaluations without a better one, counted from a third of the steps on (at most step "
+        "100: validation first dips while the pretrained blocks move); 0: runs every step "
+        "(still keeping the best).",
         flag_values=f,
     )
     flags.DEFINE_string(

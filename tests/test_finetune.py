@@ -655,6 +655,12 @@ def test_keep_best_keeps_step_zero_until_beaten_and_stops_on_patience():
     assert float(variable.numpy()) == 3.0
     assert "kept step 3 of 6" in watch.explain(6) and "accuracy 75.0%" in watch.explain(6)
     assert not KeepBest(lambda: evaluation(0.5, 0.5), [variable], patience=0).stop
+    late = KeepBest(lambda: evaluation(0.5, 0.5), [variable], patience=2, patience_from=10)
+    for step in (5, 9, 10):  # worse than step 0 each time; only step 10 counts
+        late.check(step)
+    assert late.waited == 1 and not late.stop
+    late.check(11)
+    assert late.stop and late.best_step == 0
 
 
 @pytest.fixture(scope="module")
@@ -709,7 +715,8 @@ def test_fine_tuning_that_only_hurts_stops_early_and_exports_the_head_alone(guar
     head_out, head, _ = guarded_runs["head"]
     hurt_out, hurt, _ = guarded_runs["hurt"]
     tuned = hurt["fine_tune"]
-    assert tuned["stopped_early"] and tuned["steps_run"] == 2 < tuned["steps"] == 30
+    # Patience counts from a third of the steps on (step 10): evaluations at 10 and 11.
+    assert tuned["stopped_early"] and tuned["steps_run"] == 11 < tuned["steps"] == 30
     assert tuned["best_step"] == 0 and tuned["kept"] == "head alone"
     assert tuned["validation_images"] > 0 and tuned["validation_accuracy_before"] == 1.0
     assert tuned["validation_cross_entropy_best"] == tuned["validation_cross_entropy_before"]

@@ -127,6 +127,31 @@ def test_cut_model_splits_the_network_exactly():
     np.testing.assert_allclose(features.numpy(), module.load()(pixels).numpy(), atol=1e-4)
 
 
+def test_tflite_computes_the_activations_at_the_cut_like_tensorflow(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from retrain import backends
+    from retrain.bottlenecks import LazyModule
+    from retrain.cut import cut_module
+    from retrain.models.loading import resolve_module
+
+    monkeypatch.setattr(backends, "_gpu_present", lambda: False)
+    part = cut_module(resolve_module("efficientnet_lite0"), "12")
+    pixels = np.concatenate(
+        [_pixels(p, part.input_size) for p in sorted(EXAMPLE_DIR.glob("*/*.jpg"))[:4]]
+    )
+    extractor, name, reason = backends.choose_backend(
+        "auto", part, LazyModule(part), pixels, cache_dir=tmp_path
+    )
+    assert name == "tflite", reason
+    expected = part.load()(tf.constant(pixels)).numpy()
+    assert expected.shape == (4, 7 * 7 * 192) and np.abs(expected).max() > 1
+    # Far below the float16 the activations are stored in (a step of 0.03 at 40).
+    np.testing.assert_allclose(extractor(pixels), expected, atol=1e-4 * np.abs(expected).max())
+    conversions = list((tmp_path / "tflite").glob("*.tflite"))
+    assert [p.name.split("-")[0] for p in conversions] == [part.fingerprint]  # not the module's
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [

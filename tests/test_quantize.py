@@ -8,6 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.lite.python.convert import mlir_quantize
 from tensorflow.lite.tools import flatbuffer_utils
 
 from retrain import quantize
@@ -90,6 +91,55 @@ def test_tuned_ranges_only_shrink_and_keep_the_input_range():
         assert min(low, 0) <= after[name][0] <= 0 <= after[name][1] <= max(high, 0), name
     assert after != before  # the softmax's calibrated range is wider than its values
     assert _ranges(quantize.tuned_ranges(calibrated, iter([]))) == _ranges(calibrated)
+
+
+class _ConvNet(tf.Module):
+    """Convolution, depthwise convolution and a dense layer, on inputs of mean 0.5: rounding
+    their weights shifts their outputs' means."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.default_rng(2)
+        self.conv = tf.constant(rng.normal(size=(3, 3, 3, 8)).astype(np.float32))
+        self.depthwise = tf.constant(rng.normal(size=(3, 3, 8, 1)).astype(np.float32))
+        self.dense = tf.constant(rng.normal(size=(8, 4)).astype(np.float32))
+        self.bias = tf.constant(rng.normal(size=(4,)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 12, 10, 3], tf.float32)])
+    def __call__(self, images):
+        x = tf.nn.relu(tf.nn.conv2d(images, self.conv, 1, "VALID"))
+        x = tf.nn.relu(tf.nn.depthwise_conv2d(x, self.depthwise, [1, 1, 1, 1], "VALID"))
+        return tf.reduce_mean(x, axis=[1, 2]) @ self.dense + self.bias
+
+
+def test_corrected_biases_remove_the_mean_shift_of_rounded_weights(tmp_path):
+    net = _ConvNet()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [net.__call__.get_concrete_function()], net
+    )
+    samples = list(_samples()())
+    quantize.configure(converter, "int8", lambda: iter(samples))
+    converter._experimental_calibrate_only = True
+    calibrated = converter.convert()
+    rounded = mlir_quantize(calibrated)
+    corrected = quantize.corrected_biases(rounded, calibrated, samples)
+    images = np.concatenate([s[0] for s in samples])
+    expected = net(images).numpy()
+
+    def mean_shift(model: bytes) -> float:
+        path = tmp_path / "model.tflite"
+        path.write_bytes(model)
+        scores = TFLiteModel(path, num_threads=1).run(images)
+        return float(np.abs((scores - expected).mean(axis=0)).mean())
+
+    assert mean_shift(corrected) < 0.6 * mean_shift(rounded)
+    changed = [
+        name
+        for name, (low, high) in _ranges(corrected).items()
+        if (low, high) != _ranges(rounded)[name]
+    ]
+    assert changed == []  # only biases change
+    assert quantize.corrected_biases(rounded, calibrated, []) == rounded
 
 
 def _histogram(values: np.ndarray, low: float, high: float) -> np.ndarray:
