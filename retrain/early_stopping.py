@@ -104,8 +104,8 @@ class KeepBest:
     """Validation of a network as it trains: keeps the values of `variables` at the best
     evaluation (step 0, before any step, is the first candidate), lowers the rate on a plateau
     of validation cross-entropy (`plateau`, if given) and says when to stop (after `patience`
-    evaluations in a row without a better one, counting those from step `patience_from` on;
-    0: never).
+    evaluations in a row without a better one; 0: never). Neither the plateau nor the patience
+    counts evaluations before step `patience_from` (any of them can still be the best).
 
     `evaluate()` evaluates the network as its variables are now. Every worker of a multi-worker
     run makes the same evaluations (all-gathered features), so all stop at the same step.
@@ -139,7 +139,7 @@ class KeepBest:
         """Evaluate the network after `step` steps, keep it if it is the best so far, feed the
         plateau; returns the evaluation."""
         evaluation = self._timed_evaluation()
-        if self.plateau is not None:
+        if self.plateau is not None and step >= self.patience_from:
             self.plateau.update(evaluation.cross_entropy)
         if better(evaluation, self.best):
             self.best_step, self.best, self.waited = step, evaluation, 0

@@ -44,7 +44,9 @@ MODEL_OUTPUTS = {
     "saved_model_dir": SAVED_MODEL,
     "output_tflite": TFLITE,
 }
-BATCH_SIZE = 32
+# Images per batch: on a CPU, TensorFlow runs Lite0 on 8 as fast as on 32 (6.7 s against 8.7 s
+# for 256 clothing photos), and its activations take 250 MB at the peak instead of 450 MB.
+BATCH_SIZE = 8
 FLOAT_CHECK_IMAGES = 256  # test images the TensorFlow formats run on, at most
 
 

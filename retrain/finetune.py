@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 # --fine_tune_lr_schedule=plateau: Keras' ReduceLROnPlateau defaults, counted in log intervals.
 PLATEAU_FACTOR = 0.1
 PLATEAU_PATIENCE = 10
-# Early stopping counts evaluations from this step at the latest (see patience_start).
+# Early stopping and the plateau count evaluations from this step at the latest (see
+# patience_start).
 PATIENCE_FROM_STEP = 100
 # Fine-tuning's linear warm-up (see warmup_steps) lasts at most this many steps.
 MAX_WARMUP_STEPS = 30
@@ -411,10 +412,11 @@ def warmup_steps(steps: int) -> int:
 
 
 def patience_start(steps: int) -> int:
-    """The step from which early stopping counts evaluations without improvement: a third of
-    the steps, at most PATIENCE_FROM_STEP. While the pretrained blocks first move, validation
-    dips below the head alone for 50 to 100 steps (measured: README, Partial fine-tuning), and
-    stopping there would always keep the head alone; the best network is still kept."""
+    """The step from which early stopping and the plateau of the rate count evaluations without
+    improvement: a third of the steps, at most PATIENCE_FROM_STEP. While the pretrained blocks
+    first move, validation dips below the head alone for 50 to 100 steps (measured: README,
+    Partial fine-tuning): stopping there would keep the head alone, and lowering the rate there
+    would starve the steps that climb out of it. The best network is still kept."""
     return min(steps // 3, PATIENCE_FROM_STEP)
 
 
@@ -516,11 +518,11 @@ def watch_validation(
 
     start = patience_start(settings.steps)
     watch = KeepBest(evaluate, model.trainable, settings.patience, plateau, start)
-    if settings.patience and start:
+    if start and (settings.patience or plateau is not None):
         log.info(
-            "Fine-tuning: early stopping counts evaluations from step %d on (patience %d)",
+            "Fine-tuning: evaluations before step %d count toward neither early stopping nor "
+            "the plateau (validation dips while the pretrained blocks first move)",
             start,
-            settings.patience,
         )
     log.info(
         "Fine-tuning: validation before (the head alone): accuracy = %.1f%%, cross-entropy = "

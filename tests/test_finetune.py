@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -655,12 +656,14 @@ def test_keep_best_keeps_step_zero_until_beaten_and_stops_on_patience():
     assert float(variable.numpy()) == 3.0
     assert "kept step 3 of 6" in watch.explain(6) and "accuracy 75.0%" in watch.explain(6)
     assert not KeepBest(lambda: evaluation(0.5, 0.5), [variable], patience=0).stop
-    late = KeepBest(lambda: evaluation(0.5, 0.5), [variable], patience=2, patience_from=10)
+    plateau = SimpleNamespace(losses=[])
+    plateau.update = plateau.losses.append
+    late = KeepBest(lambda: evaluation(0.5, 0.5), [variable], 2, plateau, patience_from=10)
     for step in (5, 9, 10):  # worse than step 0 each time; only step 10 counts
         late.check(step)
-    assert late.waited == 1 and not late.stop
+    assert late.waited == 1 and not late.stop and plateau.losses == [0.5]
     late.check(11)
-    assert late.stop and late.best_step == 0
+    assert late.stop and late.best_step == 0 and plateau.losses == [0.5, 0.5]
 
 
 @pytest.fixture(scope="module")
