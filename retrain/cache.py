@@ -56,9 +56,10 @@ INDEX_DTYPE = np.dtype([("content", f"V{KEY_BYTES}"), ("file", f"V{KEY_BYTES}"),
 DEFAULT_SHARD_ROWS = 4096
 # What vectors may be stored as: float16 halves long vectors (activations at a fine-tuning cut).
 VECTOR_DTYPES = (np.dtype("<f4"), np.dtype("<f2"))
-# A writer buffers a shard in memory: long vectors (activations at a fine-tuning cut) get
-# shards of fewer rows, so the buffer stays this small.
-SHARD_BYTES = 64 << 20
+# A writer buffers a shard in memory, and three copies of it exist while it is written: long
+# vectors (activations at a fine-tuning cut) get shards of fewer rows, so the buffer stays this
+# small (a shard of 4096 Lite0 bottlenecks is 21 MB).
+SHARD_BYTES = 24 << 20
 # Orphaned vector files (a writer killed between its two renames) are removed after this long.
 ORPHAN_AGE_SECONDS = 3600.0
 
