@@ -44,7 +44,6 @@ from retrain.tflite_model import TFLiteModel, is_tflite_file
 __all__ = [
     "ALL_BACKENDS",
     "BACKENDS",
-    "CALIBRATION_IMAGES",
     "INT8",
     "TFLITE_BATCH",
     "TOLERANCE",
@@ -64,9 +63,8 @@ BACKENDS = ("auto", "tensorflow", "tflite")
 # The int8 backend: asked for by name only, and only where training images can calibrate it.
 INT8 = "tflite_int8"
 ALL_BACKENDS = (*BACKENDS, INT8)
-# Training images the int8 ranges are calibrated on, as for the int8 export (retrain.quantize),
-# picked with a fixed seed: --random_seed changes no vectors.
-CALIBRATION_IMAGES = 300
+# The seed of the pick of training images the int8 ranges are calibrated on (as many as for the
+# int8 export: quantize.CALIBRATION_IMAGES): fixed, so --random_seed changes no vectors.
 CALIBRATION_SEED = 0
 # Images per TFLite invocation: as fast as larger batches on CPU, with a far smaller arena.
 TFLITE_BATCH = 8
@@ -178,13 +176,15 @@ class Calibration:
 def calibration_set(
     training_paths: Sequence[str],
     max_pixels: int,
-    count: int = CALIBRATION_IMAGES,
+    count: int | None = None,
 ) -> Calibration:
-    """A seeded pick of ``count`` of ``training_paths`` (all if fewer; the same pick for the
+    """A seeded pick of ``count`` (default: ``quantize.CALIBRATION_IMAGES``, as for the int8
+    export) of ``training_paths`` (all if fewer; the same pick for the
     same paths), named by a sha256 of their contents (an unreadable file counts as empty;
     the conversion skips it). Reads every picked file once."""
-    from retrain.quantize import calibration_paths  # imports TensorFlow
+    from retrain.quantize import CALIBRATION_IMAGES, calibration_paths  # imports TensorFlow
 
+    count = CALIBRATION_IMAGES if count is None else count
     paths = tuple(calibration_paths(list(training_paths), count, CALIBRATION_SEED))
     digest = hashlib.sha256(str(len(paths)).encode())
     for path in paths:

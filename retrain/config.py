@@ -46,6 +46,8 @@ CLASS_WEIGHTS = ("none", "balanced")
 # The TFLite export's weights and arithmetic: float32; dynamic-range (int8 weights); float16
 # weights; full integer (int8 weights and activations, calibrated on training images).
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
+# fine_tuning.from_block: "block<N>", "<N>" (N, the block's number, is group 1) or "head".
+CUT_PATTERN = r"(?:block)?(\d+)|head"
 
 
 @dataclass(frozen=True)
@@ -438,7 +440,7 @@ def _check_fine_tune_from(c: RetrainConfig) -> None:
     f = c.fine_tuning
     if not f.from_block:
         return
-    if not re.fullmatch(r"(block)?\d+|head", f.from_block):
+    if not re.fullmatch(CUT_PATTERN, f.from_block):
         raise ConfigError(
             "{0}: " + repr(f.from_block) + " is not a block: give block<N>, <N> or head",
             "fine_tuning.from_block",

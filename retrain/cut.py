@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from retrain import scan
 from retrain.bottlenecks import Bottlenecks, LazyModule, compute_bottlenecks
-from retrain.config import DistortionConfig, ModuleConfig
+from retrain.config import CUT_PATTERN, DistortionConfig, ModuleConfig
 from retrain.errors import ConfigError
 from retrain.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
 from retrain.models.loading import ImageModule
@@ -47,7 +47,7 @@ def cut_index(value: str, blocks: int) -> int:
     "head" (`blocks`: only the final 1x1 convolution is trained). ConfigError otherwise."""
     if value == "head":
         return blocks
-    match = re.fullmatch(r"(?:block)?(\d+)", value)
+    match = re.fullmatch(CUT_PATTERN, value)
     if match is None or int(match.group(1)) >= blocks:
         raise ConfigError(
             "{0}: "
