@@ -105,7 +105,7 @@ class KeepBest:
     evaluation (step 0, before any step, is the first candidate), lowers the rate on a plateau
     of validation cross-entropy (`plateau`, if given) and says when to stop (after `patience`
     evaluations in a row without a better one; 0: never). Neither the plateau nor the patience
-    counts evaluations before step `patience_from` (any of them can still be the best).
+    counts evaluations before step `judged_from` (any of them can still be the best).
 
     `evaluate()` evaluates the network as its variables are now. Every worker of a multi-worker
     run makes the same evaluations (all-gathered features), so all stop at the same step.
@@ -117,12 +117,12 @@ class KeepBest:
         variables: Sequence[Any],
         patience: int,
         plateau: Plateau | None = None,
-        patience_from: int = 0,
+        judged_from: int = 0,
     ) -> None:
         self._evaluate = evaluate
         self._variables = list(variables)
         self.patience = patience
-        self.patience_from = patience_from
+        self.judged_from = judged_from
         self.plateau = plateau
         self.seconds = 0.0  # spent evaluating
         self.waited = 0  # evaluations since the last improvement
@@ -139,12 +139,12 @@ class KeepBest:
         """Evaluate the network after `step` steps, keep it if it is the best so far, feed the
         plateau; returns the evaluation."""
         evaluation = self._timed_evaluation()
-        if self.plateau is not None and step >= self.patience_from:
+        if self.plateau is not None and step >= self.judged_from:
             self.plateau.update(evaluation.cross_entropy)
         if better(evaluation, self.best):
             self.best_step, self.best, self.waited = step, evaluation, 0
             self._best_values = self._values()
-        elif step >= self.patience_from:
+        elif step >= self.judged_from:
             self.waited += 1
         return evaluation
 

@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 PLATEAU_FACTOR = 0.1
 PLATEAU_PATIENCE = 10
 # Early stopping and the plateau count evaluations from this step at the latest (see
-# patience_start).
-PATIENCE_FROM_STEP = 100
+# judging_start).
+JUDGED_FROM_STEP = 100
 # Fine-tuning's linear warm-up (see warmup_steps) lasts at most this many steps.
 MAX_WARMUP_STEPS = 30
 # TensorBoard run (under --summaries_dir) of the fine-tuning scalars.
@@ -411,13 +411,13 @@ def warmup_steps(steps: int) -> int:
     return min(steps // 10, MAX_WARMUP_STEPS)
 
 
-def patience_start(steps: int) -> int:
+def judging_start(steps: int) -> int:
     """The step from which early stopping and the plateau of the rate count evaluations without
-    improvement: a third of the steps, at most PATIENCE_FROM_STEP. While the pretrained blocks
+    improvement: a third of the steps, at most JUDGED_FROM_STEP. While the pretrained blocks
     first move, validation dips below the head alone for 50 to 100 steps (measured: README,
     Partial fine-tuning): stopping there would keep the head alone, and lowering the rate there
     would starve the steps that climb out of it. The best network is still kept."""
-    return min(steps // 3, PATIENCE_FROM_STEP)
+    return min(steps // 3, JUDGED_FROM_STEP)
 
 
 def run_guarded(
@@ -516,7 +516,7 @@ def watch_validation(
     def evaluate() -> Evaluation:
         return evaluate_layer(model.final_weights.numpy(), model.final_biases.numpy())
 
-    start = patience_start(settings.steps)
+    start = judging_start(settings.steps)
     watch = KeepBest(evaluate, model.trainable, settings.patience, plateau, start)
     if start and (settings.patience or plateau is not None):
         log.info(

@@ -658,7 +658,7 @@ def test_keep_best_keeps_step_zero_until_beaten_and_stops_on_patience():
     assert not KeepBest(lambda: evaluation(0.5, 0.5), [variable], patience=0).stop
     plateau = SimpleNamespace(losses=[])
     plateau.update = plateau.losses.append
-    late = KeepBest(lambda: evaluation(0.5, 0.5), [variable], 2, plateau, patience_from=10)
+    late = KeepBest(lambda: evaluation(0.5, 0.5), [variable], 2, plateau, judged_from=10)
     for step in (5, 9, 10):  # worse than step 0 each time; only step 10 counts
         late.check(step)
     assert late.waited == 1 and not late.stop and plateau.losses == [0.5]
