@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 # Extraction hands the C heap's free pages back every this many batches: glibc keeps what the
 # pipeline's threads free in their own arenas, and a minute of batches adds 200-400 MB of
-# resident memory that nothing uses (measured: README, Partial fine-tuning). Every batch
-# costs about 4% of the images/s (the pages are faulted in again); every other, half that.
+# resident memory that nothing uses (measured: README, Speed and memory of fine-tuning).
+# Every batch costs about 4% of the images/s (the pages are faulted in again); every other,
+# half that.
 RETURN_MEMORY_EVERY = 2
 
 

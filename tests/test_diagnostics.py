@@ -214,9 +214,7 @@ def test_progress_bar_on_a_terminal_replaces_the_step_lines(diagnosed, tmp_path)
     assert "Training: 100%" in on_terminal and "200/200" in on_terminal
     assert "Step 10: Train accuracy" not in on_terminal
     assert "Final test accuracy = " in on_terminal  # the line scripts parse stays
-    piped = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert piped.returncode == 0, piped.stderr[-2000:]
-    assert "Step 10: Train accuracy" in piped.stderr and "Training:" not in piped.stderr
+    # Piped, the step lines stay and no bar is drawn: test_faults' piped reference run.
 
 
 def _run_on_terminal(command: list[str], env: dict) -> str:

@@ -253,6 +253,11 @@ def killed_chain(reference, photos, images, tmp_path_factory):
     return chain
 
 
+def test_a_piped_run_logs_step_lines_and_draws_no_progress_bar(reference):
+    assert reference.run.search(r"^I Step \d+: Train accuracy = "), reference.run.summary()
+    assert "Training:" not in reference.run.stderr
+
+
 def test_sigkill_while_caching_leaves_only_valid_entries(killed_chain, reference):
     step = killed_chain.caching
     assert step.run.returncode == -signal.SIGKILL, step.run.summary()
