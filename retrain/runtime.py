@@ -87,5 +87,5 @@ def return_free_memory() -> None:
 def _malloc_trim() -> Any:
     try:
         return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # not glibc; Windows has no CDLL(None)
         return None
