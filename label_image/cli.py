@@ -11,7 +11,7 @@ line on stderr, the others are classified); 2 for a usage error, a model that ca
 a labels file that does not fit the model (one line, nothing classified); 130 on Ctrl-C.
 
 A multi-label model (trained with --labels_csv) has a thresholds file beside its labels file
-(`L.thresholds` for --labels L, see retrain.thresholds): then every label whose score is at
+(`L.thresholds` for --labels L, see retrain.heads.thresholds): then every label whose score is at
 least its threshold is printed, best first (`label score`), and with an explicit --top_k also
 the other labels among the k best scores, marked `(below threshold T)`.
 """
@@ -28,12 +28,17 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import numpy as np
 from absl import flags
 
-from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, skip_reason
+from retrain.data.decode import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageDecodeError,
+    decode_image,
+    skip_reason,
+)
+from retrain.data.resize import resize_bilinear
+from retrain.data.scan import display_path, walk_images
 from retrain.errors import UsageError
-from retrain.resize import resize_bilinear
-from retrain.runtime import import_tensorflow_quietly, usable_cpus
-from retrain.scan import display_path, walk_images
-from retrain.thresholds import read_thresholds, thresholds_path
+from retrain.heads.thresholds import read_thresholds, thresholds_path
+from retrain.utils.runtime import import_tensorflow_quietly, usable_cpus
 
 PROG = "label-image"
 
@@ -158,8 +163,8 @@ def preprocess(pixels: np.ndarray, size: tuple[int, int], mean: float, std: floa
 
 
 def load_model(f: flags.FlagValues):
-    """The classifier behind --graph (see retrain.exported): a .tflite needs no TensorFlow."""
-    from retrain.exported import TFLITE, ModelLoadError, model_format, open_model
+    """The classifier behind --graph (see retrain.export.loading): a .tflite needs no TensorFlow."""
+    from retrain.export.loading import TFLITE, ModelLoadError, model_format, open_model
 
     try:
         if model_format(f.graph) != TFLITE:

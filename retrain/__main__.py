@@ -1,3 +1,3 @@
-from retrain.cli import run
+from retrain.cli.retrain import run
 
 run()

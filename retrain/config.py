@@ -24,13 +24,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from retrain.atomic import check_writable_dir, check_writable_file
-from retrain.backends import ALL_BACKENDS as EXTRACTION_BACKENDS
-from retrain.backends import INT8
-from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
-from retrain.distribute import STRATEGIES, read_tf_config
+from retrain.bottlenecks.backends import ALL_BACKENDS as EXTRACTION_BACKENDS
+from retrain.bottlenecks.backends import INT8
+from retrain.bottlenecks.distribute import STRATEGIES, read_tf_config
+from retrain.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from retrain.errors import ConfigError
-from retrain.handles import looks_like_url
+from retrain.utils.atomic import check_writable_dir, check_writable_file
+from retrain.utils.handles import looks_like_url
 
 DEFAULT_MODULE = "efficientnet_lite0"
 OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop")
@@ -148,7 +148,8 @@ class FineTuningConfig:
     lr_schedule: str = "plateau"
     patience: int = 6  # stop after this many validation evaluations without a better one; 0: never
     # "" fine-tunes the whole network; "block<N>" (or "<N>") or "head" freezes what is below and
-    # trains from cached activations at that cut (retrain.cut; bundled EfficientNet-Lite only).
+    # trains from cached activations at that cut (retrain.training.cut; bundled EfficientNet-Lite
+    # only).
     from_block: str = ""
 
 
@@ -176,7 +177,7 @@ class DistributionConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """The audit of the photos (`retrain.audit`): suspect labels, duplicates, outliers."""
+    """The audit of the photos (`retrain.reporting.audit`): suspect labels, duplicates, outliers."""
 
     output_dir: str | None = None  # one CSV per finding kind; None: none
     folds: int = 5  # out-of-sample predictions: a layer per fold, trained on the others

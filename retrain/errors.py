@@ -39,7 +39,7 @@ class StorageError(RetrainError):
     """A write failed for lack of room, an I/O error or a read-only file system; exits 4.
 
     What was finished before it is kept (flushed and renamed into place); what was being
-    written is removed, so a run with room goes on from there (see retrain.atomic).
+    written is removed, so a run with room goes on from there (see retrain.utils.atomic).
     """
 
     exit_code = 4

@@ -21,27 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrain import (
-    audit,
-    cut,
-    distort,
-    distribute,
-    export,
-    export_check,
-    finetune,
-    finetune_cut,
-    health,
-    labels_csv,
-    lr_find,
-    module_cache,
-    quantize,
-    report,
-    sampling,
-    scan,
-)
-from retrain.atomic import atomic_write_text, check_writable_dir, exclusive, writing
-from retrain.audit import AuditReport
-from retrain.bottlenecks import (
+from retrain.bottlenecks import distort, distribute
+from retrain.bottlenecks.splits import FeatureSplit, Split, random_picks
+from retrain.bottlenecks.stage import (
     Bottlenecks,
     LazyModule,
     compute_bottlenecks,
@@ -49,13 +31,21 @@ from retrain.bottlenecks import (
     make_extractor,
 )
 from retrain.config import AUTO, RetrainConfig
+from retrain.data import labels_csv, sampling, scan
 from retrain.errors import RetrainError
-from retrain.features import FeatureSplit, Split, random_picks
-from retrain.heads import AnyEvaluation, Head, SigmoidHead, SoftmaxHead
-from retrain.interrupt import check as check_interrupt
+from retrain.export import check as export_check
+from retrain.export import writer as export
+from retrain.heads.head import AnyEvaluation, Head, SigmoidHead, SoftmaxHead
+from retrain.models import module_cache, quantize
 from retrain.models.loading import ImageModule
+from retrain.reporting import audit, health
+from retrain.reporting import html as report
+from retrain.reporting.audit import AuditReport
 from retrain.results import RunResult, Timings
-from retrain.train import Summaries, TrainingSource, TrainResult, train_head
+from retrain.training import cut, finetune, finetune_cut, lr_find
+from retrain.training.head import Summaries, TrainingSource, TrainResult, train_head
+from retrain.utils.atomic import atomic_write_text, check_writable_dir, exclusive, writing
+from retrain.utils.interrupt import check as check_interrupt
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -202,7 +192,8 @@ def run(config: RetrainConfig) -> RunResult:
 
 
 def audit_photos(config: RetrainConfig) -> AuditReport:
-    """The audit (`retrain.audit`): the config's images scanned and their bottlenecks cached
+    """The audit (`retrain.reporting.audit`): the config's images scanned and their bottlenecks
+    cached
     (computing only what is missing), then judged for suspect labels, duplicates and outliers;
     writes the CSVs to `audit.output_dir` and the counts to `outputs.metrics_json` if set.
     Trains nothing it keeps and exports nothing."""
@@ -244,7 +235,8 @@ def audit_photos(config: RetrainConfig) -> AuditReport:
 def find_learning_rate(config: RetrainConfig) -> dict[str, lr_find.RateSearch]:
     """The learning-rate finder (`retrain --lr_find`): the config's images scanned and their
     bottlenecks cached (computing only what is missing), then the new layer's range test on
-    the training split (see retrain.lr_find); with fine-tuning steps configured, the layer is
+    the training split (see retrain.training.lr_find); with fine-tuning steps configured, the layer
+    is
     then trained (at the configured rate, or the suggestion if that is 'auto') and fine-tuning
     range-tested too. Returns {"training": search[, "fine_tuning": search]}; logs loss against
     rate and the suggestions, writes the plots to TensorBoard if `outputs.summaries_dir` and
@@ -270,7 +262,7 @@ def find_learning_rate(config: RetrainConfig) -> dict[str, lr_find.RateSearch]:
         for line in search.text_plot():
             log.info("%s", line)
     if config.outputs.summaries_dir:
-        from retrain import summaries
+        from retrain.reporting import summaries
 
         with writing(config.outputs.summaries_dir, "TensorBoard summaries"):
             for name, search in searches.items():
@@ -633,7 +625,7 @@ def _write_summaries(
 ) -> None:
     """The end of the run in TensorBoard: evaluation, pictures, health, and the sample of
     bottleneck vectors in the projector."""
-    from retrain import summaries  # imports TensorBoard's projector: only when writing
+    from retrain.reporting import summaries
 
     started = time.perf_counter()
     with writing(summaries_dir, "TensorBoard summaries"):

@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from retrain.pictures import Mistake
+from retrain.reporting.pictures import Mistake
 
 if TYPE_CHECKING:
-    from retrain.evaluate import Evaluation, MultiLabelEvaluation
-    from retrain.finetune import FineTuneResult
-    from retrain.train import TrainResult
+    from retrain.heads.evaluation import Evaluation, MultiLabelEvaluation
+    from retrain.training.finetune import FineTuneResult
+    from retrain.training.head import TrainResult
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,12 @@ class RunResult:
     fine_tune: FineTuneResult | None = None
     cluster: dict[str, Any] | None = None  # a multi-worker run: this worker and the cluster
     distortions: dict[str, Any] | None = None  # how training images were distorted, if at all
-    # What the figures say: retrain.health.Finding objects (health reads this module).
+    # What the figures say: retrain.reporting.health.Finding objects (health reads this module).
     health: list[Any] = field(default_factory=list)
     unlisted_images: int | None = None  # multi-label: image files the labels CSV does not list
     test_paths: list[str] = field(default_factory=list)  # the test evaluation's images, in order
-    rate_search: Any = None  # retrain.lr_find.RateSearch, with --learning_rate auto
-    # Each exported model run on the test split: retrain.export_check.ExportCheck objects.
+    rate_search: Any = None  # retrain.training.lr_find.RateSearch, with --learning_rate auto
+    # Each exported model run on the test split: retrain.export.check.ExportCheck objects.
     export_checks: list[Any] = field(default_factory=list)
 
     @property

@@ -84,8 +84,8 @@ def _images_in(image_dir: Path) -> list[str]:
 
 
 def _sample_batch(image_dir: Path, size: tuple[int, int], n: int = 32) -> np.ndarray:
-    from retrain.decode import decode_image
-    from retrain.preprocess import to_module_input
+    from retrain.data.decode import decode_image
+    from retrain.data.preprocess import to_module_input
 
     files = _images_in(image_dir)
     files = (files * (n // max(len(files), 1) + 1))[:n]
@@ -103,7 +103,7 @@ def _rate(fn, batch: np.ndarray, repeats: int = 5) -> float:
 
 
 def suite_module(args) -> dict:
-    from retrain import backends
+    from retrain.bottlenecks import backends
     from retrain.models.loading import resolve_module
 
     module = resolve_module(args.tfhub_module)
@@ -137,10 +137,10 @@ def _cpu_ms_per_image(fn, images: int) -> float:
 def suite_extraction(args) -> dict:
     """End-to-end extraction next to the raw backend, and the ceiling that decoding on the same
     cores leaves: inference CPU / (inference CPU + decode-and-resize CPU) of the raw rate."""
-    from retrain import backends, extract
-    from retrain.cache import BottleneckCache
+    from retrain.bottlenecks import backends, extract
+    from retrain.bottlenecks.cache import BottleneckCache
+    from retrain.data.scan import scan_image_dir
     from retrain.models.loading import resolve_module
-    from retrain.scan import scan_image_dir
 
     module = resolve_module(args.tfhub_module)
     module_object = module.load()
@@ -180,10 +180,10 @@ def suite_extraction(args) -> dict:
 
 
 def suite_training(args) -> dict:
+    from retrain.bottlenecks.splits import Split
     from retrain.config import HeadTrainingConfig
-    from retrain.features import Split
-    from retrain.heads import SoftmaxHead
-    from retrain.train import train_head
+    from retrain.heads.head import SoftmaxHead
+    from retrain.training.head import train_head
 
     rng = np.random.default_rng(0)
     n, dim, classes = args.train_rows, 1280, 5
@@ -191,7 +191,7 @@ def suite_training(args) -> dict:
     x = np.abs(rng.normal(size=(classes, dim))[y] + rng.normal(size=(n, dim))).astype(np.float32)
     validation = Split(x[: n // 10], y[: n // 10])
     with tempfile.TemporaryDirectory() as tmp:
-        from retrain.train import Summaries
+        from retrain.training.head import Summaries
 
         summaries = Summaries(tmp)
         start = time.perf_counter()
@@ -217,7 +217,7 @@ def suite_distortions(args) -> dict:
     import tensorflow as tf
 
     import retrain
-    from retrain import backends, distort
+    from retrain.bottlenecks import backends, distort
     from retrain.config import DistortionConfig
     from retrain.models.loading import resolve_module
 
@@ -345,7 +345,7 @@ def suite_run(args) -> dict:
 
 
 def suite_cache(args) -> dict:
-    from retrain.cache import DEFAULT_SHARD_ROWS, BottleneckCache
+    from retrain.bottlenecks.cache import DEFAULT_SHARD_ROWS, BottleneckCache
 
     out = {}
     dim = 1280
@@ -386,8 +386,8 @@ def _fake_cached_images(root: Path, count: int, module, classes: int = 5) -> Pat
     The files are never decoded (their vectors are cached), so this measures everything but
     extraction at sizes that would take days to extract on this machine.
     """
-    from retrain.cache import BottleneckCache, content_key, file_key, module_cache_key
-    from retrain.preprocess import PREPROCESSING_ID
+    from retrain.bottlenecks.cache import BottleneckCache, content_key, file_key, module_cache_key
+    from retrain.data.preprocess import PREPROCESSING_ID
 
     cache = BottleneckCache(
         root / "bottlenecks",
@@ -448,7 +448,7 @@ _AUDIT_DIM, _AUDIT_CLASSES, _NEAR_COPY_EVERY = 1280, 5, 100
 def _synthetic_cache(folder: Path, count: int) -> None:
     """A bottleneck cache in `folder` of `count` `_clustered_vectors`, written through the
     cache API (image i's keys are i)."""
-    from retrain.cache import BottleneckCache
+    from retrain.bottlenecks.cache import BottleneckCache
 
     cache = BottleneckCache(folder, "synthetic", _AUDIT_DIM)
     vectors = _clustered_vectors(_AUDIT_DIM, _AUDIT_CLASSES, _NEAR_COPY_EVERY)
@@ -462,11 +462,11 @@ def audit_synthetic_cache(folder: Path) -> None:
     """The audit (`audit.audit_bottlenecks`, default settings) of the cache `_synthetic_cache`
     wrote in `folder`, image i named img{i}.png in class{i % 5}, 80/10/10 random splits; its
     metrics go to folder/metrics.json and its CSVs to folder/audit."""
-    from retrain import scan
-    from retrain.audit import audit_bottlenecks
-    from retrain.bottlenecks import Bottlenecks
-    from retrain.cache import BottleneckCache, key_array
+    from retrain.bottlenecks.cache import BottleneckCache, key_array
+    from retrain.bottlenecks.stage import Bottlenecks
     from retrain.config import AuditConfig, HeadTrainingConfig
+    from retrain.data import scan
+    from retrain.reporting.audit import audit_bottlenecks
 
     cache = BottleneckCache(folder, "synthetic", _AUDIT_DIM)
     n = len(cache)
@@ -539,7 +539,7 @@ def suite_scale(args) -> dict:
 
 
 def suite_label_image(args) -> dict:
-    from retrain.exported import TFLiteClassifier
+    from retrain.export.loading import TFLiteClassifier
 
     label_image = shutil.which("label-image") or str(Path(sys.executable).with_name("label-image"))
     images = _images_in(args.image_dir)
@@ -686,11 +686,11 @@ def _without_xnnpack(path: Path, batch: np.ndarray):
 def _int8_model(module, module_object, image_dir: Path) -> Path:
     """The module's int8 conversion calibrated as `retrain` calibrates it on `image_dir` with
     the default split (made now if not cached)."""
-    from retrain import backends
-    from retrain.bottlenecks import int8_calibration
+    from retrain.bottlenecks import backends
+    from retrain.bottlenecks.stage import int8_calibration
     from retrain.config import ModuleConfig
-    from retrain.decode import DEFAULT_MAX_IMAGE_PIXELS
-    from retrain.scan import scan_image_dir
+    from retrain.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+    from retrain.data.scan import scan_image_dir
 
     image_set = scan_image_dir(image_dir, 10, 10)  # retrain's default split
     settings = ModuleConfig(extraction_backend=backends.INT8)
@@ -702,7 +702,7 @@ def suite_int8(args) -> dict:
     """int8 extraction next to float: the raw module rate of each backend on one batch of the
     image folder's photos, then a default run per TFLite backend on the folder (its test
     accuracy, and for int8 that of the exported float graph, which runs the float module)."""
-    from retrain import backends
+    from retrain.bottlenecks import backends
     from retrain.models.loading import resolve_module
 
     module = resolve_module(args.tfhub_module)

@@ -11,7 +11,7 @@ here, and nothing else changed (PATCHES):
 
 1. `import tensorflow.compat.v1 as tf` and `tf.disable_v2_behavior()`, so it runs on TF 2;
 2. no tensorflow_hub: instead of `hub.Module(...)` it imports the frozen graph of the same
-   module that retrain uses (made here with `retrain.export.cached_frozen_module`), so both
+   module that retrain uses (made here with `retrain.export.writer.cached_frozen_module`), so both
    programs run the same weights, and its image size constants come from that module;
 3. `--tfhub_module` keeps only its other use, naming the bottleneck files;
 4. HEAD only: its `from tensorflow.contrib import quantize` (gone in TF 2, and called only for
@@ -235,7 +235,7 @@ def prepare_retrain_py(retrain_py: Path, work: Path) -> Path:
     graph = work / "module.pb"
     # Read and patched before importing TensorFlow: a wrong file is refused at once.
     source = patch_retrain_py(retrain_py.read_text(encoding="utf-8"), graph, module.input_size)
-    from retrain.export import cached_frozen_module
+    from retrain.export.writer import cached_frozen_module
 
     cached_frozen_module(graph, module.load, module.input_size)
     patched = work / "retrain_py" / "retrain.py"

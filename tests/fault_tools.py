@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.cache import BottleneckCache, Location
+from retrain.bottlenecks.cache import BottleneckCache, Location
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -396,7 +396,7 @@ def flip_byte_in_row(index_path: Path, row: int, byte: int = 5) -> None:
 
 
 def _tensorflow():
-    from retrain.runtime import import_tensorflow_quietly
+    from retrain.utils.runtime import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     import tensorflow as tf
@@ -407,8 +407,8 @@ def _tensorflow():
 def load_test_images(paths: list[Path], size: tuple[int, int] = (224, 224)) -> np.ndarray:
     """Images as the exported graph takes them: float32 [n, h, w, 3] in [0, 1]."""
     _tensorflow()
-    from retrain.decode import decode_image
-    from retrain.preprocess import to_module_input
+    from retrain.data.decode import decode_image
+    from retrain.data.preprocess import to_module_input
 
     return np.stack([to_module_input(decode_image(p, size), size).numpy() for p in paths])
 
@@ -446,8 +446,8 @@ def module_features(module_path: Path, paths: list[Path]) -> dict[bytes, np.ndar
     """Content key -> feature vector, computed here with retrain's own input pipeline."""
     tf = _tensorflow()
 
-    from retrain.cache import file_content_key
-    from retrain.extract import decoded_batches
+    from retrain.bottlenecks.cache import file_content_key
+    from retrain.bottlenecks.extract import decoded_batches
 
     module = tf.saved_model.load(str(module_path))
     errors: dict[int, str] = {}
@@ -477,7 +477,7 @@ def decode_row_key(content: bytes) -> tuple[int, int]:
 
 SHARD_WRITER_CHILD = """
 import sys
-from retrain.cache import BottleneckCache
+from retrain.bottlenecks.cache import BottleneckCache
 from tests.fault_tools import shard_row
 root, prefix, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 writer = BottleneckCache(root, "m", dim).writer(shard_rows=3)
@@ -490,7 +490,7 @@ while True:
 
 ATOMIC_WRITER_CHILD = """
 import sys
-from retrain.atomic import atomic_write_bytes
+from retrain.utils.atomic import atomic_write_bytes
 from tests.fault_tools import atomic_payloads
 path, size = sys.argv[1], int(sys.argv[2])
 payloads = atomic_payloads(size)
@@ -539,7 +539,7 @@ def kill_after(proc: subprocess.Popen, delay: float) -> int:
 
 
 class FailingWrites:
-    """Make the `n`-th write() (1-based, over every file `retrain.atomic` opens) fail with
+    """Make the `n`-th write() (1-based, over every file `retrain.utils.atomic` opens) fail with
     OSError `code` after writing half its data, as a file system that fills up midway does;
     `at="fsync"` makes the `n`-th fsync fail instead. Use with pytest's monkeypatch::
 

@@ -6,7 +6,8 @@ them: bit flips (anywhere, or in the header), truncations, spliced headers (anot
 another format's), huge declared sizes (in each format's own header fields, with a valid CRC
 where the format has one) and overwritten runs of bytes. The same seed gives the same files.
 
-`DECODE_CHILD` decodes every file of a corpus with `retrain.decode.decode_image` and reports, per
+`DECODE_CHILD` decodes every file of a corpus with `retrain.data.decode.decode_image` and reports,
+per
 file, how long it took, the outcome and the process's peak memory so far: the parent bounds the
 time of each file (a hang is named by the file it was on) and the memory of all.
 """
@@ -183,7 +184,7 @@ def write_corpus(corpus: list[FuzzFile], folder: Path) -> list[Path]:
 
 DECODE_CHILD = """
 import json, sys, time
-from retrain.decode import ImageDecodeError, decode_image
+from retrain.data.decode import ImageDecodeError, decode_image
 from tests.fuzz_images import peak_mb
 paths = json.load(open(sys.argv[1]))
 size = (224, 224)

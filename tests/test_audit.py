@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import retrain
-from retrain import cli
+from retrain.cli import retrain as cli
 from retrain.config import (
     AuditConfig,
     CacheConfig,
@@ -125,7 +125,7 @@ def test_command_line_audit_writes_csvs_and_metrics(tmp_path, tiny_module):
 def test_a_training_run_hints_at_identical_files_across_splits(tmp_path, tiny_module, caplog):
     import logging
 
-    from retrain.scan import split_for_file
+    from retrain.data.scan import split_for_file
 
     root = clean_folder(tmp_path / "images", count=10)
     source = root / "red" / "r0.png"
@@ -170,9 +170,9 @@ def test_the_approximate_index_finds_what_the_exact_one_finds(tmp_path, monkeypa
     """Beyond EXACT_SEARCH_ROWS the index is approximate (PCA, inverted lists, 8-bit codes),
     its candidates checked on the exact vectors: on 600 vectors with 12 near copies it
     reports the same pairs and nearest-centroid similarities as the exact index."""
-    from retrain import audit
-    from retrain.cache import BottleneckCache, key_array
-    from retrain.features import FeatureSplit
+    from retrain.bottlenecks.cache import BottleneckCache, key_array
+    from retrain.bottlenecks.splits import FeatureSplit
+    from retrain.reporting import audit
 
     rng = np.random.default_rng(0)
     n, dim = 600, 64

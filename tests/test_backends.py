@@ -1,4 +1,4 @@
-"""Tests of retrain.backends (TensorFlow vs TFLite extraction) and retrain.exported."""
+# ------------------------------------------------------------ retrain.export.loading
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from retrain import backends
-from retrain.backends import (
+from retrain.bottlenecks import backends
+from retrain.bottlenecks.backends import (
     BackendError,
     calibration_set,
     choose_backend,
@@ -25,14 +25,14 @@ from retrain.backends import (
     tensorflow_backend,
     tflite_backend,
 )
-from retrain.bottlenecks import open_cache
-from retrain.decode import decode_image
+from retrain.bottlenecks.stage import open_cache
+from retrain.data.decode import decode_image
+from retrain.data.preprocess import to_module_input
+from retrain.data.resize import resize_bilinear
 from retrain.errors import RetrainError
-from retrain.exported import ModelLoadError, TFLiteClassifier
+from retrain.export.loading import ModelLoadError, TFLiteClassifier
 from retrain.models.loading import resolve_module
-from retrain.module_cache import tflite_model_path, tflite_verified_path
-from retrain.preprocess import to_module_input
-from retrain.resize import resize_bilinear
+from retrain.models.module_cache import tflite_model_path, tflite_verified_path
 from tests.conftest import EXAMPLE_DIR
 from tests.tflite_models import TinyClassifier, write_tiny_classifier
 
@@ -364,9 +364,9 @@ def test_int8_vectors_are_computed_and_cached_apart(tmp_path, caplog):
     """Float, then int8 vectors of the same images (and of their distorted copies) with a
     small module: two cache folders, vectors close but not equal, the second int8 run reusing
     the conversion and every vector."""
-    from retrain.bottlenecks import LazyModule, compute_bottlenecks, load_module
+    from retrain.bottlenecks.stage import LazyModule, compute_bottlenecks, load_module
     from retrain.config import DistortionConfig, ModuleConfig
-    from retrain.scan import scan_image_dir
+    from retrain.data.scan import scan_image_dir
     from tests.fault_tools import save_tiny_module
 
     save_tiny_module(tmp_path / "tiny")
@@ -406,7 +406,7 @@ def test_int8_vectors_are_computed_and_cached_apart(tmp_path, caplog):
     np.testing.assert_array_equal(again_x, int8_x)
 
 
-# ----------------------------------------------------------------------------- retrain.exported
+# ------------------------------------------------------------ retrain.export.loading
 
 
 @pytest.fixture(scope="module")
@@ -434,12 +434,12 @@ def test_tflite_paths_do_not_import_tensorflow(classifier, tflite_path):
         f"""
         import sys
         import numpy as np
-        from retrain.exported import TFLiteClassifier
-        from retrain.resize import resize_bilinear
+        from retrain.export.loading import TFLiteClassifier
+        from retrain.data.resize import resize_bilinear
         assert "tensorflow" not in sys.modules, "import"
         scores = TFLiteClassifier({str(classifier[0])!r}).predict(np.zeros((2, 12, 10, 3)))
         assert scores.shape == (2, 4), scores.shape
-        from retrain.backends import tflite_backend
+        from retrain.bottlenecks.backends import tflite_backend
         features = tflite_backend({str(tflite_path)!r})(np.zeros((1, 224, 224, 3), np.float32))
         assert features.shape == (1, 1280), features.shape
         assert "tensorflow" not in sys.modules, "run"

@@ -13,9 +13,10 @@ import pytest
 
 pytest.importorskip("apache_beam")
 
-from retrain import beam_extract, cli  # noqa: E402
+from retrain.cli import beam_extract
+from retrain.cli import retrain as cli
+from retrain.cli.flags import FLAG_FIELDS  # noqa: E402
 from retrain.config import leaf_fields  # noqa: E402
-from retrain.flags import FLAG_FIELDS  # noqa: E402
 from tests.conftest import EXAMPLE_DIR, retrain_args  # noqa: E402
 
 CLASSES = ("daisy", "roses")
@@ -36,9 +37,9 @@ def beam_args(image_dir: Path, out: Path, *extra: str) -> list[str]:
 
 def open_cache(out: Path):
     """The module's folder in out/bottlenecks, as retrain opens it, and the module."""
-    from retrain.cache import BottleneckCache, module_cache_key
+    from retrain.bottlenecks.cache import BottleneckCache, module_cache_key
+    from retrain.data.preprocess import PREPROCESSING_ID
     from retrain.models.loading import resolve_module
-    from retrain.preprocess import PREPROCESSING_ID
 
     module = resolve_module("efficientnet_lite0")
     key = module_cache_key(module.fingerprint, PREPROCESSING_ID)
@@ -111,8 +112,8 @@ def test_which_runner_runs(runner, runs_on):
 
 def test_cache_holds_retrains_vectors(extracted):
     """Every good photo is in the cache, passes its CRC, and equals retrain's own vector."""
-    from retrain import backends, extract
-    from retrain.cache import BottleneckCache
+    from retrain.bottlenecks import backends, extract
+    from retrain.bottlenecks.cache import BottleneckCache
 
     out, paths = extracted.out, extracted.paths
     cache, module = open_cache(out)
@@ -295,7 +296,7 @@ def test_boolean_flags_read_as_retrains(argv, value):
 def test_new_flags_take_retrains_defaults_and_help():
     from absl import flags
 
-    from retrain.flags import define_flags
+    from retrain.cli.flags import define_flags
 
     defined = flags.FlagValues()
     define_flags(defined)

@@ -1,4 +1,4 @@
-"""retrain.beam_pipeline: the Beam extraction as a library, driven by a RetrainConfig."""
+"""retrain.bottlenecks.beam: the Beam extraction as a library, driven by a RetrainConfig."""
 
 from __future__ import annotations
 
@@ -24,7 +24,13 @@ from retrain.errors import ConfigError
 from tests.conftest import ROOT, write_image
 from tests.fault_tools import save_tiny_module
 
-COMMAND_LINE = ("argparse", "absl", "retrain.flags", "retrain.cli", "retrain.beam_extract")
+COMMAND_LINE = (
+    "argparse",
+    "absl",
+    "retrain.cli.flags",
+    "retrain.cli.retrain",
+    "retrain.cli.beam_extract",
+)
 
 
 def imported_names(path: Path) -> set[str]:
@@ -42,14 +48,14 @@ def imported_names(path: Path) -> set[str]:
 def test_imports_only_the_library():
     """No argparse, absl or command line module (Beam itself imports argparse and absl, so
     this reads the source rather than sys.modules)."""
-    names = imported_names(ROOT / "retrain" / "beam_pipeline.py")
+    names = imported_names(ROOT / "retrain" / "bottlenecks" / "beam.py")
     assert not {n for n in names if n.split(".")[0] in COMMAND_LINE or n in COMMAND_LINE}
 
 
 def test_importing_it_imports_no_tensorflow_and_no_command_line():
     code = (
-        "import sys, retrain.beam_pipeline; "
-        "print(sorted(m for m in ('tensorflow', 'retrain.flags', 'retrain.cli') "
+        "import sys, retrain.bottlenecks.beam; "
+        "print(sorted(m for m in ('tensorflow', 'retrain.cli.flags', 'retrain.cli.retrain') "
         "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -83,7 +89,7 @@ def config_for(image_dir: Path, bottleneck_dir: Path | str | None, **module) -> 
     ],
 )
 def test_validate_names_the_setting(tmp_path, config, settings, field, words):
-    from retrain.beam_pipeline import BeamSettings, validate
+    from retrain.bottlenecks.beam import BeamSettings, validate
 
     config = dict(config)
     bottleneck_dir = config.pop("bottleneck_dir")
@@ -109,8 +115,8 @@ def test_extract_runs_the_direct_runner_from_a_config(tmp_path):
     pytest.importorskip("apache_beam")
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from retrain.beam_pipeline import BeamSettings, extract
-    from retrain.bottlenecks import load_module, open_cache
+    from retrain.bottlenecks.beam import BeamSettings, extract
+    from retrain.bottlenecks.stage import load_module, open_cache
 
     module_dir = tmp_path / "module"
     save_tiny_module(module_dir)
@@ -159,8 +165,8 @@ def copies_config(image_dir: Path, bottleneck_dir: Path, module_dir: Path) -> Re
 
 def cached_vectors(config: RetrainConfig, keys: list[bytes]) -> np.ndarray:
     """The vectors of content `keys` in `config`'s cache folder; every one must be there."""
-    from retrain.bottlenecks import load_module, open_cache
-    from retrain.cache import key_array
+    from retrain.bottlenecks.cache import key_array
+    from retrain.bottlenecks.stage import load_module, open_cache
 
     cache = open_cache(config.cache.bottleneck_dir, load_module(config.module))
     locations = cache.locate(key_array(keys), by="content")
@@ -176,9 +182,9 @@ def test_copies_leave_retrain_nothing_to_compute(tmp_path):
     nothing, and the vectors are those retrain computes itself."""
     pytest.importorskip("apache_beam")
     import retrain
-    from retrain import distort
-    from retrain.beam_pipeline import extract
-    from retrain.cache import file_content_key
+    from retrain.bottlenecks import distort
+    from retrain.bottlenecks.beam import extract
+    from retrain.bottlenecks.cache import file_content_key
 
     module_dir = tmp_path / "module"
     save_tiny_module(module_dir)

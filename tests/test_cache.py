@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from retrain.cache import (
+from retrain.bottlenecks.cache import (
     BottleneckCache,
     file_content_key,
     file_key,

@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 
 import retrain
-from retrain.flags import define_flags
+from retrain.cli.flags import define_flags
 from tests.conftest import ROOT, write_image
 from tests.fault_tools import save_tiny_module
 

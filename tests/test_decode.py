@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrain.decode import ImageDecodeError, decode_image, skip_reason
+from retrain.data.decode import ImageDecodeError, decode_image, skip_reason
 from tests.bad_images import make_bad_files, png_header_only
 from tests.conftest import write_image
 

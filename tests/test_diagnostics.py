@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrain import cli, pictures
+from retrain.cli import retrain as cli
 from retrain.errors import RetrainError
+from retrain.reporting import pictures
 from tests.conftest import EXAMPLE_DIR, ROOT, retrain_args
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -306,10 +307,10 @@ def test_bad_learning_rate_is_one_line_exit_2(value, tmp_path, capfd):
 
 
 def test_lr_finder_on_separable_data_suggests_a_rate_that_learns():
+    from retrain.bottlenecks.splits import Split
     from retrain.config import HeadTrainingConfig
-    from retrain.features import Split
-    from retrain.heads import SoftmaxHead
-    from retrain.lr_find import search_learning_rate
+    from retrain.heads.head import SoftmaxHead
+    from retrain.training.lr_find import search_learning_rate
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 600)
@@ -353,7 +354,7 @@ def test_report_renders_in_headless_chromium(diagnosed, tmp_path):
 
 
 def test_suggestion_is_a_tenth_of_the_lowest_or_the_steepest_fall_if_smaller():
-    from retrain.lr_find import suggest
+    from retrain.training.lr_find import suggest
 
     rates = [10.0 ** (e / 4) for e in range(-24, 5)]  # 1e-6 ... 10, four points a decade
     # Falls fastest around 1e-1, lowest at 1 (a tenth: 0.1), then diverges.

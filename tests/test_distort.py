@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import retrain
-from retrain import distort
+from retrain.bottlenecks import distort
 from retrain.config import (
     CacheConfig,
     DistortionConfig,
@@ -168,8 +168,8 @@ def test_cached_copies_are_computed_once_per_recipe(colours, tmp_path, tiny_modu
 
 
 def test_copies_differ_from_their_original(colours, tmp_path, tiny_module):
-    from retrain.bottlenecks import LazyModule, compute_bottlenecks, load_module
-    from retrain.scan import scan_image_dir
+    from retrain.bottlenecks.stage import LazyModule, compute_bottlenecks, load_module
+    from retrain.data.scan import scan_image_dir
 
     image_set = scan_image_dir(colours, 0, 0)
     settings = ModuleConfig(handle=str(tiny_module), extraction_backend="tensorflow")
@@ -209,9 +209,9 @@ def test_training_on_the_fly(colours, tmp_path, tiny_module):
     ],
 )
 def test_head_training_options_learn(options):
-    from retrain.features import Split
-    from retrain.heads import SoftmaxHead
-    from retrain.train import train_head
+    from retrain.bottlenecks.splits import Split
+    from retrain.heads.head import SoftmaxHead
+    from retrain.training.head import train_head
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 300)
@@ -222,7 +222,7 @@ def test_head_training_options_learn(options):
 
 
 def test_plateau_lowers_the_rate_only_without_progress():
-    from retrain.optim import Plateau, make_optimizer
+    from retrain.training.optim import Plateau, make_optimizer
 
     optimizer = make_optimizer("sgd", 1.0)
     plateau = Plateau(optimizer, factor=0.5, patience=2)
@@ -234,7 +234,7 @@ def test_plateau_lowers_the_rate_only_without_progress():
 
 
 def test_label_smoothing_targets():
-    from retrain.heads import SoftmaxHead
+    from retrain.heads.head import SoftmaxHead
 
     targets = SoftmaxHead(4).targets(tf.constant([1]), smoothing=0.2).numpy()
     np.testing.assert_allclose(targets, [[0.05, 0.85, 0.05, 0.05]])

@@ -1,4 +1,4 @@
-"""Tests of retrain.distribute: the strategy factory and the mirrored extractor, on CPU.
+"""Tests of retrain.bottlenecks.distribute: the strategy factory and the mirrored extractor, on CPU.
 
 Several replicas on one CPU need logical CPU devices, which must be configured before
 TensorFlow initialises its devices, and MultiWorkerMirroredStrategy must be made before
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from retrain import distribute
+from retrain.bottlenecks import distribute
 from retrain.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,17 +36,17 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 import numpy as np
 
-from retrain import distribute
-from retrain.backends import tensorflow_backend
-from retrain.decode import decode_image
+from retrain.bottlenecks import distribute
+from retrain.bottlenecks.backends import tensorflow_backend
+from retrain.data.decode import decode_image
 from retrain.models.loading import resolve_module
-from retrain.preprocess import to_module_input
+from retrain.data.preprocess import to_module_input
 
 records = []
 handler = logging.Handler()
 handler.emit = records.append
-logging.getLogger("retrain.distribute").addHandler(handler)
-logging.getLogger("retrain.distribute").setLevel(logging.INFO)
+logging.getLogger("retrain.bottlenecks.distribute").addHandler(handler)
+logging.getLogger("retrain.bottlenecks.distribute").setLevel(logging.INFO)
 
 module = resolve_module("efficientnet_lite0")
 photos = sorted(Path("examples/flower_photos").glob("*/*.jpg"))[::9][:8]
@@ -86,7 +86,7 @@ import json, os
 
 import numpy as np
 
-from retrain import distribute
+from retrain.bottlenecks import distribute
 
 strategy = distribute.make_strategy("multi_worker_mirrored")  # before any other TF op
 
@@ -166,7 +166,7 @@ def _tf_config(ports: list[int], index: int) -> str:
 
 
 def test_import_does_not_import_tensorflow():
-    code = "import sys, retrain.distribute; print('tensorflow' in sys.modules)"
+    code = "import sys, retrain.bottlenecks.distribute; print('tensorflow' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True
     )
@@ -241,7 +241,7 @@ def test_mirrored_without_gpu_has_one_cpu_replica(caplog):
     tf = pytest.importorskip("tensorflow")
     if tf.config.list_physical_devices("GPU") or len(tf.config.list_logical_devices("CPU")) != 1:
         pytest.skip("needs a plain CPU-only process")
-    with caplog.at_level(logging.INFO, logger="retrain.distribute"):
+    with caplog.at_level(logging.INFO, logger="retrain.bottlenecks.distribute"):
         strategy = distribute.make_strategy("mirrored")
     assert strategy.num_replicas_in_sync == 1
     assert "no GPU is visible: 1 CPU replica" in caplog.text

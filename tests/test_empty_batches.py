@@ -28,9 +28,11 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 3)
 
-from retrain.exported import FrozenGraphClassifier
-from retrain import backends, distribute, export
-from retrain.heads import SoftmaxHead
+from retrain.export.loading import FrozenGraphClassifier
+from retrain.bottlenecks import backends
+from retrain.bottlenecks import distribute
+from retrain.export import writer as export
+from retrain.heads.head import SoftmaxHead
 from retrain.models.loading import resolve_module
 
 module = resolve_module("efficientnet_lite0")  # the shared module cache, as the runs use

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from label_image import cli as label_cli
-from retrain import cli, pipeline
+from retrain import pipeline
+from retrain.cli import retrain as cli
 from tests.bad_images import make_bad_files
 from tests.conftest import retrain_args, write_image
 
@@ -119,7 +120,7 @@ def test_frozen_graph_loads_in_a_tf1_client(trained):
     """As TensorFlow's label_image.py does: GraphDef + import_graph_def + Session."""
     import tensorflow as tf
 
-    from retrain.decode import decode_image
+    from retrain.data.decode import decode_image
     from tests.conftest import EXAMPLE_DIR
 
     out, _, _ = trained
@@ -248,7 +249,7 @@ def test_label_image_batches_keep_order_and_report_bad_files(trained, tmp_path, 
 
 def test_large_splits_are_streamed_from_the_cache(trained, tmp_path, monkeypatch, capsys):
     """Above the in-memory limit, training reads random batches from the cache shards."""
-    from retrain import features
+    from retrain.bottlenecks import splits as features
 
     out, image_dir, reference = trained
     monkeypatch.setattr(features, "IN_MEMORY_LIMIT_BYTES", 10_000)  # a few vectors

@@ -1,4 +1,5 @@
-"""Tests of retrain.export_check and retrain.exported on a tiny classifier in every format (the
+"""Tests of retrain.export.check and retrain.export.loading on a tiny classifier in every format
+(the
 real module's run is in test_end_to_end)."""
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from retrain import export_check, extract
+from retrain.bottlenecks import extract
 from retrain.errors import RetrainError
-from retrain.evaluate import Evaluation, MultiLabelEvaluation
-from retrain.exported import (
+from retrain.export import check as export_check
+from retrain.export.loading import (
     FROZEN_GRAPH,
     SAVED_MODEL,
     TFLITE,
@@ -21,6 +22,7 @@ from retrain.exported import (
     model_format,
     open_model,
 )
+from retrain.heads.evaluation import Evaluation, MultiLabelEvaluation
 from tests.conftest import write_image
 from tests.tflite_models import TinyClassifier, write_tflite
 

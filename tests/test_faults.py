@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrain.cache import file_content_key
+from retrain.bottlenecks.cache import file_content_key
 from tests.conftest import EXAMPLE_DIR
 from tests.fault_tools import (
     ATOMIC_WRITER_CHILD,

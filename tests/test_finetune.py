@@ -1,4 +1,4 @@
-"""Tests of fine-tuning (retrain.finetune): the CLI run and its exports, and distribution.
+"""Tests of fine-tuning (retrain.training.finetune): the CLI run and its exports, and distribution.
 
 Fast cases use a tiny module exported with the project's own reusable-SavedModel exporter (a
 strided convolution, a frozen "moving mean" and a trainable scale: 32x32 input, 8 features);
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from retrain import cli
+from retrain.cli import retrain as cli
 from tests.conftest import EXAMPLE_DIR, retrain_args, write_image
 from tests.test_distribute import run_local_workers, run_script
 
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import distribute, finetune
+from retrain.bottlenecks import distribute
+from retrain.training import finetune
 from retrain.models.loading import resolve_module
 
 module = resolve_module(MODULE)
@@ -47,7 +48,7 @@ head = (
     np.zeros(len(classes), np.float32),
 )
 from retrain.config import FineTuningConfig
-from retrain.heads import SoftmaxHead
+from retrain.heads.head import SoftmaxHead
 config = FineTuningConfig(steps=2, batch_size=4, learning_rate=0.01)
 softmax = SoftmaxHead(len(classes))
 
@@ -114,7 +115,9 @@ import hashlib, json, os
 
 import numpy as np
 
-from retrain import cli, finetune, pipeline
+from retrain import pipeline
+from retrain.cli import retrain as cli
+from retrain.training import finetune
 
 task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 runs, tunes = [], []
@@ -180,7 +183,7 @@ def _tiny_network():
 @pytest.fixture(scope="module")
 def tiny_module(tmp_path_factory) -> Path:
     """A tiny reusable image feature-vector SavedModel."""
-    from retrain.models.export import export_image_module
+    from retrain.models.savedmodel import export_image_module
 
     path = tmp_path_factory.mktemp("tiny") / "module"
     export_image_module(_tiny_network(), path, TINY_INPUT)
@@ -192,13 +195,13 @@ def _sha256(path: Path) -> str | None:
 
 
 def _run_capturing(
-    monkeypatch: pytest.MonkeyPatch, argv: list[str], function: str = "finetune.fine_tune"
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], function: str = "training.finetune.fine_tune"
 ):
     """Run the CLI; returns its status and the FineTuneResult it fine-tuned (kept in memory)
-    by `function` (module.name in retrain)."""
+    by `function` (module.name under retrain)."""
     import importlib
 
-    module_name, name = function.split(".")
+    module_name, _, name = function.rpartition(".")
     module = importlib.import_module(f"retrain.{module_name}")
     captured = []
     real = getattr(module, name)
@@ -214,8 +217,8 @@ def _run_capturing(
 
 
 def _pixels(path: Path, input_size: tuple[int, int]) -> np.ndarray:
-    from retrain.decode import decode_image
-    from retrain.preprocess import to_module_input
+    from retrain.data.decode import decode_image
+    from retrain.data.preprocess import to_module_input
 
     return to_module_input(decode_image(path, input_size), input_size).numpy()[None]
 
@@ -237,8 +240,8 @@ def _frozen_scores(graph_path: Path, pixels: np.ndarray) -> np.ndarray:
 
 
 def _memory_scores(module_object, result, pixels: np.ndarray) -> np.ndarray:
-    from retrain import export
-    from retrain.heads import SoftmaxHead
+    from retrain.export import writer as export
+    from retrain.heads.head import SoftmaxHead
 
     classifier = export.Classifier(
         module_object,
@@ -254,7 +257,7 @@ def _memory_scores(module_object, result, pixels: np.ndarray) -> np.ndarray:
 
 
 def test_training_order_shuffles_whole_epochs_reproducibly():
-    from retrain.finetune import training_order
+    from retrain.training.finetune import training_order
 
     order = training_order(5, steps=4, batch_size=3, seed=7)
     assert len(order) == 12
@@ -267,8 +270,8 @@ def test_warmup_scales_the_first_steps_updates():
     import tensorflow as tf
 
     from retrain.config import FineTuningConfig
-    from retrain.finetune import make_train_step, optimizer_for, warmup_steps
-    from retrain.heads import SoftmaxHead
+    from retrain.heads.head import SoftmaxHead
+    from retrain.training.finetune import make_train_step, optimizer_for, warmup_steps
 
     assert (warmup_steps(6), warmup_steps(300), warmup_steps(5000)) == (0, 30, 30)
 
@@ -304,7 +307,7 @@ def test_warmup_scales_the_first_steps_updates():
 
 
 def test_subset_is_seeded_and_keeps_order():
-    from retrain.finetune import LabeledImages, subset
+    from retrain.training.finetune import LabeledImages, subset
 
     images = LabeledImages([f"{i}.jpg" for i in range(10)], np.arange(10) % 3)
     picked = subset(images, 4, seed=1)
@@ -318,7 +321,7 @@ def test_subset_is_seeded_and_keeps_order():
 
 def test_module_without_trainable_variables_is_one_clear_error():
     from retrain.errors import RetrainError
-    from retrain.finetune import module_trainable_variables
+    from retrain.training.finetune import module_trainable_variables
 
     with pytest.raises(RetrainError, match="fine_tuning.steps") as info:
         module_trainable_variables(object())
@@ -336,7 +339,7 @@ def tiny_run(tiny_module, tmp_path_factory):
 
     Its frozen-module cache entry is made (pretrained) before the run, which must not touch it.
     """
-    from retrain import export
+    from retrain.export import writer as export
     from retrain.models.loading import resolve_module
 
     out = tmp_path_factory.mktemp("tiny_run")
@@ -390,7 +393,7 @@ def test_fine_tuning_changes_trainable_weights_only(tiny_run):
 def test_exports_hold_the_fine_tuned_network(tiny_run):
     import tensorflow as tf
 
-    from retrain.exported import TFLiteClassifier
+    from retrain.export.loading import TFLiteClassifier
 
     out, result = tiny_run["out"], tiny_run["result"]
     pixels = _pixels(next((out / "images" / "blue").iterdir()), TINY_INPUT)
@@ -581,8 +584,8 @@ def test_fine_tuning_shows_sparsity_per_block_in_tensorboard(flower_run):
 
 
 def test_activity_probe_measures_the_fine_tuned_weights(flower_run):
-    from retrain.activity import ActivityProbe
     from retrain.models.loading import resolve_module
+    from retrain.training.activity import ActivityProbe
 
     _, result, _ = flower_run
     module = resolve_module("efficientnet_lite0")
@@ -632,8 +635,8 @@ def test_auto_rates_are_refused_for_multi_worker_runs(tmp_path, capfd):
 def test_keep_best_keeps_step_zero_until_beaten_and_stops_on_patience():
     import tensorflow as tf
 
-    from retrain.early_stopping import KeepBest
-    from retrain.evaluate import Evaluation
+    from retrain.heads.evaluation import Evaluation
+    from retrain.training.early_stopping import KeepBest
 
     def evaluation(accuracy, loss):
         return Evaluation(accuracy, loss, np.zeros(4, np.int64), [accuracy])

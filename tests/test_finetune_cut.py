@@ -1,4 +1,5 @@
-"""Tests of partial fine-tuning from a cached cut (retrain.cut, retrain.finetune_cut).
+"""Tests of partial fine-tuning from a cached cut (retrain.training.cut,
+retrain.training.finetune_cut).
 
 One CLI run with the bundled EfficientNet-Lite0 on the example photos (with a cached distorted
 copy of each training image) is shared by the tests of what it trains, caches and exports; the
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain import cli
+from retrain.cli import retrain as cli
 from tests.conftest import EXAMPLE_DIR, retrain_args
 from tests.test_finetune import _frozen_scores, _memory_scores, _pixels, _run_capturing
 
@@ -51,7 +52,9 @@ def cut_run(tmp_path_factory):
                 f"--bottleneck_dir={out / 'cache'}",
                 f"--fine_tune_learning_rate={rate}",
             )
-            status, result = _run_capturing(monkeypatch, argv, "finetune_cut.fine_tune_from_cut")
+            status, result = _run_capturing(
+                monkeypatch, argv, "training.finetune_cut.fine_tune_from_cut"
+            )
         assert status == 0
         runs.append((result, json.loads((out / again / "metrics.json").read_text())))
     return out, runs
@@ -113,9 +116,9 @@ def test_exported_graph_holds_the_network_kept(cut_run):
 def test_cut_model_splits_the_network_exactly():
     import tensorflow as tf
 
-    from retrain.cut import cut_module
-    from retrain.finetune_cut import CutModel
     from retrain.models.loading import resolve_module
+    from retrain.training.cut import cut_module
+    from retrain.training.finetune_cut import CutModel
 
     module = resolve_module("efficientnet_lite0")
     part = cut_module(module, "12")
@@ -130,10 +133,10 @@ def test_cut_model_splits_the_network_exactly():
 def test_tflite_computes_the_activations_at_the_cut_like_tensorflow(tmp_path, monkeypatch):
     import tensorflow as tf
 
-    from retrain import backends
-    from retrain.bottlenecks import LazyModule
-    from retrain.cut import cut_module
+    from retrain.bottlenecks import backends
+    from retrain.bottlenecks.stage import LazyModule
     from retrain.models.loading import resolve_module
+    from retrain.training.cut import cut_module
 
     monkeypatch.setattr(backends, "_gpu_present", lambda: False)
     part = cut_module(resolve_module("efficientnet_lite0"), "12")
@@ -175,7 +178,7 @@ def test_bad_cuts_are_one_line_errors(example_copy, tmp_path, capsys, extra, exp
 
 
 def test_a_module_that_cannot_be_cut_is_one_line_error(tmp_path, capsys):
-    from retrain.models.export import export_image_module
+    from retrain.models.savedmodel import export_image_module
     from tests.test_finetune import TINY_INPUT, _tiny_network
 
     export_image_module(_tiny_network(), tmp_path / "module", TINY_INPUT)
@@ -224,9 +227,12 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
-from retrain import cut, distribute, finetune_cut, pipeline
+from retrain import pipeline
+from retrain.training import cut
+from retrain.bottlenecks import distribute
+from retrain.training import finetune_cut
 from retrain.config import FineTuningConfig, ModuleConfig, RetrainConfig
-from retrain.heads import SoftmaxHead
+from retrain.heads.head import SoftmaxHead
 from retrain.models.loading import resolve_module
 
 module = resolve_module("efficientnet_lite0")

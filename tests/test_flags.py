@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from retrain import cli
+from retrain.cli import retrain as cli
 from tests.conftest import write_image
 
 
@@ -101,7 +101,7 @@ def test_multi_worker_needs_tf_config(capsys, monkeypatch, image_dir, tmp_path, 
 def test_multi_worker_takes_any_extraction_backend(monkeypatch, image_dir, tmp_path):
     from absl import flags
 
-    from retrain.flags import config_from_flags, define_flags
+    from retrain.cli.flags import config_from_flags, define_flags
 
     config = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker"}}
     monkeypatch.setenv("TF_CONFIG", json.dumps({**config, "task": {**config["task"], "index": 1}}))

@@ -62,8 +62,9 @@ def test_fuzzed_files_decode_or_fail_with_a_reason_in_bounded_time_and_memory(co
 
 
 def test_fuzzed_files_are_scanned_and_extracted_or_skipped_with_their_reason(corpus, tmp_path):
-    from retrain import extract, scan
-    from retrain.cache import BottleneckCache
+    from retrain.bottlenecks import extract
+    from retrain.bottlenecks.cache import BottleneckCache
+    from retrain.data import scan
 
     files, paths, report = corpus
     image_set = scan.scan_image_dir(paths[0].parent.parent, 10, 10)
@@ -98,8 +99,8 @@ def test_resizing_uint8_pixels_matches_resizing_a_float_copy_bit_for_bit():
     result is the same to the bit as resizing a float32 copy, as it did before."""
     import tensorflow as tf
 
-    from retrain.decode import decode_image
-    from retrain.preprocess import to_module_input
+    from retrain.data.decode import decode_image
+    from retrain.data.preprocess import to_module_input
 
     rng = np.random.default_rng(SEED)
     images = [decode_image(p, (224, 224)) for p in sorted(EXAMPLE_DIR.glob("*/*.jpg"))[:20]]

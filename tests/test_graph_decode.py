@@ -1,4 +1,5 @@
-"""The SavedModel's in-graph decoding (retrain.graph_decode) against Pillow's (retrain.decode):
+"""The SavedModel's in-graph decoding (retrain.export.graph_decode) against Pillow's
+(retrain.data.decode):
 the same module input, bit for bit, for JPEG (at every DCT scale draft mode picks), PNG, GIF and
 BMP made from a real photo."""
 
@@ -9,9 +10,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from retrain import graph_decode
-from retrain.decode import decode_image
-from retrain.preprocess import to_module_input
+from retrain.data.decode import decode_image
+from retrain.data.preprocess import to_module_input
+from retrain.export import graph_decode
 from tests.conftest import EXAMPLE_DIR
 
 SIZE = (224, 224)

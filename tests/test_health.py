@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from retrain.bottlenecks.splits import Split
 from retrain.config import FineTuningConfig, HeadTrainingConfig
-from retrain.evaluate import evaluate_chunks
-from retrain.features import Split
-from retrain.heads import SoftmaxHead
-from retrain.health import diagnose
+from retrain.heads.evaluation import evaluate_chunks
+from retrain.heads.head import SoftmaxHead
+from retrain.reporting.health import diagnose
 from retrain.results import RunResult, Timings
-from retrain.train import TrainingDiverged, TrainResult, train_head
+from retrain.training.head import TrainingDiverged, TrainResult, train_head
 
 LABELS = ["a", "b", "c", "d"]
 
@@ -108,7 +108,7 @@ def test_settled_weights_are_not_reported_as_stuck():
 
 
 def test_fine_tuning_that_hurt_names_its_rate():
-    from retrain.finetune import FineTuneResult
+    from retrain.training.finetune import FineTuneResult
 
     tuned = FineTuneResult(
         module_object=None,

@@ -1,4 +1,4 @@
-"""retrain.interrupt: Ctrl-C inside a run stops it at the next safe point, not anywhere."""
+"""retrain.utils.interrupt: Ctrl-C inside a run stops it at the next safe point, not anywhere."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from retrain import interrupt
+from retrain.utils import interrupt
 
 
 def test_first_ctrl_c_waits_for_the_next_check(capfd):

@@ -13,7 +13,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 
 from label_image import cli as label_cli
 from retrain.errors import UsageError
-from retrain.tflite_labels import with_labels
+from retrain.export.tflite_labels import with_labels
 from tests.conftest import write_image
 from tests.tflite_models import TinyClassifier, write_tflite, write_tiny_classifier
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import retrain
-from retrain import cli
+from retrain.cli import retrain as cli
+from retrain.cli.flags import FLAG_FIELDS, flag_for_field
 from retrain.config import (
     CacheConfig,
     ExportConfig,
@@ -28,14 +29,13 @@ from retrain.config import (
     RetrainConfig,
 )
 from retrain.errors import ConfigError
-from retrain.flags import FLAG_FIELDS, flag_for_field
 from tests.conftest import ROOT, retrain_args, write_image
 from tests.fault_tools import save_tiny_module
 
 PACKAGE = ROOT / "retrain"
 # The command lines: retrain's, and retrain-beam-extract's (which reads retrain's flag
 # definitions for the options they share).
-COMMAND_LINE_MODULES = {"retrain.cli", "retrain.flags", "retrain.beam_extract"}
+COMMAND_LINE_MODULES = {"retrain.cli.retrain", "retrain.cli.flags", "retrain.cli.beam_extract"}
 TIMING_KEYS = re.compile(r"seconds|per_second")
 
 
@@ -117,7 +117,7 @@ def test_the_cycle_finder_finds_cycles():
 def test_run_takes_a_config_not_flags():
     from absl import flags
 
-    from retrain.flags import define_flags
+    from retrain.cli.flags import define_flags
 
     flag_values = flags.FlagValues()
     define_flags(flag_values)
@@ -313,8 +313,8 @@ def test_scan_stage_splits_and_writes_the_manifest(colours, tmp_path):
 
 
 def test_bottleneck_stage_computes_then_reuses(colours, tmp_path, tiny_module_dir):
-    from retrain.bottlenecks import LazyModule, compute_bottlenecks, load_module
-    from retrain.scan import scan_image_dir
+    from retrain.bottlenecks.stage import LazyModule, compute_bottlenecks, load_module
+    from retrain.data.scan import scan_image_dir
 
     image_set = scan_image_dir(colours, 0, 0)
     settings = ModuleConfig(handle=str(tiny_module_dir), extraction_backend="tensorflow")
@@ -336,9 +336,9 @@ def test_bottleneck_stage_computes_then_reuses(colours, tmp_path, tiny_module_di
 
 
 def test_head_training_and_evaluation_stages_on_vectors():
-    from retrain.features import Split
-    from retrain.heads import SoftmaxHead
-    from retrain.train import train_head
+    from retrain.bottlenecks.splits import Split
+    from retrain.heads.head import SoftmaxHead
+    from retrain.training.head import train_head
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 16)) * 3
@@ -356,8 +356,8 @@ def test_head_training_and_evaluation_stages_on_vectors():
 def test_export_stage_writes_what_it_is_told(tmp_path, tiny_module_dir):
     import tensorflow as tf
 
-    from retrain import export
-    from retrain.heads import SoftmaxHead
+    from retrain.export import writer as export
+    from retrain.heads.head import SoftmaxHead
 
     module_object = tf.saved_model.load(str(tiny_module_dir))
     weights = np.eye(48, 2, dtype=np.float32)
@@ -385,7 +385,7 @@ def test_export_stage_writes_what_it_is_told(tmp_path, tiny_module_dir):
 
 
 def test_evaluation_report_by_hand():
-    from retrain.evaluate import evaluate_chunks, roc_auc, wilson_interval
+    from retrain.heads.evaluation import evaluate_chunks, roc_auc, wilson_interval
 
     # Three classes; identity weights make the features the logits.
     x = np.log(

@@ -472,7 +472,7 @@ def test_registry_lists_lite1_and_lite2_behind_extras():
 
 
 def test_missing_weights_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, capfd):
-    from retrain import cli
+    from retrain.cli import retrain as cli
     from tests.conftest import EXAMPLE_DIR, retrain_args
 
     spec = get_bundled_model("efficientnet_lite2")

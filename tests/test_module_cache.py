@@ -1,4 +1,4 @@
-"""Tests of retrain.module_cache: the cache's root and the exact names of what it holds."""
+"""Tests of retrain.models.module_cache: the cache's root and the exact names of what it holds."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from retrain import module_cache
-from retrain.module_cache import (
+from retrain.models import module_cache
+from retrain.models.module_cache import (
     cache_root,
     converted_module_dir,
     default_cache_dir,
@@ -82,7 +82,7 @@ def test_a_version_bump_renames_its_kind_only(monkeypatch, tmp_path):
 
 def test_importing_the_layout_and_the_tflite_wrapper_imports_no_tensorflow():
     code = (
-        "import sys, retrain.module_cache, retrain.tflite_model\n"
+        "import sys, retrain.models.module_cache, retrain.models.tflite\n"
         "assert 'tensorflow' not in sys.modules\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import retrain
-from retrain import cli
+from retrain.cli import retrain as cli
 from retrain.config import (
     CacheConfig,
     DataConfig,
@@ -21,9 +21,9 @@ from retrain.config import (
     OutputsConfig,
     RetrainConfig,
 )
+from retrain.data.labels_csv import read_labels_csv
+from retrain.data.scan import SPLITS, split_for_file
 from retrain.errors import ConfigError
-from retrain.labels_csv import read_labels_csv
-from retrain.scan import SPLITS, split_for_file
 from tests.conftest import retrain_args
 from tests.fault_tools import graph_scores, load_test_images, save_tiny_module
 
@@ -165,7 +165,7 @@ def test_command_line_errors_are_one_line_exit_2(dataset, tmp_path, capsys):
 
 
 def test_average_precision_and_f1_thresholds_by_hand():
-    from retrain.evaluate import average_precision, best_f1_threshold, choose_thresholds
+    from retrain.heads.evaluation import average_precision, best_f1_threshold, choose_thresholds
 
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.2])
     positive = np.array([True, False, True, False, False])
@@ -181,7 +181,7 @@ def test_average_precision_and_f1_thresholds_by_hand():
 
 
 def test_multi_label_report_by_hand():
-    from retrain.evaluate import MultiLabelEvaluation
+    from retrain.heads.evaluation import MultiLabelEvaluation
 
     p = np.array([[0.9, 0.2], [0.6, 0.7], [0.1, 0.8], [0.4, 0.1]], np.float32)
     y = np.array([[1, 0], [0, 1], [0, 1], [1, 0]], np.uint8)
@@ -214,7 +214,7 @@ def test_multi_label_report_by_hand():
 def test_sigmoid_head_loss_gradient_and_smoothing():
     import tensorflow as tf
 
-    from retrain.heads import SigmoidHead
+    from retrain.heads.head import SigmoidHead
 
     head = SigmoidHead(3)
     logits = tf.constant([[2.0, -1.0, 0.5], [-3.0, 0.0, 1.0]])
@@ -231,9 +231,9 @@ def test_sigmoid_head_loss_gradient_and_smoothing():
 
 
 def test_balanced_weights_weigh_each_labels_positives():
-    from retrain.features import Split
-    from retrain.heads import SigmoidHead
-    from retrain.train import train_head
+    from retrain.bottlenecks.splits import Split
+    from retrain.heads.head import SigmoidHead
+    from retrain.training.head import train_head
 
     head = SigmoidHead(2)
     y = np.array([[1, 1], [0, 1], [0, 1], [0, 0]])
@@ -326,7 +326,7 @@ def test_thresholds_are_written_beside_the_labels(trained):
 def test_every_export_gives_the_evaluations_probabilities(trained):
     import tensorflow as tf
 
-    from retrain.exported import TFLiteClassifier
+    from retrain.export.loading import TFLiteClassifier
 
     result, out = trained
     rows = [line.split(",") for line in (out / "manifest.csv").read_text().splitlines()[1:]]
@@ -367,7 +367,7 @@ def test_label_image_prints_the_labels_over_their_thresholds(trained, dataset, c
 @pytest.fixture(scope="module")
 def trainable_module(tmp_path_factory) -> Path:
     """A tiny module with trainable variables, for fine-tuning (tests/test_finetune.py's)."""
-    from retrain.models.export import export_image_module
+    from retrain.models.savedmodel import export_image_module
     from tests.test_finetune import TINY_INPUT, _tiny_network
 
     path = tmp_path_factory.mktemp("trainable") / "module"
@@ -390,7 +390,7 @@ def test_multi_label_runs_with_the_folder_options(
     from dataclasses import replace
 
     from retrain.config import DistortionConfig, FineTuningConfig
-    from retrain.evaluate import MultiLabelEvaluation
+    from retrain.heads.evaluation import MultiLabelEvaluation
 
     images, csv_path = dataset
     config = run_config(images, csv_path, tmp_path, tiny_module)
@@ -422,7 +422,7 @@ def test_multi_label_runs_with_the_folder_options(
 
 def test_beam_extract_takes_the_csv_and_caches_what_retrain_uses(dataset, tiny_module, tmp_path):
     pytest.importorskip("apache_beam")
-    from retrain import beam_extract
+    from retrain.cli import beam_extract
 
     images, csv_path = dataset
     shared = [

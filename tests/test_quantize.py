@@ -1,5 +1,5 @@
-"""Tests of the TFLite export's quantization (retrain.quantize) and of the labels it carries
-(retrain.tflite_labels), on a tiny model; the real module's figures are in the README."""
+"""Tests of the TFLite export's quantization (retrain.models.quantize) and of the labels it carries
+(retrain.export.tflite_labels), on a tiny model; the real module's figures are in the README."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import tensorflow as tf
 from tensorflow.lite.python.convert import mlir_quantize
 from tensorflow.lite.tools import flatbuffer_utils
 
-from retrain import quantize
-from retrain.tflite_labels import embedded_labels, with_labels
-from retrain.tflite_model import TFLiteModel
+from retrain.export.tflite_labels import embedded_labels, with_labels
+from retrain.models import quantize
+from retrain.models.tflite import TFLiteModel
 from tests.conftest import write_image
 from tests.tflite_models import TinyClassifier
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain.atomic import exclusive, remove_leftovers
-from retrain.cache import BottleneckCache, file_content_key
+from retrain.bottlenecks.cache import BottleneckCache, file_content_key
+from retrain.utils.atomic import exclusive, remove_leftovers
 from tests.conftest import EXAMPLE_DIR, example_subset, retrain_args
 from tests.fault_tools import (
     Fault,
@@ -39,7 +39,7 @@ SEED = int(time.time_ns() % 2**31)
 
 HOLD_LOCK_CHILD = """
 import sys, time
-from retrain.atomic import exclusive
+from retrain.utils.atomic import exclusive
 with exclusive(sys.argv[1]):
     print("holding", flush=True)
     time.sleep(600)
@@ -163,7 +163,7 @@ WRITERS = 8
 def _beam_args(photos: Path, bottlenecks: Path) -> list[str]:
     return [
         "-m",
-        "retrain.beam_extract",
+        "retrain.cli.beam_extract",
         f"--image_dir={photos}",
         f"--bottleneck_dir={bottlenecks}",
         "--extraction_backend=tflite",

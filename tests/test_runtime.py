@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from retrain.runtime import return_free_memory
+from retrain.utils.runtime import return_free_memory
 
 # In a child process, so that its malloc settings stay there: 200 MB freed on glibc's heap in
 # holes between live blocks (so free() cannot give it back by shrinking the heap's top) stays
@@ -15,7 +15,7 @@ from retrain.runtime import return_free_memory
 HELD_BY_THE_HEAP = textwrap.dedent(
     """
     import ctypes
-    from retrain.runtime import return_free_memory
+    from retrain.utils.runtime import return_free_memory
 
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p

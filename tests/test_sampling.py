@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrain import sampling
+from retrain.bottlenecks.splits import Split
 from retrain.config import HeadTrainingConfig
-from retrain.features import Split
-from retrain.heads import SoftmaxHead
-from retrain.train import train_head
+from retrain.data import sampling
+from retrain.heads.head import SoftmaxHead
+from retrain.training.head import train_head
 
 
 def test_class_balanced_draws_each_class_equally_often():

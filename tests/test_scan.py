@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 import retrain
-from retrain.errors import ConfigError, UsageError
-from retrain.scan import (
+from retrain.data.scan import (
     SPLITS,
     PathList,
     check_splits_populated,
@@ -18,6 +17,7 @@ from retrain.scan import (
     split_for_file,
     write_split_manifest,
 )
+from retrain.errors import ConfigError, UsageError
 from tests.conftest import write_image
 from tests.fault_tools import save_tiny_module
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain.atomic import atomic_write_bytes, format_bytes, storage_error, writing
-from retrain.cache import BottleneckCache
+from retrain.bottlenecks.cache import BottleneckCache
 from retrain.errors import StorageError
+from retrain.utils.atomic import atomic_write_bytes, format_bytes, storage_error, writing
 from tests.conftest import EXAMPLE_DIR, example_subset, retrain_args
 from tests.fault_tools import (
     TEMP_NAME,
@@ -213,7 +213,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_next_run_goes_on(tmp_path
     [("checkpoint_path", "checkpoint"), ("summaries_dir", "TensorBoard summaries")],
 )
 def test_tensorflow_writers_on_a_full_disk_end_in_one_line(tmp_path, flag, what):
-    """Checkpoints and TensorBoard logs are written by TensorFlow, not by retrain.atomic."""
+    """Checkpoints and TensorBoard logs are written by TensorFlow, not by retrain.utils.atomic."""
     photos = example_subset(tmp_path / "photos")
     out = tmp_path / "out"
     with small_tmpfs(tmp_path / "disk", "16k") as disk:
@@ -288,7 +288,7 @@ def test_a_run_on_read_only_caches_computes_what_is_missing_in_memory(tmp_path):
     """A bottleneck cache and a module cache filled by one run, then shared read-only: the
     next run, with two new photos, reads both and keeps the two new vectors in memory. The
     module cache lacks the frozen graph, which the run then makes for itself."""
-    from retrain.module_cache import default_cache_dir
+    from retrain.models.module_cache import default_cache_dir
 
     photos = example_subset(tmp_path / "photos")
     first = _run(retrain_args(photos, tmp_path / "first", steps=20))

@@ -1,4 +1,4 @@
-"""Tests of retrain.tflite_model, the LiteRT wrapper that the tflite extraction backend and
+"""Tests of retrain.models.tflite, the LiteRT wrapper that the tflite extraction backend and
 label-image share, and of how each of them words a model it cannot use."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from retrain.backends import BackendError, tflite_backend
-from retrain.exported import ModelLoadError, TFLiteClassifier
-from retrain.tflite_model import SignatureError, TFLiteModel, is_tflite_file
+from retrain.bottlenecks.backends import BackendError, tflite_backend
+from retrain.export.loading import ModelLoadError, TFLiteClassifier
+from retrain.models.tflite import SignatureError, TFLiteModel, is_tflite_file
 from tests.tflite_models import TinyClassifier, write_tflite, write_tiny_classifier
 
 

@@ -10,6 +10,7 @@ from retrain.models.loading import (
     fingerprint_saved_model,
     resolve_module,
 )
+from retrain.models.module_cache import default_cache_dir
 from retrain.models.registry import BundledModelSpec, get_bundled_model, list_bundled_models
 from retrain.models.torch_weights import (
     CorruptWeightsError,
@@ -17,7 +18,6 @@ from retrain.models.torch_weights import (
     WeightsError,
     load_legacy_state_dict,
 )
-from retrain.module_cache import default_cache_dir
 
 __all__ = [
     "BundledModelSpec",

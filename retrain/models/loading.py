@@ -1,6 +1,6 @@
 """Resolve a module handle (bundled name, SavedModel directory or URL) to a local image module.
 
-Bundled models are converted once into the module cache (``retrain.module_cache`` draws its
+Bundled models are converted once into the module cache (``retrain.models.module_cache`` draws its
 layout), with a small JSON metadata file, so later resolutions read a file and hash the weights,
 nothing more. TensorFlow is imported only when a module must be converted, inspected or loaded,
 and ``tensorflow_hub`` only for URL handles.
@@ -19,12 +19,12 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from retrain.atomic import exclusive, fsync_path, writing
 from retrain.errors import RetrainError
-from retrain.handles import looks_like_url
+from retrain.models.module_cache import CONVERTER_VERSION, converted_module_dir
 from retrain.models.registry import BundledModelSpec, get_bundled_model, list_bundled_models
 from retrain.models.torch_weights import load_legacy_state_dict
-from retrain.module_cache import CONVERTER_VERSION, converted_module_dir
+from retrain.utils.atomic import exclusive, fsync_path, writing
+from retrain.utils.handles import looks_like_url
 
 __all__ = [
     "DEFAULT_INPUT_SIZE",
@@ -52,7 +52,7 @@ class ImageModule:
     input_size: tuple[int, int]  # (height, width)
     feature_dim: int
     fingerprint: str  # sha256 hex digest of the graph and variables (a cache key)
-    vector_dtype = "float32"  # what its vectors are cached as (retrain.cache)
+    vector_dtype = "float32"  # what its vectors are cached as (retrain.bottlenecks.cache)
 
     def load(self) -> Any:
         """``tf.saved_model.load`` the module; ``obj(images)`` maps ``[N, H, W, 3]`` in ``[0, 1]``
@@ -157,7 +157,7 @@ def _convert(
     """Convert the weights into a SavedModel at ``target``, built aside then renamed in place."""
     import tensorflow as tf
 
-    from retrain.models.export import export_image_module
+    from retrain.models.savedmodel import export_image_module
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

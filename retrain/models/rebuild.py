@@ -1,9 +1,10 @@
 """The bundled EfficientNet-Lite modules rebuilt in Python around a loaded module's weights.
 
-A loaded SavedModel hides its blocks. Partial fine-tuning (`retrain.cut`) and the sparsity
-probe (`retrain.activity`) need them, so they rebuild the network from its stage table and copy
+A loaded SavedModel hides its blocks. Partial fine-tuning (`retrain.training.cut`) and the sparsity
+probe (`retrain.training.activity`) need them, so they rebuild the network from its stage table and
+copy
 the loaded module's variables into it (the same variables, in the same order: see
-`retrain.models.export`).
+`retrain.models.savedmodel`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from retrain.models.export import ImageNetwork
+    from retrain.models.savedmodel import ImageNetwork
 
 __all__ = [
     "BundledModelSpec",
