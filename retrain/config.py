@@ -4,9 +4,9 @@
 it. Hyper-parameters default to retrain.py's values. Output paths default to None, which writes
 nothing: the `retrain` command line passes retrain.py's /tmp defaults explicitly.
 
-`RetrainConfig.validate()` checks every value before any heavy work (nothing here imports
-TensorFlow) and raises `ConfigError`, which names config fields (`training.learning_rate`);
-the command line renders the same error with its flag names (`--learning_rate`).
+`RetrainConfig.validate()` checks every value before any heavy work and raises `ConfigError`
+naming config fields (`training.learning_rate`), which a command line renders as its flags.
+This module imports nothing of retrain but errors and utils: it owns every choice list.
 
     config = RetrainConfig(
         image_dir="flower_photos",
@@ -21,16 +21,13 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
-from retrain.bottlenecks.backends import ALL_BACKENDS as EXTRACTION_BACKENDS
-from retrain.bottlenecks.backends import INT8
-from retrain.bottlenecks.distribute import STRATEGIES, read_tf_config
-from retrain.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from retrain.errors import ConfigError
 from retrain.utils.atomic import check_writable_dir, check_writable_file
 from retrain.utils.handles import looks_like_url
+from retrain.utils.tf_config import read_tf_config
 
 DEFAULT_MODULE = "efficientnet_lite0"
 OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop")
@@ -48,6 +45,37 @@ CLASS_WEIGHTS = ("none", "balanced")
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
 # fine_tuning.from_block: "block<N>", "<N>" (N, the block's number, is group 1) or "head".
 CUT_PATTERN = r"(?:block)?(\d+)|head"
+# What runs the module to compute bottlenecks. The int8 backend is asked for by name only, and
+# only where training images can calibrate it.
+INT8 = "tflite_int8"
+EXTRACTION_BACKENDS = ("auto", "tensorflow", "tflite", INT8)
+STRATEGIES = ("none", "mirrored", "multi_worker_mirrored")
+# 100 megapixels, e.g. 10000x10000: far above any camera, far below what exhausts memory.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+LOG_LEVELS = ("DEBUG", "INFO", "WARN", "ERROR", "FATAL")
+# Every setting that takes one of a list, with its list.
+CHOICES = {
+    "module.extraction_backend": EXTRACTION_BACKENDS,
+    "distribution.strategy": STRATEGIES,
+    "training.optimizer": OPTIMIZERS,
+    "training.lr_schedule": SCHEDULES,
+    "fine_tuning.lr_schedule": SCHEDULES,
+    "data.split_hash": SPLIT_HASHES,
+    "training.sampling": SAMPLINGS,
+    "training.class_weights": CLASS_WEIGHTS,
+    "export.quantize": QUANTIZATIONS,
+    "command.logging_verbosity": LOG_LEVELS,
+}
+# retrain.py wrote these by default; the library writes nothing unless asked, so the command
+# line passes these paths explicitly.
+RETRAIN_PY_PATHS = {
+    "export.output_graph": "/tmp/output_graph.pb",
+    "export.output_labels": "/tmp/output_labels.txt",
+    "export.intermediate_output_graphs_dir": "/tmp/intermediate_graph/",
+    "outputs.summaries_dir": "/tmp/retrain_logs",
+    "cache.bottleneck_dir": "/tmp/bottleneck",
+    "audit.output_dir": "/tmp/retrain_audit",
+}
 
 
 @dataclass(frozen=True)
@@ -222,6 +250,38 @@ class RetrainConfig:
         return self
 
 
+@dataclass(frozen=True)
+class CommandOptions:
+    """What the `retrain` command does around a run: which job, how much it logs, and the
+    accuracy below which it exits with status 3. Not a run's setting: the library has a
+    function per job (`run`, `audit_photos`, `find_learning_rate`)."""
+
+    lr_find: bool = False
+    audit: bool = False
+    assert_accuracy_at_least: float | None = None
+    logging_verbosity: str = "INFO"  # one of LOG_LEVELS
+
+
+def _setting(config_class: type, path: str) -> Any:
+    """The dataclass field of setting `path` (`training.learning_rate`) of a config class."""
+    group, _, rest = path.partition(".")
+    spec = {f.name: f for f in fields(config_class)}[group]
+    return _setting(spec.default_factory, rest) if rest else spec
+
+
+def setting_default(config_class: type, path: str) -> Any:
+    """The default of setting `path` of a config dataclass; None where it has none."""
+    default = _setting(config_class, path).default
+    return None if default is MISSING else default
+
+
+def setting_type(config_class: type, path: str) -> str:
+    """The kind of value setting `path` holds: bool, int, float, rate (a float or AUTO) or str."""
+    kinds = {part.strip() for part in str(_setting(config_class, path).type).split("|")}
+    kinds -= {"None"}
+    return "rate" if kinds == {"float", "str"} else kinds.pop()
+
+
 def leaf_fields(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted path, value) of every setting of a config, depth first in declaration order."""
     for f in fields(config):
@@ -263,13 +323,8 @@ def _check_counts(c: RetrainConfig) -> None:
     ):
         if value == 0 or value < -1:
             raise ConfigError("{0} must be positive or -1 (all), got " + str(value), name)
-    frequency = c.export.intermediate_store_frequency
-    if frequency < 0:
-        raise ConfigError(
-            "{0} must be 0 (off) or positive, got " + str(frequency),
-            "export.intermediate_store_frequency",
-        )
     for name, value in (
+        ("export.intermediate_store_frequency", c.export.intermediate_store_frequency),
         ("fine_tuning.steps", c.fine_tuning.steps),
         ("fine_tuning.patience", c.fine_tuning.patience),
     ):
@@ -294,10 +349,7 @@ def _check_counts(c: RetrainConfig) -> None:
 
 def _check_training_options(c: RetrainConfig) -> None:
     t = c.training
-    for name, value in (
-        ("label_smoothing", t.label_smoothing),
-        ("dropout_rate", t.dropout_rate),
-    ):
+    for name, value in (("label_smoothing", t.label_smoothing), ("dropout_rate", t.dropout_rate)):
         if not 0 <= value < 1:
             raise ConfigError("{0} must be in [0, 1), got " + str(value), f"training.{name}")
     if not t.weight_decay >= 0 or math.isinf(t.weight_decay):
@@ -390,17 +442,9 @@ def _check_distortions(c: RetrainConfig) -> None:
 
 
 def _check_choices(c: RetrainConfig) -> None:
-    for name, value, choices in (
-        ("module.extraction_backend", c.module.extraction_backend, EXTRACTION_BACKENDS),
-        ("distribution.strategy", c.distribution.strategy, STRATEGIES),
-        ("training.optimizer", c.training.optimizer, OPTIMIZERS),
-        ("training.lr_schedule", c.training.lr_schedule, SCHEDULES),
-        ("fine_tuning.lr_schedule", c.fine_tuning.lr_schedule, SCHEDULES),
-        ("data.split_hash", c.data.split_hash, SPLIT_HASHES),
-        ("training.sampling", c.training.sampling, SAMPLINGS),
-        ("training.class_weights", c.training.class_weights, CLASS_WEIGHTS),
-        ("export.quantize", c.export.quantize, QUANTIZATIONS),
-    ):
+    values = dict(leaf_fields(c))
+    for name, choices in CHOICES.items():
+        value = values.get(name, choices[0])
         if value not in choices:
             raise ConfigError(
                 "{0}: unknown value " + repr(value) + "; choose one of " + ", ".join(choices), name

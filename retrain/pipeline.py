@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retrain.bottlenecks import distort, distribute
-from retrain.bottlenecks.splits import FeatureSplit, Split, random_picks
+from retrain.bottlenecks.splits import FeatureSplit, Split
 from retrain.bottlenecks.stage import (
     Bottlenecks,
     LazyModule,
@@ -32,6 +32,7 @@ from retrain.bottlenecks.stage import (
 )
 from retrain.config import AUTO, RetrainConfig
 from retrain.data import labels_csv, sampling, scan
+from retrain.data.sampling import random_picks
 from retrain.errors import RetrainError
 from retrain.export import check as export_check
 from retrain.export import writer as export

@@ -9,13 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from retrain.reporting.pictures import Mistake
-
 if TYPE_CHECKING:
     from retrain.heads.evaluation import Evaluation, MultiLabelEvaluation
     from retrain.training.finetune import FineTuneResult
     from retrain.training.head import TrainResult
 
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A misclassified image: its file, true and predicted label, and the predicted score."""
+
+    path: str
+    actual: str
+    predicted: str
+    score: float
 
 @dataclass(frozen=True)
 class Timings:

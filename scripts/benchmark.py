@@ -688,8 +688,7 @@ def _int8_model(module, module_object, image_dir: Path) -> Path:
     the default split (made now if not cached)."""
     from retrain.bottlenecks import backends
     from retrain.bottlenecks.stage import int8_calibration
-    from retrain.config import ModuleConfig
-    from retrain.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+    from retrain.config import DEFAULT_MAX_IMAGE_PIXELS, ModuleConfig
     from retrain.data.scan import scan_image_dir
 
     image_set = scan_image_dir(image_dir, 10, 10)  # retrain's default split

@@ -296,7 +296,7 @@ def test_boolean_flags_read_as_retrains(argv, value):
 def test_new_flags_take_retrains_defaults_and_help():
     from absl import flags
 
-    from retrain.cli.flags import define_flags
+    from retrain.cli.flags import define_flags, flag_named
 
     defined = flags.FlagValues()
     define_flags(defined)
@@ -304,7 +304,9 @@ def test_new_flags_take_retrains_defaults_and_help():
     actions = {flag: a for a in parser._actions for flag in a.option_strings}
     for name in beam_extract.RETRAIN_FLAGS:
         action = actions[f"--{name}"]
-        assert (action.default, action.help) == (defined[name].default, defined[name].help)
+        assert action.default == defined[name].default
+        assert action.help.startswith(flag_named(name).help)
+        assert action.help == beam_extract.retrain_flag_help(name)
 
 
 def test_distortion_flags_cache_the_copies_retrain_uses(tmp_path):

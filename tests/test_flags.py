@@ -142,7 +142,7 @@ def test_help_exits_zero(capsys):
 
 def test_flag_errors_come_before_importing_tensorflow(image_dir):
     code = (
-        "import sys; from retrain import cli; "
+        "import sys; from retrain.cli import retrain as cli; "
         f"status = cli.main(['retrain', '--image_dir={image_dir}', '--learning_rate=-1']); "
         "sys.exit(10 if 'tensorflow' in sys.modules else status)"
     )
@@ -151,3 +151,92 @@ def test_flag_errors_come_before_importing_tensorflow(image_dir):
     assert done.stderr.strip().splitlines() == [
         "retrain: error: --learning_rate must be positive, got -1.0"
     ]
+
+
+# ----------------------------------------------------------------------------- the flag table
+
+# Settings a library user sets that have no flag: each with its reason.
+API_ONLY = {
+    "training.checkpoint_every": "retrain.py had no such flag; checkpoints every 500 steps",
+}
+# retrain.py wrote these by default; the library writes nothing unless asked.
+TMP_PATHS = {
+    "output_graph",
+    "output_labels",
+    "intermediate_output_graphs_dir",
+    "summaries_dir",
+    "bottleneck_dir",
+    "audit_dir",
+}
+
+
+def test_every_flag_defaults_to_its_setting_s_default():
+    from absl import flags as absl_flags
+
+    from retrain.cli.flags import FLAG_FIELDS, TABLE, define_flags
+    from retrain.config import CommandOptions, RetrainConfig, leaf_fields
+
+    defined = absl_flags.FlagValues()
+    define_flags(defined)
+    settings = dict(leaf_fields(RetrainConfig(image_dir="")))
+    settings.update({f"command.{k}": v for k, v in leaf_fields(CommandOptions())})
+    for flag in TABLE:
+        default = defined[flag.name].default
+        if flag.name in TMP_PATHS:
+            assert default.startswith("/tmp/") and settings[flag.field] is None
+        elif settings[flag.field] is None and defined[flag.name].flag_type() == "string":
+            assert default == "", flag.name  # "" writes nothing, as None does
+        else:
+            assert default == settings[flag.field], flag.name
+    assert set(FLAG_FIELDS) >= TMP_PATHS
+
+
+def test_every_setting_has_a_flag_or_is_api_only():
+    from retrain.cli.flags import FLAG_FIELDS
+    from retrain.config import RetrainConfig, leaf_fields
+
+    settings = {name for name, _ in leaf_fields(RetrainConfig(image_dir=""))}
+    assert settings - set(FLAG_FIELDS.values()) == set(API_ONLY)
+
+
+def test_choices_come_from_the_config():
+    from absl import flags as absl_flags
+
+    from retrain.cli.flags import define_flags
+    from retrain.config import CHOICES, EXTRACTION_BACKENDS
+
+    defined = absl_flags.FlagValues()
+    define_flags(defined)
+    assert defined["extraction_backend"].parser.enum_values == list(EXTRACTION_BACKENDS)
+    for name, field in (("quantize", "export.quantize"), ("sampling", "training.sampling")):
+        assert defined[name].parser.enum_values == list(CHOICES[field])
+
+
+def test_help_reads_like_a_manual_page(capsys):
+    from retrain.cli.flag_table import GROUPS
+
+    assert cli.main(["retrain", "--help"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("usage: retrain --image_dir DIR")
+    assert "example:" in out.split("Data and split:")[0]
+    titles = [line[:-1] for line in lines if line.endswith(":") and not line.startswith(" ")]
+    assert [g.title for g in GROUPS] == [t for t in titles if t != "example"]
+    # In each group the common flags come first.
+    for group in GROUPS:
+        section = out.split(f"\n{group.title}:\n", 1)[1].split("\n\n", 1)[0]
+        listed = [line.split()[0][2:] for line in section.splitlines() if line.startswith("  --")]
+        commons = [f.name for f in group.flags if f.common]
+        assert listed[: len(commons)] == commons
+        assert sorted(listed) == sorted(f.name for f in group.flags)
+
+
+def test_the_flag_reference_page_is_generated_from_the_table():
+    """docs/flags.md is `python scripts/flag_reference.py`'s output: regenerate it after
+    changing a flag."""
+    from retrain.cli.flags import TABLE, render_reference
+    from tests.conftest import ROOT
+
+    page = (ROOT / "docs" / "flags.md").read_text()
+    assert page == render_reference()
+    assert all(f"`--{flag.name}`" in page for flag in TABLE)

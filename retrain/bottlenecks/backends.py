@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from retrain.bottlenecks.cache import file_content_key
+from retrain.config import EXTRACTION_BACKENDS, INT8
 from retrain.errors import RetrainError, StorageError, first_line
 from retrain.models.loading import ImageModule
 from retrain.models.module_cache import (
@@ -59,10 +60,8 @@ __all__ = [
     "tflite_backend",
 ]
 
-BACKENDS = ("auto", "tensorflow", "tflite")
-# The int8 backend: asked for by name only, and only where training images can calibrate it.
-INT8 = "tflite_int8"
-ALL_BACKENDS = (*BACKENDS, INT8)
+ALL_BACKENDS = EXTRACTION_BACKENDS
+BACKENDS = tuple(b for b in ALL_BACKENDS if b != INT8)  # without int8: the Beam pipeline's
 # The seed of the pick of training images the int8 ranges are calibrated on (as many as for the
 # int8 export: quantize.CALIBRATION_IMAGES): fixed, so --random_seed changes no vectors.
 CALIBRATION_SEED = 0

@@ -20,6 +20,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
@@ -27,10 +28,11 @@ import tensorflow as tf
 from retrain.bottlenecks.backends import Extractor
 from retrain.bottlenecks.cache import KEY_BYTES
 from retrain.bottlenecks.extract import decoded_batches
-from retrain.config import DistortionConfig
-from retrain.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from retrain.config import DEFAULT_MAX_IMAGE_PIXELS, DistortionConfig
 from retrain.data.sampling import draw
-from retrain.heads.head import Head
+
+if TYPE_CHECKING:
+    from retrain.heads.head import Head  # a stream asks the head for its labels' form
 
 # Part of every distorted copy's cache key: bump when the recipe below changes.
 DISTORTION_VERSION = 1

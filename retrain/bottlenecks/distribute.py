@@ -12,16 +12,16 @@ Importing this module does not import TensorFlow; its functions do.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retrain.bottlenecks.backends import Extractor, empty_features, tensorflow_backend
+from retrain.config import STRATEGIES
 from retrain.errors import ConfigError, RetrainError, first_line
+from retrain.utils.tf_config import read_tf_config
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -40,7 +40,6 @@ __all__ = [
     "worker_share",
 ]
 
-STRATEGIES = ("none", "mirrored", "multi_worker_mirrored")
 _FIELD = "distribution.strategy"
 
 _log = logging.getLogger(__name__)
@@ -100,45 +99,6 @@ def _mirrored(log: logging.Logger | logging.LoggerAdapter) -> tf.distribute.Stra
             ", ".join(devices),
         )
     return strategy
-
-
-def read_tf_config() -> dict[str, Any]:
-    """``$TF_CONFIG`` parsed and checked for what MultiWorkerMirroredStrategy needs: a
-    ``cluster`` with a ``worker`` (or ``chief``) list and a ``task`` naming one of its members.
-    Raises ConfigError naming the ``distribution.strategy`` setting."""
-    prefix = "{0} multi_worker_mirrored needs TF_CONFIG"
-    text = os.environ.get("TF_CONFIG", "")
-    if not text.strip():
-        raise _tf_config_error(
-            f"{prefix}: set it to JSON such as "
-            '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
-            '"task": {"type": "worker", "index": 0}}'
-        )
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _tf_config_error(f"{prefix} to be JSON: {exc}") from None
-    cluster = config.get("cluster") if isinstance(config, dict) else None
-    task = config.get("task") if isinstance(config, dict) else None
-    if not isinstance(cluster, dict) or not isinstance(task, dict):
-        raise _tf_config_error(f"{prefix} to be a JSON object with 'cluster' and 'task'")
-    jobs = {job: cluster[job] for job in ("chief", "worker") if isinstance(cluster.get(job), list)}
-    if not any(jobs.values()):
-        raise _tf_config_error(f"{prefix}: 'cluster' has no 'worker' (or 'chief') list")
-    kind, index = task.get("type"), task.get("index")
-    if (
-        kind not in jobs
-        or not isinstance(index, int)
-        or isinstance(index, bool)
-        or not 0 <= index < len(jobs[kind])
-    ):
-        task_text = json.dumps(task)
-        raise _tf_config_error(f"{prefix}: 'task' {task_text} names no member of the cluster")
-    return config
-
-
-def _tf_config_error(message: str) -> ConfigError:
-    return ConfigError(message, _FIELD)
 
 
 def cluster_position() -> tuple[int, int]:

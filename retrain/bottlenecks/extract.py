@@ -29,7 +29,8 @@ from retrain.bottlenecks.cache import (
     file_keys,
     key_array,
 )
-from retrain.data.decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image, skip_reason
+from retrain.config import DEFAULT_MAX_IMAGE_PIXELS
+from retrain.data.decode import decode_image, skip_reason
 from retrain.data.preprocess import to_module_input
 from retrain.data.scan import display_path
 from retrain.utils.interrupt import check as check_interrupt

@@ -9,20 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrain.bottlenecks.cache import BottleneckCache
-from retrain.data.sampling import draw
+from retrain.data.sampling import draw, random_picks
 from retrain.errors import RetrainError
 
 # Splits up to this size (about 50,000 vectors of 1,280) are loaded whole, which is fastest;
 # larger ones are streamed from the cache, so memory stays flat beyond it.
 IN_MEMORY_LIMIT_BYTES = 256 << 20
-
-
-def random_picks(n: int, count: int, seed: int) -> np.ndarray:
-    """Sorted indices of `count` of `n` rows drawn at random without replacement (seeded), or
-    of all of them when count >= n: the one subset rule of every split."""
-    if count >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, count, replace=False))
 
 
 @dataclass

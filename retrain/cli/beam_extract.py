@@ -30,17 +30,33 @@ from absl import flags as absl_flags
 from retrain.bottlenecks import beam as beam_pipeline
 from retrain.bottlenecks.backends import BACKENDS
 from retrain.bottlenecks.beam import MIN_BATCH_SIZE, BeamSettings
-from retrain.cli.flags import define_flags, flag_for_field
-from retrain.config import CacheConfig, DataConfig, DistortionConfig, ModuleConfig, RetrainConfig
+from retrain.cli.flags import (
+    FLAG_FIELDS,
+    config_from_values,
+    flag_choices,
+    flag_default,
+    flag_for_field,
+    flag_kind,
+    flag_named,
+)
+from retrain.config import RetrainConfig
 from retrain.errors import RetrainError, UsageError
 
 __all__ = ["argument_parser", "main", "pipeline_options", "run", "settings_from_args"]
 
 PROG = "retrain-beam-extract"
-_DEFAULTS, _BEAM_DEFAULTS = RetrainConfig(image_dir=""), BeamSettings()
-# `retrain`'s flags this command takes as they are (name, default, help): the split, which
-# decides the training images, and the distortions of their cached copies.
+_BEAM_DEFAULTS = BeamSettings()
+# `retrain`'s flags this command takes, with retrain's types, defaults, choices and help (from
+# the flag table): what finds the images and decides the training split, the module and its
+# cache, and the distortions of the cached copies.
 RETRAIN_FLAGS = (
+    "image_dir",
+    "bottleneck_dir",
+    "tfhub_module",
+    "module_cache_dir",
+    "extraction_backend",
+    "extraction_batch_size",
+    "max_image_pixels",
     "testing_percentage",
     "validation_percentage",
     "labels_csv",
@@ -49,7 +65,17 @@ RETRAIN_FLAGS = (
     "random_scale",
     "random_brightness",
     "distorted_copies",
+    "logging_verbosity",
 )
+# What differs here: the backends a worker can run (int8 needs the run's calibration), and
+# notes that only a pipeline needs.
+BEAM_CHOICES = {"extraction_backend": BACKENDS}
+BEAM_NOTES = {
+    "bottleneck_dir": "On a cluster, a folder every worker mounts.",
+    "module_cache_dir": "Each worker keeps its own.",
+    "extraction_batch_size": f"The largest batch: Beam's BatchElements adapts between "
+    f"{MIN_BATCH_SIZE} and this.",
+}
 
 
 def _raise_usage(message: str) -> NoReturn:
@@ -66,21 +92,27 @@ def _boolean(text: str) -> bool:
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from None
 
 
-_ARG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "string": str}
+_ARG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str}
+
+
+def retrain_flag_help(name: str) -> str:
+    """The help of `retrain`'s flag `name` here: retrain's, and a note for a pipeline."""
+    return " ".join(filter(None, (flag_named(name).help, BEAM_NOTES.get(name))))
 
 
 def _add_retrain_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
-    """Add `retrain`'s flags `names` to `parser`, with the types, defaults and help that
-    `retrain` defines them with (retrain.cli.flags.define_flags)."""
-    defined = absl_flags.FlagValues()
-    define_flags(defined)
+    """Add `retrain`'s flags `names` to `parser` as the flag table defines them."""
     for name in names:
-        flag = defined[name]
-        if flag.flag_type() == "bool":
-            _add_boolean(parser, name, flag.default, flag.help)
+        flag = flag_named(name)
+        default, text = flag_default(flag), retrain_flag_help(name)
+        if flag_kind(flag) == "bool":
+            _add_boolean(parser, name, default, text)
+        elif flag_kind(flag) == "enum":
+            choices = BEAM_CHOICES.get(name, flag_choices(flag))
+            parser.add_argument(f"--{name}", default=default, choices=choices, help=text)
         else:
-            kind = _ARG_TYPES[flag.flag_type()]
-            parser.add_argument(f"--{name}", type=kind, default=flag.default, help=flag.help)
+            kind = _ARG_TYPES[flag_kind(flag)]
+            parser.add_argument(f"--{name}", type=kind, default=default, help=text)
 
 
 def _add_boolean(parser: argparse.ArgumentParser, name: str, default: bool, text: str) -> None:
@@ -104,38 +136,8 @@ def argument_parser() -> argparse.ArgumentParser:
         "--extra_package=dist/retrain-0.1.0-py3-none-any.whl.",
     )
     p.error = _raise_usage
+    _add_retrain_flags(p, RETRAIN_FLAGS)
     add = p.add_argument
-    add("--image_dir", default="", help="Folder with one subfolder of images per class.")
-    add(
-        "--bottleneck_dir",
-        default="/tmp/bottleneck",
-        help="The bottleneck cache (as retrain's flag); on a cluster, a folder every worker "
-        "mounts.",
-    )
-    add(
-        "--tfhub_module",
-        default=_DEFAULTS.module.handle,
-        help="Image feature-vector module: a bundled name, a TF Hub URL, or a SavedModel folder.",
-    )
-    add(
-        "--module_cache_dir",
-        default="",
-        help="Where bundled modules are converted and kept (default: $RETRAIN_CACHE_DIR or "
-        "~/.cache/retrain, on each worker).",
-    )
-    add(
-        "--extraction_backend",
-        default=_DEFAULTS.module.extraction_backend,
-        choices=BACKENDS,
-        help="What runs the module (as retrain's flag); chosen on each worker.",
-    )
-    add(
-        "--extraction_batch_size",
-        type=int,
-        default=_DEFAULTS.module.extraction_batch_size,
-        help="Largest batch of images per module call (Beam's BatchElements adapts between "
-        f"{MIN_BATCH_SIZE} and this).",
-    )
     add(
         "--num_threads",
         type=int,
@@ -143,25 +145,12 @@ def argument_parser() -> argparse.ArgumentParser:
         help="CPU threads per worker process for the tflite backend (0: every CPU it may use).",
     )
     add(
-        "--max_image_pixels",
-        type=int,
-        default=_DEFAULTS.data.max_image_pixels,
-        help="Images with more pixels are skipped (a guard against decompression bombs).",
-    )
-    add(
         "--shard_rows",
         type=int,
         default=_BEAM_DEFAULTS.shard_rows,
         help="Most vectors per cache shard; each worker also writes one at the end of each bundle.",
     )
-    _add_retrain_flags(p, RETRAIN_FLAGS)
     add("--summary_json", default="", help="Also write the JSON summary here.")
-    add(
-        "--logging_verbosity",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARN", "ERROR", "FATAL"],
-        help="How much to log.",
-    )
     return p
 
 
@@ -169,35 +158,13 @@ def settings_from_args(args: argparse.Namespace) -> tuple[RetrainConfig, BeamSet
     """The library's settings of parsed flags, unchecked. The flags shared with `retrain` fill
     the RetrainConfig settings that `retrain.cli.flags.FLAG_FIELDS` maps them to; an empty path
     becomes None, as in `retrain`."""
-    config = RetrainConfig(
-        image_dir=args.image_dir,
-        data=DataConfig(
-            testing_percentage=args.testing_percentage,
-            validation_percentage=args.validation_percentage,
-            max_image_pixels=args.max_image_pixels,
-            labels_csv=args.labels_csv or None,
-        ),
-        module=ModuleConfig(
-            handle=args.tfhub_module,
-            cache_dir=args.module_cache_dir or None,
-            extraction_backend=args.extraction_backend,
-            extraction_batch_size=args.extraction_batch_size,
-        ),
-        cache=CacheConfig(bottleneck_dir=args.bottleneck_dir or None),
-        distortions=DistortionConfig(
-            flip_left_right=args.flip_left_right,
-            random_crop=args.random_crop,
-            random_scale=args.random_scale,
-            random_brightness=args.random_brightness,
-            copies=args.distorted_copies,
-        ),
-    )
+    shared = {field: getattr(args, name) for name, field in FLAG_FIELDS.items() if name in args}
     settings = BeamSettings(
         shard_rows=args.shard_rows,
         num_threads=args.num_threads,
         summary_json=args.summary_json or None,
     )
-    return config, settings
+    return config_from_values(shared), settings
 
 
 def pipeline_options(

@@ -47,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         # Imported here, inside the try, so that even an early Ctrl-C ends cleanly.
         from absl import flags
 
-        from retrain.cli.flags import config_from_flags, define_flags
+        from retrain.cli.flags import config_from_flags, define_flags, render_help
         from retrain.utils.runtime import import_tensorflow_quietly
 
         flag_values = flags.FlagValues()
         define_flags(flag_values)
         if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
-            print(f"usage: {PROG} --image_dir DIR [flags]\n\n{flag_values.get_help()}")
+            print(render_help(), end="")
             return 0
         parse_flags(argv, flag_values)
         config = config_from_flags(flag_values)

@@ -13,8 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# 100 megapixels, e.g. 10000x10000: far above any camera, far below what exhausts memory.
-DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+from retrain.config import DEFAULT_MAX_IMAGE_PIXELS
 
 # Truncated files must fail, not come back with a grey bottom half.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

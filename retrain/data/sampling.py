@@ -47,3 +47,11 @@ def class_weights(classes: np.ndarray, num_classes: int, mode: str) -> np.ndarra
     with np.errstate(divide="ignore"):
         weights = np.where(counts > 0, len(classes) / (present * counts), 0.0)
     return weights.astype(np.float32)
+
+
+def random_picks(n: int, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of `count` of `n` rows drawn at random without replacement (seeded), or
+    of all of them when count >= n: the one subset rule of every split."""
+    if count >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, count, replace=False))

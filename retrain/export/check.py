@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.bottlenecks import extract
-from retrain.bottlenecks.splits import random_picks
+from retrain.data.sampling import random_picks
 from retrain.errors import RetrainError
 from retrain.export.loading import (
     FROZEN_GRAPH,

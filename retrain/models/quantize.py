@@ -33,9 +33,9 @@ from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.python.convert import mlir_quantize
 from tensorflow.lite.tools import flatbuffer_utils
 
-from retrain.bottlenecks.splits import random_picks
 from retrain.data.decode import ImageDecodeError, decode_image
 from retrain.data.preprocess import to_module_input
+from retrain.data.sampling import random_picks
 
 # Images the int8 ranges are calibrated on: the converter's guidance is "a few hundred".
 CALIBRATION_IMAGES = 300

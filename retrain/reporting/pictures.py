@@ -11,13 +11,13 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from retrain.errors import RetrainError
+from retrain.results import Mistake
 
 BACKGROUND = (255, 255, 255)
 INK = (33, 33, 33)
@@ -29,14 +29,6 @@ THUMBNAIL = 128  # pixels, the longer side of a misclassified image's thumbnail
 CAPTION = 34  # pixels of text under each thumbnail
 
 
-@dataclass(frozen=True)
-class Mistake:
-    """A misclassified image: its file, true and predicted label, and the predicted score."""
-
-    path: str
-    actual: str
-    predicted: str
-    score: float
 
 
 def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:

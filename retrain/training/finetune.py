@@ -32,9 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.bottlenecks import distort, distribute, extract
-from retrain.bottlenecks.splits import random_picks
-from retrain.config import DistortionConfig, FineTuningConfig
-from retrain.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from retrain.config import DEFAULT_MAX_IMAGE_PIXELS, DistortionConfig, FineTuningConfig
+from retrain.data.sampling import random_picks
 from retrain.errors import ConfigError, RetrainError
 from retrain.heads.evaluation import Evaluation
 from retrain.heads.head import Head
