@@ -1,7 +1,7 @@
-"""README's "Compatibility with retrain.py": each "same" that a test can check, checked here or
-where the table says (label normalisation, class order, the split formula and --split_hash path
-in test_scan; the default Placeholder -> final_result graph in a TF1 client in test_end_to_end;
-distortions in test_distort; the patched retrain.py in test_side_by_side)."""
+"""docs/compatibility.md, "Compatibility with retrain.py": each "same" that a test can check,
+checked here or where the table says (label normalisation, class order, the split formula and
+--split_hash path in test_scan; the default Placeholder -> final_result graph in a TF1 client
+in test_end_to_end; distortions in test_distort; the patched retrain.py in test_side_by_side)."""
 
 from __future__ import annotations
 
@@ -52,8 +52,7 @@ OUR_DEFAULTS = {"tfhub_module": "efficientnet_lite0", "checkpoint_path": ""}
 
 
 def compatibility_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    return text.split("## Compatibility with retrain.py\n", 1)[1].split("\n## ", 1)[0]
+    return (ROOT / "docs" / "compatibility.md").read_text()
 
 
 def test_retrain_py_flags_keep_their_names_and_defaults():

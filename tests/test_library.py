@@ -254,7 +254,8 @@ def test_api_writes_only_what_the_config_names(example_copy, tmp_path, monkeypat
 
 
 def readme_example() -> str:
-    text = (ROOT / "README.md").read_text()
+    """The Python example of docs/library.md."""
+    text = (ROOT / "docs" / "library.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     (example,) = [block for block in blocks if "retrain.run(" in block]
     return example
