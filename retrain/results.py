@@ -6,14 +6,18 @@ Importing this module does not import TensorFlow.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from retrain.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from retrain.heads.evaluation import Evaluation, MultiLabelEvaluation
     from retrain.training.finetune import FineTuneResult
     from retrain.training.head import TrainResult
-
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class Mistake:
     actual: str
     predicted: str
     score: float
+
 
 @dataclass(frozen=True)
 class Timings:
@@ -136,3 +141,17 @@ class RunResult:
 
 def _per_second(count: int, seconds: float) -> float:
     return round(count / seconds, 2) if seconds > 0 and count else 0.0
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write `data` (NumPy values included) as indented JSON to `path`, atomically: the
+    `outputs.metrics_json` file of a run, an audit or a learning-rate search."""
+    text = json.dumps(data, indent=2, default=_plain) + "\n"
+    atomic_write_text(path, text, "metrics")
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar or array as the Python value json can write."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

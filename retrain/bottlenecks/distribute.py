@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "STRATEGIES",
     "barrier",
+    "cluster_strategy",
     "cluster_position",
     "is_chief",
     "load_module",
@@ -82,6 +83,20 @@ def make_strategy(
         cluster_position()[1],
         strategy.num_replicas_in_sync,
     )
+    return strategy
+
+
+def cluster_strategy(name: str, log: logging.Logger) -> tf.distribute.Strategy | None:
+    """The MultiWorkerMirroredStrategy of a multi_worker_mirrored run (made before TensorFlow
+    runs any op, as it must be), else None."""
+    if name != "multi_worker_mirrored":
+        return None
+    strategy = make_strategy(name, log)
+    if not is_chief():
+        log.info(
+            "Not the chief: this worker leaves the outputs (graph, labels, SavedModel, TFLite, "
+            "metrics, summaries, checkpoints, split manifest) to the chief"
+        )
     return strategy
 
 

@@ -7,9 +7,11 @@ returns `Bottlenecks`: where each usable image's vector is, with its label, spli
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,10 +22,11 @@ import numpy as np
 from retrain.bottlenecks import backends, distort, distribute, extract
 from retrain.bottlenecks.cache import BottleneckCache, key_array, module_cache_key
 from retrain.bottlenecks.splits import FeatureSplit
-from retrain.config import DistortionConfig, ModuleConfig
+from retrain.config import DistortionConfig, ModuleConfig, RetrainConfig
 from retrain.data import scan
 from retrain.data.decode import ImageDecodeError, decode_image
 from retrain.data.preprocess import PREPROCESSING_ID, to_module_input
+from retrain.data.stage import scan_images
 from retrain.errors import ConfigError, RetrainError
 from retrain.models.loading import ImageModule, ModuleError, resolve_module
 from retrain.utils.interrupt import check as check_interrupt
@@ -447,3 +450,63 @@ def _extract_in_cluster(
     extract.verify(again, cache, [paths[i] for i in todo])
     _merge(found, todo, again)
     return mine, total
+
+
+@contextlib.contextmanager
+def bottleneck_folder(bottleneck_dir: str | None) -> Iterator[str]:
+    """`bottleneck_dir`, or a temporary folder removed on the way out."""
+    if bottleneck_dir:
+        yield bottleneck_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="retrain-bottlenecks-") as folder:
+        log.info("No bottleneck folder given: the vectors are not kept after this run")
+        yield folder
+
+
+@dataclass
+class CachedRun:
+    """What the commands that only read the vectors (audit, learning-rate finder) start from:
+    the images, the module, every vector cached, and the folder the vectors live in."""
+
+    image_set: scan.ImageSet
+    module: ImageModule
+    module_object: LazyModule
+    bottlenecks: Bottlenecks
+    folder: str
+
+
+@contextlib.contextmanager
+def cached_bottlenecks(config: RetrainConfig) -> Iterator[CachedRun]:
+    """The config validated, its images scanned, its module loaded and every vector cached
+    (computing only what is missing), on one machine; the vectors' folder lasts while the
+    context does."""
+    config.validate()
+    image_set = scan_images(config)
+    module = load_module(config.module)
+    module_object = LazyModule(module)
+    with bottleneck_folder(config.cache.bottleneck_dir) as folder:
+        b = compute_bottlenecks(
+            image_set,
+            module,
+            module_object,
+            folder,
+            config.module,
+            config.data.max_image_pixels,
+        )
+        yield CachedRun(image_set, module, module_object, b, folder)
+
+
+def distortion_metrics(config: RetrainConfig, b: Bottlenecks) -> dict | None:
+    """How training images were distorted: cached copies, or on the fly (None: not at all)."""
+    if b.copies is not None:
+        return b.copies.metrics()
+    if not config.distortions.active:
+        return None
+    steps, batch = config.training.how_many_training_steps, config.training.train_batch_size
+    return {"mode": "on the fly", "vectors": steps * batch, "computed": steps * batch}
+
+
+def cluster_metrics(b: Bottlenecks) -> dict:
+    """A multi-worker run's figures: which worker this is, what the workers computed."""
+    number, count = distribute.cluster_position()
+    return {"worker": number, "workers": count, "bottlenecks_computed": b.cluster_computed}

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.data import sampling
+from retrain.data.scan import ImageSet
 from retrain.heads.evaluation import (
     Evaluation,
     MultiLabelEvaluation,
@@ -261,3 +262,11 @@ class DenseLayer(tf.Module):
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         return tf.matmul(x, self.weights) + self.biases
+
+
+def make_head(image_set: ImageSet) -> Head:
+    """The output layer's head for the data: a sigmoid per label for multi-label data (labels
+    from a CSV), else retrain.py's softmax over the classes."""
+    if image_set.multi_label:
+        return SigmoidHead(len(image_set.labels))
+    return SoftmaxHead(len(image_set.labels))

@@ -419,3 +419,27 @@ def _vector_chunks(features: FeatureSplit) -> Iterator[tuple[np.ndarray, np.ndar
 def _chunks(indices: np.ndarray) -> Iterator[np.ndarray]:
     for start in range(0, len(indices), CHUNK_ROWS):
         yield indices[start : start + CHUNK_ROWS]
+
+
+def log_findings(findings: AuditReport, output_dir: str | None) -> None:
+    """The audit's counts, and the first suspect labels, in the log."""
+    log.info(
+        "Audit of %d images in %.1f s: %d suspect labels, %d duplicate pairs (%d across "
+        "splits), %d outliers%s",
+        findings.images,
+        findings.seconds,
+        len(findings.suspects),
+        len(findings.duplicates),
+        len(findings.cross_split_duplicates()),
+        len(findings.outliers),
+        f"; CSVs in {output_dir}" if findings.files else "",
+    )
+    for row in findings.suspects[:5]:
+        log.info(
+            "Suspect: %s is filed under %s, looks like %s (%.2f vs %.2f)",
+            row["path"],
+            row["label"],
+            row["expected"],
+            row["p_label"],
+            row["p_expected"],
+        )

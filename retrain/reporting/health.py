@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from retrain.bottlenecks.stage import Bottlenecks
+from retrain.data import sampling
+from retrain.reporting.audit import identical_pairs
 from retrain.results import RunResult
 
 # Per-step update / weight ratio: about 1e-3 is the usual healthy size.
@@ -288,3 +291,24 @@ def _confusions(result: RunResult) -> list[Finding]:
             {"pairs": [[a, b, n] for n, a, b, _ in pairs[:3]]},
         )
     ]
+
+
+def training_counts(b: Bottlenecks, outputs: int) -> np.ndarray:
+    """Training images per class (positives per label, for 0/1 label rows)."""
+    labels = b.labels[b.in_split("training")]
+    if labels.ndim == 2:
+        return labels.sum(axis=0).astype(np.int64)
+    return sampling.class_counts(labels, outputs)
+
+
+def cross_split_duplicates(b: Bottlenecks) -> int:
+    """Pairs of files with the same bytes in different splits (the health report's
+    `duplicates_across_splits` warning is the run's hint at them)."""
+    pairs = identical_pairs(b.locations)
+    return int(sum(b.split_codes[i] != b.split_codes[j] for i, j in pairs))
+
+
+def diagnose_run(result: RunResult, b: Bottlenecks, learning_rate: float) -> list[Finding]:
+    """`diagnose` a finished run, its class counts and duplicates taken from its bottlenecks."""
+    counts = training_counts(b, len(result.labels))
+    return diagnose(result, counts, cross_split_duplicates(b), learning_rate)

@@ -29,8 +29,6 @@ THUMBNAIL = 128  # pixels, the longer side of a misclassified image's thumbnail
 CAPTION = 34  # pixels of text under each thumbnail
 
 
-
-
 def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """Pillow's bundled font at `size` pixels."""
     return ImageFont.load_default(size=size)

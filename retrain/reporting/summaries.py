@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,12 +20,20 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins import projector
 
+from retrain.bottlenecks.stage import Bottlenecks
+from retrain.data import scan
+from retrain.data.sampling import random_picks
 from retrain.reporting import pictures
 from retrain.reporting.health import Finding
 from retrain.results import RunResult
 from retrain.training.lr_find import RateSearch
+from retrain.utils.atomic import writing
+
+log = logging.getLogger("retrain")
 
 MISTAKES_SHOWN = 48  # the most confident mistakes, as one grid of thumbnails
+# The projector shows a random sample of this many bottleneck vectors (25 MB of 1,280 floats).
+PROJECTOR_SAMPLE = 5_000
 PROJECTOR_RUN = "projector"
 PROJECTOR_TENSOR = "bottlenecks/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -114,3 +124,38 @@ def write_rate_search(summaries_dir: str | Path, search: RateSearch, name: str) 
     )
     with _run(Path(summaries_dir).expanduser() / "lr_find", step=0):
         _image(f"loss_against_rate/{name}", chart, "the red line marks the suggested rate")
+
+
+def projector_sample(
+    b: Bottlenecks, names: list[str], seed: int
+) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
+    """A random sample of at most PROJECTOR_SAMPLE bottleneck vectors, with the file, label
+    and split of each, for TensorBoard's projector."""
+    picks = random_picks(len(b.locations), PROJECTOR_SAMPLE, seed)
+    vectors, _ = b.cache.read(b.locations[picks])
+    rows = zip(
+        (scan.display_path(p) for p in b.paths.take(picks)),
+        (_label_text(b.labels[i], names) for i in picks),
+        (scan.SPLITS[code] for code in b.split_codes[picks]),
+    )
+    return vectors, list(rows)
+
+
+def _label_text(label: np.ndarray, names: list[str]) -> str:
+    """A class index, or a multi-label 0/1 row, as the label names it stands for."""
+    if np.ndim(label):
+        return ",".join(name for name, on in zip(names, label) if on)
+    return names[int(label)]
+
+
+def write_summaries(
+    summaries_dir: str, result: RunResult, sample: tuple[np.ndarray, list] | None
+) -> None:
+    """The end of the run in TensorBoard: evaluation, pictures, health, and the sample of
+    bottleneck vectors in the projector."""
+    started = time.perf_counter()
+    with writing(summaries_dir, "TensorBoard summaries"):
+        write_run_summaries(summaries_dir, result)
+        if sample is not None:
+            write_projector(summaries_dir, *sample)
+    log.debug("TensorBoard summaries written in %.2f s", time.perf_counter() - started)

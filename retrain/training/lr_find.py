@@ -13,6 +13,7 @@ above where it barely moves, or the rate where the loss fell fastest if that is 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -21,11 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from retrain.bottlenecks.stage import Bottlenecks
 from retrain.config import HeadTrainingConfig
 from retrain.errors import RetrainError
 from retrain.heads.head import Head
 from retrain.training.head import HeadTrainer, TrainingSource
 from retrain.utils.interrupt import check as check_interrupt
+
+log = logging.getLogger("retrain")
 
 MIN_RATE = 1e-6
 MAX_RATE = 10.0
@@ -178,3 +182,19 @@ def suggest(rates: list[float], smoothed: list[float], rule: str = "valley") -> 
     slopes = np.diff(smoothed[: lowest + 1]) / np.diff(np.log10(rates[: lowest + 1]))
     steepest = rates[int(np.argmin(slopes)) + 1]
     return min(rates[lowest] / 10, steepest)
+
+
+def search_on_bottlenecks(b: Bottlenecks, head: Head, settings: HeadTrainingConfig) -> RateSearch:
+    """The new layer's range test on the training split's cached vectors, logged."""
+    train = b.training()
+    search = search_learning_rate(train.load() if train.fits_in_memory() else train, head, settings)
+    log.info(
+        "Learning-rate finder: %d steps in %.1f s; the loss was lowest at %.2g, suggested "
+        "learning rate %g (--optimizer %s)",
+        len(search.rates),
+        search.seconds,
+        search.best_rate,
+        search.suggestion,
+        settings.optimizer,
+    )
+    return search

@@ -1,0 +1,201 @@
+"""The fine-tuning stage: from a run's config, bottlenecks and trained layer to a
+`FineTuneResult`, fine-tuning the whole network (`finetune`) or the blocks above a cut on their
+cached activations (`finetune_cut`), each finding its learning rate first when asked ('auto')."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from retrain.bottlenecks import distribute
+from retrain.bottlenecks.stage import Bottlenecks
+from retrain.config import AUTO, RetrainConfig
+from retrain.data import scan
+from retrain.errors import RetrainError
+from retrain.models.loading import ImageModule
+from retrain.training import cut, finetune, finetune_cut, lr_find
+from retrain.training.head import TrainResult
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+log = logging.getLogger("retrain")
+
+
+def fine_tune_stage(
+    config: RetrainConfig,
+    image_set: scan.ImageSet,
+    module: ImageModule,
+    folder: str,
+    b: Bottlenecks,
+    trained: TrainResult,
+    cluster: tf.distribute.Strategy | None,
+) -> finetune.FineTuneResult:
+    """Fine-tune as the config says: above its cut (activations cached into `folder`, the
+    bottleneck folder) or the whole network (under `cluster` if given)."""
+    if config.fine_tuning.from_block:
+        return fine_tune_from_cut(config, image_set, module, folder, b, trained)
+    return fine_tune_network(config, module, b, trained, cluster)
+
+
+def fine_tune_network(
+    config: RetrainConfig,
+    module: ImageModule,
+    b: Bottlenecks,
+    trained: TrainResult,
+    cluster: tf.distribute.Strategy | None,
+) -> finetune.FineTuneResult:
+    """Fine-tune the network on the training split's images, guarded by the validation split's
+    and evaluated on the test split's (the configured subset of it). Under `cluster` if given,
+    else the configured strategy."""
+    strategy = cluster
+    if strategy is None:
+        strategy = distribute.make_strategy(config.distribution.strategy, log)
+    seed = config.training.random_seed
+    settings, search = config.fine_tuning, None
+    if settings.learning_rate == AUTO:
+        search = search_network_rate(config, module, b, trained)
+        settings = replace(settings, learning_rate=search.suggestion)
+    tuned = finetune.fine_tune(
+        module,
+        trained.head,
+        (trained.weights, trained.biases),
+        finetune.split_images(b, "training"),
+        finetune.subset(
+            finetune.split_images(b, "testing"), config.evaluation.test_batch_size, seed
+        ),
+        settings,
+        strategy,
+        config.outputs.summaries_dir,
+        seed=seed,
+        log_every=max(1, config.training.eval_step_interval),
+        max_pixels=config.data.max_image_pixels,
+        distortions=config.distortions,
+        validation=finetune.split_images(b, "validation"),
+    )
+    tuned.rate_search = search
+    return tuned
+
+
+def fine_tune_from_cut(
+    config: RetrainConfig,
+    image_set: scan.ImageSet,
+    module: ImageModule,
+    folder: str,
+    b: Bottlenecks,
+    trained: TrainResult,
+) -> finetune.FineTuneResult:
+    """Fine-tune the blocks above the configured cut on the cached activations there
+    (computing what is missing into `folder`), as `fine_tune_network` the whole network."""
+    strategy = distribute.make_strategy(config.distribution.strategy, log)
+    part, activations = cut_activations(config, image_set, module, folder, b, strategy)
+    settings, search = config.fine_tuning, None
+    if settings.learning_rate == AUTO:
+        search = search_rate_from_cut(config, part, activations, trained)
+        settings = replace(settings, learning_rate=search.suggestion)
+    tuned = finetune_cut.fine_tune_from_cut(
+        module,
+        part,
+        trained.head,
+        (trained.weights, trained.biases),
+        activations,
+        settings,
+        strategy,
+        config.outputs.summaries_dir,
+        seed=config.training.random_seed,
+        log_every=max(1, config.training.eval_step_interval),
+        test_images=config.evaluation.test_batch_size,
+        max_pixels=config.data.max_image_pixels,
+    )
+    tuned.rate_search = search
+    tuned.cut = cut.metrics(part, activations)
+    return tuned
+
+
+def cut_activations(
+    config: RetrainConfig,
+    image_set: scan.ImageSet,
+    module: ImageModule,
+    folder: str,
+    b: Bottlenecks,
+    strategy: tf.distribute.Strategy | None = None,
+) -> tuple[cut.CutModule, Bottlenecks]:
+    """The configured cut of `module` (its network rebuilt under `strategy`'s scope) and the
+    activations there of the images whose bottlenecks `b` holds, in the same order."""
+    part = cut.cut_module(module, config.fine_tuning.from_block, strategy)
+    activations = cut.cut_activations(
+        image_set,
+        part,
+        folder,
+        config.module,
+        config.data.max_image_pixels,
+        config.distortions,
+    )
+    if len(activations.paths) != len(b.paths):
+        raise RetrainError(
+            f"fine-tuning: {len(b.paths) - len(activations.paths)} image(s) could not be read "
+            "again for their activations at the cut (changed during the run?); run again"
+        )
+    return part, activations
+
+
+def search_fine_tuning_rate(
+    config: RetrainConfig,
+    image_set: scan.ImageSet,
+    module: ImageModule,
+    folder: str,
+    b: Bottlenecks,
+    trained: TrainResult,
+) -> lr_find.RateSearch:
+    """The learning-rate finder of fine-tuning as the config sets it up (above its cut, or the
+    whole network), starting from the trained layer."""
+    if config.fine_tuning.from_block:
+        part, activations = cut_activations(config, image_set, module, folder, b)
+        return search_rate_from_cut(config, part, activations, trained)
+    return search_network_rate(config, module, b, trained)
+
+
+def search_network_rate(
+    config: RetrainConfig, module: ImageModule, b: Bottlenecks, trained: TrainResult
+) -> lr_find.RateSearch:
+    """The range test of whole-network fine-tuning on the training split's images, logged."""
+    search = finetune.search_rate(
+        module,
+        trained.head,
+        (trained.weights, trained.biases),
+        finetune.split_images(b, "training"),
+        config.fine_tuning,
+        seed=config.training.random_seed,
+        max_pixels=config.data.max_image_pixels,
+        distortions=config.distortions,
+    )
+    _log_search(search)
+    return search
+
+
+def search_rate_from_cut(
+    config: RetrainConfig, part: cut.CutModule, activations: Bottlenecks, trained: TrainResult
+) -> lr_find.RateSearch:
+    """The range test of partial fine-tuning on the cached activations at the cut, logged."""
+    search = finetune_cut.search_rate_from_cut(
+        part,
+        trained.head,
+        (trained.weights, trained.biases),
+        activations,
+        config.fine_tuning,
+        seed=config.training.random_seed,
+    )
+    _log_search(search)
+    return search
+
+
+def _log_search(search: lr_find.RateSearch) -> None:
+    log.info(
+        "Fine-tuning's learning-rate finder: %d steps in %.1f s; the loss was lowest at %.2g, "
+        "suggested fine-tuning learning rate %g",
+        len(search.rates),
+        search.seconds,
+        search.best_rate,
+        search.suggestion,
+    )
