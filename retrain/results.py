@@ -16,7 +16,7 @@ from retrain.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from retrain.heads.evaluation import Evaluation, MultiLabelEvaluation
-    from retrain.training.finetune import FineTuneResult
+    from retrain.training.fine_tune_loop import FineTuneResult
     from retrain.training.head import TrainResult
 
 

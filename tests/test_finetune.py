@@ -271,7 +271,7 @@ def test_warmup_scales_the_first_steps_updates():
 
     from retrain.config import FineTuningConfig
     from retrain.heads.head import SoftmaxHead
-    from retrain.training.finetune import make_train_step, optimizer_for, warmup_steps
+    from retrain.training.fine_tune_loop import make_train_step, optimizer_for, warmup_steps
 
     assert (warmup_steps(6), warmup_steps(300), warmup_steps(5000)) == (0, 30, 30)
 

@@ -108,7 +108,7 @@ def test_settled_weights_are_not_reported_as_stuck():
 
 
 def test_fine_tuning_that_hurt_names_its_rate():
-    from retrain.training.finetune import FineTuneResult
+    from retrain.training.fine_tune_loop import FineTuneResult
 
     tuned = FineTuneResult(
         module_object=None,

@@ -17,7 +17,7 @@ from retrain.export import writer
 from retrain.heads.head import Head
 from retrain.models import module_cache, quantize
 from retrain.models.loading import ImageModule
-from retrain.training.finetune import FineTuneResult
+from retrain.training.fine_tune_loop import FineTuneResult
 from retrain.training.head import TrainResult
 from retrain.utils.atomic import check_writable_dir, exclusive
 

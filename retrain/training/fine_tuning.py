@@ -15,6 +15,7 @@ from retrain.data import scan
 from retrain.errors import RetrainError
 from retrain.models.loading import ImageModule
 from retrain.training import cut, finetune, finetune_cut, lr_find
+from retrain.training.fine_tune_loop import FineTuneOptions, FineTuneResult
 from retrain.training.head import TrainResult
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def fine_tune_stage(
     b: Bottlenecks,
     trained: TrainResult,
     cluster: tf.distribute.Strategy | None,
-) -> finetune.FineTuneResult:
+) -> FineTuneResult:
     """Fine-tune as the config says: above its cut (activations cached into `folder`, the
     bottleneck folder) or the whole network (under `cluster` if given)."""
     if config.fine_tuning.from_block:
@@ -45,7 +46,7 @@ def fine_tune_network(
     b: Bottlenecks,
     trained: TrainResult,
     cluster: tf.distribute.Strategy | None,
-) -> finetune.FineTuneResult:
+) -> FineTuneResult:
     """Fine-tune the network on the training split's images, guarded by the validation split's
     and evaluated on the test split's (the configured subset of it). Under `cluster` if given,
     else the configured strategy."""
@@ -67,12 +68,7 @@ def fine_tune_network(
         ),
         settings,
         strategy,
-        config.outputs.summaries_dir,
-        seed=seed,
-        log_every=max(1, config.training.eval_step_interval),
-        max_pixels=config.data.max_image_pixels,
-        distortions=config.distortions,
-        validation=finetune.split_images(b, "validation"),
+        replace(_options(config), validation=finetune.split_images(b, "validation")),
     )
     tuned.rate_search = search
     return tuned
@@ -85,7 +81,7 @@ def fine_tune_from_cut(
     folder: str,
     b: Bottlenecks,
     trained: TrainResult,
-) -> finetune.FineTuneResult:
+) -> FineTuneResult:
     """Fine-tune the blocks above the configured cut on the cached activations there
     (computing what is missing into `folder`), as `fine_tune_network` the whole network."""
     strategy = distribute.make_strategy(config.distribution.strategy, log)
@@ -102,15 +98,23 @@ def fine_tune_from_cut(
         activations,
         settings,
         strategy,
-        config.outputs.summaries_dir,
-        seed=config.training.random_seed,
-        log_every=max(1, config.training.eval_step_interval),
-        test_images=config.evaluation.test_batch_size,
-        max_pixels=config.data.max_image_pixels,
+        replace(_options(config), test_images=config.evaluation.test_batch_size),
     )
     tuned.rate_search = search
     tuned.cut = cut.metrics(part, activations)
     return tuned
+
+
+def _options(config: RetrainConfig) -> FineTuneOptions:
+    """How the config's fine-tuning runs: its scalars, seed, log interval, decoding guard and
+    distortions."""
+    return FineTuneOptions(
+        summaries_dir=config.outputs.summaries_dir,
+        seed=config.training.random_seed,
+        log_every=max(1, config.training.eval_step_interval),
+        max_pixels=config.data.max_image_pixels,
+        distortions=config.distortions,
+    )
 
 
 def cut_activations(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,21 +30,22 @@ from retrain.models.rebuild import copy_values
 from retrain.training.activity import ActivityProbe
 from retrain.training.cut import CutModule, cut_name
 from retrain.training.early_stopping import VALIDATION_IMAGES
-from retrain.training.finetune import (
+from retrain.training.fine_tune_loop import (
+    DEFAULT_OPTIONS,
     FIND_MIN_RATE,
     FIND_STEPS,
+    FineTuneOptions,
     FineTuneResult,
+    Guarded,
     check_batch,
     find_rate,
     log_test,
     make_train_step,
     optimizer_for,
-    probe_images,
     run_guarded,
-    split_images,
-    training_order,
     watch_validation,
 )
+from retrain.training.finetune import probe_images, split_images, training_order
 from retrain.training.lr_find import RateSearch
 from retrain.utils.interrupt import check as check_interrupt
 
@@ -136,20 +136,15 @@ def fine_tune_from_cut(
     activations: Bottlenecks,
     settings: FineTuningConfig,
     strategy: tf.distribute.Strategy | None = None,
-    summaries_dir: str | Path | None = None,
-    *,
-    seed: int = 0,
-    log_every: int = 10,
-    test_images: int = -1,
-    max_pixels: int | None = None,
+    options: FineTuneOptions = DEFAULT_OPTIONS,
 ) -> FineTuneResult:
     """Fine-tune the blocks of `part`'s network above its cut, its head and the trained
-    `layer` (weights, biases) of `head` on the cached `activations` (`retrain.training.cut`) of the
-    training images and their cached distorted copies, for `settings.steps` steps of
-    `settings.batch_size`, as `finetune.fine_tune` does: validation (a seeded VALIDATION_IMAGES
-    of its images) watched every `log_every` steps, the best network kept (the head alone
-    included), the test split (a seeded `test_images` of it; all if <= 0) evaluated before and
-    after.
+    `layer` (weights, biases) of `head` on the cached `activations` (`retrain.training.cut`)
+    of the training images and their cached distorted copies, for `settings.steps` steps of
+    `settings.batch_size`, as `finetune.fine_tune` does: validation (a seeded
+    VALIDATION_IMAGES of its images) watched every `options.log_every` steps, the best network
+    kept (the head alone included), the test split (a seeded `options.test_images` of it; all
+    if <= 0) evaluated before and after.
 
     `part.net`'s variables must have been made under `strategy`'s scope. The result's module
     is a fresh load of `module` with the tuned weights. Raises RetrainError when there is
@@ -177,32 +172,30 @@ def fine_tune_from_cut(
     def evaluate(split: FeatureSplit, weights: np.ndarray, biases: np.ndarray):
         return evaluate_activations(features, split, head, weights, biases, settings.batch_size)
 
-    test = picked(activations.split("testing"), test_images, seed)
+    test = picked(activations.split("testing"), options.test_images, options.seed)
     evaluate_test = partial(_evaluate_now, evaluate, test, model)
     before = log_test("before", evaluate_test())
-    validation = picked(activations.split("validation"), VALIDATION_IMAGES, seed)
+    validation = picked(activations.split("validation"), VALIDATION_IMAGES, options.seed)
     watch, plateau = watch_validation(
         partial(evaluate, validation) if len(validation) else None, model, optimizer, settings
     )
     dataset = active.experimental_distribute_dataset(
-        activation_batches(train, head, settings, seed)
+        activation_batches(train, head, settings, options.seed)
     )
-    return run_guarded(
+    job = Guarded(
         model,
         head,
         optimizer,
         active,
         dataset,
-        settings,
-        module.input_size,
-        log_every=log_every,
-        summaries_dir=summaries_dir,
-        probe=partial(_probe, part, module, activations, max_pixels),
-        guard=(watch, plateau),
+        watch,
+        plateau,
+        probe=partial(_probe, part, module, activations, options.max_pixels),
         evaluate_test=evaluate_test,
         before=before,
         exportable=partial(_exportable, part, module),
     )
+    return run_guarded(job, settings, module.input_size, options)
 
 
 def _probe(
