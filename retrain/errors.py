@@ -3,6 +3,9 @@
 A message may name settings: `{0}`, `{1}`... in it stand for the config paths in `fields`
 (`training.learning_rate`). str() shows those paths; a command line shows its own names for
 them with `render` (`--learning_rate`).
+
+Text that is no exception (health advice, log lines) names a setting with `setting_name`: the
+config path unless a command line installed its own names with `name_settings_as`.
 """
 
 from __future__ import annotations
@@ -51,6 +54,27 @@ class StorageError(RetrainError):
 
 class ConfigError(UsageError):
     """An invalid setting of a RetrainConfig, naming it (see the module docstring)."""
+
+
+def _config_path(field: str) -> str:
+    return field
+
+
+_name_of: Callable[[str], str] = _config_path
+
+
+def setting_name(field: str) -> str:
+    """How this process names config setting `field` (`training.learning_rate`) to its user: the
+    path itself, or what the command line installed with `name_settings_as` (its flag)."""
+    return _name_of(field)
+
+
+def name_settings_as(name_of: Callable[[str], str] | None) -> Callable[[str], str]:
+    """From now on, process-wide, `setting_name` gives `name_of(field)`; None restores config
+    paths. Returns the renderer it replaces (to restore it)."""
+    global _name_of
+    previous, _name_of = _name_of, name_of or _config_path
+    return previous
 
 
 def first_line(err: BaseException) -> str:

@@ -14,6 +14,7 @@ from absl import flags
 
 import retrain
 from retrain.cli.flags import define_flags
+from retrain.data.scan import display_path, split_for_file
 from tests.conftest import ROOT, write_image
 from tests.fault_tools import save_tiny_module
 
@@ -98,6 +99,13 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+MISFILED = next(
+    name
+    for name in (f"misfiled{k}.jpg" for k in range(100))
+    if split_for_file(name, validation_percentage=20, testing_percentage=20) == "testing"
+)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A short run on two generated classes, one with a folder name that normalises, with the
@@ -107,6 +115,9 @@ def tiny_run(tmp_path_factory):
     for i in range(15):
         write_image(out / "photos" / "red" / f"r{i}.jpg", color=(200 + i, 20, 20))
         write_image(out / "photos" / "Blue_Sky" / f"b{i}.jpg", color=(20, 20, 200 + i))
+    # A blue photo filed under red, named to land in the test split: a test image the layer
+    # can only get wrong, so the log has misclassified lines to read.
+    write_image(out / "photos" / "red" / MISFILED, color=(20, 20, 230))
     logger = logging.getLogger("retrain")
     handler, level = _Lines(), logger.level
     logger.addHandler(handler)
@@ -174,11 +185,21 @@ def test_final_test_accuracy_and_misclassified_lines_read_as_retrain_py_s(tiny_r
     match = re.fullmatch(r"Final test accuracy = (\d+\.\d)% \(N=(\d+)\)", final)
     assert match and float(match[1]) == round(100 * result.test.accuracy, 1)
     assert int(match[2]) == result.test.count == result.images["testing"]  # the whole split
+    mistakes = result.misclassified()
+    assert any(str(path).endswith(MISFILED) for path in result.test_paths)  # the pinned case
+    assert mistakes  # the misfiled photo at least: it cannot be right and the rest too
     header = lines.index("=== MISCLASSIFIED TEST IMAGES ===")
-    for line in lines[header + 1 :]:
-        if not line.endswith(("  red", "  blue sky")):
-            break
-        assert len(line) >= 70 + 2 + len("red")  # '%70s  %s': path, two spaces, label
+    listed = [line for line in lines[header + 1 :] if "  (true: " in line]
+    assert listed == lines[header + 1 : header + 1 + len(mistakes)]  # one line per mistake
+    for line, mistake in zip(listed, mistakes, strict=True):
+        # retrain.py's '%70s  %s' (path right-aligned in 70 columns, two spaces, the predicted
+        # label) first, then what retrain adds.
+        match = re.fullmatch(
+            r"( *\S.*)  (red|blue sky)  \(true: (red|blue sky), score [01]\.\d{3}\)", line
+        )
+        assert match, line
+        assert len(match[1]) >= 70 and match[1].strip() == display_path(mistake.path)
+        assert match[2] == mistake.predicted != match[3] == mistake.actual
 
 
 def test_a_tf1_hub_format_module_is_refused_in_one_line(tmp_path):

@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from retrain.utils import runtime
 from retrain.utils.runtime import return_free_memory
 
 # In a child process, so that its malloc settings stay there: 200 MB freed on glibc's heap in
@@ -51,6 +52,41 @@ def test_freed_heap_memory_goes_back_to_the_system():
     assert returned < freed - 150  # return_free_memory gave them back
 
 
-def test_return_free_memory_is_safe_to_call_again_and_again():
+def resident_mb() -> float | None:
+    """This process's resident memory in MB (Linux), else None."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmRSS"))
+    except OSError:
+        return None
+    return int(line.split()[1]) / 1024
+
+
+def test_return_free_memory_is_safe_to_call_again_and_again(monkeypatch):
+    """Call after call, between allocations that free memory for it to trim: it returns None
+    and raises nothing, what is alive stays intact, the heap goes on serving allocations and
+    memory does not grow. On glibc each call really trims (pinned below); where the C library
+    has no malloc_trim it does nothing, just as safely."""
+    trim, trims = runtime._malloc_trim(), []
+    if platform.libc_ver()[0] == "glibc":
+        assert trim is not None
+    if trim is not None:  # count the real calls the loop makes
+        monkeypatch.setattr(
+            runtime, "_malloc_trim", lambda: lambda pad: trims.append(pad) or trim(pad)
+        )
+    live = [bytes([i % 256]) * 10_000 for i in range(1_000)]  # 10 MB that must survive
+    return_free_memory()
+    start, trims[:] = resident_mb(), []
+    for _ in range(100):
+        scratch = [bytearray(64 << 10) for _ in range(64)]  # 4 MB freed before each call
+        del scratch
+        assert return_free_memory() is None
+    after = resident_mb()
+    assert trims == ([0] * 100 if trim is not None else [])  # each call really trimmed
+    assert all(block == bytes([i % 256]) * 10_000 for i, block in enumerate(live))
+    assert bytearray(32 << 20)[-1] == 0  # the heap still serves a large allocation
+    if start is not None:
+        assert after < start + 16  # 100 rounds of 4 MB freed and trimmed: nothing piles up
+    monkeypatch.setattr(runtime, "_malloc_trim", lambda: None)  # a C library without it
     for _ in range(3):
-        return_free_memory()
+        assert return_free_memory() is None

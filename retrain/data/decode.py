@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from retrain.config import DEFAULT_MAX_IMAGE_PIXELS
+from retrain.errors import setting_name
 
 # Truncated files must fail, not come back with a grey bottom half.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -40,7 +41,7 @@ def decode_image(
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as err:
-        raise ImageDecodeError(f"image too large ({err}); see --max_image_pixels") from None
+        raise ImageDecodeError(f"image too large ({err}); see {_max_pixels_setting()}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image file, or an unsupported format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
@@ -65,6 +66,11 @@ def skip_reason(err: BaseException) -> str:
     return f"cannot decode: {type(err).__name__}: {err}"
 
 
+def _max_pixels_setting() -> str:
+    """The setting that raises the pixel limit, as this process names it (see retrain.errors)."""
+    return setting_name("data.max_image_pixels")
+
+
 def _decode(handle, min_size, max_pixels: int) -> np.ndarray:
     if os.fstat(handle.fileno()).st_size == 0:
         raise ImageDecodeError("empty file (0 bytes)")
@@ -78,7 +84,7 @@ def _decode(handle, min_size, max_pixels: int) -> np.ndarray:
             if width * height > max_pixels:
                 raise ImageDecodeError(
                     f"image too large ({width}x{height} pixels > {max_pixels}); "
-                    "see --max_image_pixels"
+                    f"see {_max_pixels_setting()}"
                 )
             if width < 1 or height < 1:
                 raise ImageDecodeError(f"image has no pixels ({width}x{height})")

@@ -5,6 +5,10 @@ Warnings are problems (accuracy near chance, a loss that does not fall or that d
 weights that barely move or thrash, overfitting, too few images, heavy imbalance, identical
 files across splits, fine-tuning that made things worse); notes are for reading (the pairs of
 classes most confused). A healthy run gives no warning.
+
+Suggestions name settings with `setting_name` when the finding is made, so one run's log, HTML
+report and metrics JSON agree: config paths (`training.weight_decay`), or the command line's
+flags (`--weight_decay`) when it installed them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 
 from retrain.bottlenecks.stage import Bottlenecks
 from retrain.data import sampling
+from retrain.errors import setting_name
 from retrain.reporting.audit import identical_pairs
 from retrain.results import RunResult
 
@@ -78,8 +83,8 @@ def _accuracy(result: RunResult) -> list[Finding]:
             "warning",
             f"test accuracy {test.accuracy:.1%} is near chance ({chance:.1%} for "
             f"{len(result.labels)} classes): the model has learnt next to nothing",
-            "check that each folder holds its class (retrain --audit), and that the loss falls "
-            "(see the other findings)",
+            f"check that each folder holds its class (retrain {setting_name('audit')}), and that "
+            "the loss falls (see the other findings)",
             {"test_accuracy": test.accuracy, "chance": chance, "n": test.count},
         )
     ]
@@ -116,7 +121,7 @@ def _loss(history: list[dict], learning_rate: float) -> list[Finding]:
                 "warning",
                 f"the training loss barely fell ({first:.3g} to {last:.3g})",
                 f"the learning rate ({learning_rate:g}) may be too high (it overshoots) or too "
-                "low; or the labels carry no signal (retrain --audit)",
+                f"low; or the labels carry no signal (retrain {setting_name('audit')})",
                 numbers,
             )
         ]
@@ -172,7 +177,8 @@ def _overconfidence(history: list[dict]) -> list[Finding]:
             "warning",
             f"the validation loss ({validation[1]:.3g}) is far above the training loss "
             f"({train[1]:.3g}): the layer is sure of wrong answers, its weights grown too large",
-            "lower the learning rate, or add --weight_decay or --label_smoothing",
+            f"lower the learning rate, or add {setting_name('training.weight_decay')} or "
+            f"{setting_name('training.label_smoothing')}",
             {"train_loss": train[1], "validation_loss": validation[1]},
         )
     ]
@@ -189,7 +195,8 @@ def _accuracy_gap(history: list[dict]) -> list[Finding]:
             "warning",
             f"training accuracy {train[1]:.1%} is far above validation accuracy "
             f"{validation[1]:.1%}: the layer memorises the training images",
-            "add images, distortions (--distorted_copies), --dropout_rate or --weight_decay, "
+            f"add images, distortions ({setting_name('distortions.copies')}), "
+            f"{setting_name('training.dropout_rate')} or {setting_name('training.weight_decay')}, "
             "or train fewer steps",
             {"train_accuracy": train[1], "validation_accuracy": validation[1]},
         )
@@ -219,7 +226,8 @@ def _data(labels: list[str], counts: np.ndarray, duplicates: int) -> list[Findin
                 f"of the smallest ({labels[int(counts.argmax())]} {counts.max()}, "
                 f"{labels[int(counts.argmin())]} {counts.min()})",
                 "add photos of the small classes; class-folder runs already draw batches class "
-                "by class (--sampling auto); --class_weights balanced also weighs the loss",
+                f"by class ({setting_name('training.sampling')} auto); "
+                f"{setting_name('training.class_weights')} balanced also weighs the loss",
                 {"largest": int(counts.max()), "smallest": int(counts.min())},
             )
         )
@@ -230,7 +238,7 @@ def _data(labels: list[str], counts: np.ndarray, duplicates: int) -> list[Findin
                 "warning",
                 f"{duplicates} pair(s) of identical files sit in different splits: validation "
                 "and test accuracy are inflated",
-                "remove the copies (retrain --audit lists them)",
+                f"remove the copies (retrain {setting_name('audit')} lists them)",
                 {"pairs": duplicates},
             )
         )
@@ -250,7 +258,8 @@ def _fine_tuning(result: RunResult) -> list[Finding]:
             f"fine-tuning lowered test accuracy from {tuned.before.accuracy:.1%} (the new "
             f"layer alone) to {tuned.after.accuracy:.1%} at a learning rate of "
             f"{tuned.settings.learning_rate:g}",
-            "lower --fine_tune_learning_rate (e.g. tenfold) or fine-tune fewer steps",
+            f"lower {setting_name('fine_tuning.learning_rate')} (e.g. tenfold) or fine-tune fewer "
+            "steps",
             {
                 "before": tuned.before.accuracy,
                 "after": tuned.after.accuracy,
@@ -286,7 +295,8 @@ def _confusions(result: RunResult) -> list[Finding]:
             + "; ".join(
                 f"{a} taken for {b} {n} times ({share:.0%})" for n, a, b, share in pairs[:3]
             ),
-            "look at those photos (--print_misclassified_test_images); more or clearer "
+            "look at those photos "
+            f"({setting_name('evaluation.print_misclassified_test_images')}); more or clearer "
             "examples of both classes help",
             {"pairs": [[a, b, n] for n, a, b, _ in pairs[:3]]},
         )

@@ -147,8 +147,9 @@ def range_test(
     if not smoothed:
         raise RetrainError(
             f"the learning-rate finder's first step, at {min_rate:g}, gave a loss that is not "
-            "a number; check the data (retrain --audit) or set {0}",
+            "a number; check the data (retrain {1}) or set {0}",
             rate_field,
+            "audit",
         )
     return RateSearch(
         rates=rates,
