@@ -97,9 +97,9 @@ def run(config: RetrainConfig) -> RunResult:
             cluster=cluster,
             distortions=config.distortions,
         )
-        bottlenecks.check_trainable(image_set.labels)
-        check_interrupt()
         head = make_head(image_set)
+        bottlenecks.check_trainable(image_set.labels, head)
+        check_interrupt()
         rate_search = None
         if config.training.learning_rate == AUTO:
             rate_search = _search_rate(config, bottlenecks, head)
@@ -137,6 +137,7 @@ def run(config: RetrainConfig) -> RunResult:
         outputs,
         test_paths,
         evaluations.get("testing"),
+        trained.head,
         tuned.input_size if tuned is not None else module.input_size,
         config.data.max_image_pixels,
         config.export.quantize,

@@ -31,6 +31,8 @@ from retrain.utils.interrupt import check as check_interrupt
 if TYPE_CHECKING:
     import tensorflow as tf
 
+    from retrain.heads.head import Head
+
 log = logging.getLogger("retrain")
 
 
@@ -97,18 +99,15 @@ class Bottlenecks:
         """The image files of one split, in the order of `split(name)`."""
         return self.paths.take(self.in_split(name))
 
-    def check_trainable(self, labels: list[str]) -> None:
-        """Raise RetrainError naming every class (multi-label: label) left without a usable
-        training image (multi-label: one where it applies)."""
-        train = self.labels[self.in_split("training")]
-        if train.ndim == 2:
-            present, what = train.any(axis=0), "label"
-        else:
-            present, what = np.bincount(train, minlength=len(labels)) > 0, "class"
+    def check_trainable(self, labels: list[str], head: Head) -> None:
+        """Raise RetrainError naming every class (multi-label: label) of `head`'s outputs
+        (named `labels`) left without a usable training image (multi-label: one where it
+        applies)."""
+        present = head.positives(self.labels[self.in_split("training")]) > 0
         missing = [label for label, there in zip(labels, present) if not there]
         if missing:
             raise RetrainError(
-                f"no usable training images for {what} "
+                f"no usable training images for {head.output_noun} "
                 + ", ".join(f"'{m}'" for m in missing)
                 + " (all of them were skipped; see the warnings above)"
             )

@@ -33,7 +33,7 @@ from retrain.export.loading import (
     ModelLoadError,
     open_model,
 )
-from retrain.heads.head import AnyEvaluation
+from retrain.heads.head import AnyEvaluation, Head
 from retrain.utils.interrupt import check as check_interrupt
 
 log = logging.getLogger("retrain")
@@ -72,6 +72,7 @@ def check_exports(
     outputs: dict[str, str],
     paths: Sequence[str],
     evaluation: AnyEvaluation | None,
+    head: Head,
     input_size: tuple[int, int],
     max_pixels: int,
     quantization: str = "none",
@@ -79,7 +80,8 @@ def check_exports(
 ) -> list[ExportCheck]:
     """Run each model of `outputs` ({export setting: path}, as export_classifier returns it)
     on the test images `paths`, which `evaluation` (the run's evaluation of the float model:
-    its probabilities, labels and a multi-label head's thresholds, row for row) measured.
+    its probabilities, labels and a multi-label head's thresholds, row for row) measured;
+    `head`, the float model's, says how an image counts as right (`Head.accuracy`).
     Images that no longer decode are left out. Returns one ExportCheck per model, in the order
     of `outputs`, each logged; none without models or test images. `final_tensor_name` is
     the frozen graph's output node (as exported), when it is not the default."""
@@ -97,6 +99,7 @@ def check_exports(
         evaluation.probabilities,
         np.asarray(evaluation.labels),
         getattr(evaluation, "thresholds", None),
+        head,
         input_size,
         max_pixels,
         quantization,
@@ -112,6 +115,7 @@ def _run_checks(
     reference: np.ndarray,
     labels: np.ndarray,
     thresholds: Sequence[float] | None,
+    head: Head,
     input_size: tuple[int, int],
     max_pixels: int,
     quantization: str,
@@ -158,6 +162,7 @@ def _run_checks(
             reference,
             labels,
             thresholds,
+            head,
             seconds[setting],
         )
         for setting, path in models.items()
@@ -174,6 +179,7 @@ def _figures(
     reference: np.ndarray,
     labels: np.ndarray,
     thresholds: Sequence[float] | None,
+    head: Head,
     seconds: float,
 ) -> ExportCheck:
     """One model's ExportCheck from its scores `got` of the test images at rows `picked`."""
@@ -183,22 +189,11 @@ def _figures(
         path=path,
         quantization=quantization,
         images=len(picked),
-        accuracy=accuracy(got, labels[picked], thresholds),
+        accuracy=head.accuracy(got, labels[picked], thresholds),
         agreement=float(np.mean(got.argmax(1) == want.argmax(1))),
         max_score_difference=float(np.abs(got - want).max(initial=0.0)),
         seconds=seconds,
     )
-
-
-def accuracy(scores: np.ndarray, labels: np.ndarray, thresholds: Sequence[float] | None) -> float:
-    """The share of images right: the top class for classes [n]; every label decided right
-    (score >= its threshold) for 0/1 rows [n, k] (the exact match a multi-label run reports)."""
-    if not len(scores):
-        return 0.0
-    if labels.ndim == 1:
-        return float(np.mean(scores.argmax(1) == labels))
-    decided = scores >= np.asarray(thresholds if thresholds is not None else 0.5)
-    return float(np.mean((decided == labels.astype(bool)).all(axis=1)))
 
 
 def _log_checks(checks: list[ExportCheck], float_accuracy: float) -> None:
