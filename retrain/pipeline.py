@@ -26,6 +26,7 @@ from retrain.bottlenecks.splits import FeatureSplit, Split
 from retrain.bottlenecks.stage import (
     Bottlenecks,
     LazyModule,
+    Parallelism,
     compute_bottlenecks,
     load_module,
     make_extractor,
@@ -44,7 +45,13 @@ from retrain.reporting import html as report
 from retrain.reporting.audit import AuditReport
 from retrain.results import RunResult, Timings
 from retrain.training import cut, finetune, finetune_cut, lr_find
-from retrain.training.head import Summaries, TrainingSource, TrainResult, train_head
+from retrain.training.head import (
+    StepCallback,
+    Summaries,
+    TrainingSource,
+    TrainResult,
+    train_head,
+)
 from retrain.utils.atomic import atomic_write_text, check_writable_dir, exclusive, writing
 from retrain.utils.interrupt import check as check_interrupt
 
@@ -93,8 +100,7 @@ def run(config: RetrainConfig) -> RunResult:
             bottleneck_dir,
             config.module,
             config.data.max_image_pixels,
-            mirrored=config.distribution.strategy == "mirrored",
-            cluster=cluster,
+            Parallelism(config.distribution.strategy == "mirrored", cluster),
             distortions=config.distortions,
         )
         head = make_head(image_set)
@@ -536,7 +542,10 @@ def _train(
     summaries = Summaries(summaries_dir) if chief and summaries_dir else None
     on_step = None
     if chief and config.export.intermediate_store_frequency > 0:
-        on_step = _intermediate_graph_writer(config, head, module, module_object)
+        on_step = StepCallback(
+            _intermediate_graph_writer(config, head, module, module_object),
+            config.export.intermediate_store_frequency,
+        )
     try:
         train, validation = _training_inputs(config, b, module, module_object)
         result = train_head(
@@ -545,10 +554,8 @@ def _train(
             head,
             settings,
             summaries,
-            checkpoint_dir=settings.checkpoint_path if chief else None,
-            resume=settings.resume and chief,
             on_step=on_step,
-            callback_every=config.export.intermediate_store_frequency,
+            keep_checkpoints=chief,
         )
     finally:
         if summaries is not None:
@@ -782,23 +789,23 @@ def _export(
         return export.export_classifier(
             config.export,
             labels,
-            trained.head,
-            lambda: export.frozen_module_graph_def(tuned.module_object, tuned.input_size),
-            lambda: tuned.module_object,
-            tuned.input_size,
-            tuned.weights,
-            tuned.biases,
+            export.Network(
+                lambda: export.frozen_module_graph_def(tuned.module_object, tuned.input_size),
+                lambda: tuned.module_object,
+                tuned.input_size,
+            ),
+            export.TrainedLayer(trained.head, tuned.weights, tuned.biases),
             representative,
         )
     return export.export_classifier(
         config.export,
         labels,
-        trained.head,
-        lambda: _frozen_module(config, module, module_object),
-        module_object.get,
-        module.input_size,
-        trained.weights,
-        trained.biases,
+        export.Network(
+            lambda: _frozen_module(config, module, module_object),
+            module_object.get,
+            module.input_size,
+        ),
+        export.TrainedLayer(trained.head, trained.weights, trained.biases),
         representative,
     )
 

@@ -312,7 +312,7 @@ class _WorkerModel:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         with self._lock:
             if self._extractor is None:
-                from retrain.bottlenecks.backends import choose_backend
+                from retrain.bottlenecks.backends import TFLiteOptions, choose_backend
 
                 self._extractor, _, _ = choose_backend(
                     self.spec.backend,
@@ -321,8 +321,9 @@ class _WorkerModel:
                     images[:4],
                     log,
                     cache_dir=self.cache_dir,
-                    batch_size=self.spec.batch_size,
-                    num_threads=self.spec.num_threads or None,
+                    tflite=TFLiteOptions(
+                        batch_size=self.spec.batch_size, num_threads=self.spec.num_threads or None
+                    ),
                 )
         return self._extractor(images)
 

@@ -182,6 +182,16 @@ def int8_calibration(
     return backends.calibration_set(list(training), max_pixels)
 
 
+@dataclass(frozen=True)
+class Parallelism:
+    """Where extraction runs besides this process's one device: `mirrored`, data-parallel
+    over this machine's devices; `cluster`, a multi-worker strategy whose workers each compute
+    a share of what is missing."""
+
+    mirrored: bool = False
+    cluster: tf.distribute.Strategy | None = None
+
+
 def compute_bottlenecks(
     image_set: scan.ImageSet,
     module: ImageModule,
@@ -189,15 +199,14 @@ def compute_bottlenecks(
     bottleneck_dir: str | Path,
     settings: ModuleConfig,
     max_pixels: int,
-    mirrored: bool = False,
-    cluster: tf.distribute.Strategy | None = None,
+    parallelism: Parallelism = Parallelism(),
     distortions: DistortionConfig | None = None,
 ) -> Bottlenecks:
     """Look every image up in the cache and compute what is missing with `settings`' backend
-    (`mirrored`: data-parallel over this machine's devices); with a multi-worker `cluster`,
-    each worker first computes its share (`_extract_in_cluster`). With `distortions.copies`,
-    also the distorted copies of the training images (every worker computes what is missing:
-    copies written twice are harmless)."""
+    (`parallelism.mirrored`: data-parallel over this machine's devices); with a multi-worker
+    `parallelism.cluster`, each worker first computes its share (`_extract_in_cluster`). With
+    `distortions.copies`, also the distorted copies of the training images (every worker
+    computes what is missing: copies written twice are harmless)."""
     calibration = int8_calibration(image_set, settings, max_pixels)
     cache = open_cache(bottleneck_dir, module, calibration)
     paths = image_set.paths
@@ -211,12 +220,14 @@ def compute_bottlenecks(
         len(paths) - missing - len(found.skipped),
         missing,
     )
-    extractor = _Extractors(module, module_object, settings, max_pixels, mirrored, calibration)
+    extractor = _Extractors(
+        module, module_object, settings, max_pixels, parallelism.mirrored, calibration
+    )
     extract_some = partial(_extract, extractor, cache, paths, found)
     extraction, cluster_computed = extract.ExtractionStats(), None
-    if cluster is not None:
+    if parallelism.cluster is not None:
         extraction, cluster_computed = _extract_in_cluster(
-            cluster, cache, paths, found, extract_some
+            parallelism.cluster, cache, paths, found, extract_some
         )
     # Alone: all that is missing. In a cluster: what no worker could use, skipped with a reason.
     extraction += extract_some(found.missing())
@@ -297,11 +308,7 @@ def _distorted_copies(
         copies,
         cache,
         extractors.backend([source_paths[j] for j in todo[:32]]) if todo else None,
-        extractors.module.input_size,
-        extractors.settings.extraction_batch_size,
-        extractors.max_pixels,
-        todo=todo,
-        batches=partial(
+        partial(
             distort.distorted_batches,
             params=params,
             settings=settings,
@@ -309,6 +316,7 @@ def _distorted_copies(
             batch_size=extractors.settings.extraction_batch_size,
             max_pixels=extractors.max_pixels,
         ),
+        todo=todo,
     )
     usable = copies.cached()
     return DistortedCopies(
@@ -401,9 +409,11 @@ def _extract(
         found,
         cache,
         extractors.backend([paths[i] for i in picks[:32]]),
-        extractors.module.input_size,
-        extractors.settings.extraction_batch_size,
-        extractors.max_pixels,
+        extract.DecodedBatches(
+            extractors.module.input_size,
+            extractors.settings.extraction_batch_size,
+            extractors.max_pixels,
+        ),
         todo=picks,
     )
     if stats.computed:

@@ -93,34 +93,41 @@ def check_exports(
     if len(evaluation.probabilities) != len(paths):  # a test image stopped decoding meanwhile
         log.warning("Export check: the test images changed during the run; not checked")
         return []
-    checks = _run_checks(
-        outputs,
-        paths,
+    reference = _Reference(
         evaluation.probabilities,
         np.asarray(evaluation.labels),
         getattr(evaluation, "thresholds", None),
         head,
-        input_size,
-        max_pixels,
-        quantization,
-        final_tensor_name,
+    )
+    checks = _run_checks(
+        outputs, paths, reference, input_size, max_pixels, quantization, final_tensor_name
     )
     _log_checks(checks, evaluation.accuracy)
     return checks
 
 
+@dataclass(frozen=True, eq=False)
+class _Reference:
+    """What the exported models are measured against, row for row of the test images: the
+    float model's `scores`, the `labels`, the `thresholds` a multi-label head decided at
+    (None: the argmax decides), and the `head`, which says how an image counts as right."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    thresholds: Sequence[float] | None
+    head: Head
+
+
 def _run_checks(
     outputs: dict[str, str],
     paths: Sequence[str],
-    reference: np.ndarray,
-    labels: np.ndarray,
-    thresholds: Sequence[float] | None,
-    head: Head,
+    reference: _Reference,
     input_size: tuple[int, int],
     max_pixels: int,
     quantization: str,
     final_tensor_name: str | None,
 ) -> list[ExportCheck]:
+    """Load each model of `outputs`, run it on the test images `paths` and measure it."""
     models = {setting: path for setting, path in outputs.items() if setting in MODEL_OUTPUTS}
     loaded: dict[str, Classifier] = {}
     seconds = dict.fromkeys(models, 0.0)
@@ -132,12 +139,38 @@ def _run_checks(
         except ModelLoadError as err:
             raise RetrainError(f"the exported model cannot be loaded back: {err}") from None
         seconds[setting] += time.perf_counter() - start
+    scores, rows = _predict(loaded, paths, input_size, max_pixels, seconds)
+    return [
+        _figures(
+            MODEL_OUTPUTS[setting],
+            path,
+            quantization if setting == "output_tflite" else "none",
+            np.concatenate(scores[setting]),
+            np.concatenate(rows[setting]),
+            reference,
+            seconds[setting],
+        )
+        for setting, path in models.items()
+        if rows[setting]
+    ]
+
+
+def _predict(
+    loaded: dict[str, Classifier],
+    paths: Sequence[str],
+    input_size: tuple[int, int],
+    max_pixels: int,
+    seconds: dict[str, float],
+) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+    """Each model's scores of the test images it runs on (a .tflite all of them, the others a
+    seeded subset of FLOAT_CHECK_IMAGES), each decoded once, and those images' rows, in
+    pieces; each model's seconds of running are added to `seconds`."""
     subset = np.zeros(len(paths), bool)
     subset[random_picks(len(paths), FLOAT_CHECK_IMAGES, seed=0)] = True
     # Only the subset is decoded when no .tflite needs the rest.
     wanted = subset | any(model.format == TFLITE for model in loaded.values())
-    scores: dict[str, list[np.ndarray]] = {setting: [] for setting in models}
-    rows: dict[str, list[np.ndarray]] = {setting: [] for setting in models}
+    scores: dict[str, list[np.ndarray]] = {setting: [] for setting in loaded}
+    rows: dict[str, list[np.ndarray]] = {setting: [] for setting in loaded}
     to_decode = tf.data.Dataset.from_tensor_slices(np.flatnonzero(wanted).astype(np.int64))
     for positions, images, ok in extract.decoded_batches(
         list(paths), input_size, BATCH_SIZE, {}, max_pixels, to_decode
@@ -152,22 +185,7 @@ def _run_checks(
             scores[setting].append(model.predict(images[use]))
             seconds[setting] += time.perf_counter() - start
             rows[setting].append(positions[use])
-    return [
-        _figures(
-            MODEL_OUTPUTS[setting],
-            path,
-            quantization if setting == "output_tflite" else "none",
-            np.concatenate(scores[setting]),
-            np.concatenate(rows[setting]),
-            reference,
-            labels,
-            thresholds,
-            head,
-            seconds[setting],
-        )
-        for setting, path in models.items()
-        if rows[setting]
-    ]
+    return scores, rows
 
 
 def _figures(
@@ -176,20 +194,17 @@ def _figures(
     quantization: str,
     got: np.ndarray,
     picked: np.ndarray,
-    reference: np.ndarray,
-    labels: np.ndarray,
-    thresholds: Sequence[float] | None,
-    head: Head,
+    reference: _Reference,
     seconds: float,
 ) -> ExportCheck:
     """One model's ExportCheck from its scores `got` of the test images at rows `picked`."""
-    want = reference[picked]
+    want = reference.scores[picked]
     return ExportCheck(
         format=kind,
         path=path,
         quantization=quantization,
         images=len(picked),
-        accuracy=head.accuracy(got, labels[picked], thresholds),
+        accuracy=reference.head.accuracy(got, reference.labels[picked], reference.thresholds),
         agreement=float(np.mean(got.argmax(1) == want.argmax(1))),
         max_score_difference=float(np.abs(got - want).max(initial=0.0)),
         seconds=seconds,
