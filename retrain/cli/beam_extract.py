@@ -29,7 +29,8 @@ from absl import flags as absl_flags
 
 from retrain.bottlenecks import beam as beam_pipeline
 from retrain.bottlenecks.backends import BACKENDS
-from retrain.bottlenecks.beam import MIN_BATCH_SIZE, BeamSettings
+from retrain.bottlenecks.beam import BeamSettings
+from retrain.bottlenecks.beam_transforms import MIN_BATCH_SIZE
 from retrain.cli.flags import (
     FLAG_FIELDS,
     config_from_values,
