@@ -338,8 +338,9 @@ def _check_counts(c: RetrainConfig) -> None:
         if value == AUTO and c.distribution.strategy == "multi_worker_mirrored":
             raise ConfigError(
                 "{0} 'auto' is for one machine: set the rate the finder suggested there "
-                "(retrain --lr_find) for a multi-worker run",
+                "(retrain {1}) for a multi-worker run",
                 name,
+                "command.lr_find",
             )
         if value == AUTO:
             continue

@@ -20,6 +20,7 @@ from retrain.bottlenecks import distribute
 from retrain.bottlenecks.stage import (
     Bottlenecks,
     LazyModule,
+    Parallelism,
     bottleneck_folder,
     cached_bottlenecks,
     cluster_metrics,
@@ -41,7 +42,7 @@ from retrain.results import RunResult, Timings, write_json
 from retrain.training import cut, evaluate, lr_find
 from retrain.training.fine_tune_loop import FineTuneResult
 from retrain.training.fine_tuning import fine_tune_stage, search_fine_tuning_rate
-from retrain.training.head import Summaries, TrainResult, train_head
+from retrain.training.head import StepCallback, Summaries, TrainResult, train_head
 from retrain.training.inputs import training_inputs
 from retrain.utils.atomic import writing
 from retrain.utils.interrupt import check as check_interrupt
@@ -98,13 +99,15 @@ def run(config: RetrainConfig) -> RunResult:
             folder,
             config.module,
             config.data.max_image_pixels,
-            mirrored=config.distribution.strategy == "mirrored",
-            cluster=cluster,
+            Parallelism(config.distribution.strategy == "mirrored", cluster),
             distortions=config.distortions,
         )
-        b.check_trainable(image_set.labels)
+        head = make_head(image_set)
+        b.check_trainable(image_set.labels, head)
         check_interrupt()
-        done = _train_and_evaluate(config, image_set, module, module_object, folder, b, cluster)
+        done = _train_and_evaluate(
+            config, image_set, head, module, module_object, folder, b, cluster
+        )
     check_interrupt()  # a run stopped before here writes no outputs
     config, tuned = done.config, done.tuned
     outputs, export_checks = _export(config, image_set.labels, module, module_object, done, chief)
@@ -141,6 +144,7 @@ def run(config: RetrainConfig) -> RunResult:
 def _train_and_evaluate(
     config: RetrainConfig,
     image_set: scan.ImageSet,
+    head: Head,
     module: ImageModule,
     module_object: LazyModule,
     folder: str,
@@ -150,7 +154,6 @@ def _train_and_evaluate(
     """The stages on the cached vectors: the learning-rate finder if the rate is 'auto', head
     training, calibration and evaluation, the projector's sample, fine-tuning."""
     chief = cluster is None or distribute.is_chief()
-    head = make_head(image_set)
     rate_search = None
     if config.training.learning_rate == AUTO:
         rate_search = lr_find.search_on_bottlenecks(b, head, config.training)
@@ -162,7 +165,9 @@ def _train_and_evaluate(
     evaluations.update(evaluate.evaluate_test(test, trained, image_set.labels))
     projected = None
     if chief and config.outputs.summaries_dir:
-        projected = summaries.projector_sample(b, image_set.labels, config.training.random_seed)
+        projected = summaries.projector_sample(
+            b, head, image_set.labels, config.training.random_seed
+        )
     tuned = None
     if config.fine_tuning.steps:
         tuned = fine_tune_stage(config, image_set, module, folder, b, trained, cluster)
@@ -195,6 +200,7 @@ def _export(
         outputs,
         done.test_paths,
         done.evaluations.get("testing"),
+        done.trained.head,
         tuned.input_size if tuned is not None else module.input_size,
         config.data.max_image_pixels,
         config.export.quantize,
@@ -220,7 +226,10 @@ def _train(
     writer = Summaries(summaries_dir) if chief and summaries_dir else None
     on_step = None
     if chief and config.export.intermediate_store_frequency > 0:
-        on_step = intermediate_graph_writer(config, head, module, module_object)
+        on_step = StepCallback(
+            intermediate_graph_writer(config, head, module, module_object),
+            config.export.intermediate_store_frequency,
+        )
     try:
         train, validation = training_inputs(config, b, module, module_object)
         result = train_head(
@@ -229,10 +238,8 @@ def _train(
             head,
             settings,
             writer,
-            checkpoint_dir=settings.checkpoint_path if chief else None,
-            resume=settings.resume and chief,
             on_step=on_step,
-            callback_every=config.export.intermediate_store_frequency,
+            keep_checkpoints=chief,
         )
     finally:
         if writer is not None:

@@ -166,7 +166,9 @@ def suite_extraction(args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             cache = BottleneckCache(tmp, "bench", module.feature_dim)
             found = extract.lookup(files, cache)
-            stats = extract.extract_missing(files, found, cache, extractor, module.input_size, 32)
+            stats = extract.extract_missing(
+                files, found, cache, extractor, extract.DecodedBatches(module.input_size, 32)
+            )
         fraction = stats.images_per_second / raw
         result[name] = {
             "raw_images_per_second": round(raw, 1),

@@ -172,6 +172,7 @@ def test_the_approximate_index_finds_what_the_exact_one_finds(tmp_path, monkeypa
     reports the same pairs and nearest-centroid similarities as the exact index."""
     from retrain.bottlenecks.cache import BottleneckCache, key_array
     from retrain.bottlenecks.splits import FeatureSplit
+    from retrain.heads.head import SoftmaxHead
     from retrain.reporting import audit
 
     rng = np.random.default_rng(0)
@@ -189,7 +190,7 @@ def test_the_approximate_index_finds_what_the_exact_one_finds(tmp_path, monkeypa
 
     def search():
         index = audit._build_index(features, seed=0)
-        centroids = audit._centroids(features, index, 3)
+        centroids = audit._centroids(features, index, SoftmaxHead(3))
         return index.approximate, *audit._search(features, index, centroids, 0.95)
 
     exact_kind, exact_pairs, exact_nearest = search()

@@ -129,7 +129,9 @@ def test_cache_holds_retrains_vectors(extracted):
     reference = BottleneckCache(out / "reference", cache.folder.name, module.feature_dim)
     mine = extract.lookup(paths, reference)
     extractor = backends.tensorflow_backend(module.load())
-    stats = extract.extract_missing(paths, mine, reference, extractor, module.input_size)
+    stats = extract.extract_missing(
+        paths, mine, reference, extractor, extract.DecodedBatches(module.input_size)
+    )
     assert stats.computed == len(good) and list(mine.skipped) == broken
     expected, ok = reference.read(mine.locations[good])
     assert ok.all()

@@ -45,10 +45,11 @@ def imported_names(path: Path) -> set[str]:
     return names
 
 
-def test_imports_only_the_library():
+@pytest.mark.parametrize("module", ["beam.py", "beam_transforms.py"])
+def test_imports_only_the_library(module):
     """No argparse, absl or command line module (Beam itself imports argparse and absl, so
     this reads the source rather than sys.modules)."""
-    names = imported_names(ROOT / "retrain" / "bottlenecks" / "beam.py")
+    names = imported_names(ROOT / "retrain" / "bottlenecks" / module)
     assert not {n for n in names if n.split(".")[0] in COMMAND_LINE or n in COMMAND_LINE}
 
 

@@ -23,9 +23,11 @@ from retrain.export.loading import (
     open_model,
 )
 from retrain.heads.evaluation import Evaluation, MultiLabelEvaluation
+from retrain.heads.head import SigmoidHead, SoftmaxHead
 from tests.conftest import write_image
 from tests.tflite_models import TinyClassifier, write_tflite
 
+HEAD = SoftmaxHead(4)  # the tiny classifier's four outputs
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 120), (250, 250, 10)]
 
 
@@ -88,7 +90,9 @@ def test_checks_report_accuracy_and_agreement_per_format(models, caplog):
     labels[:3] = (labels[:3] + 1) % 4  # three images the model gets wrong
     evaluation = Evaluation(0.8, 0.0, reference.argmax(1), [], labels, reference)
     with caplog.at_level("INFO", logger="retrain"):
-        checks = export_check.check_exports(outputs, paths, evaluation, (12, 10), 10**8, "none")
+        checks = export_check.check_exports(
+            outputs, paths, evaluation, HEAD, (12, 10), 10**8, "none"
+        )
     assert [c.format for c in checks] == [FROZEN_GRAPH, SAVED_MODEL, TFLITE]
     for check in checks:
         assert check.images == len(paths) and check.agreement == 1.0
@@ -103,7 +107,7 @@ def test_float_formats_run_on_a_subset_of_large_splits(models, monkeypatch):
     reference = _reference(model, paths)
     evaluation = Evaluation(1.0, 0.0, reference.argmax(1), [], reference.argmax(1), reference)
     monkeypatch.setattr(export_check, "FLOAT_CHECK_IMAGES", 4)
-    checks = export_check.check_exports(outputs, paths, evaluation, (12, 10), 10**8)
+    checks = export_check.check_exports(outputs, paths, evaluation, HEAD, (12, 10), 10**8)
     assert [c.images for c in checks] == [4, 4, len(paths)]
     graph_only = {"output_graph": outputs["output_graph"]}  # only those 4 are decoded
     decoded = []
@@ -113,17 +117,19 @@ def test_float_formats_run_on_a_subset_of_large_splits(models, monkeypatch):
         "decoded_batches",
         lambda *a: [decoded.append(len(b[0])) or b for b in real(*a)],
     )
-    (check,) = export_check.check_exports(graph_only, paths, evaluation, (12, 10), 10**8)
+    (check,) = export_check.check_exports(graph_only, paths, evaluation, HEAD, (12, 10), 10**8)
     assert check.images == 4 == sum(decoded) and check.agreement == 1.0
 
 
 def test_multi_label_accuracy_is_the_exact_match_at_thresholds():
+    """The check counts a multi-label image right as the run's evaluation does."""
     scores = np.array([[0.9, 0.2], [0.6, 0.7], [0.1, 0.1]])
     rows = np.array([[1, 0], [1, 1], [0, 1]], np.uint8)
-    assert export_check.accuracy(scores, rows, [0.5, 0.5]) == pytest.approx(2 / 3)
-    assert export_check.accuracy(scores, rows, [0.7, 0.1]) == pytest.approx(1 / 3)
+    head = SigmoidHead(2)
+    assert head.accuracy(scores, rows, [0.5, 0.5]) == pytest.approx(2 / 3)
+    assert head.accuracy(scores, rows, [0.7, 0.1]) == pytest.approx(1 / 3)
     evaluation = MultiLabelEvaluation(0.0, scores.astype(np.float32), rows, [0.5, 0.5])
-    assert export_check.accuracy(scores, rows, evaluation.thresholds) == evaluation.accuracy
+    assert head.accuracy(scores, rows, evaluation.thresholds) == evaluation.accuracy
 
 
 def test_nothing_to_check_and_a_broken_export(models, tmp_path, caplog):
@@ -131,11 +137,13 @@ def test_nothing_to_check_and_a_broken_export(models, tmp_path, caplog):
     reference = _reference(model, paths)
     evaluation = Evaluation(1.0, 0.0, reference.argmax(1), [], reference.argmax(1), reference)
     labels_only = {"output_labels": "l.txt"}
-    assert export_check.check_exports(labels_only, paths, evaluation, (12, 10), 1) == []
+    assert export_check.check_exports(labels_only, paths, evaluation, HEAD, (12, 10), 1) == []
     with caplog.at_level("INFO", logger="retrain"):
-        assert export_check.check_exports(outputs, [], None, (12, 10), 10**8) == []
+        assert export_check.check_exports(outputs, [], None, HEAD, (12, 10), 10**8) == []
     assert "no test images" in caplog.text
     broken = tmp_path / "broken.tflite"
     broken.write_bytes(Path(outputs["output_tflite"]).read_bytes()[:500])
     with pytest.raises(RetrainError, match="cannot be loaded back: cannot load .*broken.tflite"):
-        export_check.check_exports({"output_tflite": str(broken)}, paths, evaluation, (12, 10), 1)
+        export_check.check_exports(
+            {"output_tflite": str(broken)}, paths, evaluation, HEAD, (12, 10), 1
+        )

@@ -233,7 +233,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
-from retrain import pipeline
+from retrain.data.stage import scan_images
 from retrain.training import cut
 from retrain.bottlenecks import distribute
 from retrain.training import finetune_cut
@@ -242,7 +242,7 @@ from retrain.heads.head import SoftmaxHead
 from retrain.models.loading import resolve_module
 
 module = resolve_module("efficientnet_lite0")
-image_set = pipeline.scan_images(RetrainConfig(image_dir="PHOTOS"), write_manifest=False)
+image_set = scan_images(RetrainConfig(image_dir="PHOTOS"), write_manifest=False)
 head = SoftmaxHead(len(image_set.labels))
 rng = np.random.default_rng(0)
 layer = (rng.normal(0, 0.1, (1280, len(image_set.labels))).astype(np.float32),

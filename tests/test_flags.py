@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from retrain.cli import retrain as cli
+from retrain.config import EXTRACTION_BACKENDS
 from tests.conftest import write_image
 
 
@@ -98,7 +99,11 @@ def test_multi_worker_needs_tf_config(capsys, monkeypatch, image_dir, tmp_path, 
     assert "TF_CONFIG" in err[0]
 
 
-def test_multi_worker_takes_any_extraction_backend(monkeypatch, image_dir, tmp_path):
+@pytest.mark.parametrize("backend", EXTRACTION_BACKENDS)
+def test_multi_worker_takes_any_extraction_backend(monkeypatch, image_dir, tmp_path, backend):
+    """Unlike mirrored (one process over its GPUs, which refuses the CPU backends), each
+    multi-worker worker extracts on its own machine: every backend is accepted, and the config
+    keeps both the strategy and the backend as given."""
     from absl import flags
 
     from retrain.cli.flags import config_from_flags, define_flags
@@ -116,10 +121,12 @@ def test_multi_worker_takes_any_extraction_backend(monkeypatch, image_dir, tmp_p
             f"--output_labels={tmp_path / 'l.txt'}",
             f"--summaries_dir={tmp_path / 'logs'}",
             "--distribution_strategy=multi_worker_mirrored",
-            "--extraction_backend=tflite",
+            f"--extraction_backend={backend}",
         ]
     )
-    config_from_flags(flag_values)  # no error: each worker extracts on its own CPU
+    run = config_from_flags(flag_values)  # no error: each worker extracts on its own machine
+    assert run.distribution.strategy == "multi_worker_mirrored"
+    assert run.module.extraction_backend == backend
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "one_class", "unset"])

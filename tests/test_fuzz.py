@@ -79,8 +79,7 @@ def test_fuzzed_files_are_scanned_and_extracted_or_skipped_with_their_reason(cor
         found,
         cache,
         lambda images: images.numpy().mean(axis=(1, 2)),  # cheap: the pipeline is under test
-        (32, 32),
-        batch_size=64,
+        extract.DecodedBatches((32, 32), batch_size=64),
     )
     failed = {str(paths[o["i"]]) for o in report.outcomes if not o["ok"]}
     skipped = {image_set.paths[i]: reason for i, reason in found.skipped.items()}

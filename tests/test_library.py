@@ -298,7 +298,7 @@ def colours(tmp_path) -> Path:
 
 
 def test_scan_stage_splits_and_writes_the_manifest(colours, tmp_path):
-    from retrain.pipeline import scan_images
+    from retrain.data.stage import scan_images
 
     manifest = tmp_path / "manifest.csv"
     config = RetrainConfig(
@@ -368,12 +368,12 @@ def test_export_stage_writes_what_it_is_told(tmp_path, tiny_module_dir):
     written = export.export_classifier(
         settings,
         ["a", "b"],
-        SoftmaxHead(2),
-        lambda: export.frozen_module_graph_def(module_object, (224, 224)),
-        lambda: module_object,
-        (224, 224),
-        weights,
-        np.zeros(2, np.float32),
+        export.Network(
+            lambda: export.frozen_module_graph_def(module_object, (224, 224)),
+            lambda: module_object,
+            (224, 224),
+        ),
+        export.TrainedLayer(SoftmaxHead(2), weights, np.zeros(2, np.float32)),
     )
     assert written == {
         "output_graph": settings.output_graph,

@@ -23,13 +23,7 @@ FLAGS = set(FLAG_FIELDS) | set(COMMAND_FLAGS)
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*)")
 
 # Files others are rewriting, not yet checked: empty this set once they speak config.
-NOT_YET_CHECKED = {
-    "retrain/config.py",
-    "retrain/pipeline.py",
-    "retrain/bottlenecks/beam.py",
-    "retrain/training/finetune.py",
-    "retrain/training/finetune_cut.py",
-}
+NOT_YET_CHECKED: set[str] = set()
 
 
 def flags_in_strings(source: str) -> list[tuple[int, str]]:

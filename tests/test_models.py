@@ -497,7 +497,7 @@ def test_concurrent_conversions_share_the_winners_directory(tmp_path, monkeypatc
 
     import tensorflow as tf
 
-    from retrain.models import export
+    from retrain.models import savedmodel as export
 
     weights = tmp_path / "tiny.pth"
     weights.write_bytes(_small_pth_bytes())

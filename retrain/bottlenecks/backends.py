@@ -51,6 +51,7 @@ __all__ = [
     "BackendError",
     "Calibration",
     "Extractor",
+    "TFLiteOptions",
     "calibration_set",
     "choose_backend",
     "convert_to_int8",
@@ -350,6 +351,17 @@ def _require_litert() -> None:
 # ----------------------------------------------------------------------------- choosing
 
 
+@dataclass(frozen=True)
+class TFLiteOptions:
+    """How a TFLite backend runs: ``batch_size`` images per invocation on ``num_threads``
+    threads (None: every CPU this process may use); and how close ``auto`` wants its features
+    to TensorFlow's before it takes TFLite (``tolerance``, see ``_check``)."""
+
+    batch_size: int = TFLITE_BATCH
+    num_threads: int | None = None
+    tolerance: float = TOLERANCE
+
+
 def choose_backend(
     requested: str,
     module: ImageModule,
@@ -358,10 +370,8 @@ def choose_backend(
     log: logging.Logger | logging.LoggerAdapter | None = None,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
-    batch_size: int = TFLITE_BATCH,
-    num_threads: int | None = None,
-    tolerance: float = TOLERANCE,
     calibration: Calibration | None = None,
+    tflite: TFLiteOptions = TFLiteOptions(),
 ) -> tuple[Extractor, str, str]:
     """(extractor, backend used, reason) for ``requested`` in ``ALL_BACKENDS``.
 
@@ -369,8 +379,8 @@ def choose_backend(
     made or loaded). ``tflite_int8``: the cached int8 conversion calibrated on
     ``calibration`` (BackendError without one). ``auto``: TensorFlow if a GPU is visible; else
     TFLite if, on ``sample_images`` (a few real preprocessed images, float32
-    ``[k, H, W, 3]``), its features are within ``tolerance`` of TensorFlow's (see ``_check``);
-    else TensorFlow, with the reason logged.
+    ``[k, H, W, 3]``), its features are within ``tflite.tolerance`` of TensorFlow's (see
+    ``_check``); else TensorFlow, with the reason logged. TFLite runs as ``tflite`` says.
     """
     log = log or _log
     if requested not in ALL_BACKENDS:
@@ -380,36 +390,60 @@ def choose_backend(
     if requested == "tensorflow":
         return tensorflow_backend(module_object), "tensorflow", "requested"
     if requested == INT8:
-        if calibration is None:
-            raise BackendError(f"{INT8} needs calibration images")
-        if not _has_tflite_identifier(_conversion_path(module, cache_dir, calibration)):
-            log.info(
-                "Converting the module to int8, calibrated on %d training images (once for "
-                "these images; about a minute)",
-                len(calibration.paths),
-            )
-        extractor = _load_tflite(
-            module, module_object, cache_dir, num_threads, batch_size, calibration
-        )
-        reason = f"requested; calibrated on {len(calibration.paths)} training images"
-        log.info("Extraction backend: %s (%s, %s)", INT8, reason, calibration.identity)
-        return extractor, INT8, reason
+        return _int8_backend(module, module_object, log, cache_dir, calibration, tflite)
     if requested == "tflite":
-        extractor = _load_tflite(module, module_object, cache_dir, num_threads, batch_size)
+        extractor = _load_tflite(module, module_object, cache_dir, tflite)
         log.info("Extraction backend: tflite (requested)")
         return extractor, "tflite", "requested"
 
     if _gpu_present():
         log.info("Extraction backend: tensorflow (GPU present)")
         return tensorflow_backend(module_object), "tensorflow", "GPU present"
+    return _auto_on_cpu(module, module_object, sample_images, log, cache_dir, tflite)
+
+
+def _int8_backend(
+    module: ImageModule,
+    module_object: Any,
+    log: logging.Logger | logging.LoggerAdapter,
+    cache_dir: str | os.PathLike[str] | None,
+    calibration: Calibration | None,
+    tflite: TFLiteOptions,
+) -> tuple[Extractor, str, str]:
+    """``tflite_int8``, as requested: the int8 conversion calibrated on ``calibration``."""
+    if calibration is None:
+        raise BackendError(f"{INT8} needs calibration images")
+    if not _has_tflite_identifier(_conversion_path(module, cache_dir, calibration)):
+        log.info(
+            "Converting the module to int8, calibrated on %d training images (once for "
+            "these images; about a minute)",
+            len(calibration.paths),
+        )
+    extractor = _load_tflite(module, module_object, cache_dir, tflite, calibration)
+    reason = f"requested; calibrated on {len(calibration.paths)} training images"
+    log.info("Extraction backend: %s (%s, %s)", INT8, reason, calibration.identity)
+    return extractor, INT8, reason
+
+
+def _auto_on_cpu(
+    module: ImageModule,
+    module_object: Any,
+    sample_images: Any,
+    log: logging.Logger | logging.LoggerAdapter,
+    cache_dir: str | os.PathLike[str] | None,
+    tflite: TFLiteOptions,
+) -> tuple[Extractor, str, str]:
+    """``auto`` without a GPU: TFLite if it was checked against TensorFlow before (its marker
+    in the module cache) or passes the check on ``sample_images`` now; else TensorFlow, with
+    the reason logged as a warning."""
     try:
-        extractor = _load_tflite(module, module_object, cache_dir, num_threads, batch_size)
+        extractor = _load_tflite(module, module_object, cache_dir, tflite)
         marker = tflite_verified_path(cache_dir, module.fingerprint)
         if marker.exists():
             earlier = marker.read_text().removeprefix("CPU; ")  # markers before 1c37c06 had it
             ok, reason = True, f"CPU; checked against TensorFlow earlier: {earlier}"
         else:
-            ok, reason = _check(extractor, module_object, sample_images, tolerance)
+            ok, reason = _check(extractor, module_object, sample_images, tflite.tolerance)
             if ok:
                 with contextlib.suppress(OSError, StorageError):  # a read-only cache: next time
                     atomic_write_text(marker, reason.removeprefix("CPU; "))
@@ -429,8 +463,7 @@ def _load_tflite(
     module: ImageModule,
     module_object: Any,
     cache_dir: str | os.PathLike[str] | None,
-    num_threads: int | None,
-    batch_size: int,
+    tflite: TFLiteOptions,
     calibration: Calibration | None = None,
 ) -> Extractor:
     """Convert (or reuse the cached conversion): float, or int8 calibrated on
@@ -445,13 +478,13 @@ def _load_tflite(
     cached = _has_tflite_identifier(_conversion_path(module, cache_dir, calibration))
     path = convert()
     try:
-        return tflite_backend(path, num_threads, batch_size)
+        return tflite_backend(path, tflite.num_threads, tflite.batch_size)
     except BackendError:
         if not cached:
             raise
         with contextlib.suppress(OSError):
             path.unlink()
-        return tflite_backend(convert(), num_threads, batch_size)
+        return tflite_backend(convert(), tflite.num_threads, tflite.batch_size)
 
 
 def _check(

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -232,34 +231,41 @@ def _progress_bar(total: int):
     return _LoggedProgress(total)
 
 
+@dataclass(frozen=True)
+class DecodedBatches:
+    """The batches `extract_missing` computes by default: the images decoded (none over
+    `max_pixels`), resized to `input_size`, `batch_size` at a time. Called with (paths, errors)
+    it makes their `decoded_batches` dataset."""
+
+    input_size: tuple[int, int]
+    batch_size: int = 32
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    def __call__(self, paths: Sequence[Path], errors: dict[int, str]) -> tf.data.Dataset:
+        return decoded_batches(paths, self.input_size, self.batch_size, errors, self.max_pixels)
+
+
 def extract_missing(
     paths: Sequence[Path],
     result: LookupResult,
     cache: BottleneckCache,
     extractor: Callable[[Any], np.ndarray],  # a backends.Extractor
-    input_size: tuple[int, int],
-    batch_size: int = 32,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    batches: Callable[[list, dict[int, str]], tf.data.Dataset],
     todo: Sequence[int] | None = None,
-    batches: Callable[[list, dict[int, str]], tf.data.Dataset] | None = None,
 ) -> ExtractionStats:
     """Compute the vectors `result` lacks (only those of images `todo`, if given) and store
     them in `cache`.
 
     `batches(todo_paths, errors)` makes the (positions, images, ok) dataset of the images to
-    compute (default: `decoded_batches`; distorted copies bring their own). Afterwards every
-    image computed has a location or is in `result.skipped`. The shard writer flushes on the
-    way out, also on Ctrl-C, so finished work is kept.
+    compute (`DecodedBatches`; distorted copies bring their own). Afterwards every image
+    computed has a location or is in `result.skipped`. The shard writer flushes on the way
+    out, also on Ctrl-C, so finished work is kept.
     """
     todo = result.missing() if todo is None else list(todo)
     stats = ExtractionStats()
     if not todo:
         return stats
     errors: dict[int, str] = {}
-    if batches is None:
-        batches = partial(
-            decoded_batches, input_size=input_size, batch_size=batch_size, max_pixels=max_pixels
-        )
     dataset = batches([paths[i] for i in todo], errors=errors)
     start = time.perf_counter()
     progress = _progress_bar(len(todo))

@@ -34,6 +34,8 @@ from retrain.utils.interrupt import check as check_interrupt
 if TYPE_CHECKING:
     import tensorflow as tf
 
+    from retrain.heads.head import Head
+
 log = logging.getLogger("retrain")
 
 
@@ -100,18 +102,15 @@ class Bottlenecks:
         """The image files of one split, in the order of `split(name)`."""
         return self.paths.take(self.in_split(name))
 
-    def check_trainable(self, labels: list[str]) -> None:
-        """Raise RetrainError naming every class (multi-label: label) left without a usable
-        training image (multi-label: one where it applies)."""
-        train = self.labels[self.in_split("training")]
-        if train.ndim == 2:
-            present, what = train.any(axis=0), "label"
-        else:
-            present, what = np.bincount(train, minlength=len(labels)) > 0, "class"
+    def check_trainable(self, labels: list[str], head: Head) -> None:
+        """Raise RetrainError naming every class (multi-label: label) of `head`'s outputs
+        (named `labels`) left without a usable training image (multi-label: one where it
+        applies)."""
+        present = head.positives(self.labels[self.in_split("training")]) > 0
         missing = [label for label, there in zip(labels, present) if not there]
         if missing:
             raise RetrainError(
-                f"no usable training images for {what} "
+                f"no usable training images for {head.output_noun} "
                 + ", ".join(f"'{m}'" for m in missing)
                 + " (all of them were skipped; see the warnings above)"
             )
@@ -186,6 +185,16 @@ def int8_calibration(
     return backends.calibration_set(list(training), max_pixels)
 
 
+@dataclass(frozen=True)
+class Parallelism:
+    """Where extraction runs besides this process's one device: `mirrored`, data-parallel
+    over this machine's devices; `cluster`, a multi-worker strategy whose workers each compute
+    a share of what is missing."""
+
+    mirrored: bool = False
+    cluster: tf.distribute.Strategy | None = None
+
+
 def compute_bottlenecks(
     image_set: scan.ImageSet,
     module: ImageModule,
@@ -193,15 +202,14 @@ def compute_bottlenecks(
     bottleneck_dir: str | Path,
     settings: ModuleConfig,
     max_pixels: int,
-    mirrored: bool = False,
-    cluster: tf.distribute.Strategy | None = None,
+    parallelism: Parallelism = Parallelism(),
     distortions: DistortionConfig | None = None,
 ) -> Bottlenecks:
     """Look every image up in the cache and compute what is missing with `settings`' backend
-    (`mirrored`: data-parallel over this machine's devices); with a multi-worker `cluster`,
-    each worker first computes its share (`_extract_in_cluster`). With `distortions.copies`,
-    also the distorted copies of the training images (every worker computes what is missing:
-    copies written twice are harmless)."""
+    (`parallelism.mirrored`: data-parallel over this machine's devices); with a multi-worker
+    `parallelism.cluster`, each worker first computes its share (`_extract_in_cluster`). With
+    `distortions.copies`, also the distorted copies of the training images (every worker
+    computes what is missing: copies written twice are harmless)."""
     calibration = int8_calibration(image_set, settings, max_pixels)
     cache = open_cache(bottleneck_dir, module, calibration)
     paths = image_set.paths
@@ -215,12 +223,14 @@ def compute_bottlenecks(
         len(paths) - missing - len(found.skipped),
         missing,
     )
-    extractor = _Extractors(module, module_object, settings, max_pixels, mirrored, calibration)
+    extractor = _Extractors(
+        module, module_object, settings, max_pixels, parallelism.mirrored, calibration
+    )
     extract_some = partial(_extract, extractor, cache, paths, found)
     extraction, cluster_computed = extract.ExtractionStats(), None
-    if cluster is not None:
+    if parallelism.cluster is not None:
         extraction, cluster_computed = _extract_in_cluster(
-            cluster, cache, paths, found, extract_some
+            parallelism.cluster, cache, paths, found, extract_some
         )
     # Alone: all that is missing. In a cluster: what no worker could use, skipped with a reason.
     extraction += extract_some(found.missing())
@@ -301,11 +311,7 @@ def _distorted_copies(
         copies,
         cache,
         extractors.backend([source_paths[j] for j in todo[:32]]) if todo else None,
-        extractors.module.input_size,
-        extractors.settings.extraction_batch_size,
-        extractors.max_pixels,
-        todo=todo,
-        batches=partial(
+        partial(
             distort.distorted_batches,
             params=params,
             settings=settings,
@@ -313,6 +319,7 @@ def _distorted_copies(
             batch_size=extractors.settings.extraction_batch_size,
             max_pixels=extractors.max_pixels,
         ),
+        todo=todo,
     )
     usable = copies.cached()
     return DistortedCopies(
@@ -405,9 +412,11 @@ def _extract(
         found,
         cache,
         extractors.backend([paths[i] for i in picks[:32]]),
-        extractors.module.input_size,
-        extractors.settings.extraction_batch_size,
-        extractors.max_pixels,
+        extract.DecodedBatches(
+            extractors.module.input_size,
+            extractors.settings.extraction_batch_size,
+            extractors.max_pixels,
+        ),
         todo=picks,
     )
     if stats.computed:

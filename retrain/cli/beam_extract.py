@@ -29,7 +29,8 @@ from absl import flags as absl_flags
 
 from retrain.bottlenecks import beam as beam_pipeline
 from retrain.bottlenecks.backends import BACKENDS
-from retrain.bottlenecks.beam import MIN_BATCH_SIZE, BeamSettings
+from retrain.bottlenecks.beam import BeamSettings
+from retrain.bottlenecks.beam_transforms import MIN_BATCH_SIZE
 from retrain.cli.flags import (
     FLAG_FIELDS,
     config_from_values,
@@ -40,7 +41,7 @@ from retrain.cli.flags import (
     flag_named,
 )
 from retrain.config import RetrainConfig
-from retrain.errors import RetrainError, UsageError
+from retrain.errors import RetrainError, UsageError, name_settings_as
 
 __all__ = ["argument_parser", "main", "pipeline_options", "run", "settings_from_args"]
 
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     (interrupted)."""
     argv = list(sys.argv if argv is None else argv)
     parser = argument_parser()
+    callers_names = name_settings_as(flag_for_field)  # the library's messages name our flags
     try:
         if any(arg in ("-h", "--help") for arg in argv[1:]):
             parser.print_help()
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except RetrainError as err:
         print(f"{PROG}: error: {err.render(flag_for_field)}", file=sys.stderr)
         return err.exit_code
+    finally:
+        name_settings_as(callers_names)
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from retrain.errors import RetrainError, StorageError, UsageError, first_line
+from retrain.errors import RetrainError, StorageError, UsageError, first_line, name_settings_as
 
 PROG = "retrain"
 
@@ -43,11 +43,12 @@ def setup_logging(verbosity: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run retrain with `argv` (default sys.argv); returns the exit status."""
     argv = list(sys.argv if argv is None else argv)
+    callers_names = None  # how the caller named settings, restored on the way out
     try:
         # Imported here, inside the try, so that even an early Ctrl-C ends cleanly.
         from absl import flags
 
-        from retrain.cli.flags import config_from_flags, define_flags, render_help
+        from retrain.cli.flags import config_from_flags, define_flags, flag_for_field, render_help
         from retrain.utils.runtime import import_tensorflow_quietly
 
         flag_values = flags.FlagValues()
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             print(render_help(), end="")
             return 0
         parse_flags(argv, flag_values)
+        callers_names = name_settings_as(flag_for_field)  # library messages name our flags
         config = config_from_flags(flag_values)
         setup_logging(flag_values.logging_verbosity)
         from retrain.utils import interrupt
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: cannot write: {first_line(err)}", file=sys.stderr)
         return StorageError.exit_code
+    finally:
+        if callers_names is not None:
+            name_settings_as(callers_names)
 
 
 def check_accuracy(accuracy: float | None, threshold: float | None, model: str = "") -> None:

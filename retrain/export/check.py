@@ -33,7 +33,7 @@ from retrain.export.loading import (
     ModelLoadError,
     open_model,
 )
-from retrain.heads.head import AnyEvaluation
+from retrain.heads.head import AnyEvaluation, Head
 from retrain.utils.interrupt import check as check_interrupt
 
 log = logging.getLogger("retrain")
@@ -72,6 +72,7 @@ def check_exports(
     outputs: dict[str, str],
     paths: Sequence[str],
     evaluation: AnyEvaluation | None,
+    head: Head,
     input_size: tuple[int, int],
     max_pixels: int,
     quantization: str = "none",
@@ -79,7 +80,8 @@ def check_exports(
 ) -> list[ExportCheck]:
     """Run each model of `outputs` ({export setting: path}, as export_classifier returns it)
     on the test images `paths`, which `evaluation` (the run's evaluation of the float model:
-    its probabilities, labels and a multi-label head's thresholds, row for row) measured.
+    its probabilities, labels and a multi-label head's thresholds, row for row) measured;
+    `head`, the float model's, says how an image counts as right (`Head.accuracy`).
     Images that no longer decode are left out. Returns one ExportCheck per model, in the order
     of `outputs`, each logged; none without models or test images. `final_tensor_name` is
     the frozen graph's output node (as exported), when it is not the default."""
@@ -91,32 +93,41 @@ def check_exports(
     if len(evaluation.probabilities) != len(paths):  # a test image stopped decoding meanwhile
         log.warning("Export check: the test images changed during the run; not checked")
         return []
-    checks = _run_checks(
-        outputs,
-        paths,
+    reference = _Reference(
         evaluation.probabilities,
         np.asarray(evaluation.labels),
         getattr(evaluation, "thresholds", None),
-        input_size,
-        max_pixels,
-        quantization,
-        final_tensor_name,
+        head,
+    )
+    checks = _run_checks(
+        outputs, paths, reference, input_size, max_pixels, quantization, final_tensor_name
     )
     _log_checks(checks, evaluation.accuracy)
     return checks
 
 
+@dataclass(frozen=True, eq=False)
+class _Reference:
+    """What the exported models are measured against, row for row of the test images: the
+    float model's `scores`, the `labels`, the `thresholds` a multi-label head decided at
+    (None: the argmax decides), and the `head`, which says how an image counts as right."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    thresholds: Sequence[float] | None
+    head: Head
+
+
 def _run_checks(
     outputs: dict[str, str],
     paths: Sequence[str],
-    reference: np.ndarray,
-    labels: np.ndarray,
-    thresholds: Sequence[float] | None,
+    reference: _Reference,
     input_size: tuple[int, int],
     max_pixels: int,
     quantization: str,
     final_tensor_name: str | None,
 ) -> list[ExportCheck]:
+    """Load each model of `outputs`, run it on the test images `paths` and measure it."""
     models = {setting: path for setting, path in outputs.items() if setting in MODEL_OUTPUTS}
     loaded: dict[str, Classifier] = {}
     seconds = dict.fromkeys(models, 0.0)
@@ -128,12 +139,38 @@ def _run_checks(
         except ModelLoadError as err:
             raise RetrainError(f"the exported model cannot be loaded back: {err}") from None
         seconds[setting] += time.perf_counter() - start
+    scores, rows = _predict(loaded, paths, input_size, max_pixels, seconds)
+    return [
+        _figures(
+            MODEL_OUTPUTS[setting],
+            path,
+            quantization if setting == "output_tflite" else "none",
+            np.concatenate(scores[setting]),
+            np.concatenate(rows[setting]),
+            reference,
+            seconds[setting],
+        )
+        for setting, path in models.items()
+        if rows[setting]
+    ]
+
+
+def _predict(
+    loaded: dict[str, Classifier],
+    paths: Sequence[str],
+    input_size: tuple[int, int],
+    max_pixels: int,
+    seconds: dict[str, float],
+) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+    """Each model's scores of the test images it runs on (a .tflite all of them, the others a
+    seeded subset of FLOAT_CHECK_IMAGES), each decoded once, and those images' rows, in
+    pieces; each model's seconds of running are added to `seconds`."""
     subset = np.zeros(len(paths), bool)
     subset[random_picks(len(paths), FLOAT_CHECK_IMAGES, seed=0)] = True
     # Only the subset is decoded when no .tflite needs the rest.
     wanted = subset | any(model.format == TFLITE for model in loaded.values())
-    scores: dict[str, list[np.ndarray]] = {setting: [] for setting in models}
-    rows: dict[str, list[np.ndarray]] = {setting: [] for setting in models}
+    scores: dict[str, list[np.ndarray]] = {setting: [] for setting in loaded}
+    rows: dict[str, list[np.ndarray]] = {setting: [] for setting in loaded}
     to_decode = tf.data.Dataset.from_tensor_slices(np.flatnonzero(wanted).astype(np.int64))
     for positions, images, ok in extract.decoded_batches(
         list(paths), input_size, BATCH_SIZE, {}, max_pixels, to_decode
@@ -148,21 +185,7 @@ def _run_checks(
             scores[setting].append(model.predict(images[use]))
             seconds[setting] += time.perf_counter() - start
             rows[setting].append(positions[use])
-    return [
-        _figures(
-            MODEL_OUTPUTS[setting],
-            path,
-            quantization if setting == "output_tflite" else "none",
-            np.concatenate(scores[setting]),
-            np.concatenate(rows[setting]),
-            reference,
-            labels,
-            thresholds,
-            seconds[setting],
-        )
-        for setting, path in models.items()
-        if rows[setting]
-    ]
+    return scores, rows
 
 
 def _figures(
@@ -171,34 +194,21 @@ def _figures(
     quantization: str,
     got: np.ndarray,
     picked: np.ndarray,
-    reference: np.ndarray,
-    labels: np.ndarray,
-    thresholds: Sequence[float] | None,
+    reference: _Reference,
     seconds: float,
 ) -> ExportCheck:
     """One model's ExportCheck from its scores `got` of the test images at rows `picked`."""
-    want = reference[picked]
+    want = reference.scores[picked]
     return ExportCheck(
         format=kind,
         path=path,
         quantization=quantization,
         images=len(picked),
-        accuracy=accuracy(got, labels[picked], thresholds),
+        accuracy=reference.head.accuracy(got, reference.labels[picked], reference.thresholds),
         agreement=float(np.mean(got.argmax(1) == want.argmax(1))),
         max_score_difference=float(np.abs(got - want).max(initial=0.0)),
         seconds=seconds,
     )
-
-
-def accuracy(scores: np.ndarray, labels: np.ndarray, thresholds: Sequence[float] | None) -> float:
-    """The share of images right: the top class for classes [n]; every label decided right
-    (score >= its threshold) for 0/1 rows [n, k] (the exact match a multi-label run reports)."""
-    if not len(scores):
-        return 0.0
-    if labels.ndim == 1:
-        return float(np.mean(scores.argmax(1) == labels))
-    decided = scores >= np.asarray(thresholds if thresholds is not None else 0.5)
-    return float(np.mean((decided == labels.astype(bool)).all(axis=1)))
 
 
 def _log_checks(checks: list[ExportCheck], float_accuracy: float) -> None:

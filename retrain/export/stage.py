@@ -46,23 +46,23 @@ def export_run(
         return writer.export_classifier(
             config.export,
             labels,
-            trained.head,
-            lambda: writer.frozen_module_graph_def(tuned.module_object, tuned.input_size),
-            lambda: tuned.module_object,
-            tuned.input_size,
-            tuned.weights,
-            tuned.biases,
+            writer.Network(
+                lambda: writer.frozen_module_graph_def(tuned.module_object, tuned.input_size),
+                lambda: tuned.module_object,
+                tuned.input_size,
+            ),
+            writer.TrainedLayer(trained.head, tuned.weights, tuned.biases),
             representative,
         )
     return writer.export_classifier(
         config.export,
         labels,
-        trained.head,
-        lambda: frozen_module(config, module, module_object),
-        module_object.get,
-        module.input_size,
-        trained.weights,
-        trained.biases,
+        writer.Network(
+            lambda: frozen_module(config, module, module_object),
+            module_object.get,
+            module.input_size,
+        ),
+        writer.TrainedLayer(trained.head, trained.weights, trained.biases),
         representative,
     )
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -236,50 +237,47 @@ def write_tflite(
     atomic_write_bytes(path, model, "TFLite model")
 
 
+@dataclass(frozen=True)
+class Network:
+    """The network under the new layer, each form asked for only if a file needs it:
+    `graph_def()` gives it frozen, `loaded()` loaded; it takes images of `input_size`."""
+
+    graph_def: Callable[[], tf.compat.v1.GraphDef]
+    loaded: Callable[[], Any]
+    input_size: tuple[int, int]
+
+
+@dataclass(frozen=True, eq=False)
+class TrainedLayer:
+    """The new layer on top: its `head` and its parameters (`weights`, `biases`)."""
+
+    head: Head
+    weights: np.ndarray
+    biases: np.ndarray
+
+
 def export_classifier(
     settings: ExportConfig,
     labels: list[str],
-    head: Head,
-    module_graph_def: Callable[[], tf.compat.v1.GraphDef],
-    module_object: Callable[[], Any],
-    input_size: tuple[int, int],
-    weights: np.ndarray,
-    biases: np.ndarray,
+    network: Network,
+    layer: TrainedLayer,
     representative: Callable[[], Any] | None = None,
 ) -> dict[str, str]:
-    """Write the files `settings` names (frozen graph, labels, TFLite, SavedModel) for the
-    module followed by the layer (`weights`, `biases`) and `head`'s output; returns
-    {setting: path} of each one written (and "thresholds": the thresholds file a head with
-    thresholds writes beside the labels, see retrain.heads.thresholds). `module_graph_def()` gives
-    the frozen module and `module_object()` the loaded one: each is asked for only if a file
-    needs it. `representative` calibrates int8 quantization (see retrain.models.quantize)."""
-    written = {}
-    if settings.output_graph:
-        graph = classifier_graph_def(
-            module_graph_def(), head, weights, biases, settings.final_tensor_name
-        )
-        write_frozen_graph(graph, settings.output_graph)
-        written["output_graph"] = settings.output_graph
-    if settings.output_labels:
-        write_labels(labels, settings.output_labels)
-        written["output_labels"] = settings.output_labels
-        if head.thresholds is not None:
-            written["thresholds"] = write_thresholds(head.thresholds, settings.output_labels)
-            log.info("Saved the labels' thresholds to %s", written["thresholds"])
-    if settings.output_graph and settings.output_labels:  # retrain.py's line, for scripts
-        log.info(
-            "Saved the frozen graph to %s and labels to %s",
-            settings.output_graph,
-            settings.output_labels,
-        )
-    elif settings.output_graph:
-        log.info("Saved the frozen graph to %s", settings.output_graph)
-    elif settings.output_labels:
-        log.info("Saved the labels to %s", settings.output_labels)
+    """Write the files `settings` names (frozen graph, labels, TFLite, SavedModel) for
+    `network` followed by `layer` and its head's output; returns {setting: path} of each one
+    written (and "thresholds": the thresholds file a head with thresholds writes beside the
+    labels, see retrain.heads.thresholds). `representative` calibrates int8 quantization (see
+    retrain.models.quantize)."""
+    written = _write_graph_and_labels(settings, labels, network, layer)
     if not (settings.output_tflite or settings.saved_model_dir):
         return written
     classifier = Classifier(
-        module_object(), head, weights, biases, input_size, settings.final_tensor_name
+        network.loaded(),
+        layer.head,
+        layer.weights,
+        layer.biases,
+        network.input_size,
+        settings.final_tensor_name,
     )
     if settings.output_tflite:
         write_tflite(
@@ -300,4 +298,39 @@ def export_classifier(
         write_saved_model(classifier, labels, settings.saved_model_dir)
         written["saved_model_dir"] = settings.saved_model_dir
         log.info("Saved the SavedModel to %s", settings.saved_model_dir)
+    return written
+
+
+def _write_graph_and_labels(
+    settings: ExportConfig, labels: list[str], network: Network, layer: TrainedLayer
+) -> dict[str, str]:
+    """The files that need no loaded module: the frozen graph, the labels and the head's
+    thresholds beside them, each logged as retrain.py did; returns {setting: path}."""
+    written = {}
+    if settings.output_graph:
+        graph = classifier_graph_def(
+            network.graph_def(),
+            layer.head,
+            layer.weights,
+            layer.biases,
+            settings.final_tensor_name,
+        )
+        write_frozen_graph(graph, settings.output_graph)
+        written["output_graph"] = settings.output_graph
+    if settings.output_labels:
+        write_labels(labels, settings.output_labels)
+        written["output_labels"] = settings.output_labels
+        if layer.head.thresholds is not None:
+            written["thresholds"] = write_thresholds(layer.head.thresholds, settings.output_labels)
+            log.info("Saved the labels' thresholds to %s", written["thresholds"])
+    if settings.output_graph and settings.output_labels:  # retrain.py's line, for scripts
+        log.info(
+            "Saved the frozen graph to %s and labels to %s",
+            settings.output_graph,
+            settings.output_labels,
+        )
+    elif settings.output_graph:
+        log.info("Saved the frozen graph to %s", settings.output_graph)
+    elif settings.output_labels:
+        log.info("Saved the labels to %s", settings.output_labels)
     return written

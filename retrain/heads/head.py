@@ -10,13 +10,17 @@ Labels are arrays whose form the head defines (`label_array`, `label_spec`): cla
 the softmax head, 0/1 rows [n, labels] for the sigmoid head. Stages pass them through untouched.
 After training, `calibrate` lets a head tune its decisions on the validation split (the sigmoid
 head's per-label thresholds, which `thresholds` then gives to the exports).
+
+Code outside the heads asks its Head, never the label array's shape, what labels mean: which
+outputs an example has (`positives`, `membership`), how a label reads (`label_text`), how
+scores are judged against labels (`accuracy`). `make_head` picks the head for an image set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -30,6 +34,9 @@ from retrain.heads.evaluation import (
     evaluate_chunks,
     evaluate_multilabel_chunks,
 )
+
+if TYPE_CHECKING:
+    from retrain.data.scan import ImageSet
 
 # What a head's `evaluate` gives.
 AnyEvaluation = Evaluation | MultiLabelEvaluation
@@ -91,6 +98,36 @@ class Head(Protocol):
         """The head with its decisions tuned on the validation split, and the evaluation it
         was tuned on; a head with nothing to tune returns itself and None, reading nothing."""
 
+    # What the labels say, in NumPy: every question about a label array's form is asked here.
+
+    @property
+    def multi_label(self) -> bool:
+        """True when an image may have any number of labels (0/1 rows [n, outputs]); False
+        for one class index per image [n]."""
+
+    @property
+    def output_noun(self) -> str:
+        """What one output stands for, as messages name it: "class" or "label"."""
+
+    def positives(self, labels: np.ndarray) -> np.ndarray:
+        """int64 [outputs]: how many of the examples `labels` each output applies to (images
+        per class; positives per label)."""
+
+    def membership(self, labels: np.ndarray) -> np.ndarray:
+        """float32 [n, outputs]: 1 where an example belongs to the class (has the label),
+        else 0."""
+
+    def label_text(self, label: np.ndarray | int, names: list[str], separator: str = ",") -> str:
+        """One example's label as the names it stands for (`names`, one per output): a class
+        name, or the names of the labels that apply joined by `separator`."""
+
+    def accuracy(
+        self, scores: np.ndarray, labels: np.ndarray, thresholds: Sequence[float] | None = None
+    ) -> float:
+        """The share of examples right given their scores [n, outputs] (0.0 for none): the top
+        class is the label, or every label is decided right (score >= its threshold;
+        `thresholds` default to the head's own)."""
+
 
 @dataclass(frozen=True)
 class SoftmaxHead:
@@ -151,6 +188,37 @@ class SoftmaxHead:
         self, weights: np.ndarray, biases: np.ndarray, validation: Chunks
     ) -> tuple[SoftmaxHead, None]:
         return self, None
+
+    @property
+    def multi_label(self) -> bool:
+        """False: one class index per image."""
+        return False
+
+    @property
+    def output_noun(self) -> str:
+        """ "class"."""
+        return "class"
+
+    def positives(self, labels: np.ndarray) -> np.ndarray:
+        """Images per class, [classes] (see sampling.class_counts)."""
+        return sampling.class_counts(labels, self.num_classes)
+
+    def membership(self, labels: np.ndarray) -> np.ndarray:
+        """The class indices one-hot, float32 [n, classes]."""
+        return np.eye(self.num_classes, dtype=np.float32)[labels]
+
+    def label_text(self, label: np.ndarray | int, names: list[str], separator: str = ",") -> str:
+        """The class's name (`separator` joins nothing here)."""
+        return names[int(label)]
+
+    def accuracy(
+        self, scores: np.ndarray, labels: np.ndarray, thresholds: Sequence[float] | None = None
+    ) -> float:
+        """The share of images whose top-scoring class is their label (`thresholds` are not
+        used: the argmax decides)."""
+        if not len(scores):
+            return 0.0
+        return float(np.mean(scores.argmax(1) == labels))
 
 
 @dataclass(frozen=True)
@@ -242,6 +310,48 @@ class SigmoidHead:
         untuned.thresholds = chosen
         return tuned, untuned
 
+    @property
+    def multi_label(self) -> bool:
+        """True: 0/1 rows, any number of labels per image."""
+        return True
+
+    @property
+    def output_noun(self) -> str:
+        """ "label"."""
+        return "label"
+
+    def positives(self, labels: np.ndarray) -> np.ndarray:
+        """Images each label applies to, [labels]: the 0/1 rows summed."""
+        return labels.sum(axis=0).astype(np.int64)
+
+    def membership(self, labels: np.ndarray) -> np.ndarray:
+        """The 0/1 rows themselves, as float32 [n, labels]."""
+        return labels.astype(np.float32)
+
+    def label_text(self, label: np.ndarray | int, names: list[str], separator: str = ",") -> str:
+        """The names of the labels whose entry in the 0/1 row `label` is on, joined by
+        `separator` ("" for none)."""
+        return separator.join(name for name, on in zip(names, label) if on)
+
+    def accuracy(
+        self, scores: np.ndarray, labels: np.ndarray, thresholds: Sequence[float] | None = None
+    ) -> float:
+        """The exact match a multi-label run reports: the share of images with every label
+        decided right, a label being predicted where its score >= its threshold (`thresholds`,
+        default this head's `thresholds`)."""
+        if not len(scores):
+            return 0.0
+        decided = scores >= np.asarray(thresholds if thresholds is not None else self.thresholds)
+        return float(np.mean((decided == labels.astype(bool)).all(axis=1)))
+
+
+def make_head(image_set: ImageSet) -> Head:
+    """The output layer's head for the data: a sigmoid per label for multi-label data (labels
+    from a CSV), else retrain.py's softmax over the classes."""
+    if image_set.multi_label:
+        return SigmoidHead(len(image_set.labels))
+    return SoftmaxHead(len(image_set.labels))
+
 
 def metrics(head: Head, logits: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(accuracy, mean loss) of `logits` against `labels`."""
@@ -262,11 +372,3 @@ class DenseLayer(tf.Module):
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         return tf.matmul(x, self.weights) + self.biases
-
-
-def make_head(image_set: ImageSet) -> Head:
-    """The output layer's head for the data: a sigmoid per label for multi-label data (labels
-    from a CSV), else retrain.py's softmax over the classes."""
-    if image_set.multi_label:
-        return SigmoidHead(len(image_set.labels))
-    return SoftmaxHead(len(image_set.labels))

@@ -109,12 +109,12 @@ def audit_bottlenecks(
     features = FeatureSplit(b.cache, b.locations, b.labels)
     report = AuditReport(images=len(features))
     probabilities = out_of_sample_probabilities(features, head, settings, training)
-    report.suspects = _suspects(probabilities, b, labels)
+    report.suspects = _suspects(probabilities, b, labels, head)
     index = _build_index(features, training.random_seed)
-    centroids = _centroids(features, index, head.num_outputs)
+    centroids = _centroids(features, index, head)
     near, nearest = _search(features, index, centroids, settings.duplicate_similarity)
-    report.duplicates = _duplicates(near, b, labels)
-    report.outliers = _outliers(nearest, b, labels)
+    report.duplicates = _duplicates(near, b, labels, head)
+    report.outliers = _outliers(nearest, b, labels, head)
     report.seconds = time.perf_counter() - start
     if settings.output_dir:
         report.files = write_csvs(report, settings.output_dir)
@@ -146,11 +146,13 @@ def out_of_sample_probabilities(
     return probabilities
 
 
-def _suspects(probabilities: np.ndarray, b: Bottlenecks, labels: list[str]) -> list[dict]:
+def _suspects(
+    probabilities: np.ndarray, b: Bottlenecks, labels: list[str], head: Head
+) -> list[dict]:
     """Confident learning's label issues, most doubtful first: one row per image (per image
     and label for multi-label data)."""
     filters = _cleanlab_filters()
-    if b.labels.ndim == 2:
+    if head.multi_label:
         return _label_suspects(filters, probabilities, b, labels)
     ranked = filters.find_label_issues(
         b.labels, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1
@@ -215,7 +217,7 @@ def _cleanlab_filters() -> SimpleNamespace:
     )
 
 
-def _duplicates(near: dict, b: Bottlenecks, labels: list[str]) -> list[dict]:
+def _duplicates(near: dict, b: Bottlenecks, labels: list[str], head: Head) -> list[dict]:
     """Rows for the pairs (i < j) of identical files (one cached vector) and the pairs `near`
     ({(i, j): cosine similarity}), most similar first."""
     identical = identical_pairs(b.locations)
@@ -228,20 +230,13 @@ def _duplicates(near: dict, b: Bottlenecks, labels: list[str]) -> list[dict]:
                 "path_b": scan.display_path(b.paths[j]),
                 "finding": kind,
                 "similarity": round(float(similarity), 4),
-                "label_a": _label_text(b.labels[i], labels),
-                "label_b": _label_text(b.labels[j], labels),
+                "label_a": head.label_text(b.labels[i], labels, ";"),
+                "label_b": head.label_text(b.labels[j], labels, ";"),
                 "split_a": scan.SPLITS[b.split_codes[i]],
                 "split_b": scan.SPLITS[b.split_codes[j]],
             }
         )
     return sorted(rows, key=lambda r: (-r["similarity"], r["path_a"], r["path_b"]))
-
-
-def _label_text(label: np.ndarray | int, labels: list[str]) -> str:
-    """A class name, or the names of the labels of a 0/1 row joined by ';'."""
-    if np.ndim(label):
-        return ";".join(name for name, on in zip(labels, label) if on)
-    return labels[int(label)]
 
 
 def identical_pairs(locations: np.ndarray) -> set[tuple[int, int]]:
@@ -299,22 +294,15 @@ def _faiss():
     return faiss
 
 
-def _centroids(features: FeatureSplit, index: _Index, outputs: int) -> np.ndarray:
+def _centroids(features: FeatureSplit, index: _Index, head: Head) -> np.ndarray:
     """One streamed pass: every unit vector added to `index`; returns the unit mean vector
     of each class (multi-label: of the images of each label), float32 [outputs, dim]."""
-    sums = np.zeros((outputs, features.feature_dim), np.float64)
+    sums = np.zeros((head.num_outputs, features.feature_dim), np.float64)
     for rows, x in _vector_chunks(features):
         unit = _normalised(x)
         index.faiss_index.add(unit)
-        sums += _membership(features.y[rows], outputs).T @ unit
+        sums += head.membership(features.y[rows]).T @ unit
     return _normalised(sums)
-
-
-def _membership(y: np.ndarray, outputs: int) -> np.ndarray:
-    """float32 [n, outputs]: 1 where an image belongs to a class (has a label)."""
-    if y.ndim == 2:
-        return y.astype(np.float32)
-    return np.eye(outputs, dtype=np.float32)[y]
 
 
 def _search(
@@ -350,7 +338,7 @@ def _exact_similarities(features: FeatureSplit, unit: np.ndarray, rows: np.ndarr
     return out
 
 
-def _outliers(nearest: np.ndarray, b: Bottlenecks, labels: list[str]) -> list[dict]:
+def _outliers(nearest: np.ndarray, b: Bottlenecks, labels: list[str], head: Head) -> list[dict]:
     """Images whose similarity to the nearest class centroid is far under the median."""
     median = np.median(nearest)
     spread = np.median(np.abs(nearest - median)) or 1e-6
@@ -359,7 +347,7 @@ def _outliers(nearest: np.ndarray, b: Bottlenecks, labels: list[str]) -> list[di
         {
             "path": scan.display_path(b.paths[i]),
             "finding": "outlier",
-            "label": _label_text(b.labels[i], labels),
+            "label": head.label_text(b.labels[i], labels, ";"),
             "similarity_to_nearest_class": round(float(nearest[i]), 4),
             "score": round(float(scores[i]), 2),
             "split": scan.SPLITS[b.split_codes[i]],

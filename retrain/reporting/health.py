@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from retrain.bottlenecks.stage import Bottlenecks
-from retrain.data import sampling
 from retrain.errors import setting_name
 from retrain.reporting.audit import identical_pairs
 from retrain.results import RunResult
@@ -303,14 +302,6 @@ def _confusions(result: RunResult) -> list[Finding]:
     ]
 
 
-def training_counts(b: Bottlenecks, outputs: int) -> np.ndarray:
-    """Training images per class (positives per label, for 0/1 label rows)."""
-    labels = b.labels[b.in_split("training")]
-    if labels.ndim == 2:
-        return labels.sum(axis=0).astype(np.int64)
-    return sampling.class_counts(labels, outputs)
-
-
 def cross_split_duplicates(b: Bottlenecks) -> int:
     """Pairs of files with the same bytes in different splits (the health report's
     `duplicates_across_splits` warning is the run's hint at them)."""
@@ -319,6 +310,7 @@ def cross_split_duplicates(b: Bottlenecks) -> int:
 
 
 def diagnose_run(result: RunResult, b: Bottlenecks, learning_rate: float) -> list[Finding]:
-    """`diagnose` a finished run, its class counts and duplicates taken from its bottlenecks."""
-    counts = training_counts(b, len(result.labels))
+    """`diagnose` a finished run, its training images per class (positives per label) and
+    its duplicates across splits taken from its bottlenecks."""
+    counts = result.head.head.positives(b.labels[b.in_split("training")])
     return diagnose(result, counts, cross_split_duplicates(b), learning_rate)

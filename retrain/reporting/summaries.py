@@ -23,6 +23,7 @@ from tensorboard.plugins import projector
 from retrain.bottlenecks.stage import Bottlenecks
 from retrain.data import scan
 from retrain.data.sampling import random_picks
+from retrain.heads.head import Head
 from retrain.reporting import pictures
 from retrain.reporting.health import Finding
 from retrain.results import RunResult
@@ -127,7 +128,7 @@ def write_rate_search(summaries_dir: str | Path, search: RateSearch, name: str) 
 
 
 def projector_sample(
-    b: Bottlenecks, names: list[str], seed: int
+    b: Bottlenecks, head: Head, names: list[str], seed: int
 ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
     """A random sample of at most PROJECTOR_SAMPLE bottleneck vectors, with the file, label
     and split of each, for TensorBoard's projector."""
@@ -135,17 +136,10 @@ def projector_sample(
     vectors, _ = b.cache.read(b.locations[picks])
     rows = zip(
         (scan.display_path(p) for p in b.paths.take(picks)),
-        (_label_text(b.labels[i], names) for i in picks),
+        (head.label_text(b.labels[i], names) for i in picks),
         (scan.SPLITS[code] for code in b.split_codes[picks]),
     )
     return vectors, list(rows)
-
-
-def _label_text(label: np.ndarray, names: list[str]) -> str:
-    """A class index, or a multi-label 0/1 row, as the label names it stands for."""
-    if np.ndim(label):
-        return ",".join(name for name, on in zip(names, label) if on)
-    return names[int(label)]
 
 
 def write_summaries(

@@ -222,49 +222,38 @@ class Summaries:
             self.validation.close()
 
 
+@dataclass(frozen=True)
+class StepCallback:
+    """`call(step, weights, biases)` after each graph call of training, which cuts its calls
+    short so that one ends at the latest every `every` steps (0: no such cut). Intermediate
+    graphs are written so."""
+
+    call: Callable[[int, np.ndarray, np.ndarray], None]
+    every: int = 0
+
+
 def train_head(
     train: TrainingSource,
     validation: Split | None,
     head: Head,
     config: HeadTrainingConfig,
     summaries: Summaries | None = None,
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
-    on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
-    callback_every: int = 0,
+    on_step: StepCallback | None = None,
+    keep_checkpoints: bool = False,
 ) -> TrainResult:
     """Train the new layer for `head` (see retrain.heads.head); optionally checkpoint, resume, and
     report progress.
 
     Training runs in graph calls of up to MAX_STEPS_PER_CALL steps, cut short at checkpoint
-    and callback boundaries. `on_step(step, weights, biases)` is called after each call, at
-    the latest every `callback_every` steps (used for intermediate graphs).
+    and `on_step` boundaries (see StepCallback). With `keep_checkpoints` (in a cluster, the
+    chief's), training saves checkpoints in `config.checkpoint_path` if set, every
+    `config.checkpoint_every` steps and at the end, and resumes from the latest if
+    `config.resume`.
     """
     trainer = HeadTrainer(train, head, config)
-    manager = None
-    resumed = 0
-    if checkpoint_dir is not None:
-        checkpoint = tf.train.Checkpoint(trainer=trainer)
-        manager = tf.train.CheckpointManager(
-            checkpoint, str(checkpoint_dir), max_to_keep=2, checkpoint_name=CHECKPOINT_NAME
-        )
-        if resume and manager.latest_checkpoint:
-            try:
-                checkpoint.restore(manager.latest_checkpoint).expect_partial()
-            except (ValueError, AssertionError, tf.errors.OpError) as err:
-                raise RetrainError(
-                    f"{{0}}: the checkpoint in {checkpoint_dir} does not fit this "
-                    f"run ({first_line(err)}); use another folder or drop {{1}}",
-                    "training.checkpoint_path",
-                    "training.resume",
-                ) from None
-            resumed = int(trainer.step.numpy())
-            log.info("Resumed training from step %d (%s)", resumed, manager.latest_checkpoint)
-    if validation is not None and len(validation):
-        val_x = tf.constant(validation.x)
-        val_y = tf.constant(head.label_array(validation.y))
-    else:
-        val_x = val_y = None
+    checkpoint_dir = config.checkpoint_path if keep_checkpoints else None
+    manager, resumed = _checkpoints(trainer, checkpoint_dir, config.resume and keep_checkpoints)
+    val_x, val_y = _validation_tensors(validation, head)
     val_size = tf.constant(config.validation_batch_size, tf.int32)
     total = config.how_many_training_steps
     interval = max(1, config.eval_step_interval)
@@ -272,8 +261,8 @@ def train_head(
     events = [MAX_STEPS_PER_CALL]
     if manager is not None:
         events.append(config.checkpoint_every)
-    if on_step is not None and callback_every:
-        events.append(callback_every)
+    if on_step is not None and on_step.every:
+        events.append(on_step.every)
     history = []
     start = time.perf_counter()
     step = resumed
@@ -295,15 +284,9 @@ def train_head(
             if bar is not None:
                 bar.update(count)
                 bar.set_postfix_str(_postfix(history[-1]), refresh=False)
-            if not np.isfinite(row[1]):
-                raise TrainingDiverged(
-                    f"training diverged: the loss became {row[1]} at step {step} with a "
-                    f"learning rate of {config.learning_rate:g}; lower {{0}} (e.g. to "
-                    f"{config.learning_rate / 10:g})",
-                    "training.learning_rate",
-                )
+            _check_finite(row[1], step, config)
         if on_step is not None:
-            on_step(step, trainer.head.weights.numpy(), trainer.head.biases.numpy())
+            on_step.call(step, trainer.head.weights.numpy(), trainer.head.biases.numpy())
         if manager is not None and (step - last_saved >= config.checkpoint_every or step == total):
             save_checkpoint(manager, trainer, step)
             last_saved = step
@@ -319,6 +302,55 @@ def train_head(
         history=history,
         resumed_from_step=resumed,
     )
+
+
+def _checkpoints(
+    trainer: HeadTrainer, checkpoint_dir: str | Path | None, resume: bool
+) -> tuple[tf.train.CheckpointManager | None, int]:
+    """The manager of `trainer`'s checkpoints in `checkpoint_dir` (None: no checkpoints), and
+    the step training resumes from: that of the latest checkpoint, restored, if `resume` and
+    there is one; else 0."""
+    if checkpoint_dir is None:
+        return None, 0
+    checkpoint = tf.train.Checkpoint(trainer=trainer)
+    manager = tf.train.CheckpointManager(
+        checkpoint, str(checkpoint_dir), max_to_keep=2, checkpoint_name=CHECKPOINT_NAME
+    )
+    if not (resume and manager.latest_checkpoint):
+        return manager, 0
+    try:
+        checkpoint.restore(manager.latest_checkpoint).expect_partial()
+    except (ValueError, AssertionError, tf.errors.OpError) as err:
+        raise RetrainError(
+            f"{{0}}: the checkpoint in {checkpoint_dir} does not fit this "
+            f"run ({first_line(err)}); use another folder or drop {{1}}",
+            "training.checkpoint_path",
+            "training.resume",
+        ) from None
+    resumed = int(trainer.step.numpy())
+    log.info("Resumed training from step %d (%s)", resumed, manager.latest_checkpoint)
+    return manager, resumed
+
+
+def _validation_tensors(
+    validation: Split | None, head: Head
+) -> tuple[tf.Tensor, tf.Tensor] | tuple[None, None]:
+    """The validation split's vectors and labels (as `head` takes them) as constants, or
+    (None, None) without validation images."""
+    if validation is not None and len(validation):
+        return tf.constant(validation.x), tf.constant(head.label_array(validation.y))
+    return None, None
+
+
+def _check_finite(loss: float, step: int, config: HeadTrainingConfig) -> None:
+    """Raise TrainingDiverged if the training loss at `step` is NaN or infinite."""
+    if not np.isfinite(loss):
+        raise TrainingDiverged(
+            f"training diverged: the loss became {loss} at step {step} with a "
+            f"learning rate of {config.learning_rate:g}; lower {{0}} (e.g. to "
+            f"{config.learning_rate / 10:g})",
+            "training.learning_rate",
+        )
 
 
 def save_checkpoint(manager: tf.train.CheckpointManager, trainer: HeadTrainer, step: int) -> None:

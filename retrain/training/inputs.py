@@ -10,6 +10,7 @@ from retrain.bottlenecks import distort
 from retrain.bottlenecks.splits import Split
 from retrain.bottlenecks.stage import Bottlenecks, LazyModule, make_extractor
 from retrain.config import RetrainConfig
+from retrain.errors import setting_name
 from retrain.models.loading import ImageModule
 from retrain.training.head import TrainingSource
 
@@ -42,9 +43,10 @@ def training_source(
     if distortions.active and not distortions.copies:
         paths = b.paths_of("training")
         log.info(
-            "Distorting the training images afresh at every step (%s); --distorted_copies "
-            "would cache copies instead",
+            "Distorting the training images afresh at every step (%s); %s would cache "
+            "copies instead",
             distort.distortion_id(distortions),
+            setting_name("distortions.copies"),
         )
         return distort.DistortedStream(
             paths,

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from retrain.bottlenecks.stage import Bottlenecks
 from retrain.config import HeadTrainingConfig
-from retrain.errors import RetrainError
+from retrain.errors import RetrainError, setting_name
 from retrain.heads.head import Head
 from retrain.training.head import HeadTrainer, TrainingSource
 from retrain.utils.interrupt import check as check_interrupt
@@ -191,11 +191,12 @@ def search_on_bottlenecks(b: Bottlenecks, head: Head, settings: HeadTrainingConf
     search = search_learning_rate(train.load() if train.fits_in_memory() else train, head, settings)
     log.info(
         "Learning-rate finder: %d steps in %.1f s; the loss was lowest at %.2g, suggested "
-        "learning rate %g (--optimizer %s)",
+        "learning rate %g (%s %s)",
         len(search.rates),
         search.seconds,
         search.best_rate,
         search.suggestion,
+        setting_name("training.optimizer"),
         settings.optimizer,
     )
     return search
