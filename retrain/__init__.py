@@ -5,16 +5,13 @@
     result = retrain.run(retrain.RetrainConfig(image_dir="flower_photos"))
     print(result.test.accuracy, result.labels)
 
-Data flows one way, one module per stage:
+Data flows one way, a package per stage (docs/design.md draws the layers):
 
-    scan (files, labels, split; `labels_csv` for multi-label data) -> decode (pixels) ->
-    bottlenecks (module features, cached by `cache`; `distort`ed copies) -> train (the new
-    layer: `heads`, `optim`) -> finetune (optional) -> evaluate -> export
+    data (files, labels, split) -> bottlenecks (module features, cached; distorted copies) ->
+    heads and training (the new layer; fine-tuning) -> evaluation -> export -> reporting
 
-`config` holds every setting (`RetrainConfig`), `pipeline.run` runs the stages in order and
-returns a `RunResult` (`results`). The command lines are thin layers over this library: `cli`
-and `flags` (retrain.py's flags), `beam_extract` over `beam_pipeline` (the cache as an Apache
-Beam pipeline).
+`config` holds every setting (`RetrainConfig`); `pipeline` runs the stages in order and returns
+a `RunResult` (`results`). The command lines in `cli` are thin layers over this library.
 Importing `retrain` does not import TensorFlow; `run` does.
 """
 

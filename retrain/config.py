@@ -583,8 +583,7 @@ def _check_output_paths(c: RetrainConfig) -> None:
 
 
 def _readable_dir(path: str) -> bool:
-    path = os.path.expanduser(path)
-    return os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK)
+    return os.path.isdir(full := os.path.expanduser(path)) and os.access(full, os.R_OK | os.X_OK)
 
 
 _CHECKS = (

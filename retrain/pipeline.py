@@ -41,7 +41,7 @@ from retrain.reporting.audit import AuditReport
 from retrain.results import RunResult, Timings, write_json
 from retrain.training import cut, evaluate, lr_find
 from retrain.training.fine_tune_loop import FineTuneResult
-from retrain.training.fine_tuning import fine_tune_stage, search_fine_tuning_rate
+from retrain.training.fine_tune_stage import fine_tune_stage, search_fine_tuning_rate
 from retrain.training.head import StepCallback, Summaries, TrainResult, train_head
 from retrain.training.inputs import training_inputs
 from retrain.utils.atomic import writing

@@ -1,4 +1,5 @@
-"""Tests of fine-tuning (retrain.training.finetune): the CLI run and its exports, and distribution.
+"""Tests of fine-tuning (retrain.training.fine_tune_network): the CLI run and its exports, and
+distribution.
 
 Fast cases use a tiny module exported with the project's own reusable-SavedModel exporter (a
 strided convolution, a frozen "moving mean" and a trainable scale: 32x32 input, 8 features);
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from retrain.bottlenecks import distribute
-from retrain.training import finetune
+from retrain.training import fine_tune_network as finetune
 from retrain.models.loading import resolve_module
 
 module = resolve_module(MODULE)
@@ -117,7 +118,7 @@ import numpy as np
 
 from retrain import pipeline
 from retrain.cli import retrain as cli
-from retrain.training import finetune
+from retrain.training import fine_tune_network as finetune
 
 task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 runs, tunes = [], []
@@ -195,7 +196,9 @@ def _sha256(path: Path) -> str | None:
 
 
 def _run_capturing(
-    monkeypatch: pytest.MonkeyPatch, argv: list[str], function: str = "training.finetune.fine_tune"
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    function: str = "training.fine_tune_network.fine_tune",
 ):
     """Run the CLI; returns its status and the FineTuneResult it fine-tuned (kept in memory)
     by `function` (module.name under retrain)."""
@@ -257,7 +260,7 @@ def _memory_scores(module_object, result, pixels: np.ndarray) -> np.ndarray:
 
 
 def test_training_order_shuffles_whole_epochs_reproducibly():
-    from retrain.training.finetune import training_order
+    from retrain.training.fine_tune_network import training_order
 
     order = training_order(5, steps=4, batch_size=3, seed=7)
     assert len(order) == 12
@@ -307,7 +310,7 @@ def test_warmup_scales_the_first_steps_updates():
 
 
 def test_subset_is_seeded_and_keeps_order():
-    from retrain.training.finetune import LabeledImages, subset
+    from retrain.training.fine_tune_network import LabeledImages, subset
 
     images = LabeledImages([f"{i}.jpg" for i in range(10)], np.arange(10) % 3)
     picked = subset(images, 4, seed=1)
@@ -321,7 +324,7 @@ def test_subset_is_seeded_and_keeps_order():
 
 def test_module_without_trainable_variables_is_one_clear_error():
     from retrain.errors import RetrainError
-    from retrain.training.finetune import module_trainable_variables
+    from retrain.training.fine_tune_network import module_trainable_variables
 
     with pytest.raises(RetrainError, match="fine_tuning.steps") as info:
         module_trainable_variables(object())

@@ -1,5 +1,5 @@
 """Tests of partial fine-tuning from a cached cut (retrain.training.cut,
-retrain.training.finetune_cut).
+retrain.training.fine_tune_partial).
 
 One CLI run with the bundled EfficientNet-Lite0 on the example photos (with a cached distorted
 copy of each training image) is shared by the tests of what it trains, caches and exports; the
@@ -53,7 +53,7 @@ def cut_run(tmp_path_factory):
                 f"--fine_tune_learning_rate={rate}",
             )
             status, result = _run_capturing(
-                monkeypatch, argv, "training.finetune_cut.fine_tune_from_cut"
+                monkeypatch, argv, "training.fine_tune_partial.fine_tune_from_cut"
             )
         assert status == 0
         runs.append((result, json.loads((out / again / "metrics.json").read_text())))
@@ -124,7 +124,7 @@ def test_cut_model_splits_the_network_exactly():
 
     from retrain.models.loading import resolve_module
     from retrain.training.cut import cut_module
-    from retrain.training.finetune_cut import CutModel
+    from retrain.training.fine_tune_partial import CutModel
 
     module = resolve_module("efficientnet_lite0")
     part = cut_module(module, "12")
@@ -236,7 +236,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 from retrain.data.stage import scan_images
 from retrain.training import cut
 from retrain.bottlenecks import distribute
-from retrain.training import finetune_cut
+from retrain.training import fine_tune_partial as finetune_cut
 from retrain.config import FineTuningConfig, ModuleConfig, RetrainConfig
 from retrain.heads.head import SoftmaxHead
 from retrain.models.loading import resolve_module

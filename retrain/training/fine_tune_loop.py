@@ -1,7 +1,7 @@
-"""The loop both fine-tunings share (the whole network, `finetune`; the blocks above a cut,
-`finetune_cut`): the step function with its warm-up, the validation watch with the plateau of
-the rate and early stopping, TensorBoard scalars, the learning-rate finder's range test, and
-the result.
+"""The loop both fine-tunings share (the whole network, `fine_tune_network`; the blocks above
+a cut, `fine_tune_partial`): the step function with its warm-up, the validation watch with the
+plateau of the rate and early stopping, TensorBoard scalars, the learning-rate finder's range
+test, and the result.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class FineTuneOptions:
     log_every: int = 10
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     distortions: DistortionConfig | None = None
-    validation: Any = None  # finetune.LabeledImages
+    validation: Any = None  # fine_tune_network.LabeledImages
     test_images: int = -1
 
 

@@ -1,7 +1,8 @@
 """Partial fine-tuning: the blocks above a cut trained on their cached input activations.
 
 `retrain.training.cut` splits the network and caches the activations at the cut. Training here is
-`retrain.training.finetune`'s (the same step function, validation watch, plateau, early stopping,
+`retrain.training.fine_tune_loop`'s (the same step function, validation watch, plateau, early
+stopping,
 best
 network kept, the head alone included), but each batch is read from the cache and runs only
 through the blocks above the cut; validation and test images are evaluated from their cached
@@ -45,7 +46,7 @@ from retrain.training.fine_tune_loop import (
     run_guarded,
     watch_validation,
 )
-from retrain.training.finetune import probe_images, split_images, training_order
+from retrain.training.fine_tune_network import probe_images, split_images, training_order
 from retrain.training.lr_find import RateSearch
 from retrain.utils.interrupt import check as check_interrupt
 
@@ -81,7 +82,8 @@ def activation_batches(
     split: FeatureSplit, head: Head, settings: FineTuningConfig, seed: int
 ) -> tf.data.Dataset:
     """`settings.steps` batches of (activations, labels, ok) read from the cache, the images
-    in `finetune.training_order` (seeded shuffles, epoch after epoch); ok is always True."""
+    in `fine_tune_network.training_order` (seeded shuffles, epoch after epoch); ok is always
+    True."""
     order = training_order(len(split), settings.steps, settings.batch_size, seed)
     labels = head.label_array(split.y[order])
     size = settings.batch_size
@@ -123,7 +125,8 @@ def evaluate_activations(
 
 
 def picked(split: FeatureSplit, size: int, seed: int) -> FeatureSplit:
-    """A seeded random `size` of `split`'s rows (the same draw as `finetune.subset`'s); all of
+    """A seeded random `size` of `split`'s rows (the same draw as
+    `fine_tune_network.subset`'s); all of
     them if size <= 0."""
     return split.subset(size, seed) if size > 0 else split
 
@@ -141,7 +144,7 @@ def fine_tune_from_cut(
     """Fine-tune the blocks of `part`'s network above its cut, its head and the trained
     `layer` (weights, biases) of `head` on the cached `activations` (`retrain.training.cut`)
     of the training images and their cached distorted copies, for `settings.steps` steps of
-    `settings.batch_size`, as `finetune.fine_tune` does: validation (a seeded
+    `settings.batch_size`, as `fine_tune_network.fine_tune` does: validation (a seeded
     VALIDATION_IMAGES of its images) watched every `options.log_every` steps, the best network
     kept (the head alone included), the test split (a seeded `options.test_images` of it; all
     if <= 0) evaluated before and after.
@@ -229,7 +232,8 @@ def search_rate_from_cut(
     *,
     seed: int = 0,
 ) -> RateSearch:
-    """Fine-tuning's learning-rate finder (`finetune.find_rate`) from the cut: the blocks above
+    """Fine-tuning's learning-rate finder (`fine_tune_loop.find_rate`) from the cut: the blocks
+    above
     it with the trained `layer`, on the cached training activations. Nothing it trains is
     kept: `part.net`'s values are put back afterwards."""
     search_settings = replace(

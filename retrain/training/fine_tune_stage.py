@@ -1,6 +1,7 @@
 """The fine-tuning stage: from a run's config, bottlenecks and trained layer to a
-`FineTuneResult`, fine-tuning the whole network (`finetune`) or the blocks above a cut on their
-cached activations (`finetune_cut`), each finding its learning rate first when asked ('auto')."""
+`FineTuneResult`, fine-tuning the whole network (`fine_tune_network`) or the blocks above a
+cut on their cached activations (`fine_tune_partial`), each finding its learning rate first
+when asked ('auto')."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from retrain.config import AUTO, RetrainConfig
 from retrain.data import scan
 from retrain.errors import RetrainError
 from retrain.models.loading import ImageModule
-from retrain.training import cut, finetune, finetune_cut, lr_find
+from retrain.training import cut, fine_tune_network, fine_tune_partial, lr_find
 from retrain.training.fine_tune_loop import FineTuneOptions, FineTuneResult
 from retrain.training.head import TrainResult
 
@@ -37,10 +38,10 @@ def fine_tune_stage(
     bottleneck folder) or the whole network (under `cluster` if given)."""
     if config.fine_tuning.from_block:
         return fine_tune_from_cut(config, image_set, module, folder, b, trained)
-    return fine_tune_network(config, module, b, trained, cluster)
+    return fine_tune_whole(config, module, b, trained, cluster)
 
 
-def fine_tune_network(
+def fine_tune_whole(
     config: RetrainConfig,
     module: ImageModule,
     b: Bottlenecks,
@@ -58,17 +59,17 @@ def fine_tune_network(
     if settings.learning_rate == AUTO:
         search = search_network_rate(config, module, b, trained)
         settings = replace(settings, learning_rate=search.suggestion)
-    tuned = finetune.fine_tune(
+    tuned = fine_tune_network.fine_tune(
         module,
         trained.head,
         (trained.weights, trained.biases),
-        finetune.split_images(b, "training"),
-        finetune.subset(
-            finetune.split_images(b, "testing"), config.evaluation.test_batch_size, seed
+        fine_tune_network.split_images(b, "training"),
+        fine_tune_network.subset(
+            fine_tune_network.split_images(b, "testing"), config.evaluation.test_batch_size, seed
         ),
         settings,
         strategy,
-        replace(_options(config), validation=finetune.split_images(b, "validation")),
+        replace(_options(config), validation=fine_tune_network.split_images(b, "validation")),
     )
     tuned.rate_search = search
     return tuned
@@ -83,14 +84,14 @@ def fine_tune_from_cut(
     trained: TrainResult,
 ) -> FineTuneResult:
     """Fine-tune the blocks above the configured cut on the cached activations there
-    (computing what is missing into `folder`), as `fine_tune_network` the whole network."""
+    (computing what is missing into `folder`), as `fine_tune_whole` the whole network."""
     strategy = distribute.make_strategy(config.distribution.strategy, log)
     part, activations = cut_activations(config, image_set, module, folder, b, strategy)
     settings, search = config.fine_tuning, None
     if settings.learning_rate == AUTO:
         search = search_rate_from_cut(config, part, activations, trained)
         settings = replace(settings, learning_rate=search.suggestion)
-    tuned = finetune_cut.fine_tune_from_cut(
+    tuned = fine_tune_partial.fine_tune_from_cut(
         module,
         part,
         trained.head,
@@ -164,11 +165,11 @@ def search_network_rate(
     config: RetrainConfig, module: ImageModule, b: Bottlenecks, trained: TrainResult
 ) -> lr_find.RateSearch:
     """The range test of whole-network fine-tuning on the training split's images, logged."""
-    search = finetune.search_rate(
+    search = fine_tune_network.search_rate(
         module,
         trained.head,
         (trained.weights, trained.biases),
-        finetune.split_images(b, "training"),
+        fine_tune_network.split_images(b, "training"),
         config.fine_tuning,
         seed=config.training.random_seed,
         max_pixels=config.data.max_image_pixels,
@@ -182,7 +183,7 @@ def search_rate_from_cut(
     config: RetrainConfig, part: cut.CutModule, activations: Bottlenecks, trained: TrainResult
 ) -> lr_find.RateSearch:
     """The range test of partial fine-tuning on the cached activations at the cut, logged."""
-    search = finetune_cut.search_rate_from_cut(
+    search = fine_tune_partial.search_rate_from_cut(
         part,
         trained.head,
         (trained.weights, trained.biases),
