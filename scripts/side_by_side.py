@@ -25,8 +25,8 @@ retrain.py's split hashes each file's path spelled from that string; retrain's d
 the base name. With `--split_hash path` retrain is given `--split_hash=path` and splits as
 retrain.py does, so both train, validate and test on the same images and their test accuracies
 compare (`accuracy` in the report: the median of each and the test split sizes, which must
-agree). The way they sample training batches still differs (retrain.py picks a class, then an
-image of it; retrain picks images uniformly), as do their random draws.
+agree). Both draw training batches the same way (a class, then an image of it: retrain's
+default `--sampling auto` is class_balanced for class folders), but their random draws differ.
 
 Each round runs retrain with an empty, then a filled cache, and retrain.py the same way (the
 order alternates between rounds, so a slow spell on a shared machine hits both). Printed as
