@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from retrain.models.loading import ImageModule
 from retrain.training.fine_tune_loop import FineTuneResult
 from retrain.training.head import TrainResult
 from retrain.utils.atomic import check_writable_dir, exclusive
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 log = logging.getLogger("retrain")
 
@@ -67,7 +71,9 @@ def export_run(
     )
 
 
-def frozen_module(config: RetrainConfig, module: ImageModule, module_object: LazyModule):
+def frozen_module(
+    config: RetrainConfig, module: ImageModule, module_object: LazyModule
+) -> tf.compat.v1.GraphDef:
     """The pretrained module's frozen graph, made once per module and kept in its cache (made
     for this run only, with a warning, when the cache cannot be written)."""
     path = module_cache.frozen_module_path(config.module.cache_dir, module.fingerprint)
