@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from retrain.bottlenecks import distribute
 from retrain.bottlenecks.stage import (
     Bottlenecks,
+    CachedRun,
     LazyModule,
     Parallelism,
     bottleneck_folder,
@@ -105,9 +106,8 @@ def run(config: RetrainConfig) -> RunResult:
         head = make_head(image_set)
         b.check_trainable(image_set.labels, head)
         check_interrupt()
-        done = _train_and_evaluate(
-            config, image_set, head, module, module_object, folder, b, cluster
-        )
+        cached = CachedRun(image_set, module, module_object, b, folder)
+        done = _train_and_evaluate(config, cached, head, cluster)
     check_interrupt()  # a run stopped before here writes no outputs
     config, tuned = done.config, done.tuned
     outputs, export_checks = _export(config, image_set.labels, module, module_object, done, chief)
@@ -142,24 +142,18 @@ def run(config: RetrainConfig) -> RunResult:
 
 
 def _train_and_evaluate(
-    config: RetrainConfig,
-    image_set: scan.ImageSet,
-    head: Head,
-    module: ImageModule,
-    module_object: LazyModule,
-    folder: str,
-    b: Bottlenecks,
-    cluster: tf.distribute.Strategy | None,
+    config: RetrainConfig, run: CachedRun, head: Head, cluster: tf.distribute.Strategy | None
 ) -> _Trained:
     """The stages on the cached vectors: the learning-rate finder if the rate is 'auto', head
     training, calibration and evaluation, the projector's sample, fine-tuning."""
     chief = cluster is None or distribute.is_chief()
+    image_set, b = run.image_set, run.bottlenecks
     rate_search = None
     if config.training.learning_rate == AUTO:
         rate_search = lr_find.search_on_bottlenecks(b, head, config.training)
         training = replace(config.training, learning_rate=rate_search.suggestion)
         config = replace(config, training=training)
-    trained = _train(config, b, head, module, module_object, chief)
+    trained = _train(config, b, head, run.module, run.module_object, chief)
     evaluations = evaluate.calibrate(b, trained, image_set.labels)
     test, test_paths = evaluate.testing_split(config, b)
     evaluations.update(evaluate.evaluate_test(test, trained, image_set.labels))
@@ -170,7 +164,7 @@ def _train_and_evaluate(
         )
     tuned = None
     if config.fine_tuning.steps:
-        tuned = fine_tune_stage(config, image_set, module, folder, b, trained, cluster)
+        tuned = fine_tune_stage(config, run, trained, cluster)
         if tuned.after is not None and not tuned.head_alone:
             evaluations["testing"] = tuned.after  # cached bottlenecks no longer fit it
             evaluations.pop("validation", None)  # it measured the head before tuning
@@ -321,9 +315,7 @@ def find_learning_rate(config: RetrainConfig) -> dict[str, lr_find.RateSearch]:
                 config = replace(config, training=replace(config.training, learning_rate=rate))
             inputs = training_inputs(config, b, cached.module, cached.module_object)
             trained = train_head(*inputs, head, config.training)
-            searches["fine_tuning"] = search_fine_tuning_rate(
-                config, cached.image_set, cached.module, cached.folder, b, trained
-            )
+            searches["fine_tuning"] = search_fine_tuning_rate(config, cached, trained)
     for name, search in searches.items():
         log.info("Learning-rate finder for %s:", name.replace("_", "-"))
         for line in search.text_plot():

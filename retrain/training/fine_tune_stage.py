@@ -6,13 +6,14 @@ when asked ('auto')."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 from retrain.bottlenecks import distribute
-from retrain.bottlenecks.stage import Bottlenecks
-from retrain.config import AUTO, RetrainConfig
-from retrain.data import scan
+from retrain.bottlenecks.stage import Bottlenecks, CachedRun
+from retrain.config import AUTO, FineTuningConfig, RetrainConfig
 from retrain.errors import RetrainError
 from retrain.models.loading import ImageModule
 from retrain.training import cut, fine_tune_network, fine_tune_partial, lr_find
@@ -27,18 +28,15 @@ log = logging.getLogger("retrain")
 
 def fine_tune_stage(
     config: RetrainConfig,
-    image_set: scan.ImageSet,
-    module: ImageModule,
-    folder: str,
-    b: Bottlenecks,
+    run: CachedRun,
     trained: TrainResult,
     cluster: tf.distribute.Strategy | None,
 ) -> FineTuneResult:
-    """Fine-tune as the config says: above its cut (activations cached into `folder`, the
+    """Fine-tune as the config says: above its cut (activations cached into the run's
     bottleneck folder) or the whole network (under `cluster` if given)."""
     if config.fine_tuning.from_block:
-        return fine_tune_from_cut(config, image_set, module, folder, b, trained)
-    return fine_tune_whole(config, module, b, trained, cluster)
+        return fine_tune_from_cut(config, run, trained)
+    return fine_tune_whole(config, run.module, run.bottlenecks, trained, cluster)
 
 
 def fine_tune_whole(
@@ -55,10 +53,9 @@ def fine_tune_whole(
     if strategy is None:
         strategy = distribute.make_strategy(config.distribution.strategy, log)
     seed = config.training.random_seed
-    settings, search = config.fine_tuning, None
-    if settings.learning_rate == AUTO:
-        search = search_network_rate(config, module, b, trained)
-        settings = replace(settings, learning_rate=search.suggestion)
+    settings, search = _with_rate(
+        config.fine_tuning, partial(search_network_rate, config, module, b, trained)
+    )
     tuned = fine_tune_network.fine_tune(
         module,
         trained.head,
@@ -76,21 +73,17 @@ def fine_tune_whole(
 
 
 def fine_tune_from_cut(
-    config: RetrainConfig,
-    image_set: scan.ImageSet,
-    module: ImageModule,
-    folder: str,
-    b: Bottlenecks,
-    trained: TrainResult,
+    config: RetrainConfig, run: CachedRun, trained: TrainResult
 ) -> FineTuneResult:
     """Fine-tune the blocks above the configured cut on the cached activations there
-    (computing what is missing into `folder`), as `fine_tune_whole` the whole network."""
+    (computing what is missing into the run's folder), as `fine_tune_whole` the whole
+    network."""
     strategy = distribute.make_strategy(config.distribution.strategy, log)
-    part, activations = cut_activations(config, image_set, module, folder, b, strategy)
-    settings, search = config.fine_tuning, None
-    if settings.learning_rate == AUTO:
-        search = search_rate_from_cut(config, part, activations, trained)
-        settings = replace(settings, learning_rate=search.suggestion)
+    part, activations = cut_activations(config, run, strategy)
+    module = run.module
+    settings, search = _with_rate(
+        config.fine_tuning, partial(search_rate_from_cut, config, part, activations, trained)
+    )
     tuned = fine_tune_partial.fine_tune_from_cut(
         module,
         part,
@@ -106,6 +99,17 @@ def fine_tune_from_cut(
     return tuned
 
 
+def _with_rate(
+    settings: FineTuningConfig, search: Callable[[], lr_find.RateSearch]
+) -> tuple[FineTuningConfig, lr_find.RateSearch | None]:
+    """`settings` with the finder's suggestion for rate if it is 'auto' (`search()` runs
+    the finder), and the search (None when the rate was given)."""
+    if settings.learning_rate != AUTO:
+        return settings, None
+    found = search()
+    return replace(settings, learning_rate=found.suggestion), found
+
+
 def _options(config: RetrainConfig) -> FineTuneOptions:
     """How the config's fine-tuning runs: its scalars, seed, log interval, decoding guard and
     distortions."""
@@ -119,20 +123,17 @@ def _options(config: RetrainConfig) -> FineTuneOptions:
 
 
 def cut_activations(
-    config: RetrainConfig,
-    image_set: scan.ImageSet,
-    module: ImageModule,
-    folder: str,
-    b: Bottlenecks,
-    strategy: tf.distribute.Strategy | None = None,
+    config: RetrainConfig, run: CachedRun, strategy: tf.distribute.Strategy | None = None
 ) -> tuple[cut.CutModule, Bottlenecks]:
-    """The configured cut of `module` (its network rebuilt under `strategy`'s scope) and the
-    activations there of the images whose bottlenecks `b` holds, in the same order."""
-    part = cut.cut_module(module, config.fine_tuning.from_block, strategy)
+    """The configured cut of the run's module (its network rebuilt under `strategy`'s scope)
+    and the activations there of the images whose bottlenecks the run holds, in the same
+    order."""
+    b = run.bottlenecks
+    part = cut.cut_module(run.module, config.fine_tuning.from_block, strategy)
     activations = cut.cut_activations(
-        image_set,
+        run.image_set,
         part,
-        folder,
+        run.folder,
         config.module,
         config.data.max_image_pixels,
         config.distortions,
@@ -146,19 +147,14 @@ def cut_activations(
 
 
 def search_fine_tuning_rate(
-    config: RetrainConfig,
-    image_set: scan.ImageSet,
-    module: ImageModule,
-    folder: str,
-    b: Bottlenecks,
-    trained: TrainResult,
+    config: RetrainConfig, run: CachedRun, trained: TrainResult
 ) -> lr_find.RateSearch:
     """The learning-rate finder of fine-tuning as the config sets it up (above its cut, or the
     whole network), starting from the trained layer."""
     if config.fine_tuning.from_block:
-        part, activations = cut_activations(config, image_set, module, folder, b)
+        part, activations = cut_activations(config, run)
         return search_rate_from_cut(config, part, activations, trained)
-    return search_network_rate(config, module, b, trained)
+    return search_network_rate(config, run.module, run.bottlenecks, trained)
 
 
 def search_network_rate(
