@@ -135,3 +135,12 @@ def test_label_image_imports_only_what_it_uses():
     ours = {m for m in loaded if m.startswith("retrain.")}
     unused = ("retrain.bottlenecks", "retrain.training", "retrain.reporting", "retrain.pipeline")
     assert not {m for m in ours if m.startswith(unused)}, sorted(ours)
+
+
+def test_a_console_script_installed_before_the_packages_still_starts():
+    """An editable install made before the move has `retrain = retrain.cli:run` as its
+    script: that name still resolves to the command."""
+    from retrain.cli import main, run
+    from retrain.cli import retrain as command
+
+    assert (main, run) == (command.main, command.run)
