@@ -63,7 +63,6 @@ class _Trained:
     trained: TrainResult
     evaluations: dict[str, AnyEvaluation]
     test_paths: scan.PathList
-    training_paths: scan.PathList
     tuned: FineTuneResult | None = None
     rate_search: lr_find.RateSearch | None = None
     projected: tuple[np.ndarray, list] | None = None
@@ -107,10 +106,10 @@ def run(config: RetrainConfig) -> RunResult:
         b.check_trainable(image_set.labels, head)
         check_interrupt()
         cached = CachedRun(image_set, module, module_object, b, folder)
-        done = _train_and_evaluate(config, cached, head, cluster)
+        done = _train_and_evaluate(config, cached, head, cluster, chief)
     check_interrupt()  # a run stopped before here writes no outputs
     config, tuned = done.config, done.tuned
-    outputs, export_checks = _export(config, image_set.labels, module, module_object, done, chief)
+    outputs, export_checks = _export(config, cached, done, chief)
     result = RunResult(
         labels=image_set.labels,
         head=done.trained,
@@ -142,18 +141,21 @@ def run(config: RetrainConfig) -> RunResult:
 
 
 def _train_and_evaluate(
-    config: RetrainConfig, run: CachedRun, head: Head, cluster: tf.distribute.Strategy | None
+    config: RetrainConfig,
+    cached: CachedRun,
+    head: Head,
+    cluster: tf.distribute.Strategy | None,
+    chief: bool,
 ) -> _Trained:
     """The stages on the cached vectors: the learning-rate finder if the rate is 'auto', head
     training, calibration and evaluation, the projector's sample, fine-tuning."""
-    chief = cluster is None or distribute.is_chief()
-    image_set, b = run.image_set, run.bottlenecks
+    image_set, b = cached.image_set, cached.bottlenecks
     rate_search = None
     if config.training.learning_rate == AUTO:
         rate_search = lr_find.search_on_bottlenecks(b, head, config.training)
         training = replace(config.training, learning_rate=rate_search.suggestion)
         config = replace(config, training=training)
-    trained = _train(config, b, head, run.module, run.module_object, chief)
+    trained = _train(config, b, head, cached.module, cached.module_object, chief)
     evaluations = evaluate.calibrate(b, trained, image_set.labels)
     test, test_paths = evaluate.testing_split(config, b)
     evaluations.update(evaluate.evaluate_test(test, trained, image_set.labels))
@@ -164,31 +166,29 @@ def _train_and_evaluate(
         )
     tuned = None
     if config.fine_tuning.steps:
-        tuned = fine_tune_stage(config, run, trained, cluster)
+        tuned = fine_tune_stage(config, cached, trained, cluster)
         if tuned.after is not None and not tuned.head_alone:
             evaluations["testing"] = tuned.after  # cached bottlenecks no longer fit it
             evaluations.pop("validation", None)  # it measured the head before tuning
-    training_paths = b.paths_of("training")
-    return _Trained(
-        config, trained, evaluations, test_paths, training_paths, tuned, rate_search, projected
-    )
+    return _Trained(config, trained, evaluations, test_paths, tuned, rate_search, projected)
 
 
 def _export(
-    config: RetrainConfig,
-    labels: list[str],
-    module: ImageModule,
-    module_object: LazyModule,
-    done: _Trained,
-    chief: bool,
+    config: RetrainConfig, cached: CachedRun, done: _Trained, chief: bool
 ) -> tuple[dict[str, str], list[export_check.ExportCheck]]:
     """The export stage (the chief's only), then every exported file checked on the test
     images: {setting: path written} and the checks."""
-    tuned = done.tuned
+    tuned, module = done.tuned, cached.module
     outputs = {}
     if chief:
         outputs = export_run(
-            config, labels, module, module_object, done.trained, tuned, done.training_paths
+            config,
+            cached.image_set.labels,
+            module,
+            cached.module_object,
+            done.trained,
+            tuned,
+            cached.bottlenecks.paths_of("training"),
         )
     checks = export_check.check_exports(
         outputs,

@@ -26,7 +26,6 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.data import sampling
-from retrain.data.scan import ImageSet
 from retrain.heads.evaluation import (
     Evaluation,
     MultiLabelEvaluation,
