@@ -52,10 +52,20 @@ def package_modules() -> dict[str, Path]:
 
 
 def imported_modules(path: Path, known: set[str]) -> set[str]:
-    """The package's modules that `path` imports anywhere (top level, in functions, or for
-    type checking), and absl.flags if it imports that."""
+    """The package's modules that `path` imports when it runs (top level or in functions; not
+    for type checking only, which never runs), and absl.flags if it imports that."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for stmt in block.body
+        for node in ast.walk(stmt)
+    }
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:

@@ -1,19 +1,6 @@
-"""What one run does, as frozen dataclasses: the library's one input.
-
-`RetrainConfig` names the image folder and groups every other setting by the stage that reads
-it. Hyper-parameters default to retrain.py's values. Output paths default to None, which writes
-nothing: the `retrain` command line passes retrain.py's /tmp defaults explicitly.
-
-`RetrainConfig.validate()` checks every value before any heavy work and raises `ConfigError`
-naming config fields (`training.learning_rate`), which a command line renders as its flags.
-This module imports nothing of retrain but errors and utils: it owns every choice list.
-
-    config = RetrainConfig(
-        image_dir="flower_photos",
-        training=HeadTrainingConfig(how_many_training_steps=500),
-        export=ExportConfig(output_graph="out.pb", output_labels="labels.txt"),
-    )
-"""
+"""The checks `RetrainConfig.validate()` runs: each raises ConfigError naming config fields, before
+any heavy work. They also look at the file system: the image folder, the module handle, and
+whether every output path can be written."""
 
 from __future__ import annotations
 
@@ -21,265 +8,17 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import Any
+from dataclasses import fields, is_dataclass
+from typing import TYPE_CHECKING, Any
 
+from retrain.config.choices import AUTO, CHOICES, CUT_PATTERN, INT8
 from retrain.errors import ConfigError
 from retrain.utils.atomic import check_writable_dir, check_writable_file
 from retrain.utils.handles import looks_like_url
 from retrain.utils.tf_config import read_tf_config
 
-DEFAULT_MODULE = "efficientnet_lite0"
-OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop")
-AUTO = "auto"  # training.learning_rate: the learning-rate finder's suggestion
-SCHEDULES = ("constant", "cosine", "plateau")
-# "basename": the file's name, stable when the folder moves (ours); "path": the path as
-# retrain.py globbed it from --image_dir, to reproduce retrain.py's split exactly.
-SPLIT_HASHES = ("basename", "path")
-# "auto": class_balanced for class folders (retrain.py's, and what measured best on an
-# imbalanced folder), uniform for multi-label data (an image has several classes).
-SAMPLINGS = ("auto", "class_balanced", "uniform")
-CLASS_WEIGHTS = ("none", "balanced")
-# The TFLite export's weights and arithmetic: float32; dynamic-range (int8 weights); float16
-# weights; full integer (int8 weights and activations, calibrated on training images).
-QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
-# fine_tuning.from_block: "block<N>", "<N>" (N, the block's number, is group 1) or "head".
-CUT_PATTERN = r"(?:block)?(\d+)|head"
-# What runs the module to compute bottlenecks. The int8 backend is asked for by name only, and
-# only where training images can calibrate it.
-INT8 = "tflite_int8"
-EXTRACTION_BACKENDS = ("auto", "tensorflow", "tflite", INT8)
-STRATEGIES = ("none", "mirrored", "multi_worker_mirrored")
-# 100 megapixels, e.g. 10000x10000: far above any camera, far below what exhausts memory.
-DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
-LOG_LEVELS = ("DEBUG", "INFO", "WARN", "ERROR", "FATAL")
-# Every setting that takes one of a list, with its list.
-CHOICES = {
-    "module.extraction_backend": EXTRACTION_BACKENDS,
-    "distribution.strategy": STRATEGIES,
-    "training.optimizer": OPTIMIZERS,
-    "training.lr_schedule": SCHEDULES,
-    "fine_tuning.lr_schedule": SCHEDULES,
-    "data.split_hash": SPLIT_HASHES,
-    "training.sampling": SAMPLINGS,
-    "training.class_weights": CLASS_WEIGHTS,
-    "export.quantize": QUANTIZATIONS,
-    "command.logging_verbosity": LOG_LEVELS,
-}
-# retrain.py wrote these by default; the library writes nothing unless asked, so the command
-# line passes these paths explicitly.
-RETRAIN_PY_PATHS = {
-    "export.output_graph": "/tmp/output_graph.pb",
-    "export.output_labels": "/tmp/output_labels.txt",
-    "export.intermediate_output_graphs_dir": "/tmp/intermediate_graph/",
-    "outputs.summaries_dir": "/tmp/retrain_logs",
-    "cache.bottleneck_dir": "/tmp/bottleneck",
-    "audit.output_dir": "/tmp/retrain_audit",
-}
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which images are used and how they are split (by a hash of each file's name)."""
-
-    testing_percentage: int = 10
-    validation_percentage: int = 10
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are skipped (bombs)
-    split_hash: str = "basename"  # one of SPLIT_HASHES: what a file's split is a hash of
-    labels_csv: str | None = None  # multi-label: path,label1,... rows instead of class folders
-
-
-@dataclass(frozen=True)
-class ModuleConfig:
-    """The pretrained image module and what runs it to compute bottlenecks."""
-
-    handle: str = DEFAULT_MODULE  # bundled name, TF Hub URL or SavedModel folder
-    cache_dir: str | None = None  # conversions; None: $RETRAIN_CACHE_DIR or ~/.cache/retrain
-    extraction_backend: str = "auto"  # one of EXTRACTION_BACKENDS
-    extraction_batch_size: int = 32
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """The bottleneck cache. None keeps the vectors in a temporary folder removed at the end."""
-
-    bottleneck_dir: str | None = None
-
-
-@dataclass(frozen=True)
-class HeadTrainingConfig:
-    """Training the new layer on cached bottlenecks (retrain.py's defaults)."""
-
-    how_many_training_steps: int = 4000
-    learning_rate: float | str = 0.01  # or AUTO: the learning-rate finder's suggestion
-    train_batch_size: int = 100
-    eval_step_interval: int = 10
-    validation_batch_size: int = 100  # -1: the whole validation split
-    random_seed: int = 0
-    checkpoint_path: str | None = None  # a folder for checkpoints; None: none
-    resume: bool = False  # continue from the last checkpoint in checkpoint_path
-    checkpoint_every: int = 500
-    optimizer: str = "sgd"  # one of OPTIMIZERS; retrain.py's plain gradient descent
-    lr_schedule: str = "constant"  # one of SCHEDULES
-    plateau_factor: float = 0.1  # "plateau": the rate is multiplied by this ...
-    plateau_patience: int = 10  # ... after this many evaluations without improvement
-    label_smoothing: float = 0.0
-    dropout_rate: float = 0.0  # of the bottleneck's values, while training
-    weight_decay: float = 0.0  # decoupled: each step, weights -= rate * decay * weights
-    sampling: str = "auto"  # one of SAMPLINGS: how batches draw examples
-    class_weights: str = "none"  # one of CLASS_WEIGHTS: each class's weight in the loss
-
-
-@dataclass(frozen=True)
-class DistortionConfig:
-    """retrain.py's distortions of training images (validation and test images never are).
-
-    A crop box of 1 / scale of the photo's height and width is taken at a random place, where
-    scale = (1 + random_crop/100) * uniform(1, 1 + random_scale/100); it is flipped left-right
-    half of the time (flip_left_right), and its pixels are multiplied by
-    uniform(1 - random_brightness/100, 1 + random_brightness/100). With `copies` > 0 each
-    training image gets that many distorted copies, computed once and cached with the
-    bottlenecks; with 0 (and a distortion) fresh ones are made at every training step.
-    """
-
-    flip_left_right: bool = False
-    random_crop: int = 0  # percent
-    random_scale: int = 0  # percent
-    random_brightness: int = 0  # percent
-    copies: int = 0
-
-    @property
-    def active(self) -> bool:
-        """Whether any distortion is asked for."""
-        return bool(
-            self.flip_left_right or self.random_crop or self.random_scale or self.random_brightness
-        )
-
-
-@dataclass(frozen=True)
-class EvaluationConfig:
-    """Measuring the trained classifier on the test split."""
-
-    test_batch_size: int = -1  # -1: the whole test split, else a seeded random subset
-    print_misclassified_test_images: bool = False
-
-
-@dataclass(frozen=True)
-class FineTuningConfig:
-    """Fine-tuning the whole network after the new layer (0 steps: off)."""
-
-    steps: int = 0
-    learning_rate: float | str = 1e-3  # or AUTO: the learning-rate finder's suggestion
-    batch_size: int = 32  # the global batch, split over the replicas
-    # One of SCHEDULES; "plateau" watches the validation loss (the training loss if there are no
-    # validation images).
-    lr_schedule: str = "plateau"
-    patience: int = 6  # stop after this many validation evaluations without a better one; 0: never
-    # "" fine-tunes the whole network; "block<N>" (or "<N>") or "head" freezes what is below and
-    # trains from cached activations at that cut (retrain.training.cut; bundled EfficientNet-Lite
-    # only).
-    from_block: str = ""
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """The trained classifier's files; None writes nothing."""
-
-    output_graph: str | None = None  # frozen GraphDef (.pb)
-    output_labels: str | None = None  # one label per line
-    output_tflite: str | None = None
-    saved_model_dir: str | None = None
-    final_tensor_name: str = "final_result"
-    intermediate_output_graphs_dir: str | None = None
-    intermediate_store_frequency: int = 0  # every this many steps; 0: none
-    quantize: str = "none"  # one of QUANTIZATIONS, for output_tflite
-    tflite_int8_io: bool = False  # quantize="int8": int8 input and output tensors too
-
-
-@dataclass(frozen=True)
-class DistributionConfig:
-    """Several devices or machines for extraction and fine-tuning."""
-
-    strategy: str = "none"  # one of STRATEGIES
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    """The audit of the photos (`retrain.reporting.audit`): suspect labels, duplicates, outliers."""
-
-    output_dir: str | None = None  # one CSV per finding kind; None: none
-    folds: int = 5  # out-of-sample predictions: a layer per fold, trained on the others
-    duplicate_similarity: float = 0.95  # cosine similarity of vectors from which photos pair
-
-
-@dataclass(frozen=True)
-class OutputsConfig:
-    """What a run reports besides the model; None writes nothing."""
-
-    summaries_dir: str | None = None  # TensorBoard logs
-    metrics_json: str | None = None
-    split_manifest: str | None = None  # CSV path,label,split
-    report_html: str | None = None  # one self-contained HTML page: curves, tables, pictures
-
-
-@dataclass(frozen=True)
-class RetrainConfig:
-    """Everything one run needs: the image folder and each stage's settings."""
-
-    image_dir: str
-    data: DataConfig = field(default_factory=DataConfig)
-    module: ModuleConfig = field(default_factory=ModuleConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    training: HeadTrainingConfig = field(default_factory=HeadTrainingConfig)
-    distortions: DistortionConfig = field(default_factory=DistortionConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    fine_tuning: FineTuningConfig = field(default_factory=FineTuningConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    distribution: DistributionConfig = field(default_factory=DistributionConfig)
-    outputs: OutputsConfig = field(default_factory=OutputsConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
-
-    def validate(self) -> RetrainConfig:
-        """Raise ConfigError for the first invalid setting; return self when all are valid.
-
-        Also checks the file system: the image folder exists, the module handle resolves to
-        something, and every output path can be written (missing folders are created).
-        """
-        for check in _CHECKS:
-            check(self)
-        return self
-
-
-@dataclass(frozen=True)
-class CommandOptions:
-    """What the `retrain` command does around a run: which job, how much it logs, and the
-    accuracy below which it exits with status 3. Not a run's setting: the library has a
-    function per job (`run`, `audit_photos`, `find_learning_rate`)."""
-
-    lr_find: bool = False
-    audit: bool = False
-    assert_accuracy_at_least: float | None = None
-    logging_verbosity: str = "INFO"  # one of LOG_LEVELS
-
-
-def _setting(config_class: type, path: str) -> Any:
-    """The dataclass field of setting `path` (`training.learning_rate`) of a config class."""
-    group, _, rest = path.partition(".")
-    spec = {f.name: f for f in fields(config_class)}[group]
-    return _setting(spec.default_factory, rest) if rest else spec
-
-
-def setting_default(config_class: type, path: str) -> Any:
-    """The default of setting `path` of a config dataclass; None where it has none."""
-    default = _setting(config_class, path).default
-    return None if default is MISSING else default
-
-
-def setting_type(config_class: type, path: str) -> str:
-    """The kind of value setting `path` holds: bool, int, float, rate (a float or AUTO) or str."""
-    kinds = {part.strip() for part in str(_setting(config_class, path).type).split("|")}
-    kinds -= {"None"}
-    return "rate" if kinds == {"float", "str"} else kinds.pop()
+if TYPE_CHECKING:
+    from retrain.config import ExportConfig, RetrainConfig
 
 
 def leaf_fields(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -290,9 +29,6 @@ def leaf_fields(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from leaf_fields(value, f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", value
-
-
-# ----------------------------------------------------------------------------- checks
 
 
 def _check_image_dir(c: RetrainConfig) -> None:
@@ -586,7 +322,7 @@ def _readable_dir(path: str) -> bool:
     return os.path.isdir(full := os.path.expanduser(path)) and os.access(full, os.R_OK | os.X_OK)
 
 
-_CHECKS = (
+CHECKS = (
     _check_image_dir,
     _check_counts,
     _check_training_options,
@@ -598,3 +334,9 @@ _CHECKS = (
     _check_module_handle,
     _check_output_paths,
 )
+
+
+def check_config(config: RetrainConfig) -> None:
+    """Raise ConfigError for the first invalid setting of `config`, in CHECKS' order."""
+    for check in CHECKS:
+        check(config)
