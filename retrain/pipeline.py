@@ -12,7 +12,6 @@ decides which process of a cluster writes (the chief), and checks for Ctrl-C bet
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -47,6 +46,7 @@ from retrain.training.head import StepCallback, Summaries, TrainResult, train_he
 from retrain.training.inputs import training_inputs
 from retrain.utils.atomic import writing
 from retrain.utils.interrupt import check as check_interrupt
+from retrain.utils.phases import PhaseClock
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,48 +68,57 @@ class _Trained:
     projected: tuple[np.ndarray, list] | None = None
 
 
-def run(config: RetrainConfig) -> RunResult:
+def run(config: RetrainConfig, *, startup_seconds: float | None = None) -> RunResult:
     """Retrain as `config` says and return what was trained, measured and written.
 
     Writes only what the config names (outputs, summaries, checkpoints, metrics); without a
     `cache.bottleneck_dir` the vectors live in a temporary folder removed at the end. Leaves
     logging and signal handlers as they are. Raises ConfigError for an invalid setting,
     RetrainError for unusable data or files, KeyboardInterrupt when interrupted.
+    `startup_seconds`: what the calling process spent before this call (the command line
+    passes its imports and flag parsing), reported as the run's first phase.
     """
     if not isinstance(config, RetrainConfig):
         raise TypeError(f"run() takes a RetrainConfig, got {type(config).__name__}")
-    config.validate()
-    wall_start = time.perf_counter()
-    cluster = distribute.cluster_strategy(config.distribution.strategy, log)  # before any op
+    clock = PhaseClock()
+    with clock.phase("checks"):
+        config.validate()
+        cluster = distribute.cluster_strategy(config.distribution.strategy, log)  # before any op
     chief = cluster is None or distribute.is_chief()
-    image_set = scan_images(config, write_manifest=chief)
-    module = load_module(config.module)
-    log.info(
-        "Module %s: input %dx%d, %d features", module.handle, *module.input_size, module.feature_dim
-    )
-    if config.fine_tuning.from_block:
-        cut.check_cut(module, config.fine_tuning.from_block)
-    module_object = LazyModule(module)
+    with clock.phase("scan"):
+        image_set = scan_images(config, write_manifest=chief)
+    with clock.phase("module"):
+        module = load_module(config.module)
+        log.info(
+            "Module %s: input %dx%d, %d features",
+            module.handle,
+            *module.input_size,
+            module.feature_dim,
+        )
+        if config.fine_tuning.from_block:
+            cut.check_cut(module, config.fine_tuning.from_block)
+        module_object = LazyModule(module)
     check_interrupt()
     with bottleneck_folder(config.cache.bottleneck_dir) as folder:
-        b = compute_bottlenecks(
-            image_set,
-            module,
-            module_object,
-            folder,
-            config.module,
-            config.data.max_image_pixels,
-            Parallelism(config.distribution.strategy == "mirrored", cluster),
-            distortions=config.distortions,
-        )
-        head = make_head(image_set)
-        b.check_trainable(image_set.labels, head)
+        with clock.phase("bottlenecks"):
+            b = compute_bottlenecks(
+                image_set,
+                module,
+                module_object,
+                folder,
+                config.module,
+                config.data.max_image_pixels,
+                Parallelism(config.distribution.strategy == "mirrored", cluster),
+                distortions=config.distortions,
+            )
+            head = make_head(image_set)
+            b.check_trainable(image_set.labels, head)
         check_interrupt()
         cached = CachedRun(image_set, module, module_object, b, folder)
-        done = _train_and_evaluate(config, cached, head, cluster, chief)
+        done = _train_and_evaluate(config, cached, head, cluster, chief, clock)
     check_interrupt()  # a run stopped before here writes no outputs
     config, tuned = done.config, done.tuned
-    outputs, export_checks = _export(config, cached, done, chief)
+    outputs, export_checks = _export(config, cached, done, chief, clock)
     result = RunResult(
         labels=image_set.labels,
         head=done.trained,
@@ -119,12 +128,7 @@ def run(config: RetrainConfig) -> RunResult:
         module=module.handle,
         bottlenecks_computed=b.computed,
         training_steps=config.training.how_many_training_steps,
-        timings=Timings(
-            bottlenecks=b.seconds,
-            extraction=b.extraction_seconds,
-            training=done.trained.seconds,
-            total=time.perf_counter() - wall_start,
-        ),
+        timings=_timings(clock, b, done.trained, startup_seconds),
         outputs=outputs,
         fine_tune=tuned,
         cluster=cluster_metrics(b) if cluster is not None else None,
@@ -134,10 +138,24 @@ def run(config: RetrainConfig) -> RunResult:
         rate_search=done.rate_search,
         export_checks=export_checks,
     )
-    result = _report(config, result, b, done.projected, chief)
+    result = _report(config, result, b, done.projected, chief, clock)
     if cluster is not None:
         distribute.barrier(cluster)  # the others wait for the chief's outputs: all end together
     return result
+
+
+def _timings(
+    clock: PhaseClock, b: Bottlenecks, trained: TrainResult, startup: float | None
+) -> Timings:
+    """The run's timings as the clock has them now."""
+    return Timings(
+        bottlenecks=b.seconds,
+        extraction=b.extraction_seconds,
+        training=trained.seconds,
+        total=clock.elapsed(),
+        phases=dict(clock.seconds),
+        startup=startup,
+    )
 
 
 def _train_and_evaluate(
@@ -146,27 +164,32 @@ def _train_and_evaluate(
     head: Head,
     cluster: tf.distribute.Strategy | None,
     chief: bool,
+    clock: PhaseClock,
 ) -> _Trained:
     """The stages on the cached vectors: the learning-rate finder if the rate is 'auto', head
     training, calibration and evaluation, the projector's sample, fine-tuning."""
     image_set, b = cached.image_set, cached.bottlenecks
     rate_search = None
     if config.training.learning_rate == AUTO:
-        rate_search = lr_find.search_on_bottlenecks(b, head, config.training)
+        with clock.phase("lr_find"):
+            rate_search = lr_find.search_on_bottlenecks(b, head, config.training)
         training = replace(config.training, learning_rate=rate_search.suggestion)
         config = replace(config, training=training)
-    trained = _train(config, b, head, cached.module, cached.module_object, chief)
-    evaluations = evaluate.calibrate(b, trained, image_set.labels)
-    test, test_paths = evaluate.testing_split(config, b)
-    evaluations.update(evaluate.evaluate_test(test, trained, image_set.labels))
-    projected = None
-    if chief and config.outputs.summaries_dir:
-        projected = summaries.projector_sample(
-            b, head, image_set.labels, config.training.random_seed
-        )
+    with clock.phase("training"):
+        trained = _train(config, b, head, cached.module, cached.module_object, chief)
+    with clock.phase("evaluation"):
+        evaluations = evaluate.calibrate(b, trained, image_set.labels)
+        test, test_paths = evaluate.testing_split(config, b)
+        evaluations.update(evaluate.evaluate_test(test, trained, image_set.labels))
+        projected = None
+        if chief and config.outputs.summaries_dir:
+            projected = summaries.projector_sample(
+                b, head, image_set.labels, config.training.random_seed
+            )
     tuned = None
     if config.fine_tuning.steps:
-        tuned = fine_tune_stage(config, cached, trained, cluster)
+        with clock.phase("fine_tuning"):
+            tuned = fine_tune_stage(config, cached, trained, cluster)
         if tuned.after is not None and not tuned.head_alone:
             evaluations["testing"] = tuned.after  # cached bottlenecks no longer fit it
             evaluations.pop("validation", None)  # it measured the head before tuning
@@ -174,32 +197,34 @@ def _train_and_evaluate(
 
 
 def _export(
-    config: RetrainConfig, cached: CachedRun, done: _Trained, chief: bool
+    config: RetrainConfig, cached: CachedRun, done: _Trained, chief: bool, clock: PhaseClock
 ) -> tuple[dict[str, str], list[export_check.ExportCheck]]:
     """The export stage (the chief's only), then every exported file checked on the test
     images: {setting: path written} and the checks."""
     tuned, module = done.tuned, cached.module
     outputs = {}
     if chief:
-        outputs = export_run(
-            config,
-            cached.image_set.labels,
-            module,
-            cached.module_object,
-            done.trained,
-            tuned,
-            cached.bottlenecks.paths_of("training"),
+        with clock.phase("export"):
+            outputs = export_run(
+                config,
+                cached.image_set.labels,
+                module,
+                cached.module_object,
+                done.trained,
+                tuned,
+                cached.bottlenecks.paths_of("training"),
+            )
+    with clock.phase("export_check"):
+        checks = export_check.check_exports(
+            outputs,
+            done.test_paths,
+            done.evaluations.get("testing"),
+            done.trained.head,
+            tuned.input_size if tuned is not None else module.input_size,
+            config.data.max_image_pixels,
+            config.export.quantize,
+            config.export.final_tensor_name,
         )
-    checks = export_check.check_exports(
-        outputs,
-        done.test_paths,
-        done.evaluations.get("testing"),
-        done.trained.head,
-        tuned.input_size if tuned is not None else module.input_size,
-        config.data.max_image_pixels,
-        config.export.quantize,
-        config.export.final_tensor_name,
-    )
     return outputs, checks
 
 
@@ -248,28 +273,37 @@ def _report(
     b: Bottlenecks,
     projected: tuple[np.ndarray, list] | None,
     chief: bool,
+    clock: PhaseClock,
 ) -> RunResult:
     """The run's findings and reports: the health report (logged), TensorBoard's summaries,
-    the HTML report and the metrics file, as the config names them (the chief's only). Returns
-    the result with its findings and these files."""
-    if config.evaluation.print_misclassified_test_images:
-        console.log_misclassified(result)
-    findings = health.diagnose_run(result, b, config.training.learning_rate)
-    console.log_health(findings)
-    result = replace(result, health=findings)
-    if not chief:
-        return result
-    if config.outputs.summaries_dir:
-        summaries.write_summaries(config.outputs.summaries_dir, result, projected)
-    written = {}
-    if config.outputs.report_html:
-        written["report_html"] = report.write_report(config.outputs.report_html, config, result)
-        log.info("Wrote the report %s", config.outputs.report_html)
-    if config.outputs.metrics_json:
-        reported = replace(result, outputs={**result.outputs, **written})
-        write_json(config.outputs.metrics_json, reported.metrics())
-        written["metrics_json"] = config.outputs.metrics_json
-    return replace(result, outputs={**result.outputs, **written})
+    the HTML report and the metrics file, as the config names them (the chief's only), then
+    where the time went. Returns the result with its findings, these files and its final
+    timings."""
+    with clock.phase("report"):
+        if config.evaluation.print_misclassified_test_images:
+            console.log_misclassified(result)
+        findings = health.diagnose_run(result, b, config.training.learning_rate)
+        console.log_health(findings)
+        result = replace(result, health=findings)
+        written = {}
+        if chief and config.outputs.summaries_dir:
+            summaries.write_summaries(config.outputs.summaries_dir, result, projected)
+        if chief and config.outputs.report_html:
+            written["report_html"] = report.write_report(config.outputs.report_html, config, result)
+            log.info("Wrote the report %s", config.outputs.report_html)
+    # The metrics file is the last thing written: its time is the only one it cannot hold.
+    result = replace(
+        result,
+        outputs={**result.outputs, **written},
+        timings=_timings(clock, b, result.head, result.timings.startup),
+    )
+    if chief and config.outputs.metrics_json:
+        write_json(config.outputs.metrics_json, result.metrics())
+        result = replace(
+            result, outputs={**result.outputs, "metrics_json": config.outputs.metrics_json}
+        )
+    console.log_timings(result.timings)
+    return result
 
 
 def audit_photos(config: RetrainConfig) -> AuditReport:

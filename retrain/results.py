@@ -38,6 +38,22 @@ class Timings:
     extraction: float  # of those, decoding, the module and cache writes only
     training: float  # the new layer
     total: float  # the whole run, scanning to the last output
+    # Every phase of `run` in order (checks, scan, module, bottlenecks, training, ...);
+    # what they leave of `total` is Python between them.
+    phases: dict[str, float] = field(default_factory=dict)
+    startup: float | None = None  # before `run` was called: the command's imports and flags
+
+    def wall(self) -> float:
+        """The whole process's time so far: start-up and the run."""
+        return (self.startup or 0.0) + self.total
+
+    def by_phase(self) -> dict[str, float]:
+        """Seconds per phase, start-up first when known, rounded to ms; they add up to
+        `wall()` but for "other", the time between phases."""
+        phases = {"startup": self.startup} if self.startup is not None else {}
+        phases.update(self.phases)
+        phases["other"] = max(self.wall() - sum(phases.values()), 0.0)
+        return {name: round(seconds, 3) for name, seconds in phases.items()}
 
 
 @dataclass
@@ -116,6 +132,8 @@ class RunResult:
             "resumed_from_step": self.head.resumed_from_step,
             "training_seconds": round(self.timings.training, 3),
             "total_seconds": round(self.timings.total, 3),
+            "wall_seconds": round(self.timings.wall(), 3),
+            "phase_seconds": self.timings.by_phase(),
             "output_graph": self.outputs.get("output_graph"),
             "output_labels": self.outputs.get("output_labels"),
         }

@@ -283,3 +283,36 @@ def suite_distortions(args) -> dict:
             }
     result["runs"] = per_100
     return result
+
+
+def suite_whole_run(args) -> dict:
+    """The default command from an empty cache, then with the cache filled: wall seconds, peak
+    RSS and every phase (the metrics' phase_seconds), against the module's raw TFLite rate
+    measured in this process right after: `wall_over_raw` is wall / (images / raw rate), 1.0
+    being a run that costs nothing but the module."""
+    from retrain.bottlenecks import backends
+    from retrain.models.loading import resolve_module
+
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        cmd = retrain_command(args.image_dir, work, args.tfhub_module, args.retrain_flag)
+        for cache in ("empty_cache", "filled_cache"):
+            measured = timed_run(cmd)
+            metrics = json.loads((work / "metrics.json").read_text())
+            result[cache] = {
+                **measured,
+                "images": sum(metrics["images"].values()),
+                "bottlenecks_computed": metrics["bottlenecks_computed"],
+                "wall_seconds_by_itself": metrics["wall_seconds"],
+                "phase_seconds": metrics["phase_seconds"],
+                "test_accuracy": metrics["test_accuracy"],
+            }
+    module = resolve_module(args.tfhub_module)
+    extractor = backends.tflite_backend(backends.convert_to_tflite(module))
+    raw = _rate(extractor, _sample_batch(args.image_dir, module.input_size))
+    result["raw_images_per_second"] = round(raw, 1)
+    empty = result["empty_cache"]
+    empty["module_seconds"] = round(empty["images"] / raw, 2)
+    empty["wall_over_raw"] = round(empty["seconds"] / empty["module_seconds"], 3)
+    return result

@@ -5,6 +5,7 @@
     python scripts/benchmark.py --suite training
     python scripts/benchmark.py --suite cache --cache_sizes 10000,100000,1000000
     python scripts/benchmark.py --suite run --generate 1000                   # 1k made-up JPEGs
+    python scripts/benchmark.py --suite whole_run --image_dir PHOTOS          # phases, vs. raw
     python scripts/benchmark.py --suite audit --audit_sizes 10000,100000,1000000
 
 Suites:
@@ -71,6 +72,7 @@ from bench_model import (  # noqa: E402
     suite_extraction,
     suite_int8,
     suite_module,
+    suite_whole_run,
 )
 
 
@@ -471,6 +473,7 @@ SUITES = {
     "export": suite_export,
     "audit": suite_audit,
     "fine_tuning": suite_fine_tuning,
+    "whole_run": suite_whole_run,
 }
 
 

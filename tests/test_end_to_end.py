@@ -30,7 +30,9 @@ def trained(tmp_path_factory):
     make_bad_files(image_dir / "daisy" / "bad")
     with pytest.MonkeyPatch.context() as patch:
         run = pipeline.run
-        patch.setattr(pipeline, "run", lambda config: RUN.setdefault("result", run(config)))
+        patch.setattr(
+            pipeline, "run", lambda config, **kw: RUN.setdefault("result", run(config, **kw))
+        )
         status = _run_cli(image_dir, out)
     assert status == 0
     return out, image_dir, json.loads((out / "metrics.json").read_text())
@@ -69,6 +71,20 @@ def test_metrics_json(trained):
     assert metrics["bottlenecks_computed"] >= 70
     assert 0 < metrics["extraction_seconds"] <= metrics["bottleneck_seconds"]
     assert metrics["extraction_images_per_second"] >= metrics["bottleneck_images_per_second"] > 0
+
+
+def test_the_phases_add_up_to_the_wall_time_start_up_included(trained):
+    _, _, metrics = trained
+    phases = metrics["phase_seconds"]
+    assert list(phases)[:4] == ["startup", "checks", "scan", "module"]
+    assert {"bottlenecks", "training", "evaluation", "export", "export_check", "report"} <= set(
+        phases
+    )
+    assert phases["startup"] > 0.5  # Python and TensorFlow's imports at least
+    assert phases["bottlenecks"] == pytest.approx(metrics["bottleneck_seconds"], abs=0.01)
+    assert sum(phases.values()) == pytest.approx(metrics["wall_seconds"], abs=0.01)
+    assert metrics["wall_seconds"] == pytest.approx(phases["startup"] + metrics["total_seconds"])
+    assert phases["other"] < 0.05 * metrics["wall_seconds"]
 
 
 def test_every_exported_model_is_checked_on_the_test_split(trained):

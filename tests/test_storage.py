@@ -194,7 +194,8 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_next_run_goes_on(tmp_path
         run = _run(args)
         assert run.returncode == 4, run.stderr
         assert _one_error_line(run).startswith(
-            f"retrain: error: cannot write frozen graph {disk / 'graph.pb'}: No space left on device"
+            f"retrain: error: cannot write frozen graph {disk / 'graph.pb'}: "
+            "No space left on device"
         )
         assert "I Computed 12 bottlenecks" in run.stderr
         assert not (disk / "graph.pb").exists()

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from retrain.errors import RetrainError, StorageError, UsageError, first_line, name_settings_as
+from retrain.utils.phases import process_age
 
 PROG = "retrain"
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             if flag_values.lr_find:
                 pipeline.find_learning_rate(config)
                 return 0
-            result = pipeline.run(config)
+            result = pipeline.run(config, startup_seconds=process_age())
             from retrain.reporting.html import closing_lines
 
             logger = logging.getLogger("retrain")

@@ -7,7 +7,7 @@ import logging
 
 from retrain.data import scan
 from retrain.reporting.health import Finding
-from retrain.results import RunResult
+from retrain.results import RunResult, Timings
 
 log = logging.getLogger("retrain")
 
@@ -33,3 +33,13 @@ def log_misclassified(result: RunResult) -> None:
             mistake.actual,
             mistake.score,
         )
+
+
+def log_timings(timings: Timings) -> None:
+    """One line: the run's wall time and the phases that took a tenth of a second or more, the
+    longest first (the metrics file has them all)."""
+    phases = sorted(timings.by_phase().items(), key=lambda item: -item[1])
+    parts = ", ".join(
+        f"{name.replace('_', ' ')} {seconds:.1f}" for name, seconds in phases if seconds >= 0.05
+    )
+    log.info("Time: %.1f s (%s)", timings.wall(), parts)
