@@ -47,6 +47,7 @@ from retrain.training.inputs import training_inputs
 from retrain.utils.atomic import writing
 from retrain.utils.interrupt import check as check_interrupt
 from retrain.utils.phases import PhaseClock
+from retrain.utils.runtime import return_free_memory
 
 if TYPE_CHECKING:
     import numpy as np
@@ -117,6 +118,7 @@ def run(config: RetrainConfig, *, startup_seconds: float | None = None) -> RunRe
         cached = CachedRun(image_set, module, module_object, b, folder)
         done = _train_and_evaluate(config, cached, head, cluster, chief, clock)
     check_interrupt()  # a run stopped before here writes no outputs
+    return_free_memory()  # what training freed, before export loads the module's graph
     config, tuned = done.config, done.tuned
     outputs, export_checks = _export(config, cached, done, chief, clock)
     result = RunResult(
@@ -214,6 +216,7 @@ def _export(
                 tuned,
                 cached.bottlenecks.paths_of("training"),
             )
+    return_free_memory()  # what freezing the graph freed, before the check's own peak
     with clock.phase("export_check"):
         checks = export_check.check_exports(
             outputs,

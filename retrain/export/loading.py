@@ -131,7 +131,7 @@ class FrozenGraphClassifier:
                 raise ModelLoadError(f"cannot load {path}: {first_line(err)}") from None
         self.input = self.graph.get_tensor_by_name(f"{input_name}:0")
         self.output = self.graph.get_tensor_by_name(f"{output_name}:0")
-        self.session = tf.compat.v1.Session(graph=self.graph)
+        self.session = tf.compat.v1.Session(graph=self.graph, config=_lean_session_config(tf))
 
     def input_size(self) -> tuple[int | None, int | None]:
         """(height, width) of the input placeholder, None where not fixed."""
@@ -150,6 +150,17 @@ class FrozenGraphClassifier:
         if len(batch) == 0:
             return np.zeros((0, self.output.shape[-1] or 0), np.float32)
         return self.session.run(self.output, {self.input: batch})
+
+
+def _lean_session_config(tf):
+    """A session that runs a frozen graph as it is. Grappler's rewrites and the classic graph
+    optimizer cost a frozen Lite0 graph about 1 s and 200 MB on its first call and, on this
+    project's CPU, made later batches slower, not faster; scores agree to 5e-7 either way
+    (docs/benchmarks.md)."""
+    config = tf.compat.v1.ConfigProto()
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
+    config.graph_options.optimizer_options.opt_level = tf.compat.v1.OptimizerOptions.L0
+    return config
 
 
 class SavedModelClassifier:
