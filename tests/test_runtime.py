@@ -90,3 +90,22 @@ def test_return_free_memory_is_safe_to_call_again_and_again(monkeypatch):
     monkeypatch.setattr(runtime, "_malloc_trim", lambda: None)  # a C library without it
     for _ in range(3):
         assert return_free_memory() is None
+
+
+def test_tensorflow_imports_without_scikit_learn_which_still_imports_after():
+    pytest.importorskip("cleanlab")  # the audit's library, which needs scikit-learn
+    code = textwrap.dedent(
+        """
+        import sys
+        from retrain.utils.runtime import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
+        print("sklearn" in sys.modules)
+        import sklearn.base
+        import cleanlab
+        print(sklearn.base.BaseEstimator.__name__)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "BaseEstimator"]

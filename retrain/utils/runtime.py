@@ -21,12 +21,13 @@ def import_tensorflow_quietly() -> None:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] != "3":
-        import tensorflow  # noqa: F401
+        with _without_sklearn():
+            import tensorflow  # noqa: F401
 
         return
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
+    with tempfile.TemporaryFile() as capture, _without_sklearn():
         os.dup2(capture.fileno(), 2)
         try:
             import tensorflow  # noqa: F401
@@ -38,6 +39,22 @@ def import_tensorflow_quietly() -> None:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+@contextlib.contextmanager
+def _without_sklearn() -> Iterator[None]:
+    """Hide scikit-learn while TensorFlow imports: TensorFlow imports Keras, whose scikit-learn
+    wrappers (which retrain never uses) import scikit-learn when it is installed (the audit
+    extra brings it), about a second of every start-up. Afterwards it imports as usual."""
+    if "sklearn" in sys.modules:
+        yield
+        return
+    sys.modules["sklearn"] = None  # type: ignore[assignment]  # makes `import sklearn` fail
+    try:
+        yield
+    finally:
+        if sys.modules.get("sklearn", 0) is None:
+            del sys.modules["sklearn"]
 
 
 @contextlib.contextmanager
