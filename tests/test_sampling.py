@@ -23,6 +23,16 @@ def test_class_balanced_draws_each_class_equally_often():
     assert np.bincount(classes[uniform], minlength=3)[2] / 30_000 < 0.02
 
 
+@pytest.mark.parametrize("classes", [[0] * 90 + [1] * 9 + [2] * 1, [0, 1], [3] * 5 + [0] * 2])
+def test_the_alias_table_draws_each_example_as_the_cdf_says(classes):
+    classes = np.array(classes)
+    cdf = sampling.draw_cdf(classes, 4, "class_balanced")
+    keep, alias = sampling.alias_table(cdf)
+    n = len(classes)
+    implied = keep.astype(np.float64) + np.bincount(alias, weights=1.0 - keep, minlength=n)
+    np.testing.assert_allclose(implied / n, np.diff(cdf, prepend=0.0), atol=1e-6)
+
+
 def test_balanced_weights_mean_one_and_spare_absent_classes():
     classes = np.array([0] * 6 + [1] * 2)
     weights = sampling.class_weights(classes, 3, "balanced")

@@ -36,6 +36,24 @@ def draw(rng: np.random.Generator, n: int, size: int, cdf: np.ndarray | None) ->
     return np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), n - 1)
 
 
+def alias_table(cdf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Walker's alias table of the distribution whose cumulative probabilities are `cdf`:
+    (keep [n] float32, alias [n] int32). Draw index i uniformly and u in [0, 1): the example
+    is i if u < keep[i], else alias[i]; two lookups a draw, where a search of the cdf is
+    log(n) steps (and XLA on a CPU compares against all n)."""
+    n = len(cdf)
+    scaled = np.diff(cdf, prepend=0.0) * n
+    keep, alias = np.ones(n), np.arange(n)
+    small = [i for i in range(n) if scaled[i] < 1.0]
+    large = [i for i in range(n) if scaled[i] >= 1.0]
+    while small and large:
+        low, high = small.pop(), large.pop()
+        keep[low], alias[low] = scaled[low], high
+        scaled[high] -= 1.0 - scaled[low]
+        (small if scaled[high] < 1.0 else large).append(high)
+    return keep.astype(np.float32), alias.astype(np.int32)
+
+
 def class_weights(classes: np.ndarray, num_classes: int, mode: str) -> np.ndarray | None:
     """float32 [num_classes] loss weight of each class for `mode` (config.CLASS_WEIGHTS):
     n / (classes present * n_class) for "balanced" (0 for a class without examples), None for

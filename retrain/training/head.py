@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from retrain.bottlenecks.splits import FeatureSplit, Split
 from retrain.config import HeadTrainingConfig
+from retrain.data import sampling
 from retrain.errors import RetrainError, StorageError, first_line
 from retrain.heads.head import DenseLayer, Head, metrics
 from retrain.training.optim import Plateau, current_learning_rate, make_optimizer
@@ -99,7 +100,9 @@ class HeadTrainer(tf.Module):
         else:
             self._x = tf.constant(train.x)
             self._y = tf.constant(head.label_array(train.y))
-            self._cdf = None if cdf is None else tf.constant(cdf, tf.float32)
+            self._alias = None
+            if cdf is not None:
+                self._alias = tuple(tf.constant(a) for a in sampling.alias_table(cdf))
         # XLA compiles the whole step loop when batches are drawn in-graph from memory.
         self.run_steps = tf.function(self._run_steps, jit_compile=not self._streamed)
 
@@ -107,11 +110,11 @@ class HeadTrainer(tf.Module):
         if self._streamed:
             return next(self._source.batches)
         size = self.config.train_batch_size
-        if self._cdf is None:
-            picks = self.rng.uniform([size], 0, self._n, dtype=tf.int32)
-        else:
-            drawn = tf.searchsorted(self._cdf, self.rng.uniform([size]), side="right")
-            picks = tf.minimum(drawn, self._n - 1)
+        picks = self.rng.uniform([size], 0, self._n, dtype=tf.int32)
+        if self._alias is not None:
+            keep, alias = self._alias
+            stay = self.rng.uniform([size]) < tf.gather(keep, picks)
+            picks = tf.where(stay, picks, tf.gather(alias, picks))
         return tf.gather(self._x, picks), tf.gather(self._y, picks)
 
     def _run_steps(self, count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
