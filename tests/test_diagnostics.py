@@ -314,7 +314,9 @@ def test_lr_finder_on_separable_data_suggests_a_rate_that_learns():
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 600)
-    x = (rng.normal(0, 1, (600, 16)) + 3 * np.eye(3, 16)[y]).astype(np.float32)
+    # Features of scale 3: the loss clearly diverges before the finder's largest rate, whatever
+    # the batches drawn (seeds 0-2, either sampling).
+    x = (rng.normal(0, 3, (600, 16)) + 9 * np.eye(3, 16)[y]).astype(np.float32)
     search = search_learning_rate(Split(x, y), SoftmaxHead(3), HeadTrainingConfig())
     assert min(search.smoothed) < 0.5 * search.smoothed[0]  # the loss fell ...
     assert search.smoothed[-1] > min(search.smoothed)  # ... then rose again

@@ -81,7 +81,8 @@ def test_the_phases_add_up_to_the_wall_time_start_up_included(trained):
         phases
     )
     assert phases["startup"] > 0.5  # Python and TensorFlow's imports at least
-    assert phases["bottlenecks"] == pytest.approx(metrics["bottleneck_seconds"], abs=0.01)
+    # The phase also sets up the head and checks the labels against it.
+    assert 0 <= phases["bottlenecks"] - metrics["bottleneck_seconds"] < 1.0
     assert sum(phases.values()) == pytest.approx(metrics["wall_seconds"], abs=0.01)
     assert metrics["wall_seconds"] == pytest.approx(phases["startup"] + metrics["total_seconds"])
     assert phases["other"] < 0.05 * metrics["wall_seconds"]

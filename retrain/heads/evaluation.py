@@ -128,7 +128,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    # The interval holds p; saying so keeps rounding from putting 1.0 above it at p = 1.
+    return float(max(0.0, min(p, centre - half))), float(min(1.0, max(p, centre + half)))
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:

@@ -16,7 +16,6 @@ import html
 import io
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -266,10 +265,9 @@ def _what_was_run(config: RetrainConfig, result: RunResult | None) -> str:
             *((f"{split} images", str(n)) for split, n in result.images.items()),
             ("images skipped", str(len(result.skipped))),
             ("training steps", str(result.training_steps)),
-            *(
-                (f"{f.name} seconds", f"{getattr(result.timings, f.name):.1f}")
-                for f in fields(result.timings)
-            ),
+            ("wall seconds", f"{result.timings.wall():.1f}"),
+            *((f"{name} seconds", f"{s:.1f}") for name, s in result.timings.by_phase().items()),
+            ("extraction seconds", f"{result.timings.extraction:.1f}"),
             *((f"output {k}", _e(str(v))) for k, v in result.outputs.items()),
         ]
         parts.append(_table(("", ""), facts, escape=False))
