@@ -182,6 +182,13 @@ def test_command_line_errors_name_the_flags_exit_2(tmp_path, capsys):
     assert err.startswith("retrain: error: --split_from is folders, but"), err
 
 
+def test_an_empty_split_folder_is_an_error_naming_it(tmp_path):
+    root = presplit(tmp_path / "photos", {"train": {"daisy": slice(0, 4), "roses": slice(0, 4)}})
+    (root / "val" / "daisy").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="image_dir: val/ holds no images in class folders"):
+        scan_images(RetrainConfig(image_dir=str(root)), write_manifest=False)
+
+
 def write_rows(path: Path, header: list[str], rows: list[list]) -> Path:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)

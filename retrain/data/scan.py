@@ -466,13 +466,20 @@ def check_splits_populated(image_set: ImageSet, needed_overall: tuple[str, ...])
         )
     totals = image_set.split_counts()
     empty = [split for split in needed_overall if totals[split] == 0]
+    folders = image_set.split_folders or {}
+    if any(split in folders for split in empty):
+        raise ConfigError(
+            "{0}: "
+            + " and ".join(f"{folders[split]}/" for split in empty if split in folders)
+            + " holds no images in class folders",
+            "image_dir",
+        )
     if empty:
         raise ConfigError(
             f"{{0}}: the {' and '.join(empty)} split is empty; add more images or "
             "raise {1}/{2}",
             *_SPLIT_FIELDS,
         )
-    folders = image_set.split_folders or {}
     return [
         f"class '{label}' has no {split} images"
         + (f" (none under {folders[split]}/)" if split in folders else "")
