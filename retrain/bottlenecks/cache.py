@@ -392,6 +392,16 @@ class BottleneckCache:
         out["row"][known] = entries[known] - self._starts[shard]
         return out
 
+    def content_keys_at(self, locations: np.ndarray) -> np.ndarray:
+        """The content keys [n, 2] (see `key_array`) stored with the vectors at `locations`
+        (LOCATION_DTYPE, every one cached)."""
+        keys = np.zeros((len(locations), 2), dtype=np.uint64)
+        for shard in np.unique(locations["shard"]).tolist():
+            at = np.flatnonzero(locations["shard"] == shard)
+            column = self.shards[shard].index["content"][locations["row"][at]]
+            keys[at] = np.ascontiguousarray(column).view(np.uint64).reshape(-1, 2)
+        return keys
+
     def find(self, file_k: bytes | None, content_k: bytes | None) -> Location | None:
         """Location of one vector by file key (fast path) or content key."""
         for key, by in ((file_k, "file"), (content_k, "content")):

@@ -106,6 +106,12 @@ def lookup(
         skipped,
     )
     result.locations[list(skipped)] = NOWHERE
+    # A vector found by file identity brings its file's content key from the index, so that
+    # identical files share one location whether their vectors were just computed or read:
+    # what a run finds about duplicates must not depend on the cache's state.
+    by_file = np.flatnonzero(result.cached())
+    result.content_keys[by_file] = cache.content_keys_at(result.locations[by_file])
+    result.hashed[by_file] = True
 
     def hash_one(i: int) -> tuple[int, bytes | None, str | None]:
         try:
@@ -122,7 +128,9 @@ def lookup(
                 result.content_keys[i] = np.frombuffer(key, dtype=np.uint64)
                 result.hashed[i] = True
     hashed = np.flatnonzero(result.hashed)
-    result.locations[hashed] = cache.locate(result.content_keys[hashed], by="content")
+    by_content = cache.locate(result.content_keys[hashed], by="content")
+    known = by_content["shard"] >= 0  # (an entry forgotten meanwhile keeps its file's find)
+    result.locations[hashed[known]] = by_content[known]
     return result
 
 

@@ -65,6 +65,15 @@ GROUPS = (
                 "--image_dir: retrain.py's split exactly, for the same --image_dir string).",
             ),
             Flag(
+                "split_from",
+                "data.split_from",
+                "Where the split comes from: folders (train/, val/ and test/ folders under "
+                "--image_dir, each holding the class folders, or a split column in "
+                "--labels_csv; a split without a folder is taken from train by the hash), "
+                "hash (the hash of each file's name, as retrain.py: top folders are classes), "
+                "auto (folders when they are there, else hash).",
+            ),
+            Flag(
                 "max_image_pixels",
                 "data.max_image_pixels",
                 "Images with more pixels are skipped (a guard against decompression bombs).",

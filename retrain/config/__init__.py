@@ -66,6 +66,9 @@ from retrain.config.choices import (
     SCHEDULES as SCHEDULES,
 )
 from retrain.config.choices import (
+    SPLIT_FROM as SPLIT_FROM,
+)
+from retrain.config.choices import (
     SPLIT_HASHES as SPLIT_HASHES,
 )
 from retrain.config.choices import (
@@ -75,12 +78,14 @@ from retrain.config.choices import (
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which images are used and how they are split (by a hash of each file's name)."""
+    """Which images are used and how they are split (by the split folders or column people
+    made, else by a hash of each file's name)."""
 
     testing_percentage: int = 10
     validation_percentage: int = 10
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are skipped (bombs)
     split_hash: str = "basename"  # one of SPLIT_HASHES: what a file's split is a hash of
+    split_from: str = "auto"  # one of SPLIT_FROM: split folders (or a CSV column), or the hash
     labels_csv: str | None = None  # multi-label: path,label1,... rows instead of class folders
 
 

@@ -8,6 +8,10 @@ SCHEDULES = ("constant", "cosine", "plateau")
 # "basename": the file's name, stable when the folder moves (ours); "path": the path as
 # retrain.py globbed it from --image_dir, to reproduce retrain.py's split exactly.
 SPLIT_HASHES = ("basename", "path")
+# Where the split comes from: "folders", the splits people made (train/ val/ test/ folders
+# under the image folder, or the split column of a labels CSV); "hash", retrain.py's hash of
+# each file's name; "auto", the folders or column when they are there, else the hash.
+SPLIT_FROM = ("auto", "folders", "hash")
 # "auto": class_balanced for class folders (retrain.py's, and what measured best on an
 # imbalanced folder), uniform for multi-label data (an image has several classes).
 SAMPLINGS = ("auto", "class_balanced", "uniform")
@@ -33,6 +37,7 @@ CHOICES = {
     "training.lr_schedule": SCHEDULES,
     "fine_tuning.lr_schedule": SCHEDULES,
     "data.split_hash": SPLIT_HASHES,
+    "data.split_from": SPLIT_FROM,
     "training.sampling": SAMPLINGS,
     "training.class_weights": CLASS_WEIGHTS,
     "export.quantize": QUANTIZATIONS,

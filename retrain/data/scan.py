@@ -26,7 +26,7 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import overload
@@ -152,6 +152,10 @@ class ImageSet:
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     targets: np.ndarray | None = None  # multi-label sets: uint8 [n, labels], 1 = label applies
     unlisted: int | None = None  # multi-label sets: image files the labels CSV does not name
+    # Splits given by folders (split -> the folder's name, e.g. "validation" -> "val"), None
+    # when none is; and one line for the log on where the splits came from, if not the hash.
+    split_folders: dict[str, str] | None = None
+    split_note: str | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -238,7 +242,8 @@ def split_hash_name(split_hash: str, image_dir: str, class_folder: str, in_class
     return os.path.join(image_dir, class_folder, in_class)
 
 
-def _check_split_hash(split_hash: str) -> None:
+def check_split_hash(split_hash: str) -> None:
+    """Raise ConfigError (naming `data.split_hash`) unless `split_hash` is in SPLIT_HASHES."""
     if split_hash not in SPLIT_HASHES:
         raise ConfigError(
             f"{{0}} must be one of {', '.join(SPLIT_HASHES)}, got {split_hash!r}",
@@ -310,6 +315,100 @@ def _first_of_each_file(paths: list[str]) -> list[str]:
     return unique
 
 
+@dataclass
+class ClassImages:
+    """The images found in one class folder, with the split of each."""
+
+    label: str
+    folder: str  # the class folder's name
+    paths: PathList
+    split_codes: np.ndarray  # int8, an index into SPLITS
+
+
+def subfolders(folder: str | os.PathLike) -> list[os.DirEntry]:
+    """The folder's subfolders (symlinks to folders too), hidden ones left out, by name."""
+    return sorted(
+        (e for e in os.scandir(folder) if e.is_dir() and not _is_hidden(e.name)),
+        key=lambda e: e.name,
+    )
+
+
+def scan_classes(
+    class_dirs: Sequence[os.DirEntry],
+    spelled: str,
+    split_hash: str,
+    split_of: Callable[[str], str],
+    ignored: list[tuple[str, str]],
+) -> list[ClassImages]:
+    """The images of each class folder in `class_dirs` (subfolders of the folder spelled
+    `spelled`), in order; a file's split is `split_of` the name `split_hash_name` gives.
+
+    Class folders without images are left out with a reason in `ignored`. Raises ConfigError
+    (naming `image_dir`) when two of them map to the same label.
+    """
+    found: list[ClassImages] = []
+    label_source: dict[str, str] = {}
+    for entry in class_dirs:
+        label = label_for_folder(entry.name)
+        if label in label_source:
+            raise ConfigError(
+                f"{{0}}: class folders '{display_path(label_source[label])}' and "
+                f"'{display_path(entry.name)}' both map to the label '{label}'; rename one",
+                "image_dir",
+            )
+        images = _walk_images(entry.path, ignored)
+        if not images:
+            ignored.append((display_path(entry.path), "class folder has no images; skipped"))
+            continue
+        label_source[label] = entry.name
+        # Every path found starts with the class folder's path and a separator.
+        inside = len(entry.path) + 1
+        splits = (
+            split_of(split_hash_name(split_hash, spelled, entry.name, path[inside:]))
+            for path in images
+        )
+        codes = np.array([SPLITS.index(split) for split in splits], dtype=np.int8)
+        found.append(ClassImages(label, entry.name, PathList(images), codes))
+    return found
+
+
+def image_set_of(
+    root: Path, labels: list[str], classes: list[ClassImages], ignored: list[tuple[str, str]]
+) -> ImageSet:
+    """The ImageSet of `classes` (each class's label among `labels`), in their order.
+
+    Raises ConfigError (naming `image_dir`) when fewer than two labels hold images.
+    """
+    if len(labels) < 2:
+        found = f"only {len(labels)} class" if labels else "no images"
+        raise ConfigError(
+            f"{{0}}: {found} found in {display_path(root)}; "
+            "need at least two class subfolders with images",
+            "image_dir",
+        )
+    number = {label: i for i, label in enumerate(labels)}
+    return ImageSet(
+        image_dir=root,
+        labels=labels,
+        paths=PathList.concat([c.paths for c in classes]),
+        label_indices=np.concatenate(
+            [np.full(len(c.paths), number[c.label], dtype=np.int32) for c in classes]
+        ),
+        split_codes=np.concatenate([c.split_codes for c in classes]),
+        ignored=ignored,
+    )
+
+
+def image_root(image_dir: str | os.PathLike) -> tuple[str, Path]:
+    """The image folder as the shell gave it to retrain.py (`~` expanded, nothing resolved),
+    and as a Path; raises ConfigError (naming `image_dir`) when it is not a folder."""
+    spelled = os.path.expanduser(os.fspath(image_dir))
+    root = Path(spelled)
+    if not root.is_dir():
+        raise ConfigError(f"{{0}}: folder not found: {display_path(root)}", "image_dir")
+    return spelled, root
+
+
 def scan_image_dir(
     image_dir: str | os.PathLike,
     validation_percentage: float,
@@ -326,15 +425,9 @@ def scan_image_dir(
     class folders map to the same label, or when fewer than two classes hold images; and
     (naming `data.split_hash`) for an unknown `split_hash`.
     """
-    _check_split_hash(split_hash)
-    spelled = os.path.expanduser(os.fspath(image_dir))  # as the shell gave it to retrain.py
-    root = Path(spelled)
-    if not root.is_dir():
-        raise ConfigError(f"{{0}}: folder not found: {display_path(root)}", "image_dir")
-    class_dirs = sorted(
-        (e for e in os.scandir(root) if e.is_dir() and not _is_hidden(e.name)),
-        key=lambda e: e.name,
-    )
+    check_split_hash(split_hash)
+    spelled, root = image_root(image_dir)
+    class_dirs = subfolders(root)
     if not class_dirs:
         raise ConfigError(
             f"{{0}}: {display_path(root)} has no class subfolders "
@@ -342,53 +435,14 @@ def scan_image_dir(
             "image_dir",
         )
     ignored: list[tuple[str, str]] = []
-    labels: list[str] = []
-    label_source: dict[str, str] = {}
-    paths: list[PathList] = []
-    label_indices: list[np.ndarray] = []
-    split_codes: list[np.ndarray] = []
-    for entry in class_dirs:
-        label = label_for_folder(entry.name)
-        if label in label_source:
-            raise ConfigError(
-                f"{{0}}: class folders '{display_path(label_source[label])}' and "
-                f"'{display_path(entry.name)}' both map to the label '{label}'; rename one",
-                "image_dir",
-            )
-        images = _walk_images(entry.path, ignored)
-        if not images:
-            ignored.append((display_path(entry.path), "class folder has no images; skipped"))
-            continue
-        label_source[label] = entry.name
-        label_indices.append(np.full(len(images), len(labels), dtype=np.int32))
-        labels.append(label)
-        # Every path found starts with the class folder's path and a separator.
-        inside = len(entry.path) + 1
-        splits = (
-            split_for_file(
-                split_hash_name(split_hash, spelled, entry.name, path[inside:]),
-                validation_percentage,
-                testing_percentage,
-            )
-            for path in images
-        )
-        split_codes.append(np.array([SPLITS.index(split) for split in splits], dtype=np.int8))
-        paths.append(PathList(images))
-    if len(labels) < 2:
-        found = f"only {len(labels)} class" if labels else "no images"
-        raise ConfigError(
-            f"{{0}}: {found} found in {display_path(root)}; "
-            "need at least two class subfolders with images",
-            "image_dir",
-        )
-    return ImageSet(
-        image_dir=root,
-        labels=labels,
-        paths=PathList.concat(paths),
-        label_indices=np.concatenate(label_indices),
-        split_codes=np.concatenate(split_codes),
-        ignored=ignored,
+    classes = scan_classes(
+        class_dirs,
+        spelled,
+        split_hash,
+        lambda name: split_for_file(name, validation_percentage, testing_percentage),
+        ignored,
     )
+    return image_set_of(root, [c.label for c in classes], classes, ignored)
 
 
 _SPLIT_FIELDS = ("image_dir", "data.validation_percentage", "data.testing_percentage")
@@ -412,6 +466,14 @@ def check_splits_populated(image_set: ImageSet, needed_overall: tuple[str, ...])
         )
     totals = image_set.split_counts()
     empty = [split for split in needed_overall if totals[split] == 0]
+    folders = image_set.split_folders or {}
+    if any(split in folders for split in empty):
+        raise ConfigError(
+            "{0}: "
+            + " and ".join(f"{folders[split]}/" for split in empty if split in folders)
+            + " holds no images in class folders",
+            "image_dir",
+        )
     if empty:
         raise ConfigError(
             f"{{0}}: the {' and '.join(empty)} split is empty; add more images or "
@@ -419,7 +481,9 @@ def check_splits_populated(image_set: ImageSet, needed_overall: tuple[str, ...])
             *_SPLIT_FIELDS,
         )
     return [
-        f"class '{label}' has no {split} images; its {split} accuracy is not measured"
+        f"class '{label}' has no {split} images"
+        + (f" (none under {folders[split]}/)" if split in folders else "")
+        + f"; its {split} accuracy is not measured"
         for label, c in zip(image_set.labels, counts)
         for split in needed_overall
         if c[split] == 0

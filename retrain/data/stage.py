@@ -1,7 +1,8 @@
 """The scan-and-split stage: a run's images, labels and splits, as the config says.
 
-Class folders (`scan`) or a CSV of labels (`labels_csv`) give the images; warnings about the
-data are logged, and the split manifest is written if the config names one.
+Class folders (`scan`), split folders holding them (`layout`) or a CSV of labels (`labels_csv`)
+give the images; where the splits came from and warnings about the data are logged, and the
+split manifest is written if the config names one.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ def scan_images(config: RetrainConfig, write_manifest: bool = True) -> scan.Imag
     the split manifest written if the config names one (and `write_manifest`)."""
     data = config.data
     image_set = labels_csv.find_images(config.image_dir, data)
+    if image_set.split_note:
+        log.info("%s", image_set.split_note)
+    folders = image_set.split_folders or {}
     needed = tuple(
         split
         for split, pct in (
             ("validation", data.validation_percentage),
             ("testing", data.testing_percentage),
         )
-        if pct > 0
+        if pct > 0 or split in folders
     )
     for warning in scan.check_splits_populated(image_set, needed):
         log.warning(warning)
