@@ -27,6 +27,41 @@ def parse_flags(argv: list[str], flag_values) -> None:
         raise UsageError(str(err).splitlines()[0]) from None
 
 
+def read_command_line(argv: list[str], flag_values) -> list[str]:
+    """Parse argv into absl FlagValues the way retrain.py's scripts write it (prefixes, unknown
+    flags, `--flag False`, the Poets flags: see retrain.cli.compat_argv and retrain.cli.poets);
+    returns the warnings to log. A bad flag is a UsageError (one line, exit 2)."""
+    from retrain.cli.compat_argv import rewrite_argv
+    from retrain.cli.flags import TABLE, flag_default, flag_kind
+    from retrain.cli.poets import poets_argv
+
+    rewritten = rewrite_argv(argv, {flag.name: flag_kind(flag) == "bool" for flag in TABLE})
+    bundled = flag_default(next(flag for flag in TABLE if flag.name == "tfhub_module"))
+    parse_flags(poets_argv(rewritten, bundled), flag_values)
+    return rewritten.warnings
+
+
+def check_hub_handle(handle: str) -> None:
+    """Refuse a TF1 Hub format module's URL in one line (UsageError), told by its shape before
+    TensorFlow is imported: offline it cannot be fetched, online retrain cannot run it."""
+    from retrain.cli.flags import flag_default, flag_named
+    from retrain.utils.handles import host_reachable, tf1_hub_module
+
+    module = tf1_hub_module(handle)
+    if module is None:
+        return
+    bundled = flag_default(flag_named("tfhub_module"))
+    if not host_reachable(module.host):
+        raise UsageError(
+            f"--tfhub_module {handle}: a TF1 Hub module, which cannot be fetched without a "
+            f"network; give --tfhub_module {bundled} (bundled, offline) instead"
+        )
+    raise UsageError(
+        f"--tfhub_module {handle}: a TF1 Hub format module, which retrain cannot run; give its "
+        f"TF2 version --tfhub_module {module.tf2_handle}, or {bundled} (bundled, offline)"
+    )
+
+
 def setup_logging(verbosity: str) -> None:
     """Plain `LEVEL message` lines on stderr; TensorFlow's C++ chatter is silenced."""
     level = {"WARN": logging.WARNING, "FATAL": logging.CRITICAL}.get(verbosity, verbosity)
@@ -56,10 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
             print(render_help(), end="")
             return 0
-        parse_flags(argv, flag_values)
+        warnings = read_command_line(argv, flag_values)
         callers_names = name_settings_as(flag_for_field)  # library messages name our flags
         config = config_from_flags(flag_values)
+        check_hub_handle(config.module.handle)  # before TensorFlow is imported
         setup_logging(flag_values.logging_verbosity)
+        for line in warnings:
+            logging.getLogger("retrain").warning("%s", line)
         from retrain.utils import interrupt
 
         with interrupt.stop_at_safe_points():  # from here, Ctrl-C never lands inside TensorFlow
