@@ -85,11 +85,14 @@ def unit_scaling(mean: float, std: float, given: bool) -> tuple[float, float, st
 def size_warning(given: tuple[int | None, int | None], graph: tuple[int | None, int | None]):
     """A warning when --input_height/--input_width contradict the graph's fixed input size
     (the images are then resized to the graph's), else None."""
-    if all(g is None or f is None or g == f for g, f in zip(given, graph)):
+    names = ("input_height", "input_width")
+    wrong = [(n, f) for n, f, g in zip(names, given, graph) if None not in (f, g) and f != g]
+    if not wrong:
         return None
+    flags = " ".join(f"--{name} {value}" for name, value in wrong)
     return (
-        f"ignored --input_height {given[0]} --input_width {given[1]}: the graph takes "
-        f"{graph[0]}x{graph[1]} images, so each image is resized to that"
+        f"ignored {flags}: the graph takes {graph[0]}x{graph[1]} images, so each image is "
+        "resized to that"
     )
 
 

@@ -42,23 +42,20 @@ def read_command_line(argv: list[str], flag_values) -> list[str]:
 
 
 def check_hub_handle(handle: str) -> None:
-    """Refuse a TF1 Hub format module's URL in one line (UsageError), told by its shape before
-    TensorFlow is imported: offline it cannot be fetched, online retrain cannot run it."""
+    """Refuse a TF1 Hub format module's URL in one line (UsageError) when its host cannot be
+    reached: told by the URL's shape, before TensorFlow is imported or an image read. Online
+    it is fetched and converted (retrain.models.tf1_hub)."""
     from retrain.cli.flags import flag_default, flag_named
     from retrain.utils.handles import host_reachable, tf1_hub_module
 
     module = tf1_hub_module(handle)
-    if module is None:
+    if module is None or host_reachable(module.host):
         return
     bundled = flag_default(flag_named("tfhub_module"))
-    if not host_reachable(module.host):
-        raise UsageError(
-            f"--tfhub_module {handle}: a TF1 Hub module, which cannot be fetched without a "
-            f"network; give --tfhub_module {bundled} (bundled, offline) instead"
-        )
     raise UsageError(
-        f"--tfhub_module {handle}: a TF1 Hub format module, which retrain cannot run; give its "
-        f"TF2 version --tfhub_module {module.tf2_handle}, or {bundled} (bundled, offline)"
+        f"--tfhub_module {handle}: a TF1 Hub module, which cannot be fetched without a network;"
+        f" give --tfhub_module {bundled} (bundled, offline) instead, or online its TF2 version "
+        f"{module.tf2_handle}"
     )
 
 
