@@ -394,3 +394,43 @@ def test_label_image_takes_tflite_s_flags_and_refuses_another_run_s_labels(
 def test_label_image_helpfull_prints_the_help(capsys):
     assert label_cli.main(["label-image", "--helpfull"]) == 0
     assert "--input_layer" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # int8 calibration runs the network on a few hundred decoded images
+def test_a_quantized_poets_run_writes_an_int8_tflite_that_tflite_s_label_image_reads(
+    poets_run, capsys, tmp_path
+):
+    out, _, _ = poets_run
+    graph = tmp_path / "tf_files" / "retrained_graph.pb"
+    status, lines = retrain_main(
+        capsys,
+        f"--bottleneck_dir={out / 'bottlenecks'}",
+        "--how_many_training_steps=20",
+        f"--output_graph={graph}",
+        f"--output_labels={tmp_path / 'tf_files' / 'retrained_labels.txt'}",
+        "--architecture=mobilenet_1.0_224_quantized",
+        f"--image_dir={EXAMPLE_DIR}",
+    )
+    assert status == 0, lines
+    tflite = graph.with_suffix(".tflite")
+    assert any(f"quantized as int8 to {tflite}" in line for line in lines)
+    assert tflite.is_file()
+    image = next((EXAMPLE_DIR / "sunflowers").iterdir())
+    status, printed, err = label_image(
+        capsys,
+        "-m",
+        tflite,
+        "-l",
+        graph.with_name("retrained_labels.txt"),
+        "-i",
+        image,
+        "--input_mean",
+        "127.5",
+        "--input_std",
+        "127.5",
+    )
+    assert status == 0 and len(printed) == 5
+    assert err == [
+        "label-image: warning: ignored --input_mean 127.5 --input_std 127.5: they scale pixels "
+        "to [-1, 1], but Placeholder takes [0, 1]"
+    ]
