@@ -197,6 +197,39 @@ def test_a_tf1_url_offline_is_one_line_before_tensorflow_or_any_image(tmp_path):
     ]
 
 
+def test_any_url_offline_is_one_line_unless_tensorflow_hub_s_cache_has_it(tmp_path, monkeypatch):
+    import hashlib
+
+    from retrain.utils import handles
+
+    url = "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
+    monkeypatch.setattr(handles, "host_reachable", lambda host, timeout=2.0: False)
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
+    with pytest.raises(UsageError) as info:
+        cli.check_hub_handle(url)
+    assert str(info.value) == (
+        f"--tfhub_module {url}: cannot be fetched without a network (tfhub.dev cannot be "
+        "reached); give --tfhub_module efficientnet_lite0 (bundled, offline) or a SavedModel folder"
+    )
+    for handle in (url, TF1_URL):  # fetched before: resolving it needs no network
+        cached = tmp_path / hashlib.sha1(handle.encode()).hexdigest()
+        cached.mkdir()
+        (cached / "saved_model.pb").write_bytes(b"")
+        cli.check_hub_handle(handle)
+    cli.check_hub_handle("efficientnet_lite0")  # no URL: nothing to fetch
+
+
+def test_a_proxy_counts_as_a_network(monkeypatch):
+    from retrain.utils.handles import host_reachable
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert host_reachable("host.invalid")
+    monkeypatch.delenv("HTTPS_PROXY")
+    for name in ("https_proxy", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert not host_reachable("host.invalid", timeout=1.0)
+
+
 def write_tf1_hub_module(folder: Path, signature: str = "image_feature_vector") -> Path:
     """A tiny TF1 Hub format module: a TF1 SavedModel (written with TF 1's API, as hub.Module's
     exporter did) whose `signature` maps images [N, 224, 224, 3] to 5 features, and the
@@ -292,6 +325,7 @@ def test_the_poets_codelab_runs_and_its_label_image_step_prints_labels(poets_run
     out, status, lines = poets_run
     tf_files = out / "tf_files"
     assert status == 0, lines
+    assert any((out / "bottlenecks").rglob("*")), "the cache is where the script asked"
     assert any("using the bundled efficientnet_lite0" in line for line in lines)
     assert any("ignored --model_dir" in line for line in lines)
     assert (tf_files / "retrained_labels.txt").read_text().split("\n")[:2] == ["daisy", "dandelion"]

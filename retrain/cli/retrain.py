@@ -42,16 +42,23 @@ def read_command_line(argv: list[str], flag_values) -> list[str]:
 
 
 def check_hub_handle(handle: str) -> None:
-    """Refuse a TF1 Hub format module's URL in one line (UsageError) when its host cannot be
-    reached: told by the URL's shape, before TensorFlow is imported or an image read. Online
-    it is fetched and converted (retrain.models.tf1_hub)."""
+    """Refuse a module URL in one line (UsageError) when its host cannot be reached and
+    tensorflow_hub's cache lacks it: before TensorFlow is imported or an image read. A TF1 Hub
+    module is told by its URL, and the line names its TF2 version too; online it is fetched
+    and converted (retrain.models.tf1_hub)."""
     from retrain.cli.flags import flag_default, flag_named
-    from retrain.utils.handles import host_reachable, tf1_hub_module
+    from retrain.utils.handles import host_reachable, hub_cached, tf1_hub_module, url_host
 
-    module = tf1_hub_module(handle)
-    if module is None or host_reachable(module.host):
+    host = url_host(handle)
+    if host is None or hub_cached(handle) or host_reachable(host):
         return
     bundled = flag_default(flag_named("tfhub_module"))
+    module = tf1_hub_module(handle)
+    if module is None:
+        raise UsageError(
+            f"--tfhub_module {handle}: cannot be fetched without a network ({host} cannot be "
+            f"reached); give --tfhub_module {bundled} (bundled, offline) or a SavedModel folder"
+        )
     raise UsageError(
         f"--tfhub_module {handle}: a TF1 Hub module, which cannot be fetched without a network;"
         f" give --tfhub_module {bundled} (bundled, offline) instead, or online its TF2 version "

@@ -4,8 +4,11 @@ Hub format modules told by their URL (`tf1_hub_module`), before anything is fetc
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import socket
+import tempfile
 from dataclasses import dataclass
 
 # A scheme (RFC 3986: a letter, then letters, digits, '+', '-', '.') followed by '://'.
@@ -61,9 +64,30 @@ def tf1_hub_module(handle: str) -> TF1HubModule | None:
     return None
 
 
+def url_host(handle: str) -> str | None:
+    """The host of an http(s) URL, else None."""
+    url = _SPLIT_URL.match(handle.strip())
+    return url["host"].lower() if url else None
+
+
+def hub_cached(handle: str) -> bool:
+    """Whether tensorflow_hub's cache ($TFHUB_CACHE_DIR, else <temp>/tfhub_modules) already
+    holds the module `handle` names (a folder named by the SHA-1 of the handle), so that
+    resolving it needs no network."""
+    root = os.environ.get("TFHUB_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "tfhub_modules")
+    folder = os.path.join(root, hashlib.sha1(handle.encode("utf-8")).hexdigest())
+    return os.path.isfile(os.path.join(folder, "saved_model.pb"))
+
+
+# A proxy may reach what a direct connection cannot: then only fetching tells.
+_PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
 def host_reachable(host: str, timeout: float = 2.0) -> bool:
     """Whether a TCP connection to `host`'s HTTPS port opens within `timeout` seconds (False
-    offline: no name resolution or no route fails at once)."""
+    offline: no name resolution or no route fails at once); True whenever a proxy is set."""
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return True
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError:
