@@ -276,6 +276,37 @@ def test_a_tf1_hub_module_online_is_loaded_as_hub_keras_layer_loads_it(tmp_path,
         resolve_module(TF1_URL, cache_dir=tmp_path / "cache")
 
 
+def test_a_tf1_url_online_trains_end_to_end(tmp_path, monkeypatch, capsys):
+    """retrain.py's kind of command with a TF1 module URL, the network faked: the module is
+    fetched (here: a tiny one made above), converted, and a layer trained on its features."""
+    import tensorflow_hub as hub
+
+    from retrain.utils import handles
+    from tests.conftest import example_subset
+
+    module_dir = write_tf1_hub_module(tmp_path / "tf1")
+    monkeypatch.setattr(handles, "host_reachable", lambda host, timeout=2.0: True)
+    monkeypatch.setattr(hub, "resolve", lambda handle: str(module_dir))
+    status, lines = retrain_main(
+        capsys,
+        f"--image_dir={example_subset(tmp_path / 'photos')}",
+        f"--tfhub_module={TF1_URL}",
+        f"--module_cache_dir={tmp_path / 'cache'}",
+        f"--bottleneck_dir={tmp_path / 'bottlenecks'}",
+        f"--output_graph={tmp_path / 'graph.pb'}",
+        f"--output_labels={tmp_path / 'labels.txt'}",
+        f"--summaries_dir={tmp_path / 'logs'}",
+        "--how_many_training_steps=10",
+        "--extraction_backend=tensorflow",  # the TFLite check of a new module is the slow part
+    )
+    assert status == 0, lines
+    assert (tmp_path / "labels.txt").read_text() == "daisy\nroses\n"
+    status, printed, _ = label_image(
+        capsys, f"--graph={tmp_path / 'graph.pb'}", next((tmp_path / "photos" / "daisy").iterdir())
+    )
+    assert status == 0 and {line.split()[0] for line in printed} == {"daisy", "roses"}
+
+
 def test_a_tf1_url_online_passes_the_flag_check(monkeypatch):
     from retrain.utils import handles
 
