@@ -8,6 +8,7 @@ takes a few seconds."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -228,6 +229,16 @@ def test_a_proxy_counts_as_a_network(monkeypatch):
     for name in ("https_proxy", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     assert not host_reachable("host.invalid", timeout=1.0)
+
+    # A name lookup that hangs (getaddrinfo has no timeout) counts as offline, in time.
+    def hang(*args, **kwargs):
+        time.sleep(5)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    start = time.monotonic()
+    assert not host_reachable("tfhub.dev", timeout=0.5)
+    assert time.monotonic() - start < 2
 
 
 def write_tf1_hub_module(folder: Path, signature: str = "image_feature_vector") -> Path:

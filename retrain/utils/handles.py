@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 from dataclasses import dataclass
 
 # A scheme (RFC 3986: a letter, then letters, digits, '+', '-', '.') followed by '://'.
@@ -83,13 +84,23 @@ def hub_cached(handle: str) -> bool:
 _PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
 
-def host_reachable(host: str, timeout: float = 2.0) -> bool:
-    """Whether a TCP connection to `host`'s HTTPS port opens within `timeout` seconds (False
-    offline: no name resolution or no route fails at once); True whenever a proxy is set."""
+def host_reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to `host`'s HTTPS port opens within `timeout` seconds, name
+    lookup included (False offline: no name resolution or no route fails at once; a lookup
+    that hangs counts as offline); True whenever a proxy is set."""
     if any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return True
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            opened.append(False)
+
+    # getaddrinfo has no timeout of its own: a thread bounds the whole attempt.
+    attempt = threading.Thread(target=connect, daemon=True)
+    attempt.start()
+    attempt.join(timeout)
+    return bool(opened and opened[0])
