@@ -123,6 +123,8 @@ def test_a_quantized_architecture_also_asks_for_an_int8_tflite_beside_the_graph(
     )
     out = rewrite("--architecture=mobilenet_0.25_128_quantized")
     assert "--output_tflite=/tmp/output_graph.tflite" in poets_argv(out, "efficientnet_lite0")
+    out = rewrite("--architecture=mobilenet_v2_1.4_224", "--output_tflite=m.tflite")
+    assert poets_argv(out, "efficientnet_lite0")[-1] == "--tfhub_module=efficientnet_lite0"
 
 
 def test_an_architecture_the_poets_script_did_not_know_is_one_line():

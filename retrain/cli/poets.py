@@ -16,11 +16,9 @@ from pathlib import PurePath
 from retrain.cli.compat_argv import Rewritten
 from retrain.errors import UsageError
 
-# The Poets retrain.py's names: mobilenet_<width>_<size>[_quantized], or inception_v3.
-ARCHITECTURE = re.compile(
-    r"^(?:mobilenet_(?:1\.0|0\.75|0\.5|0\.50|0\.25)_(?:224|192|160|128)(?P<quantized>_quantized)?"
-    r"|inception_v3)$"
-)
+# The Poets retrain.py's names, mobilenet_<width>_<size>[_quantized] and inception_v3, and the
+# variants its forks added (mobilenet_v2_1.4_224): every one a TF1 network retrain cannot fetch.
+ARCHITECTURE = re.compile(r"^(?:mobilenet|inception)[\w.]*?(?P<quantized>_quantized)?$")
 DEFAULT_GRAPH = "/tmp/output_graph.pb"  # retrain.py's --output_graph default
 
 
@@ -46,8 +44,7 @@ def poets_argv(rewritten: Rewritten, bundled: str) -> list[str]:
     if match is None:
         raise UsageError(
             f"--architecture {name}: not a name the Poets retrain.py knew "
-            "(mobilenet_<1.0|0.75|0.50|0.25>_<224|192|160|128>[_quantized] or inception_v3); "
-            "give --tfhub_module instead"
+            "(mobilenet_<width>_<size>[_quantized] or inception_v3); give --tfhub_module instead"
         )
     argv.append(f"--tfhub_module={bundled}")
     warn(f"--architecture {name}: using the bundled {bundled} instead (needs no network)")
