@@ -32,11 +32,11 @@ def read_command_line(argv: list[str], flag_values) -> list[str]:
     flags, `--flag False`, the Poets flags: see retrain.cli.compat_argv and retrain.cli.poets);
     returns the warnings to log. A bad flag is a UsageError (one line, exit 2)."""
     from retrain.cli.compat_argv import rewrite_argv
-    from retrain.cli.flags import TABLE, flag_default, flag_kind
+    from retrain.cli.flags import TABLE, flag_default, flag_kind, flag_named
     from retrain.cli.poets import poets_argv
 
     rewritten = rewrite_argv(argv, {flag.name: flag_kind(flag) == "bool" for flag in TABLE})
-    bundled = flag_default(next(flag for flag in TABLE if flag.name == "tfhub_module"))
+    bundled = flag_default(flag_named("tfhub_module"))
     parse_flags(poets_argv(rewritten, bundled), flag_values)
     return rewritten.warnings
 
