@@ -313,6 +313,7 @@ def test_a_tf1_url_online_trains_end_to_end(tmp_path, monkeypatch, capsys):
         "--extraction_backend=tensorflow",  # the TFLite check of a new module is the slow part
     )
     assert status == 0, lines
+    assert f"I Module {TF1_URL}: input 224x224, 5 features" in lines  # the TF1 module's own
     assert (tmp_path / "labels.txt").read_text() == "daisy\nroses\n"
     status, printed, _ = label_image(
         capsys, f"--graph={tmp_path / 'graph.pb'}", next((tmp_path / "photos" / "daisy").iterdir())
