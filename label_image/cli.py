@@ -28,6 +28,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import numpy as np
 from absl import flags
 
+from label_image import compat
 from retrain.data.decode import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageDecodeError,
@@ -53,9 +54,10 @@ def define_flags(f: flags.FlagValues) -> None:
     )
     flags.DEFINE_string(
         "labels",
-        "/tmp/output_labels.txt",
+        None,
         "Labels file, one per line, as many as the model has outputs (default: the labels the "
-        "model carries, a .tflite's or SavedModel's, else this file).",
+        "model carries, a .tflite's or SavedModel's, else output_labels.txt, "
+        "retrained_labels.txt or the graph's name with .txt, beside the graph).",
         flag_values=f,
     )
     flags.DEFINE_multi_string(
@@ -169,23 +171,77 @@ def load_model(f: flags.FlagValues):
     try:
         if model_format(f.graph) != TFLITE:
             import_tensorflow_quietly()
-        return open_model(f.graph, f.input_layer, f.output_layer)
+            return open_named_layers(f, open_model)
+        for name in ("input_layer", "output_layer"):
+            if f[name].value is not None:
+                warn(f"ignored --{name} {f[name].value}: a .tflite has one input and one output")
+        return open_model(f.graph)
     except ModelLoadError as err:
         raise UsageError(f"--graph: {err}") from None
 
 
-def model_labels(f: flags.FlagValues, model) -> tuple[list[str], np.ndarray | None]:
-    """(labels, a multi-label model's thresholds or None): --labels if given, else those the
-    model carries, else the default --labels file. A count that does not fit the model's
-    outputs is a UsageError."""
-    if not f["labels"].present and model.labels is not None:
+def open_named_layers(f: flags.FlagValues, open_model: Callable):
+    """A graph or SavedModel opened with the layers TensorFlow's scripts name (`final_result:0`
+    is `final_result`); an input a retrain graph lacks (an old graph's `Mul`, `input`,
+    `DecodeJpeg`) is its `Placeholder`, with a warning."""
+    from retrain.export.loading import ModelLoadError
+
+    input_layer, output_layer = compat.layer_name(f.input_layer), compat.layer_name(f.output_layer)
+    try:
+        return open_model(f.graph, input_layer, output_layer)
+    except ModelLoadError as err:
+        if input_layer is None or not str(err).startswith("--input_layer: no "):
+            raise
+        model = open_model(f.graph, None, output_layer)
+        if input_name(model) != compat.RETRAIN_INPUT:
+            raise err from None
+        warn(compat.missing_input_warning(input_layer))
+        return model
+
+
+def input_name(model) -> str | None:
+    """The name of a graph's input node or a SavedModel's input key (None for a .tflite)."""
+    tensor = getattr(model, "input", None)
+    return tensor.op.name if tensor is not None else getattr(model, "_input", None)
+
+
+def takes_unit_pixels(model) -> bool:
+    """Whether the model is retrain's (or retrain.py's): its input takes pixels in [0, 1]
+    (a .tflite: one that carries retrain's labels)."""
+    name = input_name(model)
+    return name == compat.RETRAIN_INPUT if name is not None else model.labels is not None
+
+
+def warn(line: str) -> None:
+    """One warning line on stderr."""
+    print(f"{PROG}: warning: {line}", file=sys.stderr)
+
+
+def model_labels(f: flags.FlagValues, model) -> tuple[list[str], np.ndarray | None, str]:
+    """(labels, a multi-label model's thresholds or None, where they came from): --labels if
+    given, else those the model carries, else a labels file beside the graph (see
+    labels_file_beside). A count that does not fit the model's outputs is a UsageError."""
+    if f.labels is None and model.labels is not None:
         labels, source = model.labels, f"the labels inside {f.graph}"
         thresholds = None if model.thresholds is None else np.array(model.thresholds)
     else:
-        labels, source = read_labels(f.labels), f"--labels: {f.labels}"
-        thresholds = read_label_thresholds(f.labels, len(labels))
+        path = f.labels or labels_file_beside(f.graph)
+        labels, source = read_labels(path), f"--labels: {path}"
+        thresholds = read_label_thresholds(path, len(labels))
     check_label_count(len(labels), model.output_width(), source)
-    return labels, thresholds
+    return labels, thresholds, source
+
+
+def labels_file_beside(graph: str) -> str:
+    """The labels file beside `graph` (retrain.py's output_labels.txt, the Poets'
+    retrained_labels.txt, or the graph's name with .txt), never one of another run elsewhere;
+    a UsageError naming where it looked if there is none."""
+    candidates = compat.labels_beside(graph)
+    for path in candidates:
+        if path.is_file():
+            return str(path)
+    looked = ", ".join(str(path) for path in candidates)
+    raise UsageError(f"--labels: {graph} carries no labels and none are beside it ({looked})")
 
 
 def check_label_count(count: int, outputs: int | None, source: str) -> None:
@@ -236,14 +292,14 @@ def classify(f: flags.FlagValues, args: list[str]) -> int:
     """Classify the images of `args` (files and folders); print results; return the exit
     status (1 if some image could not be classified, else 0)."""
     model = load_model(f)
-    labels, thresholds = model_labels(f, model)
-    graph_h, graph_w = model.input_size()
-    height = f.input_height or graph_h
-    width = f.input_width or graph_w
-    if not height or not width:
-        raise UsageError(
-            "--input_height/--input_width: the graph does not fix its input size; give both"
-        )
+    labels, thresholds, source = model_labels(f, model)
+    height, width = input_size(f, model)
+    mean, std = f.input_mean, f.input_std
+    if takes_unit_pixels(model):
+        given = f["input_mean"].present or f["input_std"].present
+        mean, std, warning = compat.unit_scaling(mean, std, given)
+        if warning:
+            warn(warning)
     images, problems = expand_images(args)
     for path, reason in problems:
         report_error(f, path, reason)
@@ -256,7 +312,7 @@ def classify(f: flags.FlagValues, args: list[str]) -> int:
             pixels = decode_image(path, (height, width), DEFAULT_MAX_IMAGE_PIXELS)
         except (ImageDecodeError, OSError) as err:
             return skip_reason(err)
-        return preprocess(pixels, (height, width), f.input_mean, f.input_std)
+        return preprocess(pixels, (height, width), mean, std)
 
     show_names = len(images) > 1 or len(args) > 1 or os.path.isdir(args[0])
     failed = bool(problems)
@@ -270,10 +326,25 @@ def classify(f: flags.FlagValues, args: list[str]) -> int:
             if not kept:
                 continue
             scores = model.predict(np.stack([x for _, x in kept]))
-            check_label_count(len(labels), scores.shape[1], f"--labels: {f.labels}")
+            check_label_count(len(labels), scores.shape[1], source)
             for (path, _), row in zip(kept, scores):
                 print_result(f, path, row, labels, thresholds, show_names)
     return 1 if failed else 0
+
+
+def input_size(f: flags.FlagValues, model) -> tuple[int, int]:
+    """(height, width) the images are resized to: the graph's where it fixes them (a
+    contradicting --input_height/--input_width is ignored with a warning), else the flags'."""
+    graph = model.input_size()
+    warning = compat.size_warning((f.input_height, f.input_width), graph)
+    if warning:
+        warn(warning)
+    height, width = graph[0] or f.input_height, graph[1] or f.input_width
+    if not height or not width:
+        raise UsageError(
+            "--input_height/--input_width: the graph does not fix its input size; give both"
+        )
+    return height, width
 
 
 def report_error(f: flags.FlagValues, path: str, reason: str) -> None:
@@ -318,10 +389,10 @@ def print_result(
 
 def main(argv: list[str] | None = None) -> int:
     """Run label-image with `argv` (default sys.argv); returns the exit status."""
-    argv = list(sys.argv if argv is None else argv)
+    argv, warnings = compat.rewrite_argv(list(sys.argv if argv is None else argv))
     f = flags.FlagValues()
     define_flags(f)
-    if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
+    if any(arg in ("-h", "--help", "-help", "--helpfull", "-helpfull") for arg in argv[1:]):
         print(f"usage: {PROG} --graph G.pb --labels L.txt --image IMG [IMG ...]\n\n{f.get_help()}")
         return 0
     try:
@@ -329,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             rest = f(argv)
         except flags.Error as err:
             raise UsageError(str(err).splitlines()[0]) from None
+        for line in warnings:
+            warn(line)
         images = list(f.image) + rest[1:]
         if not images:
             raise UsageError("--image: give at least one image file")

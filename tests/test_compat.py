@@ -203,8 +203,8 @@ def test_final_test_accuracy_and_misclassified_lines_read_as_retrain_py_s(tiny_r
 
 
 def test_a_tf1_hub_format_module_is_refused_in_one_line(tmp_path):
-    """retrain.py loaded TF1 Hub format modules with hub.Module; retrain takes TF2 SavedModels
-    only (the table's "differs" row), and says so."""
+    """A TF1 SavedModel that is no TF1 Hub module (no tfhub_module.pb: those are converted,
+    see test_scripts_compat) has no __call__, and retrain says so in one line."""
     import tensorflow as tf
 
     from retrain.models.loading import ModuleError, resolve_module

@@ -42,7 +42,7 @@ def run_cli(capsys, *args):
         (["--bottleneck_dir=/proc/version"], "--bottleneck_dir"),
         (["--assert_accuracy_at_least=1.5"], "--assert_accuracy_at_least"),
         (["--how_many_training_steps=lots"], "how_many_training_steps"),
-        (["--no_such_flag=1"], "no_such_flag"),
+        (["--how_many_trainig_steps=1"], "--how_many_training_steps"),  # a typo of ours
         (["--resume"], "--resume"),
         (["--random_crop=101"], "--random_crop"),
         (["--random_scale=-5"], "--random_scale"),

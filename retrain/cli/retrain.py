@@ -28,6 +28,45 @@ def parse_flags(argv: list[str], flag_values) -> None:
         raise UsageError(str(err).splitlines()[0]) from None
 
 
+def read_command_line(argv: list[str], flag_values) -> list[str]:
+    """Parse argv into absl FlagValues the way retrain.py's scripts write it (prefixes, unknown
+    flags, `--flag False`, the Poets flags: see retrain.cli.compat_argv and retrain.cli.poets);
+    returns the warnings to log. A bad flag is a UsageError (one line, exit 2)."""
+    from retrain.cli.compat_argv import rewrite_argv
+    from retrain.cli.flags import TABLE, flag_default, flag_kind, flag_named
+    from retrain.cli.poets import poets_argv
+
+    rewritten = rewrite_argv(argv, {flag.name: flag_kind(flag) == "bool" for flag in TABLE})
+    bundled = flag_default(flag_named("tfhub_module"))
+    parse_flags(poets_argv(rewritten, bundled), flag_values)
+    return rewritten.warnings
+
+
+def check_hub_handle(handle: str) -> None:
+    """Refuse a module URL in one line (UsageError) when its host cannot be reached and
+    tensorflow_hub's cache lacks it: before TensorFlow is imported or an image read. A TF1 Hub
+    module is told by its URL, and the line names its TF2 version too; online it is fetched
+    and converted (retrain.models.tf1_hub)."""
+    from retrain.cli.flags import flag_default, flag_named
+    from retrain.utils.handles import host_reachable, hub_cached, tf1_hub_module, url_host
+
+    host = url_host(handle)
+    if host is None or hub_cached(handle) or host_reachable(host):
+        return
+    bundled = flag_default(flag_named("tfhub_module"))
+    module = tf1_hub_module(handle)
+    if module is None:
+        raise UsageError(
+            f"--tfhub_module {handle}: cannot be fetched without a network ({host} cannot be "
+            f"reached); give --tfhub_module {bundled} (bundled, offline) or a SavedModel folder"
+        )
+    raise UsageError(
+        f"--tfhub_module {handle}: a TF1 Hub module, which cannot be fetched without a network;"
+        f" give --tfhub_module {bundled} (bundled, offline) instead, or online its TF2 version "
+        f"{module.tf2_handle}"
+    )
+
+
 def setup_logging(verbosity: str) -> None:
     """Plain `LEVEL message` lines on stderr; TensorFlow's C++ chatter is silenced."""
     level = {"WARN": logging.WARNING, "FATAL": logging.CRITICAL}.get(verbosity, verbosity)
@@ -57,10 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
             print(render_help(), end="")
             return 0
-        parse_flags(argv, flag_values)
+        warnings = read_command_line(argv, flag_values)
         callers_names = name_settings_as(flag_for_field)  # library messages name our flags
         config = config_from_flags(flag_values)
+        check_hub_handle(config.module.handle)  # before TensorFlow is imported
         setup_logging(flag_values.logging_verbosity)
+        for line in warnings:
+            logging.getLogger("retrain").warning("%s", line)
         from retrain.utils import interrupt
 
         with interrupt.stop_at_safe_points():  # from here, Ctrl-C never lands inside TensorFlow

@@ -22,6 +22,7 @@ from typing import Any
 from retrain.errors import RetrainError
 from retrain.models.module_cache import CONVERTER_VERSION, converted_module_dir
 from retrain.models.registry import BundledModelSpec, get_bundled_model, list_bundled_models
+from retrain.models.tf1_hub import TF1HubError, convert_tf1_hub, is_tf1_hub_module
 from retrain.models.torch_weights import load_legacy_state_dict
 from retrain.utils.atomic import exclusive, fsync_path, writing
 from retrain.utils.handles import looks_like_url
@@ -79,10 +80,10 @@ def resolve_module(
     else:
         return _resolve_bundled(handle, spec, cache_dir)
     if looks_like_url(handle):
-        return _resolve_directory(handle, _hub_resolve(handle))
+        return _resolve_directory(handle, _hub_resolve(handle), cache_dir)
     path = pathlib.Path(handle).expanduser()
     if path.is_dir():
-        return _resolve_directory(handle, path)
+        return _resolve_directory(handle, path, cache_dir)
     raise ModuleError(
         f"unknown module {handle!r}: not a bundled model ({', '.join(list_bundled_models())}), "
         "an existing SavedModel directory or a URL"
@@ -236,9 +237,13 @@ def _hub_resolve(handle: str) -> pathlib.Path:
         raise ModuleError(f"cannot fetch module {handle!r}: {first_line}") from None
 
 
-def _resolve_directory(handle: str, path: pathlib.Path) -> ImageModule:
+def _resolve_directory(
+    handle: str, path: pathlib.Path, cache_dir: pathlib.Path | None = None
+) -> ImageModule:
     if not (path / "saved_model.pb").is_file():
         raise ModuleError(f"module {handle!r}: {path} contains no saved_model.pb")
+    if is_tf1_hub_module(path):
+        return _resolve_tf1_hub(handle, path, cache_dir)
     input_size, feature_dim = _inspect_saved_model(handle, path)
     return ImageModule(
         handle=handle,
@@ -247,6 +252,52 @@ def _resolve_directory(handle: str, path: pathlib.Path) -> ImageModule:
         feature_dim=feature_dim,
         fingerprint=fingerprint_saved_model(path),
     )
+
+
+def _resolve_tf1_hub(handle: str, source: pathlib.Path, cache_dir: pathlib.Path | None):
+    """A TF1 Hub format module (retrain.py's), converted once into the module cache as a TF2
+    image module (see retrain.models.tf1_hub)."""
+    target = converted_module_dir(cache_dir, "tf1hub", fingerprint_saved_model(source))
+    metadata = _read_metadata(target)
+    if metadata is None:
+        with exclusive(target):
+            metadata = _read_metadata(target) or _convert_tf1_hub(handle, source, target)
+    return ImageModule(
+        handle=handle,
+        path=target,
+        input_size=(int(metadata["input_size"][0]), int(metadata["input_size"][1])),
+        feature_dim=int(metadata["feature_dim"]),
+        fingerprint=str(metadata["fingerprint"]),
+    )
+
+
+def _convert_tf1_hub(handle: str, source: pathlib.Path, target: pathlib.Path) -> dict[str, Any]:
+    """Convert the TF1 Hub module at ``source`` into ``target`` (built aside, then renamed);
+    returns its metadata."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with writing(target, "converted module"):
+            try:
+                convert_tf1_hub(handle, source, staging)
+            except TF1HubError as err:
+                raise ModuleError(str(err)) from None
+            input_size, feature_dim = _inspect_saved_model(handle, staging)
+            metadata = {
+                "name": "tf1hub",
+                "handle": handle,
+                "input_size": list(input_size),
+                "feature_dim": feature_dim,
+                "fingerprint": fingerprint_saved_model(staging),
+                "converter_version": CONVERTER_VERSION,
+            }
+            (staging / METADATA_FILENAME).write_text(json.dumps(metadata, indent=2), "utf-8")
+            os.chmod(staging, 0o755)
+            _fsync_tree(staging)
+            _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metadata
 
 
 def _inspect_saved_model(handle: str, path: pathlib.Path) -> tuple[tuple[int, int], int]:
