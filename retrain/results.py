@@ -67,6 +67,8 @@ class RunResult:
     rate_search: Any = None  # retrain.training.lr_find.RateSearch, with --learning_rate auto
     # Each exported model run on the test split: retrain.export.check.ExportCheck objects.
     export_checks: list[Any] = field(default_factory=list)
+    # {split: {"images": n, "positives": [per class (label)]}}: each label's share per split.
+    split_counts: dict[str, dict] = field(default_factory=dict)
 
     @property
     def test(self) -> Evaluation | MultiLabelEvaluation | None:

@@ -191,7 +191,7 @@ def test_the_approximate_index_finds_what_the_exact_one_finds(tmp_path, monkeypa
     def search():
         index = audit._build_index(features, seed=0)
         centroids = audit._centroids(features, index, SoftmaxHead(3))
-        return index.approximate, *audit._search(features, index, centroids, 0.95)
+        return index.approximate, *audit._search(features, index, centroids, 0.95, SoftmaxHead(3))
 
     exact_kind, exact_pairs, exact_nearest = search()
     monkeypatch.setattr(audit, "EXACT_SEARCH_ROWS", 100)
@@ -203,4 +203,5 @@ def test_the_approximate_index_finds_what_the_exact_one_finds(tmp_path, monkeypa
     assert {(i, i + 1) for i in range(48, n, 50)} <= set(exact_pairs)
     assert sorted(pairs) == sorted(exact_pairs)
     assert np.allclose([pairs[p] for p in exact_pairs], list(exact_pairs.values()), atol=1e-5)
-    assert np.allclose(nearest, exact_nearest, atol=1e-6)
+    assert np.allclose(nearest.nearest, exact_nearest.nearest, atol=1e-6)
+    assert np.allclose(nearest.own, exact_nearest.own, atol=1e-6)
