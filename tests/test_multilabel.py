@@ -208,6 +208,42 @@ def test_multi_label_report_by_hand():
     assert result.scalars(["a", "b"])["roc_auc/b"] == 1.0
 
 
+def test_labels_without_positives_or_negatives_are_left_out_of_the_means():
+    from retrain.heads.evaluation import MultiLabelEvaluation
+
+    p = np.array([[0.9, 0.2, 0.6], [0.6, 0.7, 0.8], [0.1, 0.8, 0.9], [0.4, 0.1, 0.7]])
+    y = np.array([[1, 0, 1], [0, 0, 1], [0, 0, 1], [1, 0, 1]], np.uint8)
+    report = MultiLabelEvaluation(0.3, p.astype(np.float32), y).report(["a", "none", "all"])
+    assert report["undefined_roc_auc"] == {"none": "no positives", "all": "no negatives"}
+    for name in ("none", "all"):
+        assert report["per_label"][name]["roc_auc"] is None
+        assert report["per_label"][name]["average_precision"] is None
+    assert report["mean_roc_auc"] == report["per_label"]["a"]["roc_auc"] == 0.75
+    assert report["mean_roc_auc_labels"] == report["mean_average_precision_labels"] == 1
+    lines = MultiLabelEvaluation(0.3, p.astype(np.float32), y).summary_lines(["a", "none", "all"])
+    assert "mean ROC AUC 0.750 (over 1 of 3 labels)" in lines[0]
+    assert lines[1] == (
+        "ROC AUC and AP undefined on test, left out of the means: none (no positives), "
+        "all (no negatives)"
+    )
+
+
+def test_the_log_summary_shows_the_worst_labels_only():
+    from retrain.heads.evaluation import WORST_LABELS_SHOWN, MultiLabelEvaluation
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (200, 12)).astype(np.uint8)
+    noise = np.linspace(0.1, 2.0, 12)  # label j gets worse with j
+    p = 1 / (1 + np.exp(-((2.0 * y - 1) + rng.normal(size=y.shape) * noise)))
+    names = [f"l{j}" for j in range(12)]
+    evaluation = MultiLabelEvaluation(0.3, p.astype(np.float32), y)
+    lines = evaluation.summary_lines(names)
+    assert lines[1] == f"The {WORST_LABELS_SHOWN} labels of lowest ROC AUC of 12:"
+    shown = [line.split(":")[0].strip() for line in lines[2:]]
+    aucs = {name: v["roc_auc"] for name, v in evaluation.report(names)["per_label"].items()}
+    assert shown == sorted(aucs, key=aucs.get)[:WORST_LABELS_SHOWN] and "l11" in shown
+
+
 # ----------------------------------------------------------------------------- the head
 
 
@@ -311,7 +347,30 @@ def test_run_learns_and_reports_multi_label_metrics(trained):
     )
     manifest = (out / "manifest.csv").read_text().splitlines()
     assert manifest[0] == "path,label,split" and len(manifest) == 91
+    summary = metrics["label_summary"]
+    assert set(summary) == set(LABELS)
+    for split in SPLITS:
+        assert (
+            sum(1 for row in manifest[1:] if row.endswith(split) and "red" in row)
+            == (summary["red"][f"{split}_positives"])
+        )
+    red = test["per_label"]["red"]
+    assert summary["red"]["f1"] == red["f1"] and summary["red"]["threshold"] == red["threshold"]
     assert list((out / "logs" / "test").glob("events.out.tfevents.*"))
+
+
+def test_the_closing_lines_and_report_show_every_split_per_label(trained, tmp_path):
+    from retrain.reporting.html import closing_lines, write_report
+
+    result, out = trained
+    lines = closing_lines(run_config(Path("x"), Path("y"), out, Path("m")), result)
+    start = next(i for i, line in enumerate(lines) if line.startswith("Labels (all of 3"))
+    header = lines[start + 1].split()
+    assert header[:4] == ["label", "train", "n+", "(share)"] and "threshold" in header
+    assert {lines[start + k].split()[0] for k in (2, 3, 4)} == set(LABELS)
+    page = write_report(tmp_path / "r.html", run_config(out, out, out, out), result)
+    text = Path(page).read_text()
+    assert "Per label across the splits" in text and "test AP" in text
 
 
 def test_thresholds_are_written_beside_the_labels(trained):

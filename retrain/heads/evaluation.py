@@ -83,7 +83,9 @@ class Evaluation:
             "macro_f1": _mean(v["f1"] for v in per_class.values()),
             "macro_roc_auc": _mean(v["roc_auc"] for v in per_class.values()),
             "macro_roc_auc_classes": _covered(v["roc_auc"] for v in per_class.values()),
-            "undefined_roc_auc": undefined_auc(self.labels[:, None] == np.arange(len(names)), names),
+            "undefined_roc_auc": undefined_auc(
+                self.labels[:, None] == np.arange(len(names)), names
+            ),
             "confusion_matrix": confusion.tolist(),
         }
         if len(names) > 5:
@@ -197,7 +199,7 @@ def undefined_auc(truth: np.ndarray, names: list[str]) -> dict[str, str]:
 
 
 def _coverage(covered: int, total: int, kind: str) -> str:
-    """" (over 17 of 19 labels)" where a macro mean leaves some out, else ""."""
+    """ " (over 17 of 19 labels)" where a macro mean leaves some out, else ""."""
     return f" (over {covered} of {total} {kind})" if covered < total else ""
 
 
