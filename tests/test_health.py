@@ -3,6 +3,8 @@ run, and a diverging loss that stops training at once."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -240,5 +242,5 @@ def test_label_summary_in_the_metrics_and_the_report(tmp_path):
     assert summary["a"]["training_positives"] == 100 and summary["a"]["testing_share"] == 0.25
     assert summary["a"]["roc_auc"] == run.test.report(LABELS)["per_class"]["a"]["roc_auc"]
     page = write_report(tmp_path / "r.html", RetrainConfig(image_dir="x"), run)
-    text = open(page).read()
+    text = Path(page).read_text()
     assert "Per class across the splits" in text and "100 (25.00%)" in text
