@@ -67,8 +67,9 @@ def diagnose(
     shift between splits and the labels without an AUC in a split."""
     findings: list[Finding] = []
     if result.split_counts:
-        findings += _share_shift(result.labels, result.split_counts)
-        findings += _undefined_auc(result.labels, result.split_counts)
+        kind = "label" if result.head.head.multi_label else "class"
+        findings += _share_shift(result.labels, result.split_counts, kind)
+        findings += _undefined_auc(result.labels, result.split_counts, kind)
     history = result.head.history
     findings += _accuracy(result)
     findings += _loss(history, learning_rate)
@@ -359,7 +360,10 @@ def share_shifts(labels: list[str], counts: dict[str, dict]) -> list[dict]:
     return sorted(shifts, key=lambda r: (r["p_value"], -abs(r["share"] - r["training"])))
 
 
-def _share_shift(labels: list[str], counts: dict[str, dict]) -> list[Finding]:
+_PLURAL = {"class": "class(es)", "label": "label(s)"}
+
+
+def _share_shift(labels: list[str], counts: dict[str, dict], kind: str) -> list[Finding]:
     shifts = share_shifts(labels, counts)
     if not shifts:
         return []
@@ -372,8 +376,8 @@ def _share_shift(labels: list[str], counts: dict[str, dict]) -> list[Finding]:
         Finding(
             "label_share_shift",
             "warning",
-            f"{len({r['label'] for r in shifts})} label(s) make up a share of validation or test "
-            f"images that differs from their training share more than chance allows "
+            f"{len({r['label'] for r in shifts})} {_PLURAL[kind]} make up a share of validation "
+            f"or test images that differs from their training share more than chance allows "
             f"(two-proportion z-test, p < {SHIFT_ALPHA:g} over all labels): {named}",
             "the splits come from different mixes, so validation and test figures measure "
             "another population than training; draw the splits from one pool, or read each "
@@ -383,7 +387,7 @@ def _share_shift(labels: list[str], counts: dict[str, dict]) -> list[Finding]:
     ]
 
 
-def _undefined_auc(labels: list[str], counts: dict[str, dict]) -> list[Finding]:
+def _undefined_auc(labels: list[str], counts: dict[str, dict], kind: str) -> list[Finding]:
     missing = [
         (name, split, why)
         for split, c in counts.items()
@@ -396,8 +400,8 @@ def _undefined_auc(labels: list[str], counts: dict[str, dict]) -> list[Finding]:
         Finding(
             "labels_without_auc",
             "warning",
-            f"{len(missing)} label(s) have no positives or no negatives in a split, so their "
-            "ROC AUC and AP there are undefined and left out of the means: "
+            f"{len(missing)} {_PLURAL[kind]} have no positives or no negatives in a split, so "
+            "their ROC AUC and AP there are undefined and left out of the means: "
             + ", ".join(f"{name} ({why} in {split})" for name, split, why in missing),
             "add images of those labels to the split (or images without them); until then, "
             "their test figures say nothing",
