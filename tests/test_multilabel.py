@@ -373,6 +373,19 @@ def test_the_closing_lines_and_report_show_every_split_per_label(trained, tmp_pa
     assert "Per label across the splits" in text and "test AP" in text
 
 
+def test_tensorboard_gets_the_shares_per_split(trained):
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = trained
+    events = EventAccumulator(str(out / "logs" / "train"), size_guidance={"tensors": 0})
+    events.Reload()
+    (shares,) = events.Tensors("label_shares")
+    table = tf.make_ndarray(shares.tensor_proto).item().decode().splitlines()
+    assert table[0].startswith("| label | train n+ (share) | validation n+ (share) |")
+    assert {row.split("|")[1].strip() for row in table[2:]} == set(LABELS)
+
+
 def test_thresholds_are_written_beside_the_labels(trained):
     result, out = trained
     written = (out / "labels.txt.thresholds").read_text().split()
