@@ -3,6 +3,7 @@ validation split, multi-label metrics, every export and label-image, on generate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -384,6 +385,36 @@ def test_tensorboard_gets_the_shares_per_split(trained):
     table = tf.make_ndarray(shares.tensor_proto).item().decode().splitlines()
     assert table[0].startswith("| label | train n+ (share) | validation n+ (share) |")
     assert {row.split("|")[1].strip() for row in table[2:]} == set(LABELS)
+
+
+def test_a_shifted_validation_split_is_named_in_the_health_report(
+    dataset, tiny_module, tmp_path, caplog
+):
+    """The CSV puts 'red' on every validation image (about 40% of the others): the run warns
+    of the shift naming red alone, and that red has no negatives in validation."""
+    import csv
+    import logging
+
+    images, csv_path = dataset
+    rows = list(csv.reader(csv_path.open()))
+    for row in rows[1:]:
+        if split_for_file(Path(row[0]).name, 25, 25) == "validation":
+            row[1] = "1"
+    shifted = write_csv(tmp_path / "shifted.csv", rows[0], rows[1:])
+    caplog.set_level(logging.INFO, logger="retrain")
+    config = run_config(images, shifted, tmp_path, tiny_module)
+    config = dataclasses.replace(
+        config, training=dataclasses.replace(config.training, how_many_training_steps=20)
+    )
+    result = retrain.run(config)
+    found = {f.code: f for f in result.health}
+    shift = found["label_share_shift"]
+    assert [r["label"] for r in shift.numbers["shifts"]] == ["red"]
+    assert "red (no negatives in validation)" in found["labels_without_auc"].message
+    assert any("Health: 1 label(s) make up a share" in r.getMessage() for r in caplog.records)
+    validation = result.evaluations["validation"].report(LABELS)
+    assert validation["undefined_roc_auc"] == {"red": "no negatives"}
+    assert validation["mean_roc_auc_labels"] == 2
 
 
 def test_thresholds_are_written_beside_the_labels(trained):
