@@ -404,7 +404,12 @@ def test_a_shifted_validation_split_is_named_in_the_health_report(
     caplog.set_level(logging.INFO, logger="retrain")
     config = run_config(images, shifted, tmp_path, tiny_module)
     config = dataclasses.replace(
-        config, training=dataclasses.replace(config.training, how_many_training_steps=20)
+        config,
+        training=dataclasses.replace(config.training, how_many_training_steps=20),
+        export=ExportConfig(
+            output_graph=str(tmp_path / "graph.pb"), output_labels=str(tmp_path / "labels.txt")
+        ),
+        outputs=OutputsConfig(),
     )
     result = retrain.run(config)
     found = {f.code: f for f in result.health}
