@@ -150,11 +150,7 @@ def _share(share: float | None) -> str:
 def _label_summary(result: RunResult) -> str:
     if not result.split_counts:
         return ""
-    kind = (
-        "label"
-        if result.test is not None and not hasattr(result.test, "confusion_matrix")
-        else "class"
-    )
+    kind = "label" if result.head.head.multi_label else "class"
     header, rows = label_summary_rows(result, result.labels)
     return (
         f"<h2>Per {kind} across the splits</h2><p class='muted'>images (positives) of each "
