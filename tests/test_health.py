@@ -11,7 +11,7 @@ import pytest
 from retrain.bottlenecks.splits import Split
 from retrain.config import FineTuningConfig, HeadTrainingConfig
 from retrain.heads.evaluation import evaluate_chunks
-from retrain.heads.head import SoftmaxHead
+from retrain.heads.head import SigmoidHead, SoftmaxHead
 from retrain.reporting.health import diagnose
 from retrain.results import RunResult, Timings
 from retrain.training.head import TrainingDiverged, TrainResult, train_head
@@ -208,6 +208,10 @@ def test_a_shift_and_labels_without_auc_are_warnings_naming_them():
     assert shift.severity == "warning" and "two-proportion" in shift.message
     assert "often 70.70% of training, 33.33% of validation" in shift.message
     assert "steady" not in shift.message
+    assert found["labels_without_auc"].severity == "note"  # classes: small sets lack some
+    run.head.head = SigmoidHead(4)
+    found = {f.code: f for f in diagnose(run, np.array([100] * 4), 0, 0.01)}
+    assert found["labels_without_auc"].severity == "warning"
     missing = found["labels_without_auc"].message
     assert "rare (no positives in validation)" in missing
     assert "always (no negatives in training)" in missing

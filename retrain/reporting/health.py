@@ -388,23 +388,27 @@ def _share_shift(labels: list[str], counts: dict[str, dict], kind: str) -> list[
 
 
 def _undefined_auc(labels: list[str], counts: dict[str, dict], kind: str) -> list[Finding]:
+    """Labels without positives or negatives in a split (a warning: their thresholds and
+    figures there mean nothing); for classes, a note: small sets often leave a class without
+    validation or test images."""
+    nothing = "no positives" if kind == "label" else "no images"
     missing = [
         (name, split, why)
         for split, c in counts.items()
         for name, k in zip(labels, c["positives"])
-        for why in (("no positives",) if k == 0 else ("no negatives",) if k == c["images"] else ())
+        for why in ((nothing,) if k == 0 else ("no negatives",) if k == c["images"] else ())
     ]
     if not missing:
         return []
     return [
         Finding(
             "labels_without_auc",
-            "warning",
-            f"{len(missing)} {_PLURAL[kind]} have no positives or no negatives in a split, so "
+            "warning" if kind == "label" else "note",
+            f"{len(missing)} {_PLURAL[kind]} have {nothing} or no negatives in a split, so "
             "their ROC AUC and AP there are undefined and left out of the means: "
             + ", ".join(f"{name} ({why} in {split})" for name, split, why in missing),
-            "add images of those labels to the split (or images without them); until then, "
-            "their test figures say nothing",
+            "add images of them to that split (for no negatives: images without them); until "
+            "then, their figures there say nothing",
             {"labels": [{"label": n, "split": s, "reason": w} for n, s, w in missing]},
         )
     ]
