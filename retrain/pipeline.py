@@ -285,6 +285,7 @@ def _report(
     with clock.phase("report"):
         if config.evaluation.print_misclassified_test_images:
             console.log_misclassified(result)
+        result = replace(result, split_counts=health.split_counts(b, result.head.head))
         findings = health.diagnose_run(result, b, config.training.learning_rate)
         console.log_health(findings)
         result = replace(result, health=findings)

@@ -83,6 +83,8 @@ class RunResult:
     rate_search: Any = None  # retrain.training.lr_find.RateSearch, with --learning_rate auto
     # Each exported model run on the test split: retrain.export.check.ExportCheck objects.
     export_checks: list[Any] = field(default_factory=list)
+    # {split: {"images": n, "positives": [per class (label)]}}: each label's share per split.
+    split_counts: dict[str, dict] = field(default_factory=dict)
 
     @property
     def test(self) -> Evaluation | MultiLabelEvaluation | None:
@@ -153,8 +155,32 @@ class RunResult:
             metrics["lr_find"] = {"training": self.rate_search.metrics()}
         if self.export_checks:
             metrics["export_checks"] = [check.as_dict() for check in self.export_checks]
+        if self.split_counts:
+            metrics["label_summary"] = self.label_summary()
         metrics["health"] = [finding.as_dict() for finding in self.health]
         return metrics
+
+    def label_summary(self) -> dict[str, dict[str, Any]]:
+        """Per class (label): its images (positives) and share in each split, and its test
+        figures: ROC AUC, AP (multi-label), threshold and F1 at it (None: undefined); {}
+        without `split_counts`."""
+        test = self.test.report(self.labels) if self.test is not None else {}
+        per_label = test.get("per_class") or test.get("per_label") or {}
+        summary = {}
+        for j, name in enumerate(self.labels):
+            row: dict[str, Any] = {}
+            for split, counts in self.split_counts.items():
+                positives = int(counts["positives"][j])
+                row[f"{split}_positives"] = positives
+                row[f"{split}_share"] = positives / counts["images"] if counts["images"] else None
+            figures = per_label.get(name, {})
+            for key in ("roc_auc", "average_precision", "threshold", "f1"):
+                if key in figures:
+                    row[key] = figures[key]
+            if name in test.get("undefined_roc_auc", {}):
+                row["undefined_because"] = f"{test['undefined_roc_auc'][name]} in testing"
+            summary[name] = row
+        return summary
 
 
 def _per_second(count: int, seconds: float) -> float:

@@ -7,6 +7,7 @@
     python scripts/benchmark.py --suite run --generate 1000                   # 1k made-up JPEGs
     python scripts/benchmark.py --suite whole_run --image_dir PHOTOS          # phases, vs. raw
     python scripts/benchmark.py --suite audit --audit_sizes 10000,100000,1000000
+    python scripts/benchmark.py --suite multilabel --multilabel_rows 800000
 
 Suites:
   module      raw module images/s on decoded 224x224 batches, per extraction backend
@@ -20,6 +21,9 @@ Suites:
               image of --image_dir in batches (images/s) next to the raw model images/s
   audit       the audit of N cached photo-like vectors with planted near copies (N from
               --audit_sizes): wall s, peak RSS, the audit's seconds and counts, copies found
+  multilabel  a labels CSV of --multilabel_rows rows and 19 labels on synthetic cached vectors
+              (no image files; scripts/bench_multilabel.py): scan, lookup, training,
+              evaluation and report seconds, peak RSS, the shifted labels found
   distortions distorting decoded batches + the module next to the module alone (images/s);
               seconds per 100 training images undistorted, with cached copies (computing and
               reusing them) and on the fly
@@ -74,6 +78,7 @@ from bench_model import (  # noqa: E402
     suite_module,
     suite_whole_run,
 )
+from bench_multilabel import suite_multilabel  # noqa: E402
 
 
 def suite_training(args) -> dict:
@@ -474,6 +479,7 @@ SUITES = {
     "audit": suite_audit,
     "fine_tuning": suite_fine_tuning,
     "whole_run": suite_whole_run,
+    "multilabel": suite_multilabel,
 }
 
 
@@ -501,6 +507,7 @@ def main() -> None:
     parser.add_argument("--scale_sizes", default="10000,100000")
     parser.add_argument("--audit_sizes", default="10000")
     parser.add_argument("--audit_synthetic_cache", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--multilabel_rows", type=int, default=800_000)
     parser.add_argument("--distorted_copies", type=int, default=5)
     parser.add_argument("--distortion_steps", type=int, default=1000)
     parser.add_argument("--on_the_fly_steps", type=int, default=50)

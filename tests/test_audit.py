@@ -191,7 +191,7 @@ def test_the_approximate_index_finds_what_the_exact_one_finds(tmp_path, monkeypa
     def search():
         index = audit._build_index(features, seed=0)
         centroids = audit._centroids(features, index, SoftmaxHead(3))
-        return index.approximate, *audit._search(features, index, centroids, 0.95)
+        return index.approximate, *audit._search(features, index, centroids, 0.95, SoftmaxHead(3))
 
     exact_kind, exact_pairs, exact_nearest = search()
     monkeypatch.setattr(audit, "EXACT_SEARCH_ROWS", 100)
@@ -203,4 +203,43 @@ def test_the_approximate_index_finds_what_the_exact_one_finds(tmp_path, monkeypa
     assert {(i, i + 1) for i in range(48, n, 50)} <= set(exact_pairs)
     assert sorted(pairs) == sorted(exact_pairs)
     assert np.allclose([pairs[p] for p in exact_pairs], list(exact_pairs.values()), atol=1e-5)
-    assert np.allclose(nearest, exact_nearest, atol=1e-6)
+    assert np.allclose(nearest.nearest, exact_nearest.nearest, atol=1e-6)
+    assert np.allclose(nearest.own, exact_nearest.own, atol=1e-6)
+
+
+def test_outliers_are_judged_by_their_own_class_spread():
+    """A tight class and a loose one: the photo a little off the tight class is an outlier
+    though the loose class's ordinary photos are further from their centroid; a photo close
+    to another class (a suspect label) is not; scores are in each class's own spreads."""
+    from retrain.reporting import audit
+
+    rng = np.random.default_rng(0)
+    tight = 0.95 + rng.normal(size=300) * 0.005
+    loose = 0.70 + rng.normal(size=300) * 0.05
+    own = np.r_[tight, loose, 0.88, 0.50, 0.20]  # off the tight class; near the other; far
+    nearest = own.copy()
+    nearest[601] = 0.94  # its nearest centroid is the tight class's, not its own
+    group = np.r_[np.zeros(300), np.ones(300), 0, 1, 1].astype(np.int64)
+    closeness = audit._Closeness(nearest.astype(np.float32), own.astype(np.float32), group)
+    scores = audit.outlier_scores(closeness)
+    flagged = np.flatnonzero(scores > audit.OUTLIER_Z)
+    assert {600, 602} <= set(flagged) and 601 not in flagged
+    assert len(flagged) <= 2 + 6  # the tails of 600 normal draws give a few at most
+    assert list(np.argsort(-scores)[:2]) == [600, 602]  # 14 and 10 spreads under the median
+
+
+@pytest.mark.slow
+def test_the_bundled_flowers_give_their_odd_photos(tmp_path):
+    """The 200 example photos with the real module: a count a person can look through, the
+    vaulted ceiling filed under roses among them (2026-12-07: 10 outliers, it first)."""
+    from tests.conftest import ROOT
+
+    config = RetrainConfig(
+        image_dir=str(ROOT / "examples" / "flower_photos"),
+        cache=CacheConfig(bottleneck_dir=str(tmp_path / "bottlenecks")),
+        audit=AuditConfig(output_dir=str(tmp_path / "audit")),
+    )
+    report = retrain.audit_photos(config)
+    assert 3 <= len(report.outliers) <= 20
+    names = [Path(row["path"]).name for row in report.outliers[:3]]
+    assert "17953368844_be3d18cf30_m.jpg" in names

@@ -3,13 +3,15 @@ run, and a diverging loss that stops training at once."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from retrain.bottlenecks.splits import Split
 from retrain.config import FineTuningConfig, HeadTrainingConfig
 from retrain.heads.evaluation import evaluate_chunks
-from retrain.heads.head import SoftmaxHead
+from retrain.heads.head import SigmoidHead, SoftmaxHead
 from retrain.reporting.health import diagnose
 from retrain.results import RunResult, Timings
 from retrain.training.head import TrainingDiverged, TrainResult, train_head
@@ -140,3 +142,109 @@ def test_a_diverging_loss_stops_training_at_once():
     with pytest.raises(TrainingDiverged, match="training diverged") as info:
         train_head(Split(x, y), None, SoftmaxHead(2), settings)
     assert "training.learning_rate" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- shares by split
+
+
+def shifted_counts() -> dict:
+    """The seeds' user's splits, scaled: 'often' on 70.7% of training and 33.3% of validation
+    images, 'rare' on 3.98% and 0%, 'steady' alike everywhere, 'always' on every image."""
+    return {
+        "training": {"images": 10_000, "positives": [7070, 398, 2000, 10_000]},
+        "validation": {"images": 1_200, "positives": [400, 0, 236, 1_200]},
+        "testing": {"images": 1_200, "positives": [850, 50, 245, 1_200]},
+    }
+
+
+SHIFT_LABELS = ["often", "rare", "steady", "always"]
+
+
+def test_two_proportion_test_by_hand():
+    from retrain.reporting.health import two_proportion_p
+
+    # pooled 0.4, standard error sqrt(0.4 * 0.6 * 0.02) = 0.06928, z = 2.887
+    assert two_proportion_p(50, 100, 30, 100) == pytest.approx(0.003892, rel=1e-3)
+    assert two_proportion_p(30, 100, 30, 100) == 1.0
+    assert two_proportion_p(0, 100, 0, 50) == 1.0 and two_proportion_p(5, 0, 1, 10) == 1.0
+
+
+def test_share_shifts_name_the_shifted_labels_worst_first():
+    from retrain.reporting.health import share_shifts
+
+    shifts = share_shifts(SHIFT_LABELS, shifted_counts())
+    assert {(r["label"], r["split"]) for r in shifts} == {
+        ("often", "validation"),
+        ("rare", "validation"),
+    }
+    assert shifts[0]["label"] == "often" and shifts[0]["p_value"] < 1e-100
+    often = shifts[0]
+    assert (often["training"], often["share"]) == (0.707, pytest.approx(1 / 3))
+
+
+def test_shares_drawn_from_one_pool_give_no_shift():
+    from retrain.reporting.health import share_shifts
+
+    rng = np.random.default_rng(0)
+    shares = rng.uniform(0.001, 0.5, 19)
+    labels = [f"l{j}" for j in range(19)]
+    alarms = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        counts = {
+            split: {"images": n, "positives": rng.binomial(n, shares).tolist()}
+            for split, n in (("training", 8000), ("validation", 1000), ("testing", 1000))
+        }
+        alarms += bool(share_shifts(labels, counts))
+    assert alarms <= 1  # family-wise 1% per run
+
+
+def test_a_shift_and_labels_without_auc_are_warnings_naming_them():
+    run = result()
+    run.labels = SHIFT_LABELS
+    run.split_counts = shifted_counts()
+    found = {f.code: f for f in diagnose(run, np.array([100] * 4), 0, 0.01)}
+    shift = found["label_share_shift"]
+    assert shift.severity == "warning" and "two-proportion" in shift.message
+    assert "often 70.70% of training, 33.33% of validation" in shift.message
+    assert "steady" not in shift.message
+    assert found["labels_without_auc"].severity == "note"  # classes: small sets lack some
+    run.head.head = SigmoidHead(4)
+    found = {f.code: f for f in diagnose(run, np.array([100] * 4), 0, 0.01)}
+    assert found["labels_without_auc"].severity == "warning"
+    missing = found["labels_without_auc"].message
+    assert "rare (no positives in validation)" in missing
+    assert "always (no negatives in training)" in missing
+    assert "always (no negatives in testing)" in missing and "often (" not in missing
+
+
+def test_split_counts_from_bottlenecks_per_class():
+    from types import SimpleNamespace
+
+    from retrain.reporting.health import split_counts
+
+    codes_ = np.array([0, 0, 0, 1, 2, 2])
+    b = SimpleNamespace(labels=np.array([0, 1, 1, 1, 0, 2]), split_codes=codes_)
+    b.in_split = lambda name: codes_ == ("training", "validation", "testing").index(name)
+    assert split_counts(b, SoftmaxHead(3)) == {
+        "training": {"images": 3, "positives": [1, 2, 0]},
+        "validation": {"images": 1, "positives": [0, 1, 0]},
+        "testing": {"images": 2, "positives": [1, 0, 1]},
+    }
+
+
+def test_label_summary_in_the_metrics_and_the_report(tmp_path):
+    from retrain.config import RetrainConfig
+    from retrain.reporting.html import write_report
+
+    run = result()
+    run.split_counts = {
+        "training": {"images": 400, "positives": [100, 100, 100, 100]},
+        "testing": {"images": 200, "positives": [50, 50, 50, 50]},
+    }
+    summary = run.metrics()["label_summary"]
+    assert summary["a"]["training_positives"] == 100 and summary["a"]["testing_share"] == 0.25
+    assert summary["a"]["roc_auc"] == run.test.report(LABELS)["per_class"]["a"]["roc_auc"]
+    page = write_report(tmp_path / "r.html", RetrainConfig(image_dir="x"), run)
+    text = Path(page).read_text()
+    assert "Per class across the splits" in text and "100 (25.00%)" in text

@@ -3,6 +3,7 @@ validation split, multi-label metrics, every export and label-image, on generate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -208,6 +209,42 @@ def test_multi_label_report_by_hand():
     assert result.scalars(["a", "b"])["roc_auc/b"] == 1.0
 
 
+def test_labels_without_positives_or_negatives_are_left_out_of_the_means():
+    from retrain.heads.evaluation import MultiLabelEvaluation
+
+    p = np.array([[0.9, 0.2, 0.6], [0.6, 0.7, 0.8], [0.1, 0.8, 0.9], [0.4, 0.1, 0.7]])
+    y = np.array([[1, 0, 1], [0, 0, 1], [0, 0, 1], [1, 0, 1]], np.uint8)
+    report = MultiLabelEvaluation(0.3, p.astype(np.float32), y).report(["a", "none", "all"])
+    assert report["undefined_roc_auc"] == {"none": "no positives", "all": "no negatives"}
+    for name in ("none", "all"):
+        assert report["per_label"][name]["roc_auc"] is None
+        assert report["per_label"][name]["average_precision"] is None
+    assert report["mean_roc_auc"] == report["per_label"]["a"]["roc_auc"] == 0.75
+    assert report["mean_roc_auc_labels"] == report["mean_average_precision_labels"] == 1
+    lines = MultiLabelEvaluation(0.3, p.astype(np.float32), y).summary_lines(["a", "none", "all"])
+    assert "mean ROC AUC 0.750 (over 1 of 3 labels)" in lines[0]
+    assert lines[1] == (
+        "ROC AUC and AP undefined on test, left out of the means: none (no positives), "
+        "all (no negatives)"
+    )
+
+
+def test_the_log_summary_shows_the_worst_labels_only():
+    from retrain.heads.evaluation import WORST_LABELS_SHOWN, MultiLabelEvaluation
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (200, 12)).astype(np.uint8)
+    noise = np.linspace(0.1, 2.0, 12)  # label j gets worse with j
+    p = 1 / (1 + np.exp(-((2.0 * y - 1) + rng.normal(size=y.shape) * noise)))
+    names = [f"l{j}" for j in range(12)]
+    evaluation = MultiLabelEvaluation(0.3, p.astype(np.float32), y)
+    lines = evaluation.summary_lines(names)
+    assert lines[1] == f"The {WORST_LABELS_SHOWN} labels of lowest ROC AUC of 12:"
+    shown = [line.split(":")[0].strip() for line in lines[2:]]
+    aucs = {name: v["roc_auc"] for name, v in evaluation.report(names)["per_label"].items()}
+    assert shown == sorted(aucs, key=aucs.get)[:WORST_LABELS_SHOWN] and "l11" in shown
+
+
 # ----------------------------------------------------------------------------- the head
 
 
@@ -311,7 +348,78 @@ def test_run_learns_and_reports_multi_label_metrics(trained):
     )
     manifest = (out / "manifest.csv").read_text().splitlines()
     assert manifest[0] == "path,label,split" and len(manifest) == 91
+    summary = metrics["label_summary"]
+    assert set(summary) == set(LABELS)
+    for split in SPLITS:
+        assert (
+            sum(1 for row in manifest[1:] if row.endswith(split) and "red" in row)
+            == (summary["red"][f"{split}_positives"])
+        )
+    red = test["per_label"]["red"]
+    assert summary["red"]["f1"] == red["f1"] and summary["red"]["threshold"] == red["threshold"]
     assert list((out / "logs" / "test").glob("events.out.tfevents.*"))
+
+
+def test_the_closing_lines_and_report_show_every_split_per_label(trained, tmp_path):
+    from retrain.reporting.html import closing_lines, write_report
+
+    result, out = trained
+    lines = closing_lines(run_config(Path("x"), Path("y"), out, Path("m")), result)
+    start = next(i for i, line in enumerate(lines) if line.startswith("Labels (all of 3"))
+    header = lines[start + 1].split()
+    assert header[:4] == ["label", "train", "n+", "(share)"] and "threshold" in header
+    assert {lines[start + k].split()[0] for k in (2, 3, 4)} == set(LABELS)
+    page = write_report(tmp_path / "r.html", run_config(out, out, out, out), result)
+    text = Path(page).read_text()
+    assert "Per label across the splits" in text and "test AP" in text
+
+
+def test_tensorboard_gets_the_shares_per_split(trained):
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = trained
+    events = EventAccumulator(str(out / "logs" / "train"), size_guidance={"tensors": 0})
+    events.Reload()
+    (shares,) = events.Tensors("label_shares")
+    table = tf.make_ndarray(shares.tensor_proto).item().decode().splitlines()
+    assert table[0].startswith("| label | train n+ (share) | validation n+ (share) |")
+    assert {row.split("|")[1].strip() for row in table[2:]} == set(LABELS)
+
+
+def test_a_shifted_validation_split_is_named_in_the_health_report(
+    dataset, tiny_module, tmp_path, caplog
+):
+    """The CSV puts 'red' on every validation image (about 40% of the others): the run warns
+    of the shift naming red alone, and that red has no negatives in validation."""
+    import csv
+    import logging
+
+    images, csv_path = dataset
+    rows = list(csv.reader(csv_path.open()))
+    for row in rows[1:]:
+        if split_for_file(Path(row[0]).name, 25, 25) == "validation":
+            row[1] = "1"
+    shifted = write_csv(tmp_path / "shifted.csv", rows[0], rows[1:])
+    caplog.set_level(logging.INFO, logger="retrain")
+    config = run_config(images, shifted, tmp_path, tiny_module)
+    config = dataclasses.replace(
+        config,
+        training=dataclasses.replace(config.training, how_many_training_steps=20),
+        export=ExportConfig(
+            output_graph=str(tmp_path / "graph.pb"), output_labels=str(tmp_path / "labels.txt")
+        ),
+        outputs=OutputsConfig(),
+    )
+    result = retrain.run(config)
+    found = {f.code: f for f in result.health}
+    shift = found["label_share_shift"]
+    assert [r["label"] for r in shift.numbers["shifts"]] == ["red"]
+    assert "red (no negatives in validation)" in found["labels_without_auc"].message
+    assert any("Health: 1 label(s) make up a share" in r.getMessage() for r in caplog.records)
+    validation = result.evaluations["validation"].report(LABELS)
+    assert validation["undefined_roc_auc"] == {"red": "no negatives"}
+    assert validation["mean_roc_auc_labels"] == 2
 
 
 def test_thresholds_are_written_beside_the_labels(trained):

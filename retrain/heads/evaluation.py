@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+WORST_LABELS_SHOWN = 5  # per-label lines in a multi-label evaluation's log summary
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax, numerically stable."""
@@ -80,6 +82,10 @@ class Evaluation:
             "per_class": per_class,
             "macro_f1": _mean(v["f1"] for v in per_class.values()),
             "macro_roc_auc": _mean(v["roc_auc"] for v in per_class.values()),
+            "macro_roc_auc_classes": _covered(v["roc_auc"] for v in per_class.values()),
+            "undefined_roc_auc": undefined_auc(
+                self.labels[:, None] == np.arange(len(names)), names
+            ),
             "confusion_matrix": confusion.tolist(),
         }
         if len(names) > 5:
@@ -93,11 +99,14 @@ class Evaluation:
         auc = report["macro_roc_auc"]
         lowest = lowest_recalls(report["per_class"])
         worst = ", ".join(f"{name} {100 * recall:.0f}%" for name, recall, _ in lowest)
+        covered = _coverage(report["macro_roc_auc_classes"], len(names), "classes")
         return [
             f"{split.capitalize()} accuracy 95% interval {100 * low:.1f}%-{100 * high:.1f}% "
             f"(N={report['n']}); macro F1 {report['macro_f1'] or 0.0:.3f}, macro ROC AUC "
-            + ("n/a" if auc is None else f"{auc:.3f}"),
+            + ("n/a" if auc is None else f"{auc:.3f}")
+            + covered,
             f"Lowest recall: {worst}",
+            *_undefined_lines(report["undefined_roc_auc"], split),
         ]
 
     def mistakes(self, names: list[str]) -> Iterator[tuple[int, str, str, float]]:
@@ -167,6 +176,40 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 def _mean(values) -> float | None:
     present = [v for v in values if v is not None]
     return float(np.mean(present)) if present else None
+
+
+def _covered(values) -> int:
+    """How many of `values` a macro mean takes in: those that are defined."""
+    return sum(v is not None for v in values)
+
+
+def undefined_auc(truth: np.ndarray, names: list[str]) -> dict[str, str]:
+    """{name: "no positives" or "no negatives"} of the classes (labels) of the boolean
+    `truth` [n, labels] whose ROC AUC (and average precision) is undefined on these images;
+    {} without images, where nothing is measured at all."""
+    if not len(truth):
+        return {}
+    positives = truth.sum(axis=0)
+    undefined = {}
+    for j, name in enumerate(names):
+        if positives[j] == 0:
+            undefined[name] = "no positives"
+        elif positives[j] == len(truth):
+            undefined[name] = "no negatives"
+    return undefined
+
+
+def _coverage(covered: int, total: int, kind: str) -> str:
+    """ " (over 17 of 19 labels)" where a macro mean leaves some out, else ""."""
+    return f" (over {covered} of {total} {kind})" if covered < total else ""
+
+
+def _undefined_lines(undefined: dict[str, str], split: str) -> list[str]:
+    """One log line naming the classes (labels) without an AUC on `split`, if any."""
+    if not undefined:
+        return []
+    named = ", ".join(f"{name} ({why})" for name, why in undefined.items())
+    return [f"ROC AUC and AP undefined on {split}, left out of the means: {named}"]
 
 
 def evaluate(
@@ -328,6 +371,9 @@ class MultiLabelEvaluation:
                 "roc_auc": roc_auc(self.probabilities[:, j], truth[:, j]),
                 "average_precision": average_precision(self.probabilities[:, j], truth[:, j]),
             }
+        undefined = undefined_auc(truth, names)
+        for name in undefined:  # without negatives, AP is 1 whatever the scores: no figure
+            per_label[name]["average_precision"] = None
         errors = int(fp.sum() + fn.sum())
         exact = int(self._right().all(axis=1).sum())
         return {
@@ -341,20 +387,32 @@ class MultiLabelEvaluation:
             "micro_f1": float(2 * tp.sum() / (2 * tp.sum() + errors)) if tp.sum() else 0.0,
             "mean_roc_auc": _mean(v["roc_auc"] for v in per_label.values()),
             "mean_average_precision": _mean(v["average_precision"] for v in per_label.values()),
+            "mean_roc_auc_labels": _covered(v["roc_auc"] for v in per_label.values()),
+            "mean_average_precision_labels": _covered(
+                v["average_precision"] for v in per_label.values()
+            ),
+            "undefined_roc_auc": undefined,
         }
 
     def summary_lines(self, names: list[str], split: str = "test") -> list[str]:
-        """The log's lines: exact match with its interval, the F1s and mean ROC AUC, then one
-        line per label."""
+        """The log's lines: exact match with its interval, the F1s and mean ROC AUC (with how
+        many labels it covers), the labels without an AUC, then one line for each of the
+        WORST_LABELS_SHOWN labels of lowest ROC AUC (the metrics JSON has them all)."""
         report = self.report(names)
         low, high = report["accuracy_interval_95"]
+        covered = _coverage(report["mean_roc_auc_labels"], len(names), "labels")
         lines = [
             f"{split.capitalize()} exact match {100 * report['exact_match']:.1f}% "
             f"(95% interval {100 * low:.1f}%-{100 * high:.1f}%, N={report['n']}); "
             f"macro F1 {_show(report['macro_f1'])}, micro F1 {_show(report['micro_f1'])}, "
-            f"mean ROC AUC {_show(report['mean_roc_auc'])}"
+            f"mean ROC AUC {_show(report['mean_roc_auc'])}{covered}",
+            *_undefined_lines(report["undefined_roc_auc"], split),
         ]
-        for name, v in report["per_label"].items():
+        worst = worst_labels(report["per_label"], WORST_LABELS_SHOWN)
+        if len(worst) < len(names):
+            lines.append(f"The {len(worst)} labels of lowest ROC AUC of {len(names)}:")
+        for name in worst:
+            v = report["per_label"][name]
             lines.append(
                 f"  {name}: threshold {v['threshold']:.3f}, precision {_show(v['precision'])}, "
                 f"recall {_show(v['recall'])}, F1 {_show(v['f1'])}, ROC AUC "
@@ -381,6 +439,18 @@ class MultiLabelEvaluation:
             for key in ("f1", "roc_auc", "average_precision", "threshold"):
                 scalars[f"{key}/{_tag(name)}"] = v[key]
         return {tag: float(value) for tag, value in scalars.items() if value is not None}
+
+
+def worst_labels(per_label: dict[str, dict], count: int) -> list[str]:
+    """The `count` labels of a report's per-label figures with the lowest ROC AUC (then the
+    lowest F1), lowest first; labels without an AUC come after those with one."""
+
+    def key(name: str) -> tuple:
+        v = per_label[name]
+        auc, f1 = v["roc_auc"], v["f1"]
+        return (auc is None, auc or 0.0, f1 is None, f1 or 0.0, name)
+
+    return sorted(per_label, key=key)[:count]
 
 
 def _show(value: float | None) -> str:

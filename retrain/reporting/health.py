@@ -13,12 +13,15 @@ flags (`--weight_decay`) when it installed them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from retrain.bottlenecks.stage import Bottlenecks
+from retrain.data import scan
 from retrain.errors import setting_name
+from retrain.heads.head import Head
 from retrain.reporting.audit import identical_pairs
 from retrain.results import RunResult
 
@@ -30,6 +33,10 @@ IMBALANCE = 10.0  # largest / smallest class
 OVERFIT_GAP = 0.25  # training accuracy above validation accuracy
 OVERCONFIDENT = 5.0  # validation loss over training loss
 CONFUSED_SHARE = 0.2  # of a class's test images predicted as one other class
+# A share differs between splits when a two-proportion z-test gives p under this, Bonferroni
+# corrected for the labels and the two comparisons (training against validation and test).
+SHIFT_ALPHA = 0.01
+SHIFTS_SHOWN = 3  # the worst labels named in the shift warning
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,13 @@ def diagnose(
     """The findings of a finished run: `train_counts` are the training images per class,
     `duplicates_across_splits` the pairs of identical files in different splits. For
     multi-label runs, the counts are positives per label, and the single-label findings
-    (chance, confusions) are left out."""
+    (chance, confusions) are left out. With `result.split_counts`, also the shares that
+    shift between splits and the labels without an AUC in a split."""
     findings: list[Finding] = []
+    if result.split_counts:
+        kind = "label" if result.head.head.multi_label else "class"
+        findings += _share_shift(result.labels, result.split_counts, kind)
+        findings += _undefined_auc(result.labels, result.split_counts, kind)
     history = result.head.history
     findings += _accuracy(result)
     findings += _loss(history, learning_rate)
@@ -302,6 +314,106 @@ def _confusions(result: RunResult) -> list[Finding]:
     ]
 
 
+def split_counts(b: Bottlenecks, head: Head) -> dict[str, dict]:
+    """{split: {"images": n, "positives": [per class (label)]}} of the splits that hold
+    images: what the shares and the shift test are computed from."""
+    counts = {}
+    for split in scan.SPLITS:
+        labels = b.labels[b.in_split(split)]
+        if len(labels):
+            counts[split] = {"images": len(labels), "positives": head.positives(labels).tolist()}
+    return counts
+
+
+def two_proportion_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided p-value of the pooled two-proportion z-test that k1/n1 and k2/n2 are draws
+    of one share; 1.0 where a side is empty or the pooled share is 0 or 1."""
+    if not n1 or not n2:
+        return 1.0
+    pooled = (k1 + k2) / (n1 + n2)
+    if pooled <= 0.0 or pooled >= 1.0:
+        return 1.0
+    z = (k1 / n1 - k2 / n2) / math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def share_shifts(labels: list[str], counts: dict[str, dict]) -> list[dict]:
+    """The labels whose share of validation or test images differs from their share of
+    training images by more than chance allows (`two_proportion_p` under SHIFT_ALPHA,
+    Bonferroni corrected), the smallest p first: {label, split, training, share, p_value}."""
+    training = counts.get("training")
+    others = [s for s in ("validation", "testing") if s in counts]
+    if training is None or not others:
+        return []
+    level = SHIFT_ALPHA / (len(labels) * len(others))
+    shifts = []
+    for split in others:
+        for j, name in enumerate(labels):
+            k1, n1 = training["positives"][j], training["images"]
+            k2, n2 = counts[split]["positives"][j], counts[split]["images"]
+            p = two_proportion_p(k1, n1, k2, n2)
+            if p < level:
+                shifts.append(
+                    {"label": name, "split": split, "training": k1 / n1, "share": k2 / n2}
+                    | {"p_value": p}
+                )
+    return sorted(shifts, key=lambda r: (r["p_value"], -abs(r["share"] - r["training"])))
+
+
+_PLURAL = {"class": "class(es)", "label": "label(s)"}
+
+
+def _share_shift(labels: list[str], counts: dict[str, dict], kind: str) -> list[Finding]:
+    shifts = share_shifts(labels, counts)
+    if not shifts:
+        return []
+    named = "; ".join(
+        f"{r['label']} {r['training']:.2%} of training, {r['share']:.2%} of {r['split']} "
+        f"(p={r['p_value']:.1e})"
+        for r in shifts[:SHIFTS_SHOWN]
+    )
+    return [
+        Finding(
+            "label_share_shift",
+            "warning",
+            f"{len({r['label'] for r in shifts})} {_PLURAL[kind]} make up a share of validation "
+            f"or test images that differs from their training share more than chance allows "
+            f"(two-proportion z-test, p < {SHIFT_ALPHA:g} over all labels): {named}",
+            "the splits come from different mixes, so validation and test figures measure "
+            "another population than training; draw the splits from one pool, or read each "
+            "label's figures with its shares (metrics JSON: label_summary)",
+            {"shifts": shifts},
+        )
+    ]
+
+
+def _undefined_auc(labels: list[str], counts: dict[str, dict], kind: str) -> list[Finding]:
+    """Labels without positives or negatives in a split (a warning: their thresholds and
+    figures there mean nothing); for classes, a note: small sets often leave a class without
+    validation or test images."""
+    nothing = "no positives" if kind == "label" else "no images"
+    missing = [
+        (name, split, why)
+        for split, c in counts.items()
+        for name, k in zip(labels, c["positives"])
+        for why in ((nothing,) if k == 0 else ("no negatives",) if k == c["images"] else ())
+    ]
+    if not missing:
+        return []
+    return [
+        Finding(
+            "labels_without_auc",
+            "warning" if kind == "label" else "note",
+            f"{len(missing)} {_PLURAL[kind]} have {nothing} or no negatives in a split, so "
+            "their ROC AUC and AP there are undefined and left out of the means: "
+            + ", ".join(f"{name} ({why} in {split})" for name, split, why in missing),
+            "add images of them to that split (for no negatives: images without them); until "
+            "then, their figures there say nothing",
+            {"labels": [{"label": n, "split": s, "reason": w} for n, s, w in missing]},
+        )
+    ]
+
+
 def cross_split_duplicates(b: Bottlenecks) -> int:
     """Pairs of files with the same bytes in different splits (the health report's
     `duplicates_across_splits` warning is the run's hint at them)."""
@@ -312,5 +424,8 @@ def cross_split_duplicates(b: Bottlenecks) -> int:
 def diagnose_run(result: RunResult, b: Bottlenecks, learning_rate: float) -> list[Finding]:
     """`diagnose` a finished run, its training images per class (positives per label) and
     its duplicates across splits taken from its bottlenecks."""
-    counts = result.head.head.positives(b.labels[b.in_split("training")])
+    head = result.head.head
+    if not result.split_counts:
+        result = replace(result, split_counts=split_counts(b, head))
+    counts = head.positives(b.labels[b.in_split("training")])
     return diagnose(result, counts, cross_split_duplicates(b), learning_rate)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from retrain.config import RetrainConfig, leaf_fields
-from retrain.heads.evaluation import lowest_recalls
+from retrain.heads.evaluation import WORST_LABELS_SHOWN, lowest_recalls, worst_labels
 from retrain.reporting import pictures
 from retrain.results import RunResult
 from retrain.utils.atomic import atomic_write_text
@@ -61,6 +61,7 @@ def write_report(
     if result is not None:
         body += [
             _health(result),
+            _label_summary(result),
             _curves(result),
             *(_evaluation(split, e, result.labels) for split, e in result.evaluations.items()),
             _mistakes(result),
@@ -112,6 +113,49 @@ def _health(result: RunResult) -> str:
         for f in result.health
     ]
     return "<h2>Health</h2>" + _table(("", "finding", "suggestion"), rows, escape=False)
+
+
+_SUMMARY_COLUMNS = {
+    "roc_auc": "test ROC AUC",
+    "average_precision": "test AP",
+    "threshold": "threshold",
+    "f1": "test F1",
+}
+
+
+def label_summary_rows(result: RunResult, names: Sequence[str]) -> tuple[list[str], list[list]]:
+    """The header and rows (of `names`, in that order) of the per-class (per-label) summary:
+    images (positives) with their share in each split, then the test figures; an undefined
+    figure is "n/a"."""
+    summary = result.label_summary()
+    splits = [
+        split for split in ("training", "validation", "testing") if split in result.split_counts
+    ]
+    keys = [k for k in _SUMMARY_COLUMNS if any(k in row for row in summary.values())]
+    header = [*(f"{split.removesuffix('ing')} n+ (share)" for split in splits)]
+    header += [_SUMMARY_COLUMNS[k] for k in keys]
+    rows = []
+    for name in names:
+        row = summary[name]
+        cells = [f"{row[f'{s}_positives']} ({_share(row[f'{s}_share'])})" for s in splits]
+        rows.append([name, *cells, *(_number(row.get(k)) for k in keys)])
+    return header, rows
+
+
+def _share(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.2f}%"
+
+
+def _label_summary(result: RunResult) -> str:
+    if not result.split_counts:
+        return ""
+    kind = "label" if result.head.head.multi_label else "class"
+    header, rows = label_summary_rows(result, result.labels)
+    return (
+        f"<h2>Per {kind} across the splits</h2><p class='muted'>images (positives) of each "
+        f"{kind} in each split and their share; test figures at the chosen thresholds</p>"
+        + _table((kind, *header), rows)
+    )
 
 
 def _curves(result: RunResult) -> str:
@@ -336,6 +380,20 @@ def _e(text: str) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _worst_label_lines(result: RunResult, report: dict) -> list[str]:
+    """The multi-label summary's worst few labels (lowest test ROC AUC) as an aligned table:
+    positives per split, ROC AUC, AP, threshold and F1 at it."""
+    worst = worst_labels(report["per_label"], WORST_LABELS_SHOWN)
+    header, rows = label_summary_rows(result, worst)
+    table = [["label", *header], *rows]
+    widths = [max(len(str(row[k])) for row in table) for k in range(len(table[0]))]
+    shown = f"the {len(worst)} of lowest test ROC AUC" if len(worst) < len(result.labels) else "all"
+    lines = [f"Labels ({shown} of {len(result.labels)}; all in the metrics JSON and HTML report):"]
+    for row in table:
+        lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return lines
+
+
 def closing_lines(config: RetrainConfig, result: RunResult) -> list[str]:
     """The end of a run in a few lines: accuracy with its interval, the weakest classes, the
     health verdict, where the outputs are, and the commands to look further."""
@@ -346,9 +404,12 @@ def closing_lines(config: RetrainConfig, result: RunResult) -> list[str]:
         small = " (few test images: the interval is wide)" if report["n"] < 100 else ""
         lines.append(f"Test accuracy {_accuracy(report)}{small}")
         per_class = _per_class(report)
-        lowest = lowest_recalls(per_class)
-        weakest = ", ".join(f"{n} {100 * r:.0f}% of {s}" for n, r, s in lowest)
-        lines.append(f"Weakest classes (recall): {weakest}")
+        if "per_label" in report and result.split_counts:
+            lines += _worst_label_lines(result, report)
+        else:
+            lowest = lowest_recalls(per_class)
+            weakest = ", ".join(f"{n} {100 * r:.0f}% of {s}" for n, r, s in lowest)
+            lines.append(f"Weakest classes (recall): {weakest}")
     warnings = [f for f in result.health if f.severity == "warning"]
     lines.append(
         f"Health: {len(warnings)} warning(s): " + "; ".join(f.code for f in warnings)

@@ -26,6 +26,7 @@ from retrain.data.sampling import random_picks
 from retrain.heads.head import Head
 from retrain.reporting import pictures
 from retrain.reporting.health import Finding
+from retrain.reporting.html import label_summary_rows
 from retrain.results import RunResult
 from retrain.training.lr_find import RateSearch
 from retrain.utils.atomic import writing
@@ -58,6 +59,8 @@ def write_run_summaries(summaries_dir: str | Path, result: RunResult) -> None:
                     _image("misclassified", grid, note)
     with _run(root / "train", step):
         tf.summary.text("health", health_markdown(result.health))
+        if result.split_counts:
+            tf.summary.text("label_shares", label_shares_markdown(result))
 
 
 def health_markdown(findings: Sequence[Finding]) -> str:
@@ -69,6 +72,15 @@ def health_markdown(findings: Sequence[Finding]) -> str:
         cells = (finding.severity, finding.message, finding.suggestion)
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
+
+
+def label_shares_markdown(result: RunResult) -> str:
+    """Each class's (label's) images and share per split, with its test figures, as a
+    Markdown table (the HTML report's per-label summary)."""
+    header, rows = label_summary_rows(result, result.labels)
+    lines = ["| " + " | ".join(["label", *header]) + " |", "|" + "---|" * (len(header) + 1)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def write_projector(
