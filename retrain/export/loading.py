@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from retrain.errors import first_line
-from retrain.export.tflite_labels import embedded_labels
+from retrain.export.tflite_metadata import FLOAT_MEAN, FLOAT_STD, carried
 from retrain.models.tflite import SignatureError, TFLiteModel, is_tflite_file
 
 FROZEN_GRAPH, SAVED_MODEL, TFLITE = "frozen_graph", "saved_model", "tflite"
@@ -217,8 +217,10 @@ def _saved_model_labels(path: Path) -> tuple[list[str] | None, list[float] | Non
 
 class TFLiteClassifier:
     """A TFLite model mapping images ``[n, h, w, 3]`` to scores ``[n, classes]`` (quantized
-    int8 input and output are quantized and dequantized, see TFLiteModel), with the labels it
-    carries (see retrain.export.tflite_labels).
+    int8 input and output are quantized and dequantized, see TFLiteModel), with the labels,
+    thresholds and input normalization it carries (see retrain.export.tflite_metadata): a float
+    input whose metadata says another normalization than retrain's (pixel values divided by
+    255) gets the images normalized as it says.
 
     Raises ModelLoadError (one line) for a missing, unreadable or unusable file. Calls from
     several threads are run one at a time.
@@ -236,7 +238,7 @@ class TFLiteClassifier:
             ) from None
         try:
             is_tflite = is_tflite_file(path)
-            carried = embedded_labels(path) if is_tflite else None
+            carries = carried(path) if is_tflite else None
         except OSError as err:
             raise ModelLoadError(f"cannot read {path}: {err.strerror or err}") from None
         if not is_tflite:
@@ -249,7 +251,8 @@ class TFLiteClassifier:
             raise ModelLoadError(f"cannot load {path}: {first_line(err)}") from None
         self.path = self._model.path
         self._shape = list(self._model.input_signature)
-        self.labels, self.thresholds = carried or (None, None)
+        self.labels, self.thresholds = carries.labels, carries.thresholds
+        self._normalization = _normalization(carries.normalization, self._model)
 
     def input_size(self) -> tuple[int | None, int | None]:
         """(height, width) of the model's input, None where not fixed."""
@@ -275,7 +278,19 @@ class TFLiteClassifier:
                 f"expected a batch [n, {self._shape[1]}, {self._shape[2]}, 3], "
                 f"got shape {list(batch.shape)}"
             )
+        if self._normalization is not None:
+            mean, std = self._normalization
+            batch = (batch * np.float32(255) - mean) / std
         return self._model.run(batch)
+
+
+def _normalization(said, model: TFLiteModel) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) that images in [0, 1] are normalized with for `model`, as its metadata
+    `said`; None where they go in as they are (retrain's own, a quantized input, none said)."""
+    if said is None or model.quantized_input or said == ((FLOAT_MEAN,), (FLOAT_STD,)):
+        return None
+    mean, std = (np.asarray(values, np.float32) for values in said)
+    return mean, std
 
 
 def _signature_problem(path: str | os.PathLike, err: SignatureError) -> str:
