@@ -20,7 +20,7 @@ import numpy as np
 
 from retrain.data.decode import ImageDecodeError, decode_image
 from retrain.errors import first_line
-from retrain.export.tflite_metadata import carried
+from retrain.export.tflite_metadata import carried, read_metadata
 from retrain.utils.interrupt import check as check_interrupt
 
 log = logging.getLogger("retrain")
@@ -90,9 +90,12 @@ def _by_name(categories, column: dict[str, int], path) -> np.ndarray:
 def timed_scores(
     path: str, images: Sequence[str], max_pixels: int
 ) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """mediapipe_scores and the seconds they took; None (logged) when MediaPipe cannot run
-    the model: an int8-input model (--tflite_int8_io), which MediaPipe refuses, or a problem
-    of MediaPipe's, which does not fail the run since the model itself was checked."""
+    """mediapipe_scores and the seconds they took; None for a file without metadata (not one
+    retrain writes today: MediaPipe refuses it), and None (logged) when MediaPipe cannot run
+    the model: an int8-input model, which MediaPipe refuses, or a problem of MediaPipe's,
+    which does not fail the run since the model itself was checked."""
+    if read_metadata(path) is None:
+        return None
     start = time.perf_counter()
     try:
         scores, rows = mediapipe_scores(path, images, max_pixels)

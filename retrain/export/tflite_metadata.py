@@ -53,6 +53,8 @@ class ModelInfo:
     module: str  # the image module under the new layer (its handle)
     labels: Sequence[str]
     thresholds: Sequence[float] | None = None  # a multi-label (sigmoid) head's, per label
+    # (mean, std) of a float input: it takes (pixel value - mean) / std; retrain's take [0, 1].
+    normalization: tuple[float, float] = (FLOAT_MEAN, FLOAT_STD)
 
 
 @dataclass(frozen=True)
@@ -176,17 +178,20 @@ def _subgraph(b: flatbuffers.Builder, info: ModelInfo, size, float_input: bool) 
         b,
         strings={0: "image_classifier"},
         tables={
-            2: _vector(b, [_image_tensor(b, size, float_input)]),
+            2: _vector(b, [_image_tensor(b, size, info.normalization if float_input else None)]),
             3: _vector(b, [_score_tensor(b, info)]),
         },
     )
 
 
-def _image_tensor(b: flatbuffers.Builder, size: tuple[int, int], float_input: bool) -> int:
+def _image_tensor(
+    b: flatbuffers.Builder, size: tuple[int, int], normalization: tuple[float, float] | None
+) -> int:
+    """The input's TensorMetadata; `normalization` (mean, std) for a float input, else None."""
     how = (
-        f"pixel values 0..255 divided by {FLOAT_STD:g} (NormalizationOptions mean "
-        f"{FLOAT_MEAN:g}, std {FLOAT_STD:g})"
-        if float_input
+        "pixel values 0..255 minus {0:g}, divided by {1:g} (NormalizationOptions mean {0:g}, "
+        "std {1:g})".format(*normalization)
+        if normalization
         else "pixel values 0..255 divided by 255, then quantized with the tensor's own "
         "scale and zero point"
     )
@@ -195,12 +200,13 @@ def _image_tensor(b: flatbuffers.Builder, size: tuple[int, int], float_input: bo
     properties = _table(b, int8s={0: _RGB}, tables={1: image_size})
     content = _table(b, uint8s={0: _IMAGE_PROPERTIES}, tables={1: properties})
     tables = {3: content}
-    if float_input:
-        mean, std = _floats(b, [FLOAT_MEAN]), _floats(b, [FLOAT_STD])
+    if normalization:
+        mean, std = _floats(b, [normalization[0]]), _floats(b, [normalization[1]])
         options = _table(b, tables={0: mean, 1: std})
         unit = _table(b, uint8s={0: _NORMALIZATION_OPTIONS}, tables={1: options})
         tables[4] = _vector(b, [unit])
-        tables[5] = _table(b, tables={0: _floats(b, [1.0]), 1: _floats(b, [0.0])})
+        low, high = ((value - normalization[0]) / normalization[1] for value in (0, 255))
+        tables[5] = _table(b, tables={0: _floats(b, [high]), 1: _floats(b, [low])})
     return _table(b, strings={0: "image", 1: description}, tables=tables)
 
 
