@@ -236,6 +236,8 @@ def classify(f: flags.FlagValues, args: list[str]) -> int:
     """Classify the images of `args` (files and folders); print results; return the exit
     status (1 if some image could not be classified, else 0)."""
     model = load_model(f)
+    if f["input_mean"].present or f["input_std"].present:
+        model.normalization = None  # the flags normalize for the model, not its metadata
     labels, thresholds = model_labels(f, model)
     graph_h, graph_w = model.input_size()
     height = f.input_height or graph_h

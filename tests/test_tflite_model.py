@@ -204,3 +204,20 @@ def test_label_image_takes_labels_from_metadata_and_still_runs_old_files(tiny, t
         status = label_cli.main(["label-image", f"--graph={model}", *extra, "--json", str(image)])
         row = json.loads(capsys.readouterr().out)
         assert status == 0 and row["labels"][0] == best
+
+
+def test_label_image_normalizes_by_metadata_unless_the_flags_say_how(tiny, tmp_path, capsys):
+    path, _ = tiny
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (10, 12), (200, 90, 30)).save(image)
+    model = tmp_path / "minus_one_to_one.tflite"
+    info = ModelInfo("m", ["a", "b", "c", "d"], normalization=(127.5, 127.5))
+    model.write_bytes(with_metadata(path.read_bytes(), info))
+    scores = []
+    for flags in ([], ["--input_mean=127.5", "--input_std=127.5"], ["--input_std=255"]):
+        args = ["label-image", f"--graph={model}", *flags, "--json", "--top_k=4", str(image)]
+        assert label_cli.main(args) == 0
+        row = json.loads(capsys.readouterr().out)
+        scores.append(dict(zip(row["labels"], row["scores"])))
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)  # the metadata's, or the same flags
+    assert scores[2] != pytest.approx(scores[0], abs=1e-3)  # the flags' [0, 1] input instead

@@ -36,6 +36,9 @@ class Classifier(Protocol):
     format: str  # FROZEN_GRAPH, SAVED_MODEL or TFLITE
     labels: list[str] | None  # carried by the model itself (TFLite, SavedModel), if any
     thresholds: list[float] | None  # a multi-label model's, carried with its labels
+    # (mean, std) that predict maps images in [0, 1] with first, as a .tflite's metadata says;
+    # None: they go in as they are. A caller that normalizes for the model sets it to None.
+    normalization: tuple[np.ndarray, np.ndarray] | None
 
     def input_size(self) -> tuple[int | None, int | None]: ...
 
@@ -93,7 +96,7 @@ class FrozenGraphClassifier:
     """A frozen GraphDef run the TF1 way: import_graph_def + Session, like label_image.py."""
 
     format = FROZEN_GRAPH
-    labels = thresholds = None
+    labels = thresholds = normalization = None
 
     def __init__(self, path: str | os.PathLike, input_layer: str | None, output_layer: str | None):
         import tensorflow as tf
@@ -157,6 +160,7 @@ class SavedModelClassifier:
     the labels its assets hold (assets/labels.txt and its thresholds)."""
 
     format = SAVED_MODEL
+    normalization = None
 
     def __init__(
         self,
@@ -252,7 +256,7 @@ class TFLiteClassifier:
         self.path = self._model.path
         self._shape = list(self._model.input_signature)
         self.labels, self.thresholds = carries.labels, carries.thresholds
-        self._normalization = _normalization(carries.normalization, self._model)
+        self.normalization = _normalization(carries.normalization, self._model)
 
     def input_size(self) -> tuple[int | None, int | None]:
         """(height, width) of the model's input, None where not fixed."""
@@ -278,8 +282,8 @@ class TFLiteClassifier:
                 f"expected a batch [n, {self._shape[1]}, {self._shape[2]}, 3], "
                 f"got shape {list(batch.shape)}"
             )
-        if self._normalization is not None:
-            mean, std = self._normalization
+        if self.normalization is not None:
+            mean, std = self.normalization
             batch = (batch * np.float32(255) - mean) / std
         return self._model.run(batch)
 
