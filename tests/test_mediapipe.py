@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from retrain.data.resize import resize_bilinear
 from retrain.export import check as export_check
 from retrain.export import mediapipe_check
 from retrain.export.tflite_metadata import carried, read_metadata
@@ -109,13 +110,25 @@ def test_a_multi_label_models_labels_come_back_with_their_scores(tmp_path, photo
         np.testing.assert_allclose([scores[label] for label in LABELS], ours, atol=0.02)
 
 
+def test_mediapipe_stretches_the_whole_image_as_retrain_does(tmp_path):
+    """No crop, no letterbox: a 3:1 image whose left third is red is a third red to both."""
+    path = _write(tmp_path / "m.tflite", SigmoidHead(3, label_thresholds=(0.5,) * 3))
+    pixels = np.zeros((100, 300, 3), np.uint8)
+    pixels[:, :100], pixels[:, 100:] = (230, 20, 20), (20, 20, 230)
+    Image.fromarray(pixels).save(tmp_path / "stripes.png")
+    (categories,) = _classify(path, [str(tmp_path / "stripes.png")])
+    ours = TFLiteModel(path, num_threads=1).run(resize_bilinear(pixels, SIZE)[None] / 255)[0]
+    np.testing.assert_allclose([dict(categories)[label] for label in LABELS], ours, atol=1e-3)
+    assert 0.3 < dict(categories)["red"] < 0.8  # a centre crop would leave no red
+
+
 def test_an_int8_input_model_carries_metadata_but_mediapipe_refuses_it(tmp_path, caplog, photos):
     path = _write(tmp_path / "m.tflite", SoftmaxHead(3), "int8", int8_io=True)
     metadata = read_metadata(path)
     assert metadata.mean is None and metadata.output_files == {"labels.txt": 2}
     with pytest.raises((ValueError, RuntimeError), match="uint8/float32"):
         _classify(path, photos[:1])
-    assert mediapipe_check.timed_scores(str(path), photos, 10**8) is None
+    assert mediapipe_check.timed_scores(str(path), photos, 10**8, SIZE) is None
     assert "MediaPipe's ImageClassifier cannot run" in caplog.text
 
 
@@ -139,11 +152,14 @@ def test_the_export_check_runs_mediapipe_by_label_name(tmp_path, photos, caplog,
         checks = export_check.check_exports(
             {"output_tflite": str(path)}, photos, _evaluation(head, path, photos), head, SIZE, 10**8
         )
-    assert [c.format for c in checks] == ["tflite", "mediapipe"]
-    mediapipe = checks[1].as_dict()
-    assert mediapipe["images"] == len(photos) and mediapipe["quantization"] == "none"
-    assert mediapipe["accuracy"] == 1.0 and mediapipe["agreement"] == 1.0
-    assert "Export check: mediapipe" in caplog.text and "agrees with the float model" in caplog.text
+    assert [c.format for c in checks] == ["tflite", "mediapipe", "mediapipe_own_resize"]
+    for mediapipe in (c.as_dict() for c in checks[1:]):
+        assert mediapipe["images"] == len(photos) and mediapipe["quantization"] == "none"
+        assert mediapipe["accuracy"] == 1.0 and mediapipe["agreement"] == 1.0
+    resized = checks[1]  # the same pixels as the interpreter's, but for rounding to 0..255
+    assert resized.max_score_difference < 0.01
+    assert "Export check: mediapipe " in caplog.text
+    assert "Export check: mediapipe_own_resize " in caplog.text
 
 
 @pytest.mark.slow

@@ -108,8 +108,8 @@ def check_exports(
         outputs, paths, reference, input_size, max_pixels, quantization, final_tensor_name
     )
     if "output_tflite" in outputs and mediapipe_check.available():
-        checks += _mediapipe_check(
-            outputs["output_tflite"], paths, reference, max_pixels, quantization
+        checks += _mediapipe_checks(
+            outputs["output_tflite"], paths, reference, input_size, max_pixels, quantization
         )
     _log_checks(checks, evaluation.accuracy)
     for c in checks:
@@ -118,16 +118,23 @@ def check_exports(
     return checks
 
 
-def _mediapipe_check(
-    path: str, paths: Sequence[str], reference: _Reference, max_pixels: int, quantization: str
+def _mediapipe_checks(
+    path: str,
+    paths: Sequence[str],
+    reference: _Reference,
+    input_size: tuple[int, int],
+    max_pixels: int,
+    quantization: str,
 ) -> list[ExportCheck]:
-    """The .tflite at `path` run through MediaPipe's ImageClassifier (none if it cannot be)."""
-    run = mediapipe_check.timed_scores(path, paths, max_pixels)
+    """The .tflite at `path` run through MediaPipe's ImageClassifier, on images resized as
+    retrain resizes them and on whole images (none if it cannot be run)."""
+    run = mediapipe_check.timed_scores(path, paths, max_pixels, input_size)
     if run is None or not len(run[1]):
         return []
     scores, rows, seconds = run
     return [
-        _figures(mediapipe_check.MEDIAPIPE, path, quantization, scores, rows, reference, seconds)
+        _figures(variant, path, quantization, got, rows, reference, seconds / len(scores))
+        for variant, got in scores.items()
     ]
 
 
