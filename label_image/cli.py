@@ -207,9 +207,11 @@ def input_name(model) -> str | None:
 
 def takes_unit_pixels(model) -> bool:
     """Whether the model is retrain's (or retrain.py's): its input takes pixels in [0, 1]
-    (a .tflite: one that carries retrain's labels)."""
+    (a .tflite: one that carries labels and no other normalization than retrain's)."""
     name = input_name(model)
-    return name == compat.RETRAIN_INPUT if name is not None else model.labels is not None
+    if name is not None:
+        return name == compat.RETRAIN_INPUT
+    return model.labels is not None and getattr(model, "normalization", None) is None
 
 
 def warn(line: str) -> None:
@@ -292,10 +294,13 @@ def classify(f: flags.FlagValues, args: list[str]) -> int:
     """Classify the images of `args` (files and folders); print results; return the exit
     status (1 if some image could not be classified, else 0)."""
     model = load_model(f)
+    unit_pixels = takes_unit_pixels(model)
+    if not unit_pixels and (f["input_mean"].present or f["input_std"].present):
+        model.normalization = None  # the flags normalize for the model, not its metadata
     labels, thresholds, source = model_labels(f, model)
     height, width = input_size(f, model)
     mean, std = f.input_mean, f.input_std
-    if takes_unit_pixels(model):
+    if unit_pixels:
         given = f["input_mean"].present or f["input_std"].present
         mean, std, warning = compat.unit_scaling(mean, std, given)
         if warning:

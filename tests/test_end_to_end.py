@@ -12,6 +12,7 @@ import pytest
 from label_image import cli as label_cli
 from retrain import pipeline
 from retrain.cli import retrain as cli
+from retrain.export.mediapipe_check import available
 from tests.bad_images import make_bad_files
 from tests.conftest import retrain_args, write_image
 
@@ -91,6 +92,10 @@ def test_the_phases_add_up_to_the_wall_time_start_up_included(trained):
 def test_every_exported_model_is_checked_on_the_test_split(trained):
     _, _, metrics = trained
     checks = {check["format"]: check for check in metrics["export_checks"]}
+    # With the mediapipe extra, the .tflite also runs in MediaPipe (see test_mediapipe.py).
+    mediapipe = {f: checks.pop(f) for f in ("mediapipe", "mediapipe_own_resize") if f in checks}
+    assert set(mediapipe) == ({"mediapipe", "mediapipe_own_resize"} if available() else set())
+    assert all(check["agreement"] >= 0.9 for check in mediapipe.values())
     assert set(checks) == {"frozen_graph", "saved_model", "tflite"}
     for check in checks.values():  # all float: each reproduces retrain's own evaluation
         assert check["images"] == metrics["images"]["testing"]

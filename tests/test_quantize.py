@@ -12,6 +12,7 @@ from tensorflow.lite.python.convert import mlir_quantize
 from tensorflow.lite.tools import flatbuffer_utils
 
 from retrain.export.tflite_labels import embedded_labels, with_labels
+from retrain.export.tflite_metadata import ModelInfo, carried, read_metadata, with_metadata
 from retrain.models import quantize
 from retrain.models.tflite import TFLiteModel
 from tests.conftest import write_image
@@ -219,3 +220,49 @@ def test_labels_travel_inside_the_tflite_file(tmp_path, images):
     )
     path.write_bytes(with_labels(plain, ["only"]))
     assert embedded_labels(path) == (["only"], None)
+
+
+@pytest.mark.parametrize(
+    ("mode", "int8_io"),
+    [("none", False), ("dynamic", False), ("float16", False), ("int8", False), ("int8", True)],
+)
+def test_every_quantization_carries_the_metadata_mediapipe_reads(tmp_path, images, mode, int8_io):
+    plain = _convert(mode, int8_io)
+    thresholds = [0.5, 0.25, 1.0, 0.0] if mode == "none" else None  # multi-label, then not
+    info = ModelInfo("/home/me/modules/my_module/", ["red", "green", "blue", "grey"], thresholds)
+    path = tmp_path / "model.tflite"
+    path.write_bytes(with_metadata(plain, info))
+    metadata = read_metadata(path)
+    assert metadata.name == "retrain image classifier"
+    assert metadata.version.startswith("retrain ")
+    assert "4 classes: red, green, blue, grey" in metadata.description
+    assert "image module my_module." in metadata.description  # no local path in the file
+    assert "RGB image of 10x12 pixels" in metadata.description
+    assert metadata.version.split()[1] in metadata.description
+    if int8_io:  # a quantized input: its quantization says it all
+        assert (metadata.mean, metadata.std) == (None, None)
+    else:  # a float input in [0, 1]: pixel values / 255
+        assert (metadata.mean, metadata.std) == ((0.0,), (255.0,))
+    files = {"labels.txt": 2} | ({"labels.txt.thresholds": 0} if thresholds else {})
+    assert metadata.output_files == files  # TENSOR_AXIS_LABELS, and an UNKNOWN file
+    assert carried(path).labels == info.labels and carried(path).thresholds == thresholds
+    archive = zipfile.ZipFile(path)
+    assert archive.namelist() == list(files)
+    assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}  # MediaPipe's
+    original = tmp_path / "plain.tflite"
+    original.write_bytes(plain)
+    np.testing.assert_array_equal(  # the model computes what it did without metadata
+        TFLiteModel(path, num_threads=1).run(images),
+        TFLiteModel(original, num_threads=1).run(images),
+    )
+    assert read_metadata(original) is None and carried(original).normalization is None
+
+
+def test_metadata_is_replaced_not_added_twice(tmp_path):
+    first = with_metadata(_convert("none"), ModelInfo("a", ["x", "y", "z", "w"]))
+    path = tmp_path / "model.tflite"
+    path.write_bytes(with_metadata(first, ModelInfo("b", ["p", "q", "r", "s"])))
+    entries = flatbuffer_utils.read_model_from_bytearray(bytearray(path.read_bytes())).metadata
+    assert [m.name for m in entries].count(b"TFLITE_METADATA") == 1
+    assert "p, q, r, s" in read_metadata(path).description
+    assert carried(path).labels == ["p", "q", "r", "s"]

@@ -3,16 +3,21 @@ label-image share, and of how each of them words a model it cannot use."""
 
 from __future__ import annotations
 
+import json
 import math
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
+from label_image import cli as label_cli
 from retrain.bottlenecks.backends import BackendError, tflite_backend
 from retrain.export.loading import ModelLoadError, TFLiteClassifier
+from retrain.export.tflite_metadata import ModelInfo, with_metadata
 from retrain.models.tflite import SignatureError, TFLiteModel, is_tflite_file
 from tests.tflite_models import TinyClassifier, write_tflite, write_tiny_classifier
 
@@ -160,3 +165,59 @@ def test_only_the_backend_requires_float32_features(tmp_path):
         TFLiteModel(path, num_threads=1, output_dtype=np.float32)
     scores = TFLiteClassifier(path, num_threads=1).predict(np.full((2, 4, 4, 3), 0.5))
     np.testing.assert_array_equal(scores, np.full((2, 3), 50, np.int32))
+
+
+def test_the_classifier_normalizes_as_the_metadata_says(tiny, tmp_path):
+    """A float model whose metadata says mean 127.5, std 127.5 (inputs in [-1, 1], as Model
+    Maker's) gets images in [0, 1] mapped there; retrain's own (mean 0, std 255) as they are."""
+    path, reference = tiny
+    images = _images(3)
+    for normalization, expected in (
+        ((127.5, 127.5), reference(images * 2 - 1).numpy()),
+        ((0.0, 255.0), reference(images).numpy()),
+    ):
+        info = ModelInfo("m", ["a", "b", "c", "d"], normalization=normalization)
+        other = tmp_path / "normalized.tflite"
+        other.write_bytes(with_metadata(path.read_bytes(), info))
+        model = TFLiteClassifier(other, num_threads=1)
+        assert model.labels == ["a", "b", "c", "d"] and model.thresholds is None
+        np.testing.assert_allclose(model.predict(images), expected, atol=1e-5)
+
+
+def test_label_image_takes_labels_from_metadata_and_still_runs_old_files(tiny, tmp_path, capsys):
+    path, reference = tiny
+    image = tmp_path / "red.png"
+    Image.new("RGB", (10, 12), (250, 10, 10)).save(image)
+    with_md = tmp_path / "with_metadata.tflite"
+    with_md.write_bytes(with_metadata(path.read_bytes(), ModelInfo("m", ["a", "b", "c", "d"])))
+    old = tmp_path / "old.tflite"  # written before the metadata: a deflated labels archive
+    old.write_bytes(path.read_bytes())
+    with zipfile.ZipFile(old, "a", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("labels.txt", "a\nb\nc\nd\n")
+    bare = tmp_path / "bare.tflite"  # no labels at all: --labels as ever
+    bare.write_bytes(path.read_bytes())
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\nd\n")
+    expected = reference(np.full((1, 12, 10, 3), [250 / 255, 10 / 255, 10 / 255], np.float32))
+    best = "abcd"[int(np.argmax(expected))]
+    for model, extra in ((with_md, []), (old, []), (bare, [f"--labels={labels}"])):
+        status = label_cli.main(["label-image", f"--graph={model}", *extra, "--json", str(image)])
+        row = json.loads(capsys.readouterr().out)
+        assert status == 0 and row["labels"][0] == best
+
+
+def test_label_image_normalizes_by_metadata_unless_the_flags_say_how(tiny, tmp_path, capsys):
+    path, _ = tiny
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (10, 12), (200, 90, 30)).save(image)
+    model = tmp_path / "minus_one_to_one.tflite"
+    info = ModelInfo("m", ["a", "b", "c", "d"], normalization=(127.5, 127.5))
+    model.write_bytes(with_metadata(path.read_bytes(), info))
+    scores = []
+    for flags in ([], ["--input_mean=127.5", "--input_std=127.5"], ["--input_std=255"]):
+        args = ["label-image", f"--graph={model}", *flags, "--json", "--top_k=4", str(image)]
+        assert label_cli.main(args) == 0
+        row = json.loads(capsys.readouterr().out)
+        scores.append(dict(zip(row["labels"], row["scores"])))
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)  # the metadata's, or the same flags
+    assert scores[2] != pytest.approx(scores[0], abs=1e-3)  # the flags' [0, 1] input instead

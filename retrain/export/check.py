@@ -10,6 +10,10 @@ The .tflite (the one export that quantization changes) runs on the whole test sp
 graph and the SavedModel compute in float what the evaluation computed, and TensorFlow runs them
 several times slower than LiteRT: they run on a seeded subset of at most FLOAT_CHECK_IMAGES test
 images, enough for a broken export to show (their scores must match to 1e-4).
+
+With the optional `mediapipe` package installed, the .tflite also runs through MediaPipe Tasks'
+ImageClassifier on the whole test split (format "mediapipe", see retrain.export.mediapipe_check):
+what a phone or a browser would make of the file, its metadata and its label names included.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import tensorflow as tf
 from retrain.bottlenecks import extract
 from retrain.data.sampling import random_picks
 from retrain.errors import RetrainError
+from retrain.export import mediapipe_check
 from retrain.export.loading import (
     FROZEN_GRAPH,
     SAVED_MODEL,
@@ -102,8 +107,35 @@ def check_exports(
     checks = _run_checks(
         outputs, paths, reference, input_size, max_pixels, quantization, final_tensor_name
     )
+    if "output_tflite" in outputs and mediapipe_check.available():
+        checks += _mediapipe_checks(
+            outputs["output_tflite"], paths, reference, input_size, max_pixels, quantization
+        )
     _log_checks(checks, evaluation.accuracy)
+    for c in checks:
+        if c.format == mediapipe_check.MEDIAPIPE:
+            mediapipe_check.warn_below_floor(c.quantization, c.agreement, c.path)
     return checks
+
+
+def _mediapipe_checks(
+    path: str,
+    paths: Sequence[str],
+    reference: _Reference,
+    input_size: tuple[int, int],
+    max_pixels: int,
+    quantization: str,
+) -> list[ExportCheck]:
+    """The .tflite at `path` run through MediaPipe's ImageClassifier, on images resized as
+    retrain resizes them and on whole images (none if it cannot be run)."""
+    run = mediapipe_check.timed_scores(path, paths, max_pixels, input_size)
+    if run is None or not len(run[1]):
+        return []
+    scores, rows, seconds = run
+    return [
+        _figures(variant, path, quantization, got, rows, reference, seconds / len(scores))
+        for variant, got in scores.items()
+    ]
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from retrain.errors import first_line
-from retrain.export.tflite_labels import embedded_labels
+from retrain.export.tflite_metadata import FLOAT_MEAN, FLOAT_STD, carried
 from retrain.models.tflite import SignatureError, TFLiteModel, is_tflite_file
 
 FROZEN_GRAPH, SAVED_MODEL, TFLITE = "frozen_graph", "saved_model", "tflite"
@@ -36,6 +36,9 @@ class Classifier(Protocol):
     format: str  # FROZEN_GRAPH, SAVED_MODEL or TFLITE
     labels: list[str] | None  # carried by the model itself (TFLite, SavedModel), if any
     thresholds: list[float] | None  # a multi-label model's, carried with its labels
+    # (mean, std) that predict maps images in [0, 1] with first, as a .tflite's metadata says;
+    # None: they go in as they are. A caller that normalizes for the model sets it to None.
+    normalization: tuple[np.ndarray, np.ndarray] | None
 
     def input_size(self) -> tuple[int | None, int | None]: ...
 
@@ -93,7 +96,7 @@ class FrozenGraphClassifier:
     """A frozen GraphDef run the TF1 way: import_graph_def + Session, like label_image.py."""
 
     format = FROZEN_GRAPH
-    labels = thresholds = None
+    labels = thresholds = normalization = None
 
     def __init__(self, path: str | os.PathLike, input_layer: str | None, output_layer: str | None):
         import tensorflow as tf
@@ -168,6 +171,7 @@ class SavedModelClassifier:
     the labels its assets hold (assets/labels.txt and its thresholds)."""
 
     format = SAVED_MODEL
+    normalization = None
 
     def __init__(
         self,
@@ -228,8 +232,10 @@ def _saved_model_labels(path: Path) -> tuple[list[str] | None, list[float] | Non
 
 class TFLiteClassifier:
     """A TFLite model mapping images ``[n, h, w, 3]`` to scores ``[n, classes]`` (quantized
-    int8 input and output are quantized and dequantized, see TFLiteModel), with the labels it
-    carries (see retrain.export.tflite_labels).
+    int8 input and output are quantized and dequantized, see TFLiteModel), with the labels,
+    thresholds and input normalization it carries (see retrain.export.tflite_metadata): a float
+    input whose metadata says another normalization than retrain's (pixel values divided by
+    255) gets the images normalized as it says.
 
     Raises ModelLoadError (one line) for a missing, unreadable or unusable file. Calls from
     several threads are run one at a time.
@@ -247,7 +253,7 @@ class TFLiteClassifier:
             ) from None
         try:
             is_tflite = is_tflite_file(path)
-            carried = embedded_labels(path) if is_tflite else None
+            carries = carried(path) if is_tflite else None
         except OSError as err:
             raise ModelLoadError(f"cannot read {path}: {err.strerror or err}") from None
         if not is_tflite:
@@ -260,7 +266,8 @@ class TFLiteClassifier:
             raise ModelLoadError(f"cannot load {path}: {first_line(err)}") from None
         self.path = self._model.path
         self._shape = list(self._model.input_signature)
-        self.labels, self.thresholds = carried or (None, None)
+        self.labels, self.thresholds = carries.labels, carries.thresholds
+        self.normalization = _normalization(carries.normalization, self._model)
 
     def input_size(self) -> tuple[int | None, int | None]:
         """(height, width) of the model's input, None where not fixed."""
@@ -286,7 +293,19 @@ class TFLiteClassifier:
                 f"expected a batch [n, {self._shape[1]}, {self._shape[2]}, 3], "
                 f"got shape {list(batch.shape)}"
             )
+        if self.normalization is not None:
+            mean, std = self.normalization
+            batch = (batch * np.float32(255) - mean) / std
         return self._model.run(batch)
+
+
+def _normalization(said, model: TFLiteModel) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) that images in [0, 1] are normalized with for `model`, as its metadata
+    `said`; None where they go in as they are (retrain's own, a quantized input, none said)."""
+    if said is None or model.quantized_input or said == ((FLOAT_MEAN,), (FLOAT_STD,)):
+        return None
+    mean, std = (np.asarray(values, np.float32) for values in said)
+    return mean, std
 
 
 def _signature_problem(path: str | os.PathLike, err: SignatureError) -> str:

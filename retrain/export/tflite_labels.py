@@ -2,11 +2,11 @@
 
 A TFLite model is a flatbuffer read from its start; bytes after it are ignored by every
 interpreter. retrain appends a zip archive holding `labels.txt` (and, for a multi-label model,
-`labels.txt.thresholds`), the layout tflite-support's metadata populator uses for associated
-files, so `unzip -l model.tflite` lists them and any zip reader gets them back. (tflite-support
-itself, which would also write a TFLITE_METADATA flatbuffer describing them, pins protobuf 3.20
-and cannot be installed beside TensorFlow 2.21.) Importing this module does not import
-TensorFlow.
+`labels.txt.thresholds`), stored uncompressed: the layout of the associated files that the
+TFLITE_METADATA flatbuffer names (see retrain.export.tflite_metadata) and MediaPipe Tasks reads
+(it refuses a compressed archive), so `unzip -l model.tflite` lists them and any zip reader gets
+them back. Files written before the metadata (compressed, no flatbuffer) read the same. Importing
+this module does not import TensorFlow.
 """
 
 from __future__ import annotations
@@ -29,27 +29,30 @@ def with_labels(
     multi-label head's `thresholds` appended as associated files."""
     buffer = io.BytesIO(model)
     buffer.seek(0, io.SEEK_END)
-    with zipfile.ZipFile(buffer, "a", zipfile.ZIP_DEFLATED) as archive:
+    with zipfile.ZipFile(buffer, "a", zipfile.ZIP_STORED) as archive:
         archive.writestr(LABELS_FILE, "".join(f"{label}\n" for label in labels))
         if thresholds is not None:
             archive.writestr(THRESHOLDS_FILE, "".join(f"{float(t)!r}\n" for t in thresholds))
     return buffer.getvalue()
 
 
-def embedded_labels(path: str | os.PathLike) -> tuple[list[str], list[float] | None] | None:
-    """(labels, thresholds or None) carried by the .tflite file at `path`, or None when it
-    carries none (or they cannot be read: a damaged archive counts as none). Raises OSError
-    when the file cannot be read."""
+def embedded_labels(
+    path: str | os.PathLike, labels_file: str = LABELS_FILE, thresholds_file: str = THRESHOLDS_FILE
+) -> tuple[list[str], list[float] | None] | None:
+    """(labels, thresholds or None) carried by the .tflite file at `path` in the associated
+    files named `labels_file` and `thresholds_file`, or None when it carries no labels (or they
+    cannot be read: a damaged archive counts as none). Raises OSError when the file cannot be
+    read."""
     with open(path, "rb") as handle:
         try:
             with zipfile.ZipFile(handle) as archive:
                 names = set(archive.namelist())
-                if LABELS_FILE not in names:
+                if labels_file not in names:
                     return None
-                labels = archive.read(LABELS_FILE).decode("utf-8").splitlines()
+                labels = archive.read(labels_file).decode("utf-8").splitlines()
                 thresholds = None
-                if THRESHOLDS_FILE in names:
-                    text = archive.read(THRESHOLDS_FILE).decode("utf-8")
+                if thresholds_file in names:
+                    text = archive.read(thresholds_file).decode("utf-8")
                     thresholds = [float(line) for line in text.split()]
         except (zipfile.BadZipFile, UnicodeDecodeError, ValueError, EOFError):
             return None

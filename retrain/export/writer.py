@@ -26,7 +26,7 @@ from tensorflow.python.framework.convert_to_constants import (
 
 from retrain.config import ExportConfig
 from retrain.export import graph_decode
-from retrain.export.tflite_labels import with_labels
+from retrain.export.tflite_metadata import ModelInfo, with_metadata
 from retrain.heads.head import Head
 from retrain.heads.thresholds import write_thresholds
 from retrain.models import quantize
@@ -226,25 +226,31 @@ def write_tflite(
     classifier: Classifier,
     path: str | os.PathLike,
     labels: list[str] | None = None,
+    module: str = "",
     **quantization: Any,
 ) -> None:
-    """Write the classifier as a .tflite file (atomically), carrying `labels` (and its head's
-    thresholds) as associated files (see retrain.export.tflite_labels); `quantization` is passed
-    to tflite_bytes."""
+    """Write the classifier as a .tflite file (atomically). With `labels`, it carries the
+    TFLITE_METADATA that MediaPipe Tasks reads (naming `module`, the image module under the
+    new layer; see retrain.export.tflite_metadata) and the labels (and its head's thresholds)
+    as associated files (see retrain.export.tflite_labels); `quantization` is passed to
+    tflite_bytes."""
     model = tflite_bytes(classifier, **quantization)
     if labels is not None:
-        model = with_labels(model, labels, classifier.head.thresholds)
+        thresholds = classifier.head.thresholds
+        model = with_metadata(model, ModelInfo(module or "unknown", labels, thresholds))
     atomic_write_bytes(path, model, "TFLite model")
 
 
 @dataclass(frozen=True)
 class Network:
     """The network under the new layer, each form asked for only if a file needs it:
-    `graph_def()` gives it frozen, `loaded()` loaded; it takes images of `input_size`."""
+    `graph_def()` gives it frozen, `loaded()` loaded; it takes images of `input_size`.
+    `name` says what it is (the module's handle), for the .tflite's metadata."""
 
     graph_def: Callable[[], tf.compat.v1.GraphDef]
     loaded: Callable[[], Any]
     input_size: tuple[int, int]
+    name: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -284,6 +290,7 @@ def export_classifier(
             classifier,
             settings.output_tflite,
             labels,
+            network.name,
             quantization=settings.quantize,
             representative=representative,
             int8_io=settings.tflite_int8_io,

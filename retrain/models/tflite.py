@@ -114,6 +114,7 @@ class TFLiteModel:
         self.input_signature = tuple(int(d) for d in tensor_in["shape_signature"])
         self.output_width = int(tensor_out["shape"][1])
         self._in_scale, self._out_scale = _scale(tensor_in), _scale(tensor_out)
+        self.quantized_input = self._in_scale is not None
         self._in_dtype = np.dtype(tensor_in["dtype"])
         self._out_dtype = np.dtype(tensor_out["dtype"])
         self.output_dtype = np.dtype(np.float32) if self._out_scale else self._out_dtype
