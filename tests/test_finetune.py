@@ -129,8 +129,8 @@ def digest(arrays):
     return hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in arrays)).hexdigest()
 
 
-def run(config):
-    result = real_run(config)
+def run(config, **options):
+    result = real_run(config, **options)
     runs.append(result.metrics())
     return result
 
@@ -685,7 +685,12 @@ def guarded_runs(tiny_module, tmp_path_factory):
     for name, steps, flags in (
         ("head", 100, ["--fine_tune_steps=0"]),
         ("hurt", 100, ["--fine_tune_steps=30", "--fine_tune_learning_rate=1000"]),
-        ("helps", 2, ["--fine_tune_steps=8", "--fine_tune_learning_rate=0.05"]),
+        # Two steps at a small rate leave the layer barely trained, whatever batches it drew.
+        (
+            "helps",
+            2,
+            ["--fine_tune_steps=30", "--fine_tune_learning_rate=0.5", "--learning_rate=0.01"],
+        ),
     ):
         out = root / name
         argv = retrain_args(
