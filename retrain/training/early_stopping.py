@@ -146,8 +146,8 @@ def paired_gain(candidate: Evaluation, reference: Evaluation) -> Gain:
     scale = split / count if count else 0.0
     return Gain(
         (wins - losses) / count if count else 0.0,
-        scale * (2 * low - 1),
-        scale * (2 * high - 1),
+        scale * (2 * low - 1) + 0.0,  # + 0.0: no "-0.0" in the log
+        scale * (2 * high - 1) + 0.0,
         wins,
         losses,
         count,
