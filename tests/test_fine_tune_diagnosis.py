@@ -31,6 +31,8 @@ EXPLODED = _history([0.4, float("nan"), float("nan")], [0.85, 0.2, 0.2], [0.4, 9
 OVERFIT = _history(
     [0.35, 0.3, 0.2, 0.1, 0.05, 0.02], [0.85, 0.84, 0.8, 0.78, 0.77, 0.76], [0.6] * 6
 )
+# Training loss falling, validation two points down (within noise at N=200), its loss falling.
+WITHIN = _history([0.15, 0.1, 0.06], [0.82, 0.78, 0.83], [0.39, 0.38, 0.36])
 FLAT = _history([0.4, 0.39, 0.4, 0.38, 0.39, 0.4], [0.85, 0.86, 0.85, 0.84, 0.86, 0.85], [0.4] * 6)
 
 
@@ -41,6 +43,7 @@ FLAT = _history([0.4, 0.39, 0.4, 0.38, 0.39, 0.4], [0.85, 0.86, 0.85, 0.84, 0.86
         (EXPLODED, "rate_too_high"),
         (OVERFIT, "overfitting"),
         (FLAT, "validation_flat"),
+        (WITHIN, "validation_flat"),
         ([], "validation_flat"),
     ],
 )

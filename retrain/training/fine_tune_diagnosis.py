@@ -7,9 +7,9 @@ Three causes, checked in this order:
 - `rate_too_high`: the training loss became NaN or infinite, rose (its last third above 1.5x
   its first), or ended far above the head alone's loss (3x its validation cross-entropy): the
   steps overshoot.
-- `overfitting`: the training loss fell while validation got worse than the head alone (its
-  accuracy lower by more than one image, or its cross-entropy 20% higher, over the last third
-  of the evaluations).
+- `overfitting`: the training loss fell while validation got worse than the head alone over
+  the last third of the evaluations: its accuracy below the 95% Wilson interval of the head
+  alone's, or its cross-entropy 20% higher.
 - `validation_flat`: neither: validation stayed within noise of the head alone, so the steps
   were too few or too small (or validation too small to show a gain).
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retrain.errors import setting_name
-from retrain.heads.evaluation import Evaluation
+from retrain.heads.evaluation import Evaluation, wilson_interval
 
 RISING = 1.5  # last third of the training loss over its first third
 EXPLODED = 3.0  # last third of the training loss over the head alone's validation loss
@@ -92,8 +92,9 @@ def why_discarded(
     if judged and last < first:
         accuracy = _thirds([r["validation_accuracy"] for r in judged])[1]
         loss = _thirds([r["validation_loss"] for r in judged])[1]
-        one_image = 1 / max(head_alone.count, 1)
-        if accuracy < head_alone.accuracy - one_image or loss > WORSE_LOSS * reference:
+        right = round(head_alone.accuracy * head_alone.count)
+        floor = wilson_interval(right, head_alone.count)[0]  # below it: worse beyond noise
+        if accuracy < floor or loss > WORSE_LOSS * reference:
             return Discard(
                 "overfitting",
                 f"fine-tuning was thrown away (the head alone is kept): the training loss fell "
