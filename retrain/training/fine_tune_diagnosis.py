@@ -29,6 +29,7 @@ RISING = 1.5  # last third of the training loss over its first third
 EXPLODED = 3.0  # last third of the training loss over the head alone's validation loss
 WORSE_LOSS = 1.2  # validation loss over the head alone's: worse
 MIN_LOSS = 0.05  # the head alone's loss counts as at least this (a perfect fit is near 0)
+THROWN_AWAY = "fine-tuning was thrown away (the head alone is kept)"
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,10 @@ def why_discarded(
     judged = [r for r in history if "validation_accuracy" in r]
     if not losses:
         return _flat(head_alone, judged, 0)
-    steps = int(history[-1]["step"])
-    broken = next((r["step"] for r in history if not math.isfinite(r.get("loss", 0.0))), None)
     first, last = _thirds(losses)
     reference = max(head_alone.cross_entropy, MIN_LOSS)
     numbers = {"first_third_loss": first, "last_third_loss": last, "head_alone_loss": reference}
+    broken = next((r["step"] for r in history if not math.isfinite(r.get("loss", 0.0))), None)
     if broken is not None or last > RISING * first or last > EXPLODED * reference:
         if broken is not None:
             seen = f"the training loss became {last:g} at step {broken}"
@@ -83,31 +83,37 @@ def why_discarded(
             seen = f"the training loss went from {first:.3g} to {last:.3g}"
         return Discard(
             "rate_too_high",
-            f"fine-tuning was thrown away (the head alone is kept): {seen} (the head alone's "
-            f"validation loss: {reference:.3g}) at a learning rate of {learning_rate:g}: the rate "
-            "is too high",
+            f"{THROWN_AWAY}: {seen} (the head alone's validation loss: {reference:.3g}) at a "
+            f"learning rate of {learning_rate:g}: the rate is too high",
             _lower_rate(learning_rate, suggested_rate),
             {**numbers, "learning_rate": learning_rate, "suggested_rate": suggested_rate},
         )
-    if judged and last < first:
-        accuracy = _thirds([r["validation_accuracy"] for r in judged])[1]
-        loss = _thirds([r["validation_loss"] for r in judged])[1]
-        right = round(head_alone.accuracy * head_alone.count)
-        floor = wilson_interval(right, head_alone.count)[0]  # below it: worse beyond noise
-        if accuracy < floor or loss > WORSE_LOSS * reference:
-            return Discard(
-                "overfitting",
-                f"fine-tuning was thrown away (the head alone is kept): the training loss fell "
-                f"({first:.3g} to {last:.3g}) while validation got worse than the head alone "
-                f"(accuracy {100 * accuracy:.1f}% vs {100 * head_alone.accuracy:.1f}%, loss "
-                f"{loss:.3g} vs {reference:.3g}): the fine-tuned blocks overfit",
-                f"fine-tune fewer steps ({setting_name('fine_tuning.steps')}) or fewer blocks "
-                f"({setting_name('fine_tuning.from_block')}), add distorted copies "
-                f"({setting_name('distortions.copies')}), or lower "
-                f"{setting_name('fine_tuning.learning_rate')}",
-                {**numbers, "validation_accuracy": accuracy, "validation_loss": loss},
-            )
-    return _flat(head_alone, judged, steps)
+    overfit = _overfitting(judged, head_alone, numbers) if judged and last < first else None
+    return overfit or _flat(head_alone, judged, int(history[-1]["step"]))
+
+
+def _overfitting(judged: Sequence[dict], head_alone: Evaluation, numbers: dict) -> Discard | None:
+    """`overfitting` if validation over the last third of the evaluations `judged` is worse
+    than `head_alone` beyond noise (the training loss fell: see `numbers`), else None."""
+    accuracy = _thirds([r["validation_accuracy"] for r in judged])[1]
+    loss = _thirds([r["validation_loss"] for r in judged])[1]
+    right = round(head_alone.accuracy * head_alone.count)
+    floor = wilson_interval(right, head_alone.count)[0]  # below it: worse beyond noise
+    reference = numbers["head_alone_loss"]
+    if accuracy >= floor and loss <= WORSE_LOSS * reference:
+        return None
+    return Discard(
+        "overfitting",
+        f"{THROWN_AWAY}: the training loss fell ({numbers['first_third_loss']:.3g} to "
+        f"{numbers['last_third_loss']:.3g}) while validation got worse than the head alone "
+        f"(accuracy {100 * accuracy:.1f}% vs {100 * head_alone.accuracy:.1f}%, loss "
+        f"{loss:.3g} vs {reference:.3g}): the fine-tuned blocks overfit",
+        f"fine-tune fewer steps ({setting_name('fine_tuning.steps')}) or fewer blocks "
+        f"({setting_name('fine_tuning.from_block')}), add distorted copies "
+        f"({setting_name('distortions.copies')}), or lower "
+        f"{setting_name('fine_tuning.learning_rate')}",
+        {**numbers, "validation_accuracy": accuracy, "validation_loss": loss},
+    )
 
 
 def _lower_rate(rate: float, suggested: float | None) -> str:
@@ -130,9 +136,9 @@ def _flat(head_alone: Evaluation, judged: Sequence[dict], steps: int) -> Discard
     low, high = min(accuracies), max(accuracies)
     return Discard(
         "validation_flat",
-        f"fine-tuning was thrown away (the head alone is kept): over {steps} steps validation "
-        f"stayed within noise of the head alone ({100 * low:.1f}%-{100 * high:.1f}% vs "
-        f"{100 * head_alone.accuracy:.1f}% at N={head_alone.count})",
+        f"{THROWN_AWAY}: over {steps} steps validation stayed within noise of the head alone "
+        f"({100 * low:.1f}%-{100 * high:.1f}% vs {100 * head_alone.accuracy:.1f}% at "
+        f"N={head_alone.count})",
         f"fine-tune more steps ({setting_name('fine_tuning.steps')}) or at a higher rate "
         f"({setting_name('fine_tuning.learning_rate')}, or auto); with few validation images "
         f"only a large gain shows beyond noise (raise "
