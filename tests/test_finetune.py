@@ -778,6 +778,11 @@ def test_fine_tuning_that_only_hurts_stops_early_and_exports_the_head_alone(guar
     assert tuned["validation_images"] > 0 and tuned["validation_accuracy_before"] == 1.0
     assert tuned["validation_cross_entropy_best"] == tuned["validation_cross_entropy_before"]
     assert hurt["test_accuracy"] == head["test_accuracy"]  # the head's, on the bottlenecks
+    # ... and says why: the whole network's path reads the same history as the cut's.
+    assert tuned["discarded"]["cause"] == "rate_too_high"
+    assert not tuned["validation_gain"]["beyond_noise"]
+    codes = [finding["code"] for finding in hurt["health"]]
+    assert "fine_tuning_discarded" in codes
     pixels = _guarded_pixels(guarded_runs)
     np.testing.assert_array_equal(
         _frozen_scores(hurt_out / "graph.pb", pixels), _frozen_scores(head_out / "graph.pb", pixels)
