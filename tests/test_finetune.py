@@ -129,8 +129,8 @@ def digest(arrays):
     return hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in arrays)).hexdigest()
 
 
-def run(config, **options):
-    result = real_run(config, **options)
+def run(config, **kwargs):
+    result = real_run(config, **kwargs)
     runs.append(result.metrics())
     return result
 
@@ -635,20 +635,24 @@ def test_auto_rates_are_refused_for_multi_worker_runs(tmp_path, capfd):
 # ----------------------------------------------------------------------------- safe by default
 
 
+def _evaluation(accuracy: float, loss: float, count: int = 40):
+    """An Evaluation of `count` images whose first accuracy * count are right."""
+    from retrain.heads.evaluation import Evaluation
+
+    right = np.arange(count) < round(accuracy * count)
+    return Evaluation(accuracy, loss, np.where(right, 0, 1), [accuracy], np.zeros(count, np.int64))
+
+
 def test_keep_best_keeps_step_zero_until_beaten_and_stops_on_patience():
     import tensorflow as tf
 
-    from retrain.heads.evaluation import Evaluation
     from retrain.training.early_stopping import KeepBest
-
-    def evaluation(accuracy, loss):
-        return Evaluation(accuracy, loss, np.zeros(4, np.int64), [accuracy])
 
     variable = tf.Variable(0.0)
     figures = iter([(0.5, 0.7), (0.5, 0.69995), (0.5, 0.9), (0.75, 1.2), (0.75, float("nan"))])
     figures = [*figures, (1.0, float("inf")), (0.5, 0.1)]
     queue = iter(figures)
-    watch = KeepBest(lambda: evaluation(*next(queue)), [variable], patience=3)
+    watch = KeepBest(lambda: _evaluation(*next(queue)), [variable], patience=3)
     assert watch.best_step == 0 and not watch.stop
     for step in (1, 2, 3):  # a smaller loss than MIN_DELTA, a worse loss, a better accuracy
         variable.assign(float(step))
@@ -660,16 +664,60 @@ def test_keep_best_keeps_step_zero_until_beaten_and_stops_on_patience():
     assert watch.best_step == 3 and watch.waited == 3 and watch.stop
     watch.restore()
     assert float(variable.numpy()) == 3.0
-    assert "kept step 3 of 6" in watch.explain(6) and "accuracy 75.0%" in watch.explain(6)
-    assert not KeepBest(lambda: evaluation(0.5, 0.5), [variable], patience=0).stop
+    explained = watch.explain(6)
+    assert "kept step 3 of 6: validation 75.0% vs the head alone 50.0%" in explained
+    assert "+25.0 points" in explained and "outside noise" in explained and "N=40" in explained
+    assert not KeepBest(lambda: _evaluation(0.5, 0.5), [variable], patience=0).stop
     plateau = SimpleNamespace(losses=[])
     plateau.update = plateau.losses.append
-    late = KeepBest(lambda: evaluation(0.5, 0.5), [variable], 2, plateau, judged_from=10)
+    late = KeepBest(lambda: _evaluation(0.5, 0.5), [variable], 2, plateau, judged_from=10)
     for step in (5, 9, 10):  # worse than step 0 each time; only step 10 counts
         late.check(step)
     assert late.waited == 1 and not late.stop and plateau.losses == [0.5]
     late.check(11)
     assert late.stop and late.best_step == 0 and plateau.losses == [0.5, 0.5]
+
+
+def test_paired_gain_counts_only_the_images_the_two_disagree_on():
+    from retrain.training.early_stopping import paired_gain
+
+    head = _evaluation(0.5, 0.7, 100)
+    gain = paired_gain(_evaluation(0.6, 0.6, 100), head)  # 10 more right, none fewer
+    assert (gain.wins, gain.losses, gain.count) == (10, 0, 100)
+    assert gain.points == pytest.approx(0.1) and gain.beyond_noise
+    assert 0 < gain.low < gain.points and gain.high == pytest.approx(0.1)  # all 10 won
+    assert gain.describe().startswith("+10.0 points, 95% interval +")
+    # The same 10 points from 30 images won and 20 lost: within noise.
+    mixed = _evaluation(0.6, 0.7, 100)
+    mixed.predictions = np.roll(mixed.predictions, 20)  # right on 20-79; the head on 0-49
+    tie = paired_gain(mixed, head)
+    assert (tie.wins, tie.losses) == (30, 20) and tie.points == pytest.approx(0.1)
+    assert not tie.beyond_noise and tie.low < 0 < tie.high
+    assert not paired_gain(head, head).beyond_noise and paired_gain(head, head).points == 0
+
+
+def test_a_step_better_within_noise_is_not_kept_but_resets_patience():
+    import tensorflow as tf
+
+    from retrain.training.early_stopping import KeepBest
+
+    variable = tf.Variable(0.0)
+    # N=40: two more images right (+5 points) is noise; ten more (+25 points) is not.
+    queue = iter([(0.5, 0.7), (0.55, 0.6), (0.5, 0.7), (0.5, 0.7), (0.55, 0.5)])
+    watch = KeepBest(lambda: _evaluation(*next(queue)), [variable], patience=2)
+    for step in (1, 2, 3, 4):
+        variable.assign(float(step))
+        watch.check(step)
+    assert watch.best_step == 0 and watch.top_step == 4 and watch.waited == 0 and not watch.stop
+    watch.restore()
+    assert float(variable.numpy()) == 0.0  # the head alone's values
+    explained = watch.explain(4)
+    assert (
+        "kept the head alone" in explained
+        and "no fine-tuned step beat it beyond noise" in explained
+    )
+    assert "the best, step 4: validation 55.0% vs 50.0%, +5.0 points" in explained
+    assert watch.gain.wins == 2 and not watch.gain.beyond_noise
 
 
 @pytest.fixture(scope="module")
@@ -685,12 +733,7 @@ def guarded_runs(tiny_module, tmp_path_factory):
     for name, steps, flags in (
         ("head", 100, ["--fine_tune_steps=0"]),
         ("hurt", 100, ["--fine_tune_steps=30", "--fine_tune_learning_rate=1000"]),
-        # Two steps at a small rate leave the layer barely trained, whatever batches it drew.
-        (
-            "helps",
-            2,
-            ["--fine_tune_steps=30", "--fine_tune_learning_rate=0.5", "--learning_rate=0.01"],
-        ),
+        ("helps", 2, ["--fine_tune_steps=30", "--fine_tune_learning_rate=0.05"]),
     ):
         out = root / name
         argv = retrain_args(
@@ -735,6 +778,11 @@ def test_fine_tuning_that_only_hurts_stops_early_and_exports_the_head_alone(guar
     assert tuned["validation_images"] > 0 and tuned["validation_accuracy_before"] == 1.0
     assert tuned["validation_cross_entropy_best"] == tuned["validation_cross_entropy_before"]
     assert hurt["test_accuracy"] == head["test_accuracy"]  # the head's, on the bottlenecks
+    # ... and says why: the whole network's path reads the same history as the cut's.
+    assert tuned["discarded"]["cause"] == "rate_too_high"
+    assert not tuned["validation_gain"]["beyond_noise"]
+    codes = [finding["code"] for finding in hurt["health"]]
+    assert "fine_tuning_discarded" in codes
     pixels = _guarded_pixels(guarded_runs)
     np.testing.assert_array_equal(
         _frozen_scores(hurt_out / "graph.pb", pixels), _frozen_scores(head_out / "graph.pb", pixels)

@@ -40,12 +40,17 @@ def _cut_args(photos: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def cut_run(tmp_path_factory):
     """A partial fine-tuning run, then the same run again on its filled cache with the rate
-    the learning-rate finder suggests."""
+    the learning-rate finder suggests. Both keep any step better on validation, noise or
+    not: 6 steps judged on 4 validation images never beat the head alone beyond noise, and
+    the tests of what a kept step changes need one."""
+    from retrain.training.early_stopping import Gain
+
     out = tmp_path_factory.mktemp("cut_run")
     shutil.copytree(EXAMPLE_DIR, out / "photos")
     runs = []
     for again, rate in (("", "0.01"), ("again", "auto")):
         with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setattr(Gain, "beyond_noise", property(lambda gain: True))
             argv = _cut_args(
                 out / "photos",
                 out / again,
@@ -117,6 +122,50 @@ def test_exported_graph_holds_the_network_kept(cut_run):
     # cached activations said of the network kept is what the file does.
     (check,) = metrics["export_checks"]
     assert check["agreement"] == 1.0
+
+
+def test_a_rate_far_too_high_keeps_the_head_alone_and_says_why(cut_run, capfd):
+    """Fine-tuning at a rate of 1.0 (the seeds' first user's mistake) only hurts: the head
+    alone is exported, and the log, the summary, the metrics and the HTML report say that the
+    rate is too high."""
+    from retrain.models.loading import resolve_module
+
+    cache = cut_run[0] / "cache"  # the activations at the cut are cached already
+    out = cache.parent / "too_high"
+    argv = _cut_args(
+        cache.parent / "photos",
+        out,
+        f"--bottleneck_dir={cache}",
+        "--fine_tune_learning_rate=1.0",
+        "--fine_tune_steps=12",
+        f"--report_html={out / 'report.html'}",
+    )
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        status, result = _run_capturing(
+            monkeypatch, argv, "training.fine_tune_partial.fine_tune_from_cut"
+        )
+    assert status == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    tuned = metrics["fine_tune"]
+    assert tuned["kept"] == "head alone" and tuned["best_step"] == 0
+    assert tuned["discarded"]["cause"] == "rate_too_high"
+    assert tuned["test_accuracy_after"] == tuned["test_accuracy_before"]
+    (finding,) = [f for f in metrics["health"] if f["code"] == "fine_tuning_discarded"]
+    assert "the rate is too high" in finding["message"]
+    assert "--fine_tune_learning_rate" in finding["suggestion"] and "auto" in finding["suggestion"]
+    log = capfd.readouterr().err
+    assert "no fine-tuned step beat" in log and "the rate is too high" in log
+    assert "Health: no problem found" not in log
+    assert "Fine-tuning thrown away (rate too high): lower --fine_tune_learning_rate" in log
+    assert "the rate is too high" in (out / "report.html").read_text()
+    # What is exported is the pretrained network with the trained layer.
+    pixels = _pixels(next((EXAMPLE_DIR / "roses").glob("*.jpg")), result.input_size)
+    pretrained = resolve_module("efficientnet_lite0").load()
+    np.testing.assert_allclose(
+        _frozen_scores(out / "graph.pb", pixels),
+        _memory_scores(pretrained, result, pixels),
+        atol=1e-4,
+    )
 
 
 def test_cut_model_splits_the_network_exactly():

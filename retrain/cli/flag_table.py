@@ -312,9 +312,10 @@ GROUPS = (
             Flag(
                 "fine_tune_patience",
                 "fine_tuning.patience",
-                "Fine-tuning evaluates up to 256 validation images every --eval_step_interval"
-                " steps, keeps the best network seen (the new layer alone included) and stops"
-                " after this many evaluations without a better one, counted from a third of "
+                "Fine-tuning evaluates the validation images (from a cut all of them, the "
+                "whole network up to 512) every --eval_step_interval steps, keeps the best "
+                "network that beats the new layer alone beyond noise (else the layer alone) and"
+                " stops after this many evaluations without a better one, counted from a third of "
                 "the steps on (at most step 100: validation first dips while the pretrained "
                 "blocks move); 0: runs every step (still keeping the best).",
             ),

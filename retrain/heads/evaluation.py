@@ -46,6 +46,11 @@ class Evaluation:
     def count(self) -> int:
         return len(self.predictions)
 
+    @property
+    def hits(self) -> np.ndarray:
+        """bool [n]: whether each image's predicted class is its true class."""
+        return self.predictions == self.labels
+
     def confusion_matrix(self) -> np.ndarray:
         """int64 [classes, classes]: row = true class, column = predicted class."""
         k = len(self.per_class_accuracy)
@@ -335,6 +340,11 @@ class MultiLabelEvaluation:
     def accuracy(self) -> float:
         """The exact-match ratio."""
         return float(np.mean(self._right().all(axis=1))) if self.count else 0.0
+
+    @property
+    def hits(self) -> np.ndarray:
+        """bool [n]: whether each image's every label is decided right (the exact match)."""
+        return self._right().all(axis=1)
 
     @property
     def per_class_accuracy(self) -> list[float | None]:

@@ -3,8 +3,9 @@ learn, each finding with its numbers and a suggestion.
 
 Warnings are problems (accuracy near chance, a loss that does not fall or that diverges,
 weights that barely move or thrash, overfitting, too few images, heavy imbalance, identical
-files across splits, fine-tuning that made things worse); notes are for reading (the pairs of
-classes most confused). A healthy run gives no warning.
+files across splits, fine-tuning that made things worse or was thrown away, with its likely
+cause); notes are for reading (the pairs of classes most confused). A healthy run gives no
+warning.
 
 Suggestions name settings with `setting_name` when the finding is made, so one run's log, HTML
 report and metrics JSON agree: config paths (`training.weight_decay`), or the command line's
@@ -258,7 +259,20 @@ def _data(labels: list[str], counts: np.ndarray, duplicates: int) -> list[Findin
 
 def _fine_tuning(result: RunResult) -> list[Finding]:
     tuned = result.fine_tune
-    if tuned is None or tuned.before is None or tuned.after is None:
+    if tuned is None:
+        return []
+    discarded = tuned.discarded
+    if discarded is not None:
+        return [
+            Finding(
+                "fine_tuning_discarded",
+                "warning",
+                discarded.message,
+                discarded.suggestion,
+                {"cause": discarded.cause, **discarded.numbers},
+            )
+        ]
+    if tuned.before is None or tuned.after is None:
         return []
     if tuned.after.accuracy >= tuned.before.accuracy - 0.02:
         return []

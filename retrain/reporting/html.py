@@ -416,6 +416,11 @@ def closing_lines(config: RetrainConfig, result: RunResult) -> list[str]:
         if warnings
         else "Health: no problem found"
     )
+    lines += [
+        f"Fine-tuning thrown away ({f.numbers['cause'].replace('_', ' ')}): {f.suggestion}"
+        for f in warnings
+        if f.code == "fine_tuning_discarded"
+    ]
     for setting, path in result.outputs.items():
         lines.append(f"Wrote {setting.replace('_', ' ')}: {path}")
     graph, labels = result.outputs.get("output_graph"), result.outputs.get("output_labels")

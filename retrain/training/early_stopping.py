@@ -2,14 +2,18 @@
 
 Fine-tuning must never export a network worse than the one it started from: the pretrained
 module with the new layer trained on bottlenecks ("the head alone"). So the head alone is
-evaluated on the validation images first, as step 0, and is the first candidate; a fine-tuned
-state replaces the best candidate only when it scores better on the same images (accuracy
-first, then cross-entropy), and the variables of the best candidate are put back when the
-steps end. Fine-tuning stops once `patience` evaluations in a row did not improve on it.
+evaluated on the validation images first, as step 0, and is the first candidate. A fine-tuned
+state replaces the kept candidate only when it scores better on the same images (accuracy
+first, then cross-entropy) *and* beats the head alone beyond noise: the 95% interval of its
+paired gain over the head alone (`paired_gain`, from the images only one of the two gets
+right) lies above zero. Picking the best of many noisy evaluations otherwise keeps whichever
+step was lucky on a few hundred images. The kept variables are put back when the steps end.
+Fine-tuning stops once `patience` evaluations in a row did not improve on the best seen.
 
-The validation images (at most VALIDATION_IMAGES, a seeded subset) are decoded once and kept
-as uint8 pixels (the rounding is a fraction of one grey level, far below what moves a
-prediction), so an evaluation is one forward pass over them, with no decoding.
+The validation images (all of them from cached activations; for the whole network at most
+VALIDATION_IMAGES, a seeded subset) are decoded once and kept as uint8 pixels (the rounding is
+a fraction of one grey level, far below what moves a prediction), so an evaluation is one
+forward pass over them, with no decoding.
 """
 
 from __future__ import annotations
@@ -24,15 +28,17 @@ from typing import Any
 import numpy as np
 
 from retrain.bottlenecks import extract
-from retrain.heads.evaluation import Evaluation
+from retrain.heads.evaluation import Evaluation, wilson_interval
 from retrain.heads.head import Head
 from retrain.training.optim import Plateau
 
 log = logging.getLogger(__name__)
 
-# At most this many validation images: one evaluation costs about as much as a training step
-# of a quarter as many images, small beside the --eval_step_interval steps between two of them.
-VALIDATION_IMAGES = 256
+# Whole-network fine-tuning watches at most this many validation images (decoded once, kept in
+# memory: 77 MB at 224x224). One evaluation is a forward pass over them, about as costly as a
+# training step of a sixth as many images (docs/fine-tuning.md); 512 holds all of validation
+# for a few thousand photos, and the noise rule guards the pick when there are fewer.
+VALIDATION_IMAGES = 512
 # The smallest fall of validation cross-entropy that counts as better (the plateau's too).
 MIN_DELTA = 1e-4
 # --fine_tune_lr_schedule=plateau with validation images: the rate is lowered after this many
@@ -90,6 +96,64 @@ class DecodedImages:
         return head.evaluate(weights, biases, chunks)
 
 
+@dataclass(frozen=True)
+class Gain:
+    """A candidate's accuracy over a reference's on the same images: the difference in
+    points of accuracy (a share), its 95% interval, the images only the candidate gets right
+    (`wins`) and only the reference does (`losses`), out of `count`."""
+
+    points: float
+    low: float
+    high: float
+    wins: int
+    losses: int
+    count: int
+
+    @property
+    def beyond_noise(self) -> bool:
+        """Whether the whole interval lies above zero."""
+        return self.low > 0
+
+    def describe(self) -> str:
+        """'+3.1 points, 95% interval +1.2 to +5.0 at N=459'."""
+        return (
+            f"{100 * self.points:+.1f} points, 95% interval {100 * self.low:+.1f} to "
+            f"{100 * self.high:+.1f} at N={self.count}"
+        )
+
+    def as_dict(self) -> dict:
+        """The gain for --metrics_json."""
+        return {
+            "points": self.points,
+            "interval_95": [self.low, self.high],
+            "wins": self.wins,
+            "losses": self.losses,
+            "n": self.count,
+            "beyond_noise": self.beyond_noise,
+        }
+
+
+def paired_gain(candidate: Evaluation, reference: Evaluation) -> Gain:
+    """The gain of `candidate` over `reference`, evaluated on the same images in the same
+    order. Only the images on which they disagree carry information (McNemar): the Wilson
+    interval of the candidate's share of them, scaled by their number over all images, is
+    the interval of the gain."""
+    mine, theirs = np.asarray(candidate.hits), np.asarray(reference.hits)
+    wins = int(np.count_nonzero(mine & ~theirs))
+    losses = int(np.count_nonzero(theirs & ~mine))
+    count, split = len(mine), wins + losses
+    low, high = wilson_interval(wins, split)
+    scale = split / count if count else 0.0
+    return Gain(
+        (wins - losses) / count if count else 0.0,
+        scale * (2 * low - 1) + 0.0,  # + 0.0: no "-0.0" in the log
+        scale * (2 * high - 1) + 0.0,
+        wins,
+        losses,
+        count,
+    )
+
+
 def better(candidate: Evaluation, best: Evaluation) -> bool:
     """Whether `candidate` beats `best`: higher accuracy, or the same and a cross-entropy lower
     by more than MIN_DELTA. A diverged network (cross-entropy not finite) never does."""
@@ -102,10 +166,12 @@ def better(candidate: Evaluation, best: Evaluation) -> bool:
 
 class KeepBest:
     """Validation of a network as it trains: keeps the values of `variables` at the best
-    evaluation (step 0, before any step, is the first candidate), lowers the rate on a plateau
-    of validation cross-entropy (`plateau`, if given) and says when to stop (after `patience`
-    evaluations in a row without a better one; 0: never). Neither the plateau nor the patience
-    counts evaluations before step `judged_from` (any of them can still be the best).
+    evaluation that beats the head alone beyond noise (step 0, the head alone before any step,
+    is the first candidate; see the module's docstring), lowers the rate on a plateau of
+    validation cross-entropy (`plateau`, if given) and says when to stop (after `patience`
+    evaluations in a row without a better one than the best seen, noise or not; 0: never).
+    Neither the plateau nor the patience counts evaluations before step `judged_from` (any of
+    them can still be kept).
 
     `evaluate()` evaluates the network as its variables are now. Every worker of a multi-worker
     run makes the same evaluations (all-gathered features), so all stop at the same step.
@@ -127,7 +193,8 @@ class KeepBest:
         self.seconds = 0.0  # spent evaluating
         self.waited = 0  # evaluations since the last improvement
         self.head_alone = self._timed_evaluation()
-        self.best_step, self.best = 0, self.head_alone
+        self.best_step, self.best = 0, self.head_alone  # kept
+        self.top_step, self.top = 0, self.head_alone  # the best seen, noise or not
         self._best_values = self._values()
 
     @property
@@ -141,12 +208,21 @@ class KeepBest:
         evaluation = self._timed_evaluation()
         if self.plateau is not None and step >= self.judged_from:
             self.plateau.update(evaluation.cross_entropy)
-        if better(evaluation, self.best):
-            self.best_step, self.best, self.waited = step, evaluation, 0
-            self._best_values = self._values()
+        if better(evaluation, self.top):
+            self.top_step, self.top, self.waited = step, evaluation, 0
         elif step >= self.judged_from:
             self.waited += 1
+        if better(evaluation, self.best) and paired_gain(evaluation, self.head_alone).beyond_noise:
+            self.best_step, self.best = step, evaluation
+            self._best_values = self._values()
         return evaluation
+
+    @property
+    def gain(self) -> Gain:
+        """The kept network's gain over the head alone (the best seen's when that is the head
+        alone: how close a fine-tuned step came)."""
+        kept = self.best if self.best_step else self.top
+        return paired_gain(kept, self.head_alone)
 
     def restore(self) -> None:
         """Put the best candidate's values back into the variables."""
@@ -163,16 +239,25 @@ class KeepBest:
         return evaluation
 
     def explain(self, steps_run: int) -> str:
-        """One line saying which network is kept and why."""
+        """One line saying which network is kept and how sure the pick is."""
         head = _figures(self.head_alone)
-        if self.best_step == 0:
+        if self.best_step:
+            return (
+                f"kept step {self.best_step} of {steps_run}: validation "
+                f"{100 * self.best.accuracy:.1f}% vs the head alone "
+                f"{100 * self.head_alone.accuracy:.1f}% ({self.gain.describe()}: outside noise; "
+                f"{_figures(self.best)})"
+            )
+        if self.top_step:
             return (
                 "kept the head alone (the pretrained module with the new layer): no fine-tuned "
-                f"step beat its validation figures ({head})"
+                f"step beat it beyond noise (the best, step {self.top_step}: validation "
+                f"{100 * self.top.accuracy:.1f}% vs {100 * self.head_alone.accuracy:.1f}%, "
+                f"{self.gain.describe()}; the head alone: {head})"
             )
         return (
-            f"kept step {self.best_step} of {steps_run}, the best on validation "
-            f"({_figures(self.best)}; the head alone: {head})"
+            "kept the head alone (the pretrained module with the new layer): no fine-tuned "
+            f"step beat its validation figures ({head})"
         )
 
 

@@ -22,7 +22,8 @@ from retrain.heads.evaluation import Evaluation
 from retrain.heads.head import Head
 from retrain.training.activity import ActivityProbe, write_activity
 from retrain.training.activity import summary as summarize_activity
-from retrain.training.early_stopping import VALIDATION_PLATEAU_PATIENCE, KeepBest
+from retrain.training.early_stopping import VALIDATION_PLATEAU_PATIENCE, Gain, KeepBest
+from retrain.training.fine_tune_diagnosis import Discard, why_discarded
 from retrain.training.lr_find import RateSearch, range_test
 from retrain.training.optim import Plateau, current_learning_rate, make_optimizer
 from retrain.utils.interrupt import check as check_interrupt
@@ -146,6 +147,7 @@ class FineTuneResult:
     validation_before: Evaluation | None = None  # the head alone's, on the validation images
     validation_best: Evaluation | None = None  # the kept network's
     validation_seconds: float = 0.0
+    gain: Gain | None = None  # the kept network's over the head alone (see KeepBest.gain)
     # partial fine-tuning's cut and its cached activations (retrain.training.cut)
     cut: dict | None = None
 
@@ -154,6 +156,16 @@ class FineTuneResult:
         """Whether the kept network is the pretrained module with the trained layer, unchanged:
         export it as such."""
         return self.best_step == 0
+
+    @property
+    def discarded(self) -> Discard | None:
+        """Why the fine-tuned steps were thrown away, when validation kept the head alone."""
+        if not self.head_alone or self.validation_before is None:
+            return None
+        suggested = self.rate_search.suggestion if self.rate_search else None
+        return why_discarded(
+            self.history, self.validation_before, self.settings.learning_rate, suggested
+        )
 
     def metrics(self) -> dict:
         """The run's figures for --metrics_json."""
@@ -184,6 +196,8 @@ class FineTuneResult:
             "validation_accuracy_best": best.accuracy if best else None,
             "validation_cross_entropy_best": best.cross_entropy if best else None,
             "validation_seconds": round(self.validation_seconds, 3),
+            "validation_gain": self.gain.as_dict() if self.gain else None,
+            "discarded": discarded.as_dict() if (discarded := self.discarded) else None,
             "cut": self.cut,
         }
 
@@ -301,6 +315,7 @@ def run_guarded(
         validation_before=watch.head_alone if watch else None,
         validation_best=watch.best if watch else None,
         validation_seconds=watch.seconds if watch else 0.0,
+        gain=watch.gain if watch else None,
     )
 
 

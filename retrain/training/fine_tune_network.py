@@ -213,8 +213,9 @@ def fine_tune(
     With `options.validation` images (a seeded VALIDATION_IMAGES of them, decoded once), the
     network is evaluated on them before the first step and every `log_every` steps; the
     "plateau" schedule watches their cross-entropy; fine-tuning stops after `settings.patience`
-    evaluations without a better one; and the result holds the best network seen (`best_step`;
-    0 is the head alone, see `FineTuneResult.head_alone`). Without, the last step's network.
+    evaluations without a better one; and the result holds the best network seen that beats
+    the head alone beyond noise (`best_step`; 0 is the head alone, see
+    `FineTuneResult.head_alone` and `early_stopping`). Without, the last step's network.
 
     The module is loaded afresh under `strategy`'s scope. `test` is evaluated before and after.
     Every worker of a multi-worker strategy must call this with the same arguments; only the

@@ -30,7 +30,6 @@ from retrain.models.loading import ImageModule
 from retrain.models.rebuild import copy_values
 from retrain.training.activity import ActivityProbe
 from retrain.training.cut import CutModule, cut_name
-from retrain.training.early_stopping import VALIDATION_IMAGES
 from retrain.training.fine_tune_loop import (
     DEFAULT_OPTIONS,
     FIND_MIN_RATE,
@@ -144,8 +143,8 @@ def fine_tune_from_cut(
     """Fine-tune the blocks of `part`'s network above its cut, its head and the trained
     `layer` (weights, biases) of `head` on the cached `activations` (`retrain.training.cut`)
     of the training images and their cached distorted copies, for `settings.steps` steps of
-    `settings.batch_size`, as `fine_tune_network.fine_tune` does: validation (a seeded
-    VALIDATION_IMAGES of its images) watched every `options.log_every` steps, the best network
+    `settings.batch_size`, as `fine_tune_network.fine_tune` does: validation (all of its
+    images) watched every `options.log_every` steps, the best network
     kept (the head alone included), the test split (a seeded `options.test_images` of it; all
     if <= 0) evaluated before and after.
 
@@ -178,7 +177,8 @@ def fine_tune_from_cut(
     test = picked(activations.split("testing"), options.test_images, options.seed)
     evaluate_test = partial(_evaluate_now, evaluate, test, model)
     before = log_test("before", evaluate_test())
-    validation = picked(activations.split("validation"), VALIDATION_IMAGES, options.seed)
+    # All of validation: an evaluation reads cached activations, cheap beside the steps.
+    validation = activations.split("validation")
     watch, plateau = watch_validation(
         partial(evaluate, validation) if len(validation) else None, model, optimizer, settings
     )

@@ -68,8 +68,7 @@ def fine_tune_whole(
         strategy,
         replace(_options(config), validation=fine_tune_network.split_images(b, "validation")),
     )
-    tuned.rate_search = search
-    return tuned
+    return _finish(tuned, search)
 
 
 def fine_tune_from_cut(
@@ -94,8 +93,17 @@ def fine_tune_from_cut(
         strategy,
         replace(_options(config), test_images=config.evaluation.test_batch_size),
     )
-    tuned.rate_search = search
     tuned.cut = cut.metrics(part, activations)
+    return _finish(tuned, search)
+
+
+def _finish(tuned: FineTuneResult, search: lr_find.RateSearch | None) -> FineTuneResult:
+    """`tuned` with the finder's search (None: the rate was given); logs why the fine-tuned
+    steps were thrown away, if they were."""
+    tuned.rate_search = search
+    discarded = tuned.discarded
+    if discarded is not None:
+        log.warning("Fine-tuning: %s. Suggestion: %s", discarded.message, discarded.suggestion)
     return tuned
 
 
