@@ -79,6 +79,9 @@ class RunResult:
     # What the figures say: retrain.reporting.health.Finding objects (health reads this module).
     health: list[Any] = field(default_factory=list)
     unlisted_images: int | None = None  # multi-label: image files the labels CSV does not list
+    # Where the splits came from when not (only) the hash: split -> folder, and the log's line.
+    split_folders: dict[str, str] | None = None
+    split_note: str | None = None
     test_paths: list[str] = field(default_factory=list)  # the test evaluation's images, in order
     rate_search: Any = None  # retrain.training.lr_find.RateSearch, with --learning_rate auto
     # Each exported model run on the test split: retrain.export.check.ExportCheck objects.
@@ -145,6 +148,10 @@ class RunResult:
             metrics["validation_evaluation"] = self.evaluations["validation"].report(self.labels)
         if self.unlisted_images is not None:
             metrics["unlisted_images"] = self.unlisted_images
+        metrics["splits_from"] = {
+            "folders": self.split_folders,
+            "note": self.split_note or "each file's split by the hash of its name",
+        }
         if self.fine_tune is not None:
             metrics["fine_tune"] = self.fine_tune.metrics()
         if self.cluster is not None:

@@ -274,6 +274,9 @@ def test_a_run_trains_and_reports_on_the_folder_splits(tmp_path, tiny_module):
     assert result.labels == ["daisy", "roses"]
     assert result.images == {"training": 16, "validation": 6, "testing": 4}
     assert result.metrics()["images"] == result.images
+    splits_from = result.metrics()["splits_from"]
+    assert splits_from["folders"] == {"training": "train", "validation": "valid", "testing": "test"}
+    assert "split into folders" in splits_from["note"]
     with open(tmp_path / "split.csv") as handle:
         manifest = {
             os.path.relpath(r["path"], root): (r["label"], r["split"])

@@ -61,6 +61,7 @@ RETRAIN_FLAGS = (
     "testing_percentage",
     "validation_percentage",
     "labels_csv",
+    "split_from",
     "flip_left_right",
     "random_crop",
     "random_scale",
