@@ -71,6 +71,11 @@ CACHE_WARNING = r"^W .*bottleneck cache"
 SEED = int(os.environ.get("RETRAIN_FAULT_SEED", time.time_ns() % 2**31))
 
 
+# tqdm redraws its bar at most every 0.1 s: on a fast pass that can skip from a few images to
+# the last, so a trigger on the bar's count would fire after caching ended. Redraw every batch.
+EVERY_BATCH = {"TQDM_MININTERVAL": "0"}
+
+
 def rng_for(name: str) -> random.Random:
     """A random stream per scenario, reproducible with RETRAIN_FAULT_SEED."""
     print(f"{name}: RETRAIN_FAULT_SEED={SEED}")
@@ -195,7 +200,7 @@ def killed_chain(reference, photos, images, tmp_path_factory):
 
     # On a terminal retrain shows a progress bar: kill when it passes a random count.
     fault = Fault(progress_at_least(rng.randrange(4, N_IMAGES - 8)), signal.SIGKILL)
-    run = run_retrain(args, fault, tty=True)
+    run = run_retrain(args, fault, tty=True, env=EVERY_BATCH)
     chain.caching = SimpleNamespace(
         run=run,
         cache=inspect_cache(the_module_folder(bottlenecks)),
@@ -366,10 +371,12 @@ def interrupted(reference, photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("sigint")
     bottlenecks = out / "bottlenecks"
     args = retrain_args(photos, out, bottlenecks)
-    # The bar redraws every ~12 images and the whole pass takes about a second: leave 32 images
-    # after the trigger, or the signal can land after the last batch ("interrupted too late").
+    # The bar redraws at every batch of 4 (EVERY_BATCH), and 32 images are left after the
+    # trigger, so the signal cannot land after the last batch ("interrupted too late").
     at_least = rng.randrange(8, N_IMAGES - 32)
-    caching = run_retrain(args, Fault(progress_at_least(at_least), signal.SIGINT), tty=True)
+    caching = run_retrain(
+        args, Fault(progress_at_least(at_least), signal.SIGINT), tty=True, env=EVERY_BATCH
+    )
     kept = inspect_cache(the_module_folder(bottlenecks))
     # Training logs its steps in bursts, one per graph call: interrupt after the first burst.
     fault = Fault(rf"^I Step {CHECKPOINT_EVERY}: Validation accuracy", signal.SIGINT)
