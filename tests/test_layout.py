@@ -51,18 +51,23 @@ def layer_of(module: str) -> int:
     return max(matches, key=lambda i: len(LAYERS[i]))
 
 
-def runtime_imports(path: Path) -> set[str]:
-    """The retrain modules `path` imports when it runs (not those imported only for type
-    checking): `from a.b import c` counts as a.b.c when that is a module, else as a.b."""
-    known = {module_name(p) for p in (ROOT / "retrain").rglob("*.py")}
-    tree = ast.parse(path.read_text())
-    typing_only = {
+def type_checking_nodes(tree: ast.AST) -> set[int]:
+    """The ids of the nodes under `if TYPE_CHECKING:` blocks: imports that never run."""
+    return {
         id(node)
         for block in ast.walk(tree)
         if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
         for stmt in block.body
         for node in ast.walk(stmt)
     }
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """The retrain modules `path` imports when it runs (not those imported only for type
+    checking): `from a.b import c` counts as a.b.c when that is a module, else as a.b."""
+    known = {module_name(p) for p in (ROOT / "retrain").rglob("*.py")}
+    tree = ast.parse(path.read_text())
+    typing_only = type_checking_nodes(tree)
     found = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:

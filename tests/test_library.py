@@ -31,6 +31,7 @@ from retrain.config import (
 from retrain.errors import ConfigError
 from tests.conftest import ROOT, retrain_args, write_image
 from tests.fault_tools import save_tiny_module
+from tests.test_layout import type_checking_nodes
 
 PACKAGE = ROOT / "retrain"
 # The command lines: retrain's, and retrain-beam-extract's (which reads retrain's flag
@@ -55,13 +56,7 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
     """The package's modules that `path` imports when it runs (top level or in functions; not
     for type checking only, which never runs), and absl.flags if it imports that."""
     tree = ast.parse(path.read_text())
-    typing_only = {
-        id(node)
-        for block in ast.walk(tree)
-        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-        for stmt in block.body
-        for node in ast.walk(stmt)
-    }
+    typing_only = type_checking_nodes(tree)
     found = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:

@@ -105,13 +105,7 @@ def _resolve_bundled(
     metadata = _read_metadata(target)
     if metadata is None:
         metadata = _convert_once(spec, weights, weights_sha256, target)
-    return ImageModule(
-        handle=handle,
-        path=target,
-        input_size=(int(metadata["input_size"][0]), int(metadata["input_size"][1])),
-        feature_dim=int(metadata["feature_dim"]),
-        fingerprint=str(metadata["fingerprint"]),
-    )
+    return _converted_module(handle, target, metadata)
 
 
 def _convert_once(
@@ -262,13 +256,7 @@ def _resolve_tf1_hub(handle: str, source: pathlib.Path, cache_dir: pathlib.Path 
     if metadata is None:
         with exclusive(target):
             metadata = _read_metadata(target) or _convert_tf1_hub(handle, source, target)
-    return ImageModule(
-        handle=handle,
-        path=target,
-        input_size=(int(metadata["input_size"][0]), int(metadata["input_size"][1])),
-        feature_dim=int(metadata["feature_dim"]),
-        fingerprint=str(metadata["fingerprint"]),
-    )
+    return _converted_module(handle, target, metadata)
 
 
 def _convert_tf1_hub(handle: str, source: pathlib.Path, target: pathlib.Path) -> dict[str, Any]:
@@ -398,3 +386,14 @@ def fingerprint_saved_model(path: str | os.PathLike[str]) -> str:
                 digest.update(chunk)
     _FINGERPRINTS[key] = digest.hexdigest()
     return _FINGERPRINTS[key]
+
+
+def _converted_module(handle: str, target: pathlib.Path, metadata: dict) -> ImageModule:
+    """The ImageModule of a conversion in the module cache, from its metadata."""
+    return ImageModule(
+        handle=handle,
+        path=target,
+        input_size=(int(metadata["input_size"][0]), int(metadata["input_size"][1])),
+        feature_dim=int(metadata["feature_dim"]),
+        fingerprint=str(metadata["fingerprint"]),
+    )
