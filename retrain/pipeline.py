@@ -84,6 +84,7 @@ def run(config: RetrainConfig, *, startup_seconds: float | None = None) -> RunRe
     clock = PhaseClock()
     with clock.phase("checks"):
         config.validate()
+        console.log_preset(config)
         cluster = distribute.cluster_strategy(config.distribution.strategy, log)  # before any op
     chief = cluster is None or distribute.is_chief()
     with clock.phase("scan"):
@@ -141,6 +142,7 @@ def run(config: RetrainConfig, *, startup_seconds: float | None = None) -> RunRe
         test_paths=done.test_paths,
         rate_search=done.rate_search,
         export_checks=export_checks,
+        preset=config.preset,
     )
     result = _report(config, result, b, done.projected, chief, clock)
     if cluster is not None:

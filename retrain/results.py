@@ -88,6 +88,7 @@ class RunResult:
     export_checks: list[Any] = field(default_factory=list)
     # {split: {"images": n, "positives": [per class (label)]}}: each label's share per split.
     split_counts: dict[str, dict] = field(default_factory=dict)
+    preset: str = "fast"  # the preset the run's settings started from (RetrainConfig.preset)
 
     @property
     def test(self) -> Evaluation | MultiLabelEvaluation | None:
@@ -124,6 +125,7 @@ class RunResult:
             "images": dict(self.images),
             "skipped": list(self.skipped),
             "module": self.module,
+            "preset": self.preset,
             "bottlenecks_computed": self.bottlenecks_computed,
             "bottleneck_seconds": round(self.timings.bottlenecks, 3),
             "bottleneck_images_per_second": _per_second(

@@ -31,6 +31,20 @@ class Group:
 
 GROUPS = (
     Group(
+        "Preset",
+        (
+            Flag(
+                "preset",
+                "preset",
+                "A measured set of settings for a goal: fast (retrain.py's defaults: the new "
+                "layer alone) or accurate (fine-tunes the top blocks on the photos and their "
+                "mirror images; several minutes more). Each flag given on the command line "
+                "wins over the preset's value; the log says what the preset set.",
+                common=True,
+            ),
+        ),
+    ),
+    Group(
         "Data and split",
         (
             Flag(

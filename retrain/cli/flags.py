@@ -9,7 +9,6 @@ retrain-beam-extract takes its shared flags from the same table.
 
 from __future__ import annotations
 
-import dataclasses
 import textwrap
 from typing import Any
 
@@ -25,6 +24,7 @@ from retrain.config import (
     setting_default,
     setting_type,
 )
+from retrain.config.presets import apply_preset
 from retrain.errors import ConfigError, UsageError
 
 COMMAND = "command."  # the prefix of settings of the command itself (CommandOptions)
@@ -116,13 +116,15 @@ def flag_for_field(field: str) -> str:
 def config_from_flags(f: flags.FlagValues) -> RetrainConfig:
     """The checked RetrainConfig of parsed flags `f`; raises UsageError naming the flag.
 
-    An empty string flag (no output) becomes None.
+    The preset (`--preset`) sets each of its settings whose flag was not given on the command
+    line; an empty string flag (no output) becomes None.
     """
     values = {field: f[flag].value for flag, field in FLAG_FIELDS.items()}
     if not f.audit:
         values["audit.output_dir"] = None  # a training run writes no audit
-    config = config_from_values(values)
+    given = {field for flag, field in FLAG_FIELDS.items() if f[flag].present}
     try:
+        config = config_from_values(apply_preset(f.preset, values, given))
         config.validate()
     except ConfigError as err:
         raise UsageError(err.render(flag_for_field)) from None
@@ -138,21 +140,7 @@ def config_from_values(values: dict[str, Any]) -> RetrainConfig:
     """An unchecked RetrainConfig of settings given by dotted path; an empty string (a flag
     that names no output) becomes None, defaults fill the rest."""
     values = {k: None if v == "" and k != "image_dir" else v for k, v in values.items()}
-    return _build(RetrainConfig, values)
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """An instance of config dataclass `cls` from dotted paths -> values; a group (a field
-    whose default is a config dataclass) is built the same way, defaults filling the rest."""
-    kwargs = {}
-    for field in dataclasses.fields(cls):
-        path = prefix + field.name
-        group = field.default_factory
-        if isinstance(group, type) and dataclasses.is_dataclass(group):
-            kwargs[field.name] = _build(group, values, path + ".")
-        elif path in values:
-            kwargs[field.name] = values[path]
-    return cls(**kwargs)
+    return RetrainConfig.from_settings(values)
 
 
 # ----------------------------------------------------------------------------- help

@@ -18,7 +18,8 @@ This package imports nothing of retrain but errors and utils: it owns every choi
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from retrain.config.checks import check_config
@@ -74,6 +75,10 @@ from retrain.config.choices import (
 from retrain.config.choices import (
     STRATEGIES as STRATEGIES,
 )
+from retrain.config.presets import DEFAULT_PRESET as DEFAULT_PRESET
+from retrain.config.presets import PRESETS as PRESETS
+from retrain.config.presets import Preset as Preset
+from retrain.config.presets import apply_preset
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,41 @@ class RetrainConfig:
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    # The preset these settings started from (`from_preset`, `--preset`), for the log and the
+    # metrics: a record, which sets nothing itself.
+    preset: str = DEFAULT_PRESET
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any]) -> RetrainConfig:
+        """An unchecked config of settings by dotted path (`{"image_dir": "photos",
+        "fine_tuning.steps": 100}`), defaults filling the rest. TypeError for a path that is
+        no setting."""
+        unknown = set(values) - {path for path, _ in leaf_fields(cls(image_dir=""))}
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no setting {', '.join(sorted(unknown))}")
+        return _build(cls, values)
+
+    @classmethod
+    def from_preset(
+        cls, name: str, image_dir: str, **overrides: Mapping[str, Any]
+    ) -> RetrainConfig:
+        """An unchecked config of preset `name` (see `PRESETS`) for the photos in `image_dir`.
+        Each keyword names a group and the settings of it to give explicitly; they win over
+        the preset's:
+
+            RetrainConfig.from_preset("accurate", "photos", fine_tuning={"steps": 100})
+
+        Raises ConfigError for an unknown preset, TypeError for an unknown group or setting.
+        """
+        values: dict[str, Any] = {"image_dir": image_dir}
+        for group, settings in overrides.items():
+            if not isinstance(settings, Mapping):
+                raise TypeError(
+                    f"{group}= takes a dict of the settings to give, e.g. {{'steps': 100}}; "
+                    f"got {type(settings).__name__}"
+                )
+            values.update({f"{group}.{key}": value for key, value in settings.items()})
+        return cls.from_settings(apply_preset(name, values, given=values))
 
     def validate(self) -> RetrainConfig:
         """Raise ConfigError for the first invalid setting; return self when all are valid.
@@ -247,6 +287,20 @@ class RetrainConfig:
         """
         check_config(self)
         return self
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """An instance of config dataclass `cls` from dotted paths -> values; a group (a field
+    whose default is a config dataclass) is built the same way, defaults filling the rest."""
+    kwargs = {}
+    for spec in fields(cls):
+        path = prefix + spec.name
+        group = spec.default_factory
+        if isinstance(group, type) and is_dataclass(group):
+            kwargs[spec.name] = _build(group, values, path + ".")
+        elif path in values:
+            kwargs[spec.name] = values[path]
+    return cls(**kwargs)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Every choice list and fixed default of the settings: the leaf that config and its checks
 both read."""
 
+from retrain.config.presets import PRESETS
+
 DEFAULT_MODULE = "efficientnet_lite0"
 OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop")
 AUTO = "auto"  # training.learning_rate: the learning-rate finder's suggestion
@@ -42,6 +44,7 @@ CHOICES = {
     "training.class_weights": CLASS_WEIGHTS,
     "export.quantize": QUANTIZATIONS,
     "command.logging_verbosity": LOG_LEVELS,
+    "preset": tuple(PRESETS),
 }
 # retrain.py wrote these by default; the library writes nothing unless asked, so the command
 # line passes these paths explicitly.

@@ -1,15 +1,34 @@
-"""What a run says in the log about its findings: the health report, and retrain.py's list of
-misclassified test images."""
+"""What a run says in the log about its settings and findings: the preset, the health report,
+and retrain.py's list of misclassified test images."""
 
 from __future__ import annotations
 
 import logging
 
+from retrain.config import RetrainConfig, leaf_fields
+from retrain.config.presets import preset_outcome
 from retrain.data import scan
+from retrain.errors import setting_name
 from retrain.reporting.health import Finding
 from retrain.results import RunResult, Timings
 
 log = logging.getLogger("retrain")
+
+
+def log_preset(config: RetrainConfig) -> None:
+    """One line: the run's preset, the settings it set, and those given explicitly instead
+    (which won); nothing for a preset that sets nothing (`fast`)."""
+    applied, kept = preset_outcome(config.preset, dict(leaf_fields(config)))
+    if not applied and not kept:
+        return
+    line = f"preset {config.preset}: " + _settings_text(applied)
+    if kept:
+        line += f" (explicitly given, kept: {_settings_text(kept)})"
+    log.info("%s", line)
+
+
+def _settings_text(settings: dict) -> str:
+    return ", ".join(f"{setting_name(path)}={value}" for path, value in settings.items()) or "none"
 
 
 def log_health(findings: list[Finding]) -> None:

@@ -1,0 +1,73 @@
+"""Presets: one name for a measured set of settings (`--preset accurate`).
+
+A preset is a starting point, not a mode: it sets each of its settings that the caller did not
+give (a flag on the command line, an override of `RetrainConfig.from_preset`); what the caller
+gave wins. `fast` sets nothing: retrain.py's defaults. Each preset's recipe is its entry in
+`PRESETS` and nowhere else, so changing a recipe is editing that table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from retrain.errors import ConfigError
+
+PRESET = "preset"  # the setting that names the preset (RetrainConfig.preset)
+DEFAULT_PRESET = "fast"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A preset: what it is for, in a line, and the settings it sets (dotted path -> value)."""
+
+    description: str
+    settings: Mapping[str, Any]
+
+
+PRESETS = {
+    DEFAULT_PRESET: Preset("retrain.py's defaults: the new layer alone on cached vectors", {}),
+    # The README's recommended fine-tuning (docs/benchmarks.md#fine-tuning), until issue 33's
+    # experiment names a better recipe. No test-time augmentation: exports are the plain network.
+    "accurate": Preset(
+        "fine-tunes the top blocks of EfficientNet-Lite0 on the photos and their mirror images",
+        {
+            "module.handle": "efficientnet_lite0",
+            "fine_tuning.from_block": "block12",
+            "fine_tuning.steps": 300,
+            "fine_tuning.learning_rate": 0.003,
+            "distortions.flip_left_right": True,
+            "distortions.copies": 1,
+        },
+    ),
+}
+
+
+def preset_named(name: str) -> Preset:
+    """The preset called `name`; ConfigError (naming the `preset` setting) if there is none."""
+    if name not in PRESETS:
+        raise ConfigError(
+            "{0}: unknown preset " + repr(name) + "; choose one of " + ", ".join(PRESETS), PRESET
+        )
+    return PRESETS[name]
+
+
+def apply_preset(
+    name: str, values: Mapping[str, Any], given: Collection[str] = ()
+) -> dict[str, Any]:
+    """`values` (settings by dotted path) with preset `name`'s settings put in, except those
+    named in `given` (set explicitly: they win), and `preset` set to `name`. Pure; raises
+    ConfigError for an unknown preset."""
+    settings = preset_named(name).settings
+    applied = {path: value for path, value in settings.items() if path not in given}
+    return {**values, **applied, PRESET: name}
+
+
+def preset_outcome(name: str, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What preset `name` left in settings `values` (dotted path -> value): the settings that
+    hold its value, and those given another value explicitly (with that value)."""
+    settings = preset_named(name).settings
+    kept = {path: values[path] for path, value in settings.items() if values[path] != value}
+    applied = {path: value for path, value in settings.items() if path not in kept}
+    return applied, kept
