@@ -78,7 +78,8 @@ from retrain.config.choices import (
 from retrain.config.presets import DEFAULT_PRESET as DEFAULT_PRESET
 from retrain.config.presets import PRESETS as PRESETS
 from retrain.config.presets import Preset as Preset
-from retrain.config.presets import apply_preset
+from retrain.config.presets import apply_preset, blame_preset
+from retrain.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -283,9 +284,13 @@ class RetrainConfig:
         """Raise ConfigError for the first invalid setting; return self when all are valid.
 
         Also checks the file system: the image folder exists, the module handle resolves to
-        something, and every output path can be written (missing folders are created).
+        something, and every output path can be written (missing folders are created). An
+        error about a setting that holds the preset's value says so.
         """
-        check_config(self)
+        try:
+            check_config(self)
+        except ConfigError as err:
+            raise blame_preset(err, self.preset, dict(leaf_fields(self))) from None
         return self
 
 

@@ -71,3 +71,20 @@ def preset_outcome(name: str, values: Mapping[str, Any]) -> tuple[dict[str, Any]
     kept = {path: values[path] for path, value in settings.items() if values[path] != value}
     applied = {path: value for path, value in settings.items() if path not in kept}
     return applied, kept
+
+
+def blame_preset(err: ConfigError, name: str, values: Mapping[str, Any]) -> ConfigError:
+    """`err` with a note when a setting it names holds the value preset `name` gives it (the
+    user may never have typed it): "... ({0} set by {1} accurate)". `err` itself otherwise."""
+    settings = PRESETS[name].settings if name in PRESETS else {}
+    blamed = [
+        i
+        for i, path in enumerate(err.fields)
+        if path in settings and values.get(path) == settings[path]
+    ]
+    if not blamed:
+        return err
+    fields = (*err.fields, PRESET)
+    named = ", ".join("{" + str(i) + "}" for i in blamed)
+    note = f" ({named} set by {{{len(fields) - 1}}} {name})"
+    return type(err)(err.template + note, *fields)

@@ -1,0 +1,211 @@
+"""Presets (retrain.config.presets): `fast` changes nothing, `accurate` sets its table, every
+setting given explicitly (a flag, a library override) wins, an unknown name is one line."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from retrain.cli import retrain as cli
+from retrain.config import PRESETS, RetrainConfig, leaf_fields
+from retrain.config.presets import apply_preset, preset_outcome
+from retrain.errors import ConfigError
+from tests.conftest import example_subset, retrain_args
+
+ACCURATE = PRESETS["accurate"].settings
+
+
+def _flags_config(*args: str) -> RetrainConfig:
+    """The config the command line builds of `args` (checked, as `retrain` builds it)."""
+    from absl import flags
+
+    from retrain.cli.flags import config_from_flags, define_flags
+
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    flag_values(["retrain", "--image_dir=examples/flower_photos", *args])
+    return config_from_flags(flag_values)
+
+
+def _settings(config: RetrainConfig) -> dict:
+    return dict(leaf_fields(config))
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def test_fast_changes_nothing():
+    values = {"fine_tuning.steps": 0, "training.learning_rate": 0.01}
+    assert apply_preset("fast", values) == {**values, "preset": "fast"}
+    assert PRESETS["fast"].settings == {}
+    assert _flags_config() == _flags_config("--preset=fast")
+    assert _flags_config().preset == "fast" and _flags_config().fine_tuning.steps == 0
+
+
+def test_accurate_sets_its_table():
+    assert set(ACCURATE) >= {
+        "module.handle",
+        "fine_tuning.from_block",
+        "fine_tuning.steps",
+        "fine_tuning.learning_rate",
+        "distortions.flip_left_right",
+        "distortions.copies",
+    }
+    assert apply_preset("accurate", {"fine_tuning.steps": 0}) == {**ACCURATE, "preset": "accurate"}
+    settings = _settings(_flags_config("--preset=accurate"))
+    assert {path: settings[path] for path in ACCURATE} == dict(ACCURATE)
+    assert settings["preset"] == "accurate"
+    # Settings the preset does not name keep their defaults.
+    defaults = _settings(_flags_config())
+    others = set(defaults) - set(ACCURATE) - {"preset"}
+    assert {p: settings[p] for p in others} == {p: defaults[p] for p in others}
+
+
+def test_settings_given_explicitly_win():
+    given = apply_preset("accurate", {"fine_tuning.steps": 100}, given={"fine_tuning.steps"})
+    assert given["fine_tuning.steps"] == 100
+    assert given["fine_tuning.from_block"] == ACCURATE["fine_tuning.from_block"]
+
+    config = _flags_config("--preset=accurate", "--fine_tune_steps=100")
+    assert config.fine_tuning.steps == 100
+    assert config.fine_tuning.from_block == ACCURATE["fine_tuning.from_block"]
+    config = _flags_config("--preset=accurate", "--tfhub_module=efficientnet_lite2")
+    assert config.module.handle == "efficientnet_lite2"
+    assert config.fine_tuning.steps == ACCURATE["fine_tuning.steps"]
+    # A flag given with its default value is still given: the preset does not replace it.
+    config = _flags_config(
+        "--preset=accurate",
+        "--fine_tune_learning_rate=0.001",
+        "--noflip_left_right",
+        "--distorted_copies=0",
+    )
+    assert config.fine_tuning.learning_rate == 0.001
+    assert config.distortions.flip_left_right is False and config.distortions.copies == 0
+    # The flag may come before the preset on the command line.
+    assert _flags_config("--fine_tune_steps=7", "--preset=accurate").fine_tuning.steps == 7
+
+
+def test_what_the_preset_set_and_what_was_kept():
+    config = _flags_config("--preset=accurate", "--fine_tune_steps=100")
+    applied, kept = preset_outcome(config.preset, _settings(config))
+    assert kept == {"fine_tuning.steps": 100}
+    assert applied == {k: v for k, v in ACCURATE.items() if k != "fine_tuning.steps"}
+    assert preset_outcome("fast", _settings(config)) == ({}, {})
+
+
+def test_an_unknown_preset_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown preset 'best'; choose one of fast, accurate"):
+        apply_preset("best", {})
+    with pytest.raises(ConfigError, match="preset"):
+        RetrainConfig(image_dir="examples/flower_photos", preset="best").validate()
+
+
+def test_an_unknown_preset_on_the_command_line_is_one_line(capsys, tmp_path):
+    status = cli.main(["retrain", "--image_dir=examples/flower_photos", "--preset=best"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(err) == 1, err
+    assert err[0].startswith("retrain: error:") and "--preset" in err[0] and "accurate" in err[0]
+
+
+def test_an_error_about_a_setting_the_preset_set_says_so(capsys):
+    """Turning the flips off leaves the preset's cached copy without a distortion: the line
+    says that the preset, not the user, gave --distorted_copies."""
+    argv = ["retrain", "--image_dir=examples/flower_photos", "--preset=accurate"]
+    assert cli.main([*argv, "--noflip_left_right"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("retrain: error: --distorted_copies needs a distortion")
+    assert line.endswith(" (--distorted_copies set by --preset accurate)")
+    with pytest.raises(ConfigError, match=r"\(distortions.copies set by preset accurate\)$"):
+        RetrainConfig.from_preset(
+            "accurate", "examples/flower_photos", distortions={"flip_left_right": False}
+        ).validate()
+    # Where the user gave the setting, the error is theirs alone.
+    with pytest.raises(ConfigError, match="needs a distortion") as raised:
+        RetrainConfig.from_preset(
+            "accurate",
+            "examples/flower_photos",
+            distortions={"flip_left_right": False, "copies": 2},
+        ).validate()
+    assert "preset" not in str(raised.value)
+
+
+# ----------------------------------------------------------------------------- the library
+
+
+def test_library_from_preset():
+    config = RetrainConfig.from_preset("accurate", "examples/flower_photos")
+    assert config == RetrainConfig.from_settings(
+        {"image_dir": "examples/flower_photos", **ACCURATE, "preset": "accurate"}
+    )
+    assert RetrainConfig.from_preset("fast", "photos") == RetrainConfig(image_dir="photos")
+    config = RetrainConfig.from_preset(
+        "accurate",
+        "examples/flower_photos",
+        fine_tuning={"steps": 100, "learning_rate": 1e-3},
+        outputs={"metrics_json": "m.json"},
+    )
+    assert config.validate() is config and config.preset == "accurate"
+    assert config.fine_tuning.steps == 100 and config.fine_tuning.learning_rate == 1e-3
+    assert config.fine_tuning.from_block == ACCURATE["fine_tuning.from_block"]
+    assert config.distortions.copies == ACCURATE["distortions.copies"]
+    assert config.outputs.metrics_json == "m.json"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"fine_tuning": {"stepz": 1}}, "fine_tuning.stepz"),
+        ({"finetuning": {"steps": 1}}, "finetuning.steps"),
+        ({"fine_tuning": 100}, "fine_tuning= takes a dict"),
+    ],
+)
+def test_library_from_preset_refuses_what_is_no_setting(overrides, error):
+    with pytest.raises(TypeError, match=error):
+        RetrainConfig.from_preset("accurate", "photos", **overrides)
+    with pytest.raises(ConfigError, match="unknown preset 'best'"):
+        RetrainConfig.from_preset("best", "photos")
+
+
+def test_the_log_says_what_the_preset_set(caplog):
+    from retrain.reporting.console import log_preset
+
+    with caplog.at_level(logging.INFO, logger="retrain"):
+        log_preset(RetrainConfig.from_preset("accurate", "photos", fine_tuning={"steps": 9}))
+        log_preset(RetrainConfig(image_dir="photos"))
+    (line,) = caplog.messages
+    assert line.startswith("preset accurate: module.handle=efficientnet_lite0, ")
+    assert "fine_tuning.from_block=block12" in line and "fine_tuning.steps=300" not in line
+    assert line.endswith("(explicitly given, kept: fine_tuning.steps=9)")
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+def test_a_run_with_the_accurate_preset(tmp_path, capfd):
+    """`--preset accurate --fine_tune_steps 2` fine-tunes from the preset's cut for 2 steps,
+    logs what the preset set (flags named as flags) and records the preset in the metrics."""
+    photos = example_subset(tmp_path / "photos", per_class=8)
+    argv = retrain_args(
+        photos,
+        tmp_path,
+        "--preset=accurate",
+        "--fine_tune_steps=2",
+        "--fine_tune_batch_size=8",
+        "--eval_step_interval=1",
+        "--output_graph=",
+        "--summaries_dir=",
+        steps=20,
+    )
+    assert cli.main(argv) == 0
+    log = capfd.readouterr().err
+    (line,) = [x for x in log.splitlines() if "preset accurate:" in x]
+    assert "--fine_tune_from=block12" in line and "--flip_left_right=True" in line
+    assert line.endswith("(explicitly given, kept: --fine_tune_steps=2)")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["preset"] == "accurate"
+    tuned = metrics["fine_tune"]
+    assert tuned["steps_run"] == 2 and tuned["cut"]["from"] == "block12"
+    assert metrics["distortions"]["copies"] == 1
