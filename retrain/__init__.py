@@ -31,6 +31,7 @@ from retrain.config import (
     OutputsConfig,
     RetrainConfig,
 )
+from retrain.config.presets import PRESETS, Preset
 from retrain.errors import ConfigError, RetrainError, UsageError
 from retrain.results import RunResult, Timings
 
@@ -49,6 +50,8 @@ __all__ = [
     "HeadTrainingConfig",
     "ModuleConfig",
     "OutputsConfig",
+    "PRESETS",
+    "Preset",
     "RetrainConfig",
     "RetrainError",
     "RunResult",

@@ -65,6 +65,7 @@ def test_metrics_json(trained):
     ):
         assert key in metrics
     assert metrics["classes"] == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+    assert metrics["preset"] == "fast"  # the default: retrain.py's settings
     assert metrics["images"]["training"] >= 70
     assert metrics["final_train_accuracy"] >= 0.9
     assert metrics["test_accuracy"] >= 0.6

@@ -12,7 +12,7 @@ from retrain.cli import retrain as cli
 from retrain.config import PRESETS, RetrainConfig, leaf_fields
 from retrain.config.presets import apply_preset, preset_outcome
 from retrain.errors import ConfigError
-from tests.conftest import example_subset, retrain_args
+from tests.conftest import ROOT, example_subset, retrain_args
 
 ACCURATE = PRESETS["accurate"].settings
 
@@ -181,12 +181,37 @@ def test_the_log_says_what_the_preset_set(caplog):
     assert line.endswith("(explicitly given, kept: fine_tuning.steps=9)")
 
 
+def test_the_html_report_shows_the_preset_with_the_settings():
+    from retrain.reporting.html import _what_was_run
+
+    shown = _what_was_run(RetrainConfig.from_preset("accurate", "photos"), None)
+    assert "<td>preset</td><td>&#x27;accurate&#x27;</td>" in shown
+    assert "<td>fine_tuning.from_block</td><td>&#x27;block12&#x27;</td>" in shown
+
+
+def test_the_docs_list_what_accurate_sets():
+    """docs/fine-tuning.md's Presets table is the table of PRESETS: a recipe changed in one
+    place must be changed in the docs too."""
+    from retrain.cli.flags import flag_for_field
+
+    section = (ROOT / "docs" / "fine-tuning.md").read_text().split("## Presets", 1)[1]
+    rows = [line for line in section.split("\n## ")[0].splitlines() if line.startswith("| `")]
+    listed = {}
+    for row in rows:
+        setting, flag, value = (cell.strip().strip("`") for cell in row.strip("|").split("|"))
+        assert flag == flag_for_field(setting)
+        listed[setting] = value
+    assert listed == {k: str(v).lower() for k, v in ACCURATE.items()}
+
+
 # ----------------------------------------------------------------------------- a whole run
 
 
+@pytest.mark.slow  # about 40 s on 2 cores: the cut's network is built and its activations computed
 def test_a_run_with_the_accurate_preset(tmp_path, capfd):
-    """`--preset accurate --fine_tune_steps 2` fine-tunes from the preset's cut for 2 steps,
-    logs what the preset set (flags named as flags) and records the preset in the metrics."""
+    """`--preset accurate --fine_tune_steps 2` fine-tunes from the preset's cut for 2 steps on
+    cached flipped copies, logs what the preset set (flags named as flags) and records the
+    preset in the metrics."""
     photos = example_subset(tmp_path / "photos", per_class=8)
     argv = retrain_args(
         photos,
@@ -208,4 +233,4 @@ def test_a_run_with_the_accurate_preset(tmp_path, capfd):
     assert metrics["preset"] == "accurate"
     tuned = metrics["fine_tune"]
     assert tuned["steps_run"] == 2 and tuned["cut"]["from"] == "block12"
-    assert metrics["distortions"]["copies"] == 1
+    assert metrics["distortions"]["copies_per_image"] == 1
