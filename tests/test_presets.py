@@ -4,13 +4,12 @@ setting given explicitly (a flag, a library override) wins, an unknown name is o
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
 from retrain.cli import retrain as cli
 from retrain.config import PRESETS, RetrainConfig, leaf_fields
-from retrain.config.presets import apply_preset, preset_outcome
+from retrain.config.presets import apply_preset, describe_preset, preset_outcome
 from retrain.errors import ConfigError
 from tests.conftest import ROOT, example_subset, retrain_args
 
@@ -169,16 +168,22 @@ def test_library_from_preset_refuses_what_is_no_setting(overrides, error):
         RetrainConfig.from_preset("best", "photos")
 
 
-def test_the_log_says_what_the_preset_set(caplog):
-    from retrain.reporting.console import log_preset
-
-    with caplog.at_level(logging.INFO, logger="retrain"):
-        log_preset(RetrainConfig.from_preset("accurate", "photos", fine_tuning={"steps": 9}))
-        log_preset(RetrainConfig(image_dir="photos"))
-    (line,) = caplog.messages
+def test_the_log_line_says_what_the_preset_set():
+    config = RetrainConfig.from_preset("accurate", "photos", fine_tuning={"steps": 9})
+    line = describe_preset(config.preset, _settings(config))
     assert line.startswith("preset accurate: module.handle=efficientnet_lite0, ")
     assert "fine_tuning.from_block=block12" in line and "fine_tuning.steps=300" not in line
     assert line.endswith("(explicitly given, kept: fine_tuning.steps=9)")
+    assert describe_preset("fast", _settings(RetrainConfig(image_dir="photos"))) is None
+    # The log itself: the line above, once, and nothing for fast.
+    from retrain.reporting import console
+
+    logged = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(console.log, "info", lambda fmt, *args: logged.append(fmt % args))
+        console.log_preset(config)
+        console.log_preset(RetrainConfig(image_dir="photos"))
+    assert logged == [line]
 
 
 def test_the_html_report_shows_the_preset_with_the_settings():

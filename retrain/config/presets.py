@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from retrain.errors import ConfigError
+from retrain.errors import ConfigError, setting_name
 
 PRESET = "preset"  # the setting that names the preset (RetrainConfig.preset)
 DEFAULT_PRESET = "fast"
@@ -71,6 +71,21 @@ def preset_outcome(name: str, values: Mapping[str, Any]) -> tuple[dict[str, Any]
     kept = {path: values[path] for path, value in settings.items() if values[path] != value}
     applied = {path: value for path, value in settings.items() if path not in kept}
     return applied, kept
+
+
+def describe_preset(name: str, values: Mapping[str, Any]) -> str | None:
+    """The log's line of preset `name` in settings `values`: what it set, and the settings given
+    explicitly instead (which won), each named as this process names settings (its flags on
+    the command line); None for a preset that sets nothing (`fast`)."""
+    applied, kept = preset_outcome(name, values)
+    if not applied and not kept:
+        return None
+    line = f"preset {name}: " + _settings_text(applied)
+    return line + (f" (explicitly given, kept: {_settings_text(kept)})" if kept else "")
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{setting_name(path)}={value}" for path, value in settings.items()) or "none"
 
 
 def blame_preset(err: ConfigError, name: str, values: Mapping[str, Any]) -> ConfigError:

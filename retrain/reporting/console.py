@@ -6,9 +6,8 @@ from __future__ import annotations
 import logging
 
 from retrain.config import RetrainConfig, leaf_fields
-from retrain.config.presets import preset_outcome
+from retrain.config.presets import describe_preset
 from retrain.data import scan
-from retrain.errors import setting_name
 from retrain.reporting.health import Finding
 from retrain.results import RunResult, Timings
 
@@ -18,17 +17,9 @@ log = logging.getLogger("retrain")
 def log_preset(config: RetrainConfig) -> None:
     """One line: the run's preset, the settings it set, and those given explicitly instead
     (which won); nothing for a preset that sets nothing (`fast`)."""
-    applied, kept = preset_outcome(config.preset, dict(leaf_fields(config)))
-    if not applied and not kept:
-        return
-    line = f"preset {config.preset}: " + _settings_text(applied)
-    if kept:
-        line += f" (explicitly given, kept: {_settings_text(kept)})"
-    log.info("%s", line)
-
-
-def _settings_text(settings: dict) -> str:
-    return ", ".join(f"{setting_name(path)}={value}" for path, value in settings.items()) or "none"
+    line = describe_preset(config.preset, dict(leaf_fields(config)))
+    if line is not None:
+        log.info("%s", line)
 
 
 def log_health(findings: list[Finding]) -> None:
