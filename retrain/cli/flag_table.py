@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from retrain.config.presets import PRESETS
+
 
 @dataclasses.dataclass(frozen=True)
 class Flag:
@@ -36,10 +38,10 @@ GROUPS = (
             Flag(
                 "preset",
                 "preset",
-                "A measured set of settings for a goal: fast (retrain.py's defaults: the new "
-                "layer alone) or accurate (fine-tunes the top blocks on the photos and their "
-                "mirror images; several minutes more). Each flag given on the command line "
-                "wins over the preset's value; the log says what the preset set.",
+                "A measured set of settings for a goal: "
+                + ", ".join(f"{name} ({preset.description})" for name, preset in PRESETS.items())
+                + ". Each flag given on the command line wins over the preset's value; the log"
+                " says what the preset set.",
                 common=True,
             ),
         ),

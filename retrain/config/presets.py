@@ -27,11 +27,12 @@ class Preset:
 
 
 PRESETS = {
-    DEFAULT_PRESET: Preset("retrain.py's defaults: the new layer alone on cached vectors", {}),
+    DEFAULT_PRESET: Preset("retrain.py's defaults, the new layer alone on cached vectors", {}),
     # The README's recommended fine-tuning (docs/benchmarks.md#fine-tuning), until issue 33's
     # experiment names a better recipe. No test-time augmentation: exports are the plain network.
     "accurate": Preset(
-        "fine-tunes the top blocks of EfficientNet-Lite0 on the photos and their mirror images",
+        "the new layer, then EfficientNet-Lite0's top four blocks fine-tuned with it on the"
+        " photos and their mirror images; minutes more",
         {
             "module.handle": "efficientnet_lite0",
             "fine_tuning.from_block": "block12",
@@ -68,7 +69,7 @@ def preset_outcome(name: str, values: Mapping[str, Any]) -> tuple[dict[str, Any]
     """What preset `name` left in settings `values` (dotted path -> value): the settings that
     hold its value, and those given another value explicitly (with that value)."""
     settings = preset_named(name).settings
-    kept = {path: values[path] for path, value in settings.items() if values[path] != value}
+    kept = {path: values.get(path) for path, value in settings.items() if values.get(path) != value}
     applied = {path: value for path, value in settings.items() if path not in kept}
     return applied, kept
 
