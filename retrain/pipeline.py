@@ -31,6 +31,7 @@ from retrain.bottlenecks.stage import (
 from retrain.config import AUTO, RetrainConfig
 from retrain.data import scan
 from retrain.data.stage import scan_images
+from retrain.errors import ConfigError
 from retrain.export import check as export_check
 from retrain.export.stage import export_run, intermediate_graph_writer
 from retrain.heads.head import AnyEvaluation, Head, make_head
@@ -97,8 +98,7 @@ def run(config: RetrainConfig, *, startup_seconds: float | None = None) -> RunRe
             *module.input_size,
             module.feature_dim,
         )
-        if config.fine_tuning.from_block:
-            cut.check_cut(module, config.fine_tuning.from_block)
+        _check_cut(config, module)
         module_object = LazyModule(module)
     check_interrupt()
     with bottleneck_folder(config.cache.bottleneck_dir) as folder:
@@ -148,6 +148,16 @@ def run(config: RetrainConfig, *, startup_seconds: float | None = None) -> RunRe
     if cluster is not None:
         distribute.barrier(cluster)  # the others wait for the chief's outputs: all end together
     return result
+
+
+def _check_cut(config: RetrainConfig, module: ImageModule) -> None:
+    """Refuse a cut the module cannot take before any bottleneck is computed; the error says
+    so when the preset set the cut."""
+    if config.fine_tuning.from_block:
+        try:
+            cut.check_cut(module, config.fine_tuning.from_block)
+        except ConfigError as err:
+            raise config.noting_preset(err) from None
 
 
 def _timings(

@@ -131,6 +131,24 @@ def test_an_error_about_a_setting_the_preset_set_says_so(capsys):
     assert "preset" not in str(raised.value)
 
 
+def test_a_module_the_preset_cannot_cut_says_the_preset_chose_the_cut(tmp_path, capsys):
+    """`--preset accurate --tfhub_module FOLDER`: the preset's cut does not fit a module other
+    than the bundled EfficientNet-Lite, and the line says that the preset set it."""
+    from retrain.models.savedmodel import export_image_module
+    from tests.test_finetune import TINY_INPUT, _tiny_network
+
+    export_image_module(_tiny_network(), tmp_path / "module", TINY_INPUT)
+    photos = example_subset(tmp_path / "photos")
+    argv = retrain_args(
+        photos, tmp_path / "out", "--preset=accurate", f"--tfhub_module={tmp_path / 'module'}"
+    )
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("retrain: error: --fine_tune_from needs a bundled EfficientNet-Lite")
+    assert err[-1].endswith("(--fine_tune_from set by --preset accurate)")
+
+
 # ----------------------------------------------------------------------------- the library
 
 

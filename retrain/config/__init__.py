@@ -290,8 +290,13 @@ class RetrainConfig:
         try:
             check_config(self)
         except ConfigError as err:
-            raise blame_preset(err, self.preset, dict(leaf_fields(self))) from None
+            raise self.noting_preset(err) from None
         return self
+
+    def noting_preset(self, err: ConfigError) -> ConfigError:
+        """`err` with a note naming this config's preset when a setting it names holds the
+        preset's value (the user may never have typed it); `err` itself otherwise."""
+        return blame_preset(err, self.preset, dict(leaf_fields(self)))
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
