@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from retrain.bottlenecks import distribute
+from retrain.bottlenecks import auto, distribute
 from retrain.bottlenecks.stage import (
     Bottlenecks,
     CachedRun,
@@ -26,6 +26,7 @@ from retrain.bottlenecks.stage import (
     cluster_metrics,
     compute_bottlenecks,
     distortion_metrics,
+    extraction_metrics,
     load_module,
 )
 from retrain.config import AUTO, RetrainConfig
@@ -103,12 +104,13 @@ def run(config: RetrainConfig, *, startup_seconds: float | None = None) -> RunRe
     check_interrupt()
     with bottleneck_folder(config.cache.bottleneck_dir) as folder:
         with clock.phase("bottlenecks"):
+            settings, choice = auto.extraction_settings(config)
             b = compute_bottlenecks(
                 image_set,
                 module,
                 module_object,
                 folder,
-                config.module,
+                settings,
                 config.data.max_image_pixels,
                 Parallelism(config.distribution.strategy == "mirrored", cluster),
                 distortions=config.distortions,
@@ -136,6 +138,7 @@ def run(config: RetrainConfig, *, startup_seconds: float | None = None) -> RunRe
         fine_tune=tuned,
         cluster=cluster_metrics(b) if cluster is not None else None,
         distortions=distortion_metrics(config, b),
+        extraction=extraction_metrics(config, choice, b),
         unlisted_images=image_set.unlisted,
         split_folders=image_set.split_folders,
         split_note=image_set.split_note,

@@ -76,6 +76,7 @@ class RunResult:
     fine_tune: FineTuneResult | None = None
     cluster: dict[str, Any] | None = None  # a multi-worker run: this worker and the cluster
     distortions: dict[str, Any] | None = None  # how training images were distorted, if at all
+    extraction: dict[str, Any] | None = None  # which backend made the vectors, and why
     # What the figures say: retrain.reporting.health.Finding objects (health reads this module).
     health: list[Any] = field(default_factory=list)
     unlisted_images: int | None = None  # multi-label: image files the labels CSV does not list
@@ -160,6 +161,8 @@ class RunResult:
             metrics["cluster"] = dict(self.cluster)
         if self.distortions is not None:
             metrics["distortions"] = dict(self.distortions)
+        if self.extraction is not None:
+            metrics["extraction"] = dict(self.extraction)
         if self.rate_search is not None:
             metrics["lr_find"] = {"training": self.rate_search.metrics()}
         if self.export_checks:

@@ -195,7 +195,7 @@ def test_auto_picks_tflite_on_cpu(module, module_object, cache_dir, photos, refe
 def test_auto_falls_back_when_features_differ(
     module, module_object, cache_dir, photos, monkeypatch, caplog
 ):
-    monkeypatch.setattr(backends, "_gpu_present", lambda: False)
+    monkeypatch.setattr(backends, "gpu_present", lambda: False)
     real = backends.tflite_backend
 
     def perturbed(*args, **kwargs):
@@ -216,7 +216,7 @@ def test_auto_falls_back_when_features_differ(
 
 
 def test_auto_falls_back_when_conversion_fails(module, module_object, tmp_path, monkeypatch):
-    monkeypatch.setattr(backends, "_gpu_present", lambda: False)
+    monkeypatch.setattr(backends, "gpu_present", lambda: False)
     monkeypatch.setattr(backends, "_convert", _broken_converter)
     _, name, reason = choose_backend(
         "auto", module, module_object, np.zeros((1, 224, 224, 3)), LOG, cache_dir=tmp_path
@@ -230,7 +230,7 @@ def test_auto_falls_back_when_conversion_fails(module, module_object, tmp_path, 
 
 
 def test_auto_needs_sample_images(module, module_object, cache_dir, monkeypatch):
-    monkeypatch.setattr(backends, "_gpu_present", lambda: False)
+    monkeypatch.setattr(backends, "gpu_present", lambda: False)
     _forget_verification(module, cache_dir)
     _, name, reason = choose_backend(
         "auto",
@@ -244,7 +244,7 @@ def test_auto_needs_sample_images(module, module_object, cache_dir, monkeypatch)
 
 
 def test_auto_on_gpu_and_explicit_choices(module, module_object, cache_dir, monkeypatch):
-    monkeypatch.setattr(backends, "_gpu_present", lambda: True)
+    monkeypatch.setattr(backends, "gpu_present", lambda: True)
     assert choose_backend("auto", module, module_object, None, LOG)[1:] == (
         "tensorflow",
         "GPU present",
@@ -324,7 +324,7 @@ def test_int8_features_are_close_to_float(
         cache_dir=cache_dir,
         calibration=int8_calibration,
     )
-    assert (name, reason) == ("tflite_int8", "requested; calibrated on 4 training images")
+    assert (name, reason) == ("tflite_int8", "calibrated on 4 training images")
     features = extractor(photos)
     assert features.shape == reference.shape and features.dtype == np.float32
     cosine = np.sum(features * reference, 1) / (
@@ -344,7 +344,7 @@ def test_int8_needs_calibration_images(module, module_object, tmp_path):
             "tflite_int8", module, module_object, None, LOG, cache_dir=tmp_path, calibration=nothing
         )
     assert "tflite_int8" in backends.ALL_BACKENDS
-    assert "tflite_int8" not in backends.BACKENDS  # never picked by auto, nor offered by Beam
+    assert "tflite_int8" not in backends.BACKENDS  # not offered by Beam
 
 
 def test_int8_vectors_have_a_cache_folder_of_their_own(module, int8_calibration, tmp_path):

@@ -193,7 +193,7 @@ def test_tflite_computes_the_activations_at_the_cut_like_tensorflow(tmp_path, mo
     from retrain.models.loading import resolve_module
     from retrain.training.cut import cut_module
 
-    monkeypatch.setattr(backends, "_gpu_present", lambda: False)
+    monkeypatch.setattr(backends, "gpu_present", lambda: False)
     part = cut_module(resolve_module("efficientnet_lite0"), "12")
     pixels = np.concatenate(
         [_pixels(p, part.input_size) for p in sorted(EXAMPLE_DIR.glob("*/*.jpg"))[:4]]

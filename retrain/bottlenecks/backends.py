@@ -5,7 +5,8 @@ On a CPU the TFLite interpreter (XNNPACK, all cores) runs the bundled EfficientN
 ``auto`` takes TFLite on a CPU only after checking on a few real images that it reproduces
 TensorFlow's features, and says why when it does not.
 
-``tflite_int8`` (opt-in only: ``auto`` never picks it) runs the module quantized to int8
+``tflite_int8`` (asked for by name, or by ``auto`` on a CPU with int8 dot products: see
+``retrain.bottlenecks.auto``) runs the module quantized to int8
 (weights and activations; float32 input and output) with XNNPACK. Its activation ranges are
 calibrated on a ``Calibration``: a seeded pick of the run's own training images, named by a
 hash of their contents, which also names the conversion in the module cache and the vectors'
@@ -57,6 +58,7 @@ __all__ = [
     "convert_to_int8",
     "convert_to_tflite",
     "empty_features",
+    "gpu_present",
     "tensorflow_backend",
     "tflite_backend",
 ]
@@ -124,7 +126,8 @@ def empty_features(features: Any, image_shape: Any) -> np.ndarray:
     return np.zeros((0, int(dim)), np.float32)
 
 
-def _gpu_present() -> bool:
+def gpu_present() -> bool:
+    """Whether TensorFlow sees a GPU (imports TensorFlow)."""
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
@@ -396,7 +399,7 @@ def choose_backend(
         log.info("Extraction backend: tflite (requested)")
         return extractor, "tflite", "requested"
 
-    if _gpu_present():
+    if gpu_present():
         log.info("Extraction backend: tensorflow (GPU present)")
         return tensorflow_backend(module_object), "tensorflow", "GPU present"
     return _auto_on_cpu(module, module_object, sample_images, log, cache_dir, tflite)
@@ -410,7 +413,7 @@ def _int8_backend(
     calibration: Calibration | None,
     tflite: TFLiteOptions,
 ) -> tuple[Extractor, str, str]:
-    """``tflite_int8``, as requested: the int8 conversion calibrated on ``calibration``."""
+    """``tflite_int8``: the int8 conversion calibrated on ``calibration``."""
     if calibration is None:
         raise BackendError(f"{INT8} needs calibration images")
     if not _has_tflite_identifier(_conversion_path(module, cache_dir, calibration)):
@@ -420,7 +423,7 @@ def _int8_backend(
             len(calibration.paths),
         )
     extractor = _load_tflite(module, module_object, cache_dir, tflite, calibration)
-    reason = f"requested; calibrated on {len(calibration.paths)} training images"
+    reason = f"calibrated on {len(calibration.paths)} training images"
     log.info("Extraction backend: %s (%s, %s)", INT8, reason, calibration.identity)
     return extractor, INT8, reason
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrain.bottlenecks import backends, distort, distribute, extract
+from retrain.bottlenecks import auto, backends, distort, distribute, extract
 from retrain.bottlenecks.cache import BottleneckCache, key_array, module_cache_key
 from retrain.bottlenecks.splits import FeatureSplit
 from retrain.config import DistortionConfig, ModuleConfig, RetrainConfig
@@ -77,6 +77,9 @@ class Bottlenecks:
     extraction_seconds: float = 0.0  # of those, decoding, the model and cache writes only
     cluster_computed: int | None = None  # by all the workers of a multi-worker run
     copies: DistortedCopies | None = None  # of the training images, if asked for
+    backend: str | None = None  # what computed the vectors (None: every one was cached)
+    backend_reason: str = ""  # why that backend
+    int8: bool = False  # the vectors are the int8 model's (else the float model's)
 
     def in_split(self, name: str) -> np.ndarray:
         """Mask of the images of one split."""
@@ -259,6 +262,9 @@ def compute_bottlenecks(
         extraction_seconds=extraction.seconds,
         cluster_computed=cluster_computed,
         copies=copies,
+        backend=extractor.name,
+        backend_reason=extractor.reason,
+        int8=calibration is not None,
     )
 
 
@@ -343,6 +349,8 @@ class _Extractors:
     mirrored: bool
     calibration: backends.Calibration | None = None  # of the int8 backend
     _chosen: backends.Extractor | None = None
+    name: str | None = None  # the backend chosen, once chosen
+    reason: str = ""
 
     def backend(self, todo: list[str]) -> backends.Extractor:
         """The extraction backend, chosen on first use and checked on a few of the images
@@ -355,8 +363,9 @@ class _Extractors:
         if self.mirrored:
             strategy = distribute.make_strategy("mirrored", log)
             log.info("Extraction backend: tensorflow, %d replica(s)", strategy.num_replicas_in_sync)
+            self.name, self.reason = "tensorflow", f"{strategy.num_replicas_in_sync} replica(s)"
             return distribute.mirrored_backend(self.module_object.get(), strategy)
-        extractor, _, _ = backends.choose_backend(
+        extractor, self.name, self.reason = backends.choose_backend(
             self.settings.extraction_backend,
             self.module,
             self.module_object,
@@ -499,7 +508,7 @@ def cached_bottlenecks(config: RetrainConfig) -> Iterator[CachedRun]:
             module,
             module_object,
             folder,
-            config.module,
+            auto.extraction_settings(config)[0],  # the vectors a run of `config` reads
             config.data.max_image_pixels,
         )
         yield CachedRun(image_set, module, module_object, b, folder)
@@ -513,6 +522,21 @@ def distortion_metrics(config: RetrainConfig, b: Bottlenecks) -> dict | None:
         return None
     steps, batch = config.training.how_many_training_steps, config.training.train_batch_size
     return {"mode": "on the fly", "vectors": steps * batch, "computed": steps * batch}
+
+
+def extraction_metrics(
+    config: RetrainConfig, choice: auto.AutoChoice | None, b: Bottlenecks
+) -> dict:
+    """How the vectors were made, for --metrics_json: the backend asked for, what `auto` chose
+    on this CPU and why (`choice`: None when a backend was named), the model whose vectors they
+    are ("int8" or "float"), and the backend that computed them and why (None: all cached)."""
+    return {
+        "requested": config.module.extraction_backend,
+        "auto": {"backend": choice.backend, "reason": choice.reason or None} if choice else None,
+        "model": "int8" if b.int8 else "float",
+        "backend": b.backend,
+        "reason": b.backend_reason or None,
+    }
 
 
 def cluster_metrics(b: Bottlenecks) -> dict:

@@ -115,11 +115,13 @@ GROUPS = (
             Flag(
                 "extraction_backend",
                 "module.extraction_backend",
-                "What runs the module to compute bottlenecks: tflite (XNNPACK, fastest on "
-                "CPU), tensorflow, or auto (tflite on CPU if it reproduces TensorFlow's "
-                "features to 1e-4, else tensorflow; tensorflow on GPU). tflite_int8 (never "
-                "chosen by auto) runs the module quantized to int8, calibrated on 300 of the "
-                "training images; its vectors are cached apart from float ones.",
+                "What runs the module to compute bottlenecks: tflite (float, XNNPACK, fastest "
+                "on a CPU without int8 dot products), tensorflow, tflite_int8 (the module "
+                "quantized to int8, calibrated on 300 of the training images; its vectors are "
+                "cached apart from float ones), or auto: tflite_int8 on a CPU with AVX512_VNNI "
+                "or AVX_VNNI (about 2.3x float) unless fine-tuning, distorting afresh or "
+                "mirrored needs float; else tflite if it reproduces TensorFlow's features to "
+                "1e-4, else tensorflow; tensorflow on GPU.",
             ),
             Flag(
                 "extraction_batch_size",

@@ -178,6 +178,32 @@ def _check_distortions(c: RetrainConfig) -> None:
         )
 
 
+def int8_conflict(c: RetrainConfig) -> ConfigError | None:
+    """Why the int8 backend cannot serve `c` (the error its check raises when asked for by
+    name; `auto` then keeps float vectors), or None when it can."""
+    if c.distribution.strategy == "mirrored":
+        return ConfigError(
+            "{0}=" + INT8 + " runs on the CPU; it cannot be combined with {1}=mirrored",
+            "module.extraction_backend",
+            "distribution.strategy",
+        )
+    if c.fine_tuning.steps:
+        return ConfigError(
+            "{0}=" + INT8 + " trains the layer on int8 features, but fine-tuning runs and "
+            "judges the float network: use another backend with {1}",
+            "module.extraction_backend",
+            "fine_tuning.steps",
+        )
+    if c.distortions.active and not c.distortions.copies:
+        return ConfigError(
+            "{0}=" + INT8 + " caches int8 vectors; distort with cached copies ({1}), "
+            "not afresh at every step in float",
+            "module.extraction_backend",
+            "distortions.copies",
+        )
+    return None
+
+
 def _check_choices(c: RetrainConfig) -> None:
     values = dict(leaf_fields(c))
     for name, choices in CHOICES.items():
@@ -190,26 +216,15 @@ def _check_choices(c: RetrainConfig) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", name):
         raise ConfigError("{0} is not a valid node name: " + repr(name), "export.final_tensor_name")
     backend = c.module.extraction_backend
-    if c.distribution.strategy == "mirrored" and backend in ("tflite", INT8):
+    if c.distribution.strategy == "mirrored" and backend == "tflite":
         raise ConfigError(
-            "{0}=" + backend + " runs on the CPU; it cannot be combined with {1}=mirrored",
+            "{0}=tflite runs on the CPU; it cannot be combined with {1}=mirrored",
             "module.extraction_backend",
             "distribution.strategy",
         )
-    if backend == INT8 and c.fine_tuning.steps:
-        raise ConfigError(
-            "{0}=" + INT8 + " trains the layer on int8 features, but fine-tuning runs and "
-            "judges the float network: use another backend with {1}",
-            "module.extraction_backend",
-            "fine_tuning.steps",
-        )
-    if backend == INT8 and c.distortions.active and not c.distortions.copies:
-        raise ConfigError(
-            "{0}=" + INT8 + " caches int8 vectors; distort with cached copies ({1}), "
-            "not afresh at every step in float",
-            "module.extraction_backend",
-            "distortions.copies",
-        )
+    conflict = int8_conflict(c) if backend == INT8 else None
+    if conflict is not None:
+        raise conflict
     if c.distribution.strategy == "multi_worker_mirrored":
         read_tf_config()  # a missing or invalid TF_CONFIG is an error naming the strategy
     if c.training.resume and not c.training.checkpoint_path:
