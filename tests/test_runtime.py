@@ -109,3 +109,23 @@ def test_tensorflow_imports_without_scikit_learn_which_still_imports_after():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "BaseEstimator"]
+
+
+def test_a_run_imports_neither_keras_3_nor_pandas_which_still_import_after():
+    code = textwrap.dedent(
+        """
+        import sys
+        from retrain.utils.runtime import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
+        from retrain.training.optim import make_optimizer
+
+        make_optimizer("adam", 0.01)
+        print("keras" in sys.modules, "pandas" in sys.modules)
+        import keras.src.optimizers
+        print(keras.src.optimizers.Adam.__name__)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "Adam"]

@@ -11,6 +11,14 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+# What `import tensorflow` imports and no run uses, hidden during the import: Keras 3's
+# optimizers (TensorFlow imports them eagerly for its SavedModel registry; retrain's optimizers
+# are tf_keras', Keras 2), about 1.2 s of CPU and 70 MB; scikit-learn, which Keras' wrappers
+# import when installed (the audit extra), about 1 s.
+UNUSED_BY_TENSORFLOW = ("keras.src.optimizers", "sklearn")
+# What tf_keras imports and its optimizers do not use: pandas, 0.4 s of CPU and 60 MB.
+UNUSED_BY_TF_KERAS = ("pandas",)
+
 
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow without its start-up chatter (CUDA probing, absl init notices).
@@ -21,13 +29,13 @@ def import_tensorflow_quietly() -> None:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] != "3":
-        with _without_sklearn():
+        with hidden_modules(*UNUSED_BY_TENSORFLOW):
             import tensorflow  # noqa: F401
 
         return
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture, _without_sklearn():
+    with tempfile.TemporaryFile() as capture, hidden_modules(*UNUSED_BY_TENSORFLOW):
         os.dup2(capture.fileno(), 2)
         try:
             import tensorflow  # noqa: F401
@@ -42,19 +50,21 @@ def import_tensorflow_quietly() -> None:
 
 
 @contextlib.contextmanager
-def _without_sklearn() -> Iterator[None]:
-    """Hide scikit-learn while TensorFlow imports: TensorFlow imports Keras, whose scikit-learn
-    wrappers (which retrain never uses) import scikit-learn when it is installed (the audit
-    extra brings it), about a second of every start-up. Afterwards it imports as usual."""
-    if "sklearn" in sys.modules:
-        yield
-        return
-    sys.modules["sklearn"] = None  # type: ignore[assignment]  # makes `import sklearn` fail
+def hidden_modules(*names: str) -> Iterator[None]:
+    """Make `import name` fail (ImportError) for each of `names` not yet imported, for the
+    duration of the block; afterwards they import as usual.
+
+    For optional imports of libraries retrain never uses through them: the library that
+    tries them goes on without (see UNUSED_BY_TENSORFLOW)."""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` fail
     try:
         yield
     finally:
-        if sys.modules.get("sklearn", 0) is None:
-            del sys.modules["sklearn"]
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
 
 @contextlib.contextmanager
