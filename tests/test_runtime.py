@@ -129,3 +129,26 @@ def test_a_run_imports_neither_keras_3_nor_pandas_which_still_import_after():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "Adam"]
+
+
+def test_limiting_the_c_heaps_arenas_works_on_glibc_and_threads_still_allocate():
+    code = textwrap.dedent(
+        """
+        import platform, threading
+        from retrain.utils.runtime import limit_malloc_arenas
+
+        print(limit_malloc_arenas() or platform.libc_ver()[0] != "glibc")
+        blocks = []
+        workers = [
+            threading.Thread(target=lambda: blocks.append(bytearray(8 << 20))) for _ in range(8)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        print(len(blocks))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "8"]
