@@ -11,6 +11,7 @@ decides which process of a cluster writes (the chief), and checks for Ctrl-C bet
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -233,6 +234,8 @@ def _export(
                 tuned,
                 cached.bottlenecks.paths_of("training"),
             )
+    cached.module_object.release()  # export was its last user
+    gc.collect()  # the loaded module's objects hold cycles
     return_free_memory()  # what freezing the graph freed, before the check's own peak
     with clock.phase("export_check"):
         checks = export_check.check_exports(

@@ -109,3 +109,46 @@ def test_tensorflow_imports_without_scikit_learn_which_still_imports_after():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "BaseEstimator"]
+
+
+def test_a_run_imports_neither_keras_3_nor_pandas_which_still_import_after():
+    code = textwrap.dedent(
+        """
+        import sys
+        from retrain.utils.runtime import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
+        from retrain.training.optim import make_optimizer
+
+        make_optimizer("adam", 0.01)
+        print("keras" in sys.modules, "pandas" in sys.modules)
+        import keras.src.optimizers
+        print(keras.src.optimizers.Adam.__name__)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "Adam"]
+
+
+def test_limiting_the_c_heaps_arenas_works_on_glibc_and_threads_still_allocate():
+    code = textwrap.dedent(
+        """
+        import platform, threading
+        from retrain.utils.runtime import limit_malloc_arenas
+
+        print(limit_malloc_arenas() or platform.libc_ver()[0] != "glibc")
+        blocks = []
+        workers = [
+            threading.Thread(target=lambda: blocks.append(bytearray(8 << 20))) for _ in range(8)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        print(len(blocks))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "8"]

@@ -147,6 +147,10 @@ class LazyModule:
         """Features of `images`, like the loaded module."""
         return self.get()(images)
 
+    def release(self) -> None:
+        """Drop the loaded module (its weights and graphs): `get` loads it again if needed."""
+        self._loaded = None
+
 
 def open_cache(
     bottleneck_dir: str | Path,

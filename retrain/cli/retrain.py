@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         from absl import flags
 
         from retrain.cli.flags import config_from_flags, define_flags, flag_for_field, render_help
-        from retrain.utils.runtime import import_tensorflow_quietly
+        from retrain.utils.runtime import import_tensorflow_quietly, limit_malloc_arenas
 
         flag_values = flags.FlagValues()
         define_flags(flag_values)
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         from retrain.utils import interrupt
 
         with interrupt.stop_at_safe_points():  # from here, Ctrl-C never lands inside TensorFlow
+            limit_malloc_arenas()  # before TensorFlow starts its threads
             import_tensorflow_quietly()
             interrupt.check()
             from retrain import pipeline  # heavy: imports TensorFlow

@@ -12,6 +12,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from retrain.utils.runtime import UNUSED_BY_TF_KERAS, hidden_modules
+
 MOMENTUM = 0.9
 
 
@@ -26,7 +28,8 @@ def make_optimizer(
     cosine over `total_steps` if `schedule` is "cosine" ("constant" and "plateau" start
     constant). `weight_decay` is Keras' decoupled decay (each step, w -= rate * decay * w);
     call `exclude_from_weight_decay` for the variables it must spare."""
-    import tf_keras  # Keras 2's optimizers take plain and distributed tf.Variables
+    with hidden_modules(*UNUSED_BY_TF_KERAS):
+        import tf_keras  # Keras 2's optimizers take plain and distributed tf.Variables
 
     rate: Any = learning_rate
     if schedule == "cosine":

@@ -11,6 +11,20 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+# What `import tensorflow` imports and no run uses, hidden during the import: Keras 3's
+# optimizers (TensorFlow imports them eagerly for its SavedModel registry; retrain's optimizers
+# are tf_keras', Keras 2), about 1.2 s of CPU and 70 MB; scikit-learn, which Keras' wrappers
+# import when installed (the audit extra), about 1 s.
+UNUSED_BY_TENSORFLOW = ("keras.src.optimizers", "sklearn")
+# What tf_keras imports and its optimizers do not use: pandas, 0.4 s of CPU and 60 MB.
+UNUSED_BY_TF_KERAS = ("pandas",)
+
+
+# glibc's mallopt parameter, and the arenas a run keeps (see limit_malloc_arenas): with 2,
+# the export check's peak was 50-60 MB lower (256 clothing photos, batches of 8).
+M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
 
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow without its start-up chatter (CUDA probing, absl init notices).
@@ -21,13 +35,13 @@ def import_tensorflow_quietly() -> None:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] != "3":
-        with _without_sklearn():
+        with hidden_modules(*UNUSED_BY_TENSORFLOW):
             import tensorflow  # noqa: F401
 
         return
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture, _without_sklearn():
+    with tempfile.TemporaryFile() as capture, hidden_modules(*UNUSED_BY_TENSORFLOW):
         os.dup2(capture.fileno(), 2)
         try:
             import tensorflow  # noqa: F401
@@ -42,19 +56,21 @@ def import_tensorflow_quietly() -> None:
 
 
 @contextlib.contextmanager
-def _without_sklearn() -> Iterator[None]:
-    """Hide scikit-learn while TensorFlow imports: TensorFlow imports Keras, whose scikit-learn
-    wrappers (which retrain never uses) import scikit-learn when it is installed (the audit
-    extra brings it), about a second of every start-up. Afterwards it imports as usual."""
-    if "sklearn" in sys.modules:
-        yield
-        return
-    sys.modules["sklearn"] = None  # type: ignore[assignment]  # makes `import sklearn` fail
+def hidden_modules(*names: str) -> Iterator[None]:
+    """Make `import name` fail (ImportError) for each of `names` not yet imported, for the
+    duration of the block; afterwards they import as usual.
+
+    For optional imports of libraries retrain never uses through them: the library that
+    tries them goes on without (see UNUSED_BY_TENSORFLOW)."""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` fail
     try:
         yield
     finally:
-        if sys.modules.get("sklearn", 0) is None:
-            del sys.modules["sklearn"]
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
 
 @contextlib.contextmanager
@@ -100,9 +116,26 @@ def return_free_memory() -> None:
         trim(0)
 
 
-@functools.cache
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Let the C heap keep at most `arenas` arenas (glibc's ``mallopt(M_ARENA_MAX)``, as
+    MALLOC_ARENA_MAX would) for the threads started from now on; True if it could.
+
+    glibc gives each new thread its own arena, up to 8 per CPU, and memory freed in one arena
+    serves no other: TensorFlow's, tf.data's and LiteRT's threads each pile up their own free
+    pages, which shows as a run's peak. A call at the start of a process, before the threads.
+    """
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and mallopt(M_ARENA_MAX, arenas) == 1
+
+
 def _malloc_trim() -> Any:
+    return _libc_function("malloc_trim")
+
+
+@functools.cache
+def _libc_function(name: str) -> Any:
+    """The C library's function `name`, or None where it has none (not glibc, Windows)."""
     try:
-        return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError, TypeError):  # not glibc; Windows has no CDLL(None)
+        return getattr(ctypes.CDLL(None), name)
+    except (AttributeError, OSError, TypeError):  # Windows has no CDLL(None)
         return None
