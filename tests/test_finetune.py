@@ -460,7 +460,10 @@ def test_mirrored_matches_none(tmp_path, prelude):
     assert "at least the number of replicas (2)" in result["small_batch"]
 
 
-def test_two_local_workers_fine_tune_alike(tmp_path, prelude):
+def test_two_local_workers_fine_tune_alike(tmp_path, tiny_module):
+    # The tiny module only: the workers' path is the same for any module, and two workers
+    # fine-tuning the real one take two minutes (mirrored_matches_none covers it on one machine).
+    prelude = f"MODULE = {str(tiny_module)!r}\n{PRELUDE}"
     results = run_local_workers(WORKER_SCRIPT.format(prelude=prelude), tmp_path, timeout=300)
     assert [r["task"] for r in results] == [0, 1]
     assert [r["replicas"] for r in results] == [2, 2]

@@ -115,20 +115,20 @@ def _cache_holds_every_conversion(cache: Path) -> None:
 
 @pytest.mark.slow
 def test_runs_started_at_once_on_an_empty_module_cache_all_succeed(tmp_path):
-    """Three runs at once, each converting the bundled module, its TFLite form and its frozen
+    """Two runs at once, each converting the bundled module, its TFLite form and its frozen
     graph if it gets there first: all succeed alike, and the cache holds one of each."""
     photos = example_subset(tmp_path / "photos")
     env = {"RETRAIN_CACHE_DIR": str(tmp_path / "cache")}
     starts = [
         start_retrain(retrain_args(photos, tmp_path / f"run{i}", steps=20)[1:], env=env)
-        for i in range(3)
+        for i in range(2)
     ]
     with ThreadPoolExecutor(len(starts)) as pool:
         runs = list(pool.map(lambda started: watch(started, timeout=900), starts))
     for run in runs:
         assert run.returncode == 0, run.summary()
         assert "Extraction backend: tflite" in run.stderr, run.summary()
-    metrics = [read_metrics(tmp_path / f"run{i}" / "metrics.json") for i in range(3)]
+    metrics = [read_metrics(tmp_path / f"run{i}" / "metrics.json") for i in range(2)]
     assert len({m["test_accuracy"] for m in metrics}) == 1
     _cache_holds_every_conversion(tmp_path / "cache")
     waited = sum("Waiting for another process making" in run.stderr for run in runs)
@@ -143,21 +143,21 @@ def test_a_conversion_killed_midway_is_redone_by_the_next_run(tmp_path):
     rng = random.Random(SEED)
     print(f"seed {SEED}")
     photos = example_subset(tmp_path / "photos")
-    for attempt in range(2):
-        args = retrain_args(photos, tmp_path / f"out{attempt}", steps=20)[1:]  # cache empty too
-        env = {"RETRAIN_CACHE_DIR": str(tmp_path / f"cache{attempt}")}
-        delay = rng.uniform(4.0, 12.0) if attempt == 0 else rng.uniform(12.0, 30.0)
-        killed = run_retrain(args, Fault(None, signal.SIGKILL, delay), timeout=900, env=env)
-        left = _leftovers(tmp_path / f"cache{attempt}")
-        print(f"killed after {delay:.1f} s: exit {killed.returncode}, leftovers {left}")
-        run = run_retrain(args, timeout=900, env=env)
-        assert run.returncode == 0, run.summary()
-        _cache_holds_every_conversion(tmp_path / f"cache{attempt}")
+    args = retrain_args(photos, tmp_path / "out", steps=20)[1:]  # cache empty too
+    env = {"RETRAIN_CACHE_DIR": str(tmp_path / "cache")}
+    # Early: while the module converts; late: while its TFLite form does (a seed picks one).
+    delay = rng.choice([rng.uniform(4.0, 12.0), rng.uniform(12.0, 30.0)])
+    killed = run_retrain(args, Fault(None, signal.SIGKILL, delay), timeout=900, env=env)
+    left = _leftovers(tmp_path / "cache")
+    print(f"killed after {delay:.1f} s: exit {killed.returncode}, leftovers {left}")
+    run = run_retrain(args, timeout=900, env=env)
+    assert run.returncode == 0, run.summary()
+    _cache_holds_every_conversion(tmp_path / "cache")
 
 
 # ------------------------------------------------------------------- one cache, many writers
 
-WRITERS = 8
+WRITERS = 4
 
 
 def _beam_args(photos: Path, bottlenecks: Path) -> list[str]:
@@ -198,10 +198,10 @@ def _tflite_run_args(photos: Path, out: Path, bottlenecks: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_eight_runs_and_a_beam_extraction_killed_at_random_leave_a_cache_that_is_completed_exactly(
+def test_four_runs_and_a_beam_extraction_killed_at_random_leave_a_cache_that_is_completed_exactly(
     tmp_path,
 ):
-    """Eight `retrain` runs and one Beam extraction share one --bottleneck_dir; each is
+    """Four `retrain` runs and one Beam extraction share one --bottleneck_dir; each is
     SIGKILLed or interrupted (SIGINT) at a random moment, or left to finish. A final run then
     computes exactly the images no shard holds, and every vector in the cache, whoever wrote
     it, equals an uninterrupted run's bit for bit (all on the TFLite backend)."""
@@ -230,7 +230,7 @@ def test_eight_runs_and_a_beam_extraction_killed_at_random_leave_a_cache_that_is
     for _ in range(WRITERS + 1):
         roll = rng.random()
         sig = signal.SIGKILL if roll < 0.5 else signal.SIGINT if roll < 0.8 else None
-        faults.append(None if sig is None else Fault(None, sig, rng.uniform(5.0, 120.0)))
+        faults.append(None if sig is None else Fault(None, sig, rng.uniform(5.0, 60.0)))
     print("faults:", [f.describe() if f else "none" for f in faults])
     timer = None
     if faults[-1] is not None:
