@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 FLIP = ["--flip_left_right", "--distorted_copies", "1"]
-PARTIAL = ["--fine_tune_from", "block12", "--fine_tune_steps", "300", *FLIP]
+TUNE = ["--fine_tune_steps", "300", *FLIP]
+PARTIAL = ["--fine_tune_from", "block12", *TUNE]  # Lite0's last four blocks
 LITE1 = ["--tfhub_module", "efficientnet_lite1"]
 
 ARMS: dict[str, list[str]] = {
@@ -33,7 +34,8 @@ ARMS: dict[str, list[str]] = {
     "D": [*FLIP, "--label_smoothing", "0.1"],
     "E": [*PARTIAL, "--fine_tune_learning_rate", "0.003"],
     "F": [*PARTIAL, "--fine_tune_learning_rate", "auto"],
-    "G": [*LITE1, *PARTIAL, "--fine_tune_learning_rate", "0.003"],
+    # Lite1 has 21 blocks: block17 is its last four, like Lite0's block12
+    "G": [*LITE1, "--fine_tune_from", "block17", *TUNE, "--fine_tune_learning_rate", "0.003"],
     "H": [*PARTIAL, "--fine_tune_learning_rate", "0.003", "--fine_tune_lr_schedule", "cosine"],
 }
 
@@ -113,6 +115,27 @@ def summarize_arm(rows: list[dict]) -> dict:
     }
 
 
+def markdown_row(summary: dict, rows: list[dict]) -> str:
+    """One line of the table in docs/benchmarks.md: per-split accuracy (N, Wilson 95%), mean,
+    min-max, the largest wall s and peak RSS."""
+    per_split = [
+        f"{r['test_accuracy']:.1%} (N={r['test_n']}, {low:.1%}-{high:.1%})"
+        for r in rows
+        for low, high in [r["wilson_95"]]
+    ]
+    return " | ".join(
+        [
+            f"| {summary['arm']}",
+            f"`{summary['settings']}`",
+            *per_split,
+            f"**{summary['mean']:.1%}**",
+            f"{summary['min']:.1%}-{summary['max']:.1%}",
+            f"{summary['max_wall_s']:.0f}",
+            f"{summary['max_peak_rss_gb']:.2f} |",
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image_dir", required=True)
@@ -121,7 +144,9 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/recipes", help="outputs, logs and metrics")
     parser.add_argument("--bottleneck_dir", default="", help="default: WORK/bn")
     parser.add_argument("--rerun", action="store_true", help="rerun runs that have metrics")
+    parser.add_argument("--markdown", action="store_true", help="then print a table per arm")
     args = parser.parse_args()
+    table = []
     for arm in args.arms.split(","):
         rows = []
         for split in args.splits.split(","):
@@ -130,6 +155,9 @@ def main() -> None:
         good = [r for r in rows if "error" not in r]
         if good:
             print(json.dumps({"summary": summarize_arm(good)}), flush=True)
+            table.append(markdown_row(summarize_arm(good), good))
+    if args.markdown:
+        print("\n".join(table))
 
 
 if __name__ == "__main__":
