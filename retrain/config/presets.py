@@ -28,8 +28,8 @@ class Preset:
 
 PRESETS = {
     DEFAULT_PRESET: Preset("retrain.py's defaults, the new layer alone on cached vectors", {}),
-    # The README's recommended fine-tuning (docs/benchmarks.md#fine-tuning), until issue 33's
-    # experiment names a better recipe. No test-time augmentation: exports are the plain network.
+    # The best of the measured recipes (docs/benchmarks.md#accuracy-recipes); the finder's rate
+    # (`auto`) did not beat 0.003 there. No test-time augmentation: exports are the plain network.
     "accurate": Preset(
         "the new layer, then EfficientNet-Lite0's top four blocks fine-tuned with it on the"
         " photos and their mirror images; minutes more",
