@@ -147,3 +147,15 @@ def test_nothing_to_check_and_a_broken_export(models, tmp_path, caplog):
         export_check.check_exports(
             {"output_tflite": str(broken)}, paths, evaluation, HEAD, (12, 10), 1
         )
+
+
+def test_only_an_export_that_does_not_reproduce_the_float_model_is_judged_on_its_subset():
+    """--assert_accuracy_at_least judges a float export by the run's accuracy on the whole split
+    (its scores matched the float model's on every image checked), a quantized one by its own."""
+
+    def check(difference: float) -> export_check.ExportCheck:
+        return export_check.ExportCheck("frozen_graph", "g.pb", "none", 64, 0.5, 1.0, difference, 1)
+
+    assert check(5e-7).reproduces_float_model
+    assert check(export_check.SCORE_TOLERANCE).reproduces_float_model
+    assert not check(0.02).reproduces_float_model  # e.g. an int8 .tflite's scores

@@ -355,7 +355,9 @@ GROUPS = (
             Flag(
                 "assert_accuracy_at_least",
                 "command.assert_accuracy_at_least",
-                "Exit with status 3 if the final test accuracy (0..1) is below this.",
+                "Exit with status 3 if the final test accuracy (0..1) is below this, or the "
+                "accuracy of an exported model that does not reproduce the trained one's "
+                "scores (a quantized .tflite) on the images the export check ran.",
             ),
             Flag(
                 "report_html",
