@@ -41,6 +41,16 @@ def _test_photos() -> Path:
 EXAMPLE_DIR = _test_photos()
 
 
+# Test workers (pytest-xdist's `-n auto`, set in pyproject.toml): many tests wait on a child
+# `retrain` process or on TensorFlow's single-threaded import, so two share two cores well
+# (CI on 2 cores: 1,054 -> 677 s); more than four would hold several GB each for little gain.
+MAX_TEST_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    return max(2, min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS))
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
 
