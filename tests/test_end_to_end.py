@@ -132,11 +132,15 @@ def test_tensorboard_logs_hold_scalars_and_histograms(trained):
     import tensorflow as tf
 
     out, _, _ = trained
-    tags = set()
+    steps = {}
     for event_file in (out / "logs" / "train").glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(event_file)):
-            tags.update(v.tag for v in event.summary.value)
-    assert {"accuracy", "cross_entropy", "final_weights", "final_biases"} <= tags
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    assert {"accuracy", "cross_entropy", "final_weights", "final_biases"} <= set(steps)
+    # Scalars at every evaluation (10 steps), the layer's histograms every 100 of the 300.
+    assert sorted(steps["accuracy"]) == list(range(10, 301, 10))
+    assert sorted(steps["final_weights"]) == [100, 200, 300]
 
 
 def test_frozen_graph_loads_in_a_tf1_client(trained):

@@ -27,7 +27,11 @@ def make_optimizer(
     """A tf_keras optimizer `name` (config.OPTIMIZERS) at `learning_rate`, decayed along a
     cosine over `total_steps` if `schedule` is "cosine" ("constant" and "plateau" start
     constant). `weight_decay` is Keras' decoupled decay (each step, w -= rate * decay * w);
-    call `exclude_from_weight_decay` for the variables it must spare."""
+    call `exclude_from_weight_decay` for the variables it must spare. Plain "sgd" at a
+    constant or plateau rate without decay (the default) is `GradientDescent`, which makes the
+    same steps without importing tf_keras."""
+    if name == "sgd" and schedule != "cosine" and not weight_decay:
+        return GradientDescent(learning_rate)
     with hidden_modules(*UNUSED_BY_TF_KERAS):
         import tf_keras  # Keras 2's optimizers take plain and distributed tf.Variables
 
@@ -44,6 +48,44 @@ def make_optimizer(
     if name == "rmsprop":
         return tf_keras.optimizers.RMSprop(rate, **options)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+class GradientDescent(tf.Module):
+    """w -= rate * gradient, by TensorFlow's own kernel (ResourceApplyGradientDescent), the
+    same steps as tf_keras' SGD without its import (0.4 s of a default run's 11 s, 2 cores).
+    Its variables carry tf_keras' checkpoint names, so a checkpoint of either resumes in the
+    other. Takes plain variables only (head training), not distributed ones."""
+
+    def __init__(self, learning_rate: float):
+        super().__init__(name="SGD")
+        self._learning_rate = tf.Variable(
+            learning_rate, dtype=tf.float32, trainable=False, name="learning_rate"
+        )
+        self._iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iteration")
+
+    @property
+    def learning_rate(self) -> tf.Variable:
+        return self._learning_rate
+
+    @property
+    def iterations(self) -> tf.Variable:
+        return self._iterations
+
+    def build(self, var_list: list) -> None:
+        """Nothing to build: plain gradient descent keeps no slots (tf_keras' interface)."""
+
+    def exclude_from_weight_decay(self, var_list: list | None = None) -> None:
+        """Nothing to exclude: no weight decay (tf_keras' interface)."""
+
+    def apply_gradients(self, grads_and_vars) -> None:
+        """One step for each (gradient, variable) pair."""
+        for gradient, variable in grads_and_vars:
+            tf.raw_ops.ResourceApplyGradientDescent(
+                var=variable.handle,
+                alpha=tf.cast(self._learning_rate, variable.dtype),
+                delta=gradient,
+            )
+        self._iterations.assign_add(1)
 
 
 def current_learning_rate(optimizer: Any) -> tf.Tensor:
