@@ -193,6 +193,11 @@ def test_the_log_line_says_what_the_preset_set():
     assert "fine_tuning.from_block=block12" in line and "fine_tuning.steps=300" not in line
     assert line.endswith("(explicitly given, kept: fine_tuning.steps=9)")
     assert describe_preset("fast", _settings(RetrainConfig(image_dir="photos"))) is None
+    # No cut given explicitly (--fine_tune_from ""): shown as typed, not as Python's None.
+    whole = RetrainConfig.from_preset("accurate", "photos", fine_tuning={"from_block": None})
+    assert describe_preset(whole.preset, _settings(whole)).endswith(
+        '(explicitly given, kept: fine_tuning.from_block="")'
+    )
     # The log itself: the line above, once, and nothing for fast.
     from retrain.reporting import console
 

@@ -86,7 +86,8 @@ def describe_preset(name: str, values: Mapping[str, Any]) -> str | None:
 
 
 def _settings_text(settings: Mapping[str, Any]) -> str:
-    return ", ".join(f"{setting_name(path)}={value}" for path, value in settings.items()) or "none"
+    shown = {path: '""' if value is None else value for path, value in settings.items()}
+    return ", ".join(f"{setting_name(path)}={value}" for path, value in shown.items()) or "none"
 
 
 def blame_preset(err: ConfigError, name: str, values: Mapping[str, Any]) -> ConfigError:
