@@ -193,23 +193,11 @@ class HeadTrainer(tf.Module):
         if self.plateau is not None:
             self.plateau.update(val_entropy if val_x is not None else train_entropy)
         if summaries is not None:
-            # "/" restarts the name scope, so tags read `accuracy`, not `while/accuracy`.
-            with summaries.train.as_default(step=self.step), tf.name_scope("/"):
-                tf.summary.scalar("accuracy", train_accuracy)
-                tf.summary.scalar("cross_entropy", train_entropy)
-                tf.summary.scalar("learning_rate", current_learning_rate(self.optimizer))
-                tf.summary.scalar("update_to_weight_ratio/weights", update_ratio)
-                tf.summary.scalar(
-                    "update_to_weight_ratio/biases",
-                    _update_ratio(biases_before, self.head.biases, steps),
-                )
-                with tf.summary.record_if(_crossed(self.step, steps, HISTOGRAM_EVERY)):
-                    tf.summary.histogram("final_weights", self.head.weights)
-                    tf.summary.histogram("final_biases", self.head.biases)
-            if val_x is not None:
-                with summaries.validation.as_default(step=self.step), tf.name_scope("/"):
-                    tf.summary.scalar("accuracy", val_accuracy)
-                    tf.summary.scalar("cross_entropy", val_entropy)
+            ratios = (update_ratio, _update_ratio(biases_before, self.head.biases, steps))
+            validation = (val_accuracy, val_entropy) if val_x is not None else None
+            self._write_summaries(
+                summaries, steps, (train_accuracy, train_entropy), validation, ratios
+            )
         return tf.stack(
             [
                 train_accuracy,
@@ -220,6 +208,25 @@ class HeadTrainer(tf.Module):
                 current_learning_rate(self.optimizer),
             ]
         )
+
+    def _write_summaries(self, summaries, steps, train, validation, ratios) -> None:
+        """One evaluation's scalars: `train` and `validation` (None: no validation split) as
+        (accuracy, cross-entropy), `ratios` as the weights' and biases' update ratios; and the
+        layer's histograms when the interval of `steps` reached a multiple of HISTOGRAM_EVERY."""
+        # "/" restarts the name scope, so tags read `accuracy`, not `while/accuracy`.
+        with summaries.train.as_default(step=self.step), tf.name_scope("/"):
+            tf.summary.scalar("accuracy", train[0])
+            tf.summary.scalar("cross_entropy", train[1])
+            tf.summary.scalar("learning_rate", current_learning_rate(self.optimizer))
+            tf.summary.scalar("update_to_weight_ratio/weights", ratios[0])
+            tf.summary.scalar("update_to_weight_ratio/biases", ratios[1])
+            with tf.summary.record_if(_crossed(self.step, steps, HISTOGRAM_EVERY)):
+                tf.summary.histogram("final_weights", self.head.weights)
+                tf.summary.histogram("final_biases", self.head.biases)
+        if validation is not None:
+            with summaries.validation.as_default(step=self.step), tf.name_scope("/"):
+                tf.summary.scalar("accuracy", validation[0])
+                tf.summary.scalar("cross_entropy", validation[1])
 
     def evaluate_sample(self, x: tf.Tensor, y: tf.Tensor, size: tf.Tensor):
         """Accuracy and cross-entropy on `size` random rows of (x, y), or all rows if size < 0."""
