@@ -105,7 +105,7 @@ def run(config: RetrainConfig, *, startup_seconds: float | None = None) -> RunRe
     check_interrupt()
     with bottleneck_folder(config.cache.bottleneck_dir) as folder:
         with clock.phase("bottlenecks"):
-            settings, choice = auto.extraction_settings(config)
+            settings, choice = auto.extraction_settings(config, len(image_set))
             b = compute_bottlenecks(
                 image_set,
                 module,

@@ -64,8 +64,19 @@ def test_auto_takes_int8_only_on_a_vnni_cpu_without_gpu_or_conflict():
     assert held.backend == "auto" and held.reason.endswith("but fine_tuning.steps needs floats")
 
 
-def settings_for(config, text, gpu=False):
-    settings, choice = auto.extraction_settings(config, cpuinfo=text, gpu=gpu)
+def test_auto_keeps_float_vectors_where_the_conversion_would_not_pay():
+    small = auto.auto_choice("AVX512_VNNI", gpu=False, conflict=None, images=3_670)
+    assert small == auto.AutoChoice(
+        "auto",
+        "this CPU has AVX512_VNNI, but converting to int8 pays back from about 10,000 images, "
+        "and there are 3,670",
+    )
+    large = auto.auto_choice("AVX512_VNNI", gpu=False, conflict=None, images=10_000)
+    assert large.backend == "tflite_int8"
+
+
+def settings_for(config, text, gpu=False, images=auto.INT8_PAYS_FROM_IMAGES):
+    settings, choice = auto.extraction_settings(config, images, cpuinfo=text, gpu=gpu)
     return settings.extraction_backend, choice
 
 
@@ -78,6 +89,12 @@ def test_the_config_resolves_auto_and_says_why(caplog):
         "cosine 0.99 of float, accuracy within noise: docs/benchmarks.md); "
         "module.extraction_backend=tflite forces float" in caplog.text
     )
+    caplog.clear()
+    assert settings_for(config, VNNI_CPU, images=200)[0] == "auto"
+    assert caplog.messages == [
+        "Extraction: float, not tflite_int8: this CPU has AVX512_VNNI, but converting to int8 "
+        "pays back from about 10,000 images, and there are 200"
+    ]
     caplog.clear()
     assert settings_for(config, AVX2_CPU) == ("auto", auto.AutoChoice("auto"))
     assert settings_for(config, VNNI_CPU, gpu=True)[0] == "auto"
@@ -141,6 +158,7 @@ def test_a_folder_used_on_cpus_with_and_without_vnni_never_mixes_vectors(
         training=retrain.HeadTrainingConfig(how_many_training_steps=20),
     )
     monkeypatch.setattr(backends, "gpu_present", lambda: False)
+    monkeypatch.setattr(auto, "INT8_PAYS_FROM_IMAGES", 16)  # as if 16 photos were many
     caplog.set_level(logging.INFO, logger="retrain")
 
     def run_on(text: str) -> dict:  # the audit's start: the vectors a run reads, no training

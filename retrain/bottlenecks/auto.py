@@ -7,6 +7,11 @@ layer trained on them as accurate within noise (docs/benchmarks.md, "int8 extrac
 serve the config (`config.checks.int8_conflict`), `auto` keeps float vectors and chooses
 between TFLite and TensorFlow as before (`backends.choose_backend`).
 
+The int8 model is calibrated on the photo set's own training images, so each set pays one
+conversion (about 6 s plus 0.08 s a calibration image on 2 cores: about 30 s for 300 images);
+at 2.9 ms saved an image (198 -> 465 images/s) that pays back from about 10,000 images, and
+`auto` keeps float vectors for smaller sets (`INT8_PAYS_FROM_IMAGES`).
+
 int8 and float vectors live in different folders of the cache (`stage.open_cache`), so a
 bottleneck folder used on CPUs with and without VNNI holds both and a run reads one kind only.
 """
@@ -26,6 +31,10 @@ __all__ = ["AutoChoice", "auto_choice", "extraction_settings"]
 
 log = logging.getLogger("retrain")
 
+# The photo sets from which the int8 conversion pays for itself (see above; docs/benchmarks.md,
+# "int8 extraction"): a set's count decides, so its runs agree on the kind of vectors they read.
+INT8_PAYS_FROM_IMAGES = 10_000
+
 # Measured figures the log line quotes (docs/benchmarks.md, "int8 extraction").
 WHY_INT8 = (
     "int8 about 2.3x float; features at cosine 0.99 of float, accuracy within noise: "
@@ -43,26 +52,35 @@ class AutoChoice:
     reason: str = ""
 
 
-def auto_choice(cpu_flag: str | None, gpu: bool, conflict: str | None) -> AutoChoice:
+def auto_choice(
+    cpu_flag: str | None, gpu: bool, conflict: str | None, images: int = INT8_PAYS_FROM_IMAGES
+) -> AutoChoice:
     """`auto`'s choice on a CPU whose int8 dot-product flag is `cpu_flag` (None: none, or not
     known), with or without a `gpu`, for a config the int8 backend cannot serve because of
-    `conflict` (None: it can). Pure."""
+    `conflict` (None: it can), on a photo set of `images`. Pure."""
     if cpu_flag is None:
         return AutoChoice("auto")
     if gpu:
         return AutoChoice("auto", f"this CPU has {cpu_flag}, but a GPU is present")
     if conflict is not None:
         return AutoChoice("auto", f"this CPU has {cpu_flag}, but {conflict}")
+    if images < INT8_PAYS_FROM_IMAGES:
+        return AutoChoice(
+            "auto",
+            f"this CPU has {cpu_flag}, but converting to int8 pays back from about "
+            f"{INT8_PAYS_FROM_IMAGES:,} images, and there are {images:,}",
+        )
     return AutoChoice(INT8, f"this CPU has {cpu_flag}: {WHY_INT8}")
 
 
 def extraction_settings(
-    config: RetrainConfig, cpuinfo: str | None = None, gpu: bool | None = None
+    config: RetrainConfig, images: int, cpuinfo: str | None = None, gpu: bool | None = None
 ) -> tuple[ModuleConfig, AutoChoice | None]:
-    """`config.module` with `auto` resolved to INT8 where `auto_choice` says so, and that
-    choice (None when the backend was asked for by name). `cpuinfo` is the text of
-    /proc/cpuinfo (default: read it); `gpu` whether a GPU is visible (default: ask TensorFlow,
-    only on a CPU with int8 dot products). Logs one line when the CPU has them."""
+    """`config.module` with `auto` resolved to INT8 where `auto_choice` says so for a photo
+    set of `images`, and that choice (None when the backend was asked for by name). `cpuinfo`
+    is the text of /proc/cpuinfo (default: read it); `gpu` whether a GPU is visible (default:
+    ask TensorFlow, only on a CPU with int8 dot products). Logs one line when the CPU has
+    them."""
     settings = config.module
     if settings.extraction_backend != "auto":
         return settings, None
@@ -73,7 +91,7 @@ def extraction_settings(
         gpu = gpu_present()
     conflict = int8_conflict(config)  # its last field is the setting that needs float vectors
     needs_float = f"{setting_name(conflict.fields[-1])} needs float vectors" if conflict else None
-    choice = auto_choice(flag, bool(gpu), needs_float)
+    choice = auto_choice(flag, bool(gpu), needs_float, images)
     if choice.backend == INT8:
         log.info(
             "Extraction: %s (%s); %s=tflite forces float",

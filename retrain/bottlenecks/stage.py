@@ -512,7 +512,7 @@ def cached_bottlenecks(config: RetrainConfig) -> Iterator[CachedRun]:
             module,
             module_object,
             folder,
-            auto.extraction_settings(config)[0],  # the vectors a run of `config` reads
+            auto.extraction_settings(config, len(image_set))[0],  # what a run reads
             config.data.max_image_pixels,
         )
         yield CachedRun(image_set, module, module_object, b, folder)

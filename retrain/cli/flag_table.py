@@ -119,7 +119,8 @@ GROUPS = (
                 "on a CPU without int8 dot products), tensorflow, tflite_int8 (the module "
                 "quantized to int8, calibrated on 300 of the training images; its vectors are "
                 "cached apart from float ones), or auto: tflite_int8 on a CPU with AVX512_VNNI "
-                "or AVX_VNNI (about 2.3x float) unless fine-tuning, distorting afresh or "
+                "or AVX_VNNI (about 2.3x float) for 10,000 images or more (where the int8 "
+                "conversion pays back) unless fine-tuning, distorting afresh or "
                 "mirrored needs float; else tflite if it reproduces TensorFlow's features to "
                 "1e-4, else tensorflow; tensorflow on GPU.",
             ),
