@@ -37,6 +37,8 @@ ARMS: dict[str, list[str]] = {
     # Lite1 has 21 blocks: block17 is its last four, like Lite0's block12
     "G": [*LITE1, "--fine_tune_from", "block17", *TUNE, "--fine_tune_learning_rate", "0.003"],
     "H": [*PARTIAL, "--fine_tune_learning_rate", "0.003", "--fine_tune_lr_schedule", "cosine"],
+    # Lite1's and Lite2's features side by side, the head alone: --preset accurate
+    "I": ["--tfhub_module", "efficientnet_lite1_lite2"],
 }
 
 SPLITS: dict[str, list[str]] = {

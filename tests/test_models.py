@@ -308,7 +308,7 @@ def _installed_spec(name: str) -> registry.BundledModelSpec:
     """The registered spec of `name`; skips the test when its weights package is missing."""
     spec = get_bundled_model(name)
     try:
-        spec.weights_path()
+        spec.weights_paths()
     except FileNotFoundError:
         pytest.skip(f"{spec.pip_package} is not installed (extra {spec.extra!r})")
     return spec
@@ -335,10 +335,32 @@ def test_every_bundled_network_classifies_reference_images(name):
     """The weights of each registered model, in the network its builder makes (the part of the
     conversion that differs per model; exporting it is shared, tested on Lite0 above)."""
     spec = _installed_spec(name)
-    net = spec.builder(load_legacy_state_dict(spec.weights_path()))
+    net = spec.build([load_legacy_state_dict(path) for path in spec.weights_paths()])
     images = _reference_images(spec.input_size)
     assert tuple(net.features(images).shape) == (2, spec.feature_dim)
     _assert_reference_classes(net.logits(images))
+
+
+@pytest.mark.slow
+def test_a_combined_model_puts_its_parts_features_side_by_side():
+    """efficientnet_lite1_lite2: Lite1's features of the images resized to 240 px, then
+    Lite2's of the 260 px images, to the bit; its weights are its parts'."""
+    import tensorflow as tf
+
+    spec = _installed_spec("efficientnet_lite1_lite2")
+    parts = [get_bundled_model(name) for name in spec.parts]
+    assert spec.weights_paths() == tuple(part.weights_path() for part in parts)
+    assert (spec.input_size, spec.feature_dim) == ((260, 260), 2560)
+    states = [load_legacy_state_dict(path) for path in spec.weights_paths()]
+    combined = spec.build(states)
+    lite1, lite2 = (part.builder(state) for part, state in zip(parts, states))
+    images = tf.random.stateless_uniform([2, 260, 260, 3], seed=(3, 4))
+    side_by_side = combined.features(images).numpy()
+    expected = [lite1.features(tf.image.resize(images, (240, 240))), lite2.features(images)]
+    np.testing.assert_array_equal(side_by_side, np.concatenate(expected, axis=1))
+    assert len(combined.backbone.variables) == len(lite1.backbone.variables) + len(
+        lite2.backbone.variables
+    )
 
 
 @pytest.mark.slow
@@ -469,6 +491,9 @@ def test_registry_lists_lite1_and_lite2_behind_extras():
         assert spec.input_size == (size, size) and spec.feature_dim == 1280
         assert spec.extra == extra and f"retrain[{extra}]" in spec.install_hint()
     assert get_bundled_model("efficientnet_lite0").extra == ""  # a dependency
+    pair = get_bundled_model("efficientnet_lite1_lite2")  # both, their features side by side
+    assert pair.parts == ("efficientnet_lite1", "efficientnet_lite2") and pair.extra == "backbones"
+    assert pair.input_size == (260, 260) and pair.feature_dim == 2560
 
 
 def test_missing_weights_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, capfd):

@@ -277,7 +277,7 @@ def _check_module_handle(c: RetrainConfig) -> None:
         return
     if handle in list_bundled_models():
         try:
-            get_bundled_model(handle).weights_path()
+            get_bundled_model(handle).weights_paths()
         except FileNotFoundError as err:
             raise ConfigError("{0}: " + str(err), "module.handle") from None
         return

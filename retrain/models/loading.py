@@ -97,10 +97,10 @@ def _resolve_bundled(
     handle: str, spec: BundledModelSpec, cache_dir: pathlib.Path | None
 ) -> ImageModule:
     try:
-        weights = spec.weights_path()
+        weights = spec.weights_paths()
     except FileNotFoundError as exc:
         raise ModuleError(str(exc)) from None
-    weights_sha256 = _sha256_file(weights)
+    weights_sha256 = _sha256_files(weights)
     target = converted_module_dir(cache_dir, spec.name, weights_sha256)
     metadata = _read_metadata(target)
     if metadata is None:
@@ -109,7 +109,10 @@ def _resolve_bundled(
 
 
 def _convert_once(
-    spec: BundledModelSpec, weights: pathlib.Path, weights_sha256: str, target: pathlib.Path
+    spec: BundledModelSpec,
+    weights: tuple[pathlib.Path, ...],
+    weights_sha256: str,
+    target: pathlib.Path,
 ) -> dict[str, Any]:
     """Convert the weights into ``target`` unless another process does it first (runs started
     at once on an empty cache convert once; the others wait and use it); what a conversion
@@ -120,7 +123,8 @@ def _convert_once(
             return metadata
         try:
             # About the weights' size: a failure of the storage names it (StorageError).
-            with writing(target, "converted module", weights.stat().st_size):
+            size = sum(path.stat().st_size for path in weights)
+            with writing(target, "converted module", size):
                 _convert(spec, weights, weights_sha256, target)
         except OSError as exc:
             raise ModuleError(
@@ -147,7 +151,10 @@ def _read_metadata(module_dir: pathlib.Path) -> dict[str, Any] | None:
 
 
 def _convert(
-    spec: BundledModelSpec, weights: pathlib.Path, weights_sha256: str, target: pathlib.Path
+    spec: BundledModelSpec,
+    weights: tuple[pathlib.Path, ...],
+    weights_sha256: str,
+    target: pathlib.Path,
 ) -> None:
     """Convert the weights into a SavedModel at ``target``, built aside then renamed in place."""
     import tensorflow as tf
@@ -158,7 +165,7 @@ def _convert(
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         try:
-            net = spec.builder(load_legacy_state_dict(weights))
+            net = spec.build([load_legacy_state_dict(path) for path in weights])
         except ValueError as exc:  # WeightsError or a state dict that does not fit
             raise ModuleError(f"cannot convert bundled model {spec.name!r}: {exc}") from None
         height, width = spec.input_size
@@ -348,6 +355,14 @@ def _probe_saved_model(
 
 
 # ----------------------------------------------------------------------------- fingerprints
+
+
+def _sha256_files(paths: tuple[pathlib.Path, ...]) -> str:
+    """One file's sha256, or for several a sha256 of theirs in order."""
+    digests = [_sha256_file(path) for path in paths]
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()
 
 
 def _sha256_file(path: pathlib.Path) -> str:
