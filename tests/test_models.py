@@ -494,6 +494,8 @@ def test_registry_lists_lite1_and_lite2_behind_extras():
     pair = get_bundled_model("efficientnet_lite1_lite2")  # both, their features side by side
     assert pair.parts == ("efficientnet_lite1", "efficientnet_lite2") and pair.extra == "backbones"
     assert pair.input_size == (260, 260) and pair.feature_dim == 2560
+    with pytest.raises(ValueError, match="use weights_paths"):
+        pair.weights_path()  # no file of its own
 
 
 def test_missing_weights_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, capfd):

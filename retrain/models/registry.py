@@ -61,7 +61,10 @@ class BundledModelSpec:
         return self.builder(list(state_dicts) if self.parts else state_dicts[0])
 
     def weights_path(self) -> pathlib.Path:
-        """Locate the weights file without importing the package; FileNotFoundError if absent."""
+        """Locate the weights file without importing the package; FileNotFoundError if absent.
+        A combination has no file of its own: ValueError (see `weights_paths`)."""
+        if self.parts:
+            raise ValueError(f"{self.name} combines {', '.join(self.parts)}: use weights_paths()")
         spec = importlib.util.find_spec(self.import_name)
         locations = list(spec.submodule_search_locations or []) if spec else []
         for location in locations:
