@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retrain.config.presets import DEFAULT_PRESET
 from retrain.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class RunResult:
     export_checks: list[Any] = field(default_factory=list)
     # {split: {"images": n, "positives": [per class (label)]}}: each label's share per split.
     split_counts: dict[str, dict] = field(default_factory=dict)
-    preset: str = "fast"  # the preset the run's settings started from (RetrainConfig.preset)
+    preset: str = DEFAULT_PRESET  # what the run's settings started from (RetrainConfig.preset)
 
     @property
     def test(self) -> Evaluation | MultiLabelEvaluation | None:

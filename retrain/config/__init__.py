@@ -266,7 +266,7 @@ class RetrainConfig:
         Each keyword names a group and the settings of it to give explicitly; they win over
         the preset's:
 
-            RetrainConfig.from_preset("accurate", "photos", fine_tuning={"steps": 100})
+            RetrainConfig.from_preset("fine_tune", "photos", fine_tuning={"steps": 100})
 
         Raises ConfigError for an unknown preset, TypeError for an unknown group or setting.
         """
